@@ -1,0 +1,214 @@
+//! Typed configuration: every CLI flag and environment variable, and its validation.
+//!
+//! Invariant: everything here is checked once at start-up ([`ServeArgs::validate`]); code past
+//! this module may rely on the ranges documented on each field. Flag names follow NVIDIA
+//! Dynamo's where Dynamo has one (`--http-port`, `--router-mode`, `--kv-overlap-score-weight`,
+//! `--router-temperature`, `--model-path`, `--served-model-name`, `--page-size`).
+
+use clap::{Args, Parser, Subcommand};
+use thiserror::Error;
+
+use crate::kv::hash::MAX_BLOCK_SIZE;
+use crate::router::{RouterMode, MAX_SHARDS};
+use crate::worker::engine::mocker::MockerArgs;
+
+/// Bodies above this are refused with 413 before they are read: a chat request of a
+/// million-token context is ~10 MiB of JSON, so 32 MiB leaves room without inviting abuse.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// The command line.
+#[derive(Parser, Debug)]
+#[command(name = "kvgate", version, about = "A KV-aware data plane for serving LLMs across many engine workers")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the frontend and N simulated (mocker) workers in one process: no etcd, NATS or GPU.
+    Serve(ServeArgs),
+}
+
+/// The OpenAI-compatible HTTP endpoint.
+#[derive(Args, Debug, Clone)]
+pub struct HttpArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0", env = "KVGATE_HTTP_HOST")]
+    pub http_host: String,
+    /// Port to listen on (0 picks a free port and logs it).
+    #[arg(long, default_value_t = 8000, env = "KVGATE_HTTP_PORT")]
+    pub http_port: u16,
+    /// Data-plane shards (threads, each with its own listener and io_uring). Default: one per core.
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// Largest accepted request body in bytes (larger bodies get 413).
+    #[arg(long, default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+}
+
+/// How requests are spread over workers.
+#[derive(Args, Debug, Clone)]
+pub struct RouterArgs {
+    /// Routing policy: `kv` (cache overlap weighed against load), `round-robin` or `random`.
+    #[arg(long, value_enum, default_value_t = RouterMode::Kv)]
+    pub router_mode: RouterMode,
+    /// Weight of the prefill cost (uncached prompt) against decode load; 0 ignores the KV index.
+    #[arg(long, default_value_t = 1.0)]
+    pub kv_overlap_score_weight: f64,
+    /// 0 picks the cheapest worker; above 0 samples softmax(-cost/temperature).
+    #[arg(long, default_value_t = 0.0)]
+    pub router_temperature: f64,
+}
+
+/// The model being served.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A local Hugging Face model directory or a hub id (looked up in the HF cache, downloaded
+    /// when online). Without it, a built-in mock model with a byte-level tokenizer is served.
+    #[arg(long)]
+    pub model_path: Option<String>,
+    /// The model name clients send (default: --model-path, or `kvgate-mock`).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// KV cache block size in tokens (Dynamo's default for this deployment is 16).
+    #[arg(long, default_value_t = 16)]
+    pub page_size: u32,
+}
+
+/// `kvgate serve`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub http: HttpArgs,
+    #[command(flatten)]
+    pub router: RouterArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Number of simulated engine workers started in this process.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// The engine the workers run (only the `mocker` simulation for now).
+    #[arg(long, default_value = "mocker", value_parser = ["mocker"])]
+    pub engine: String,
+    #[command(flatten)]
+    pub mocker: MockerArgs,
+}
+
+/// A configuration the user must change; the message says what to change.
+#[derive(Debug, Error)]
+#[error("invalid {flag}: {message}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub message: String,
+}
+
+fn invalid(flag: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError { flag, message: message.into() }
+}
+
+impl HttpArgs {
+    /// Shards to run: the flag, or one per available core, at most [`MAX_SHARDS`].
+    pub fn shard_count(&self) -> usize {
+        self.shards
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+            .min(MAX_SHARDS)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(n) = self.shards {
+            if n == 0 || n > MAX_SHARDS {
+                return Err(invalid("--shards", format!("{n} is not in 1..={MAX_SHARDS}")));
+            }
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(invalid("--max-body-bytes", "must be at least 1024"));
+        }
+        Ok(())
+    }
+}
+
+impl RouterArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let w = self.kv_overlap_score_weight;
+        if !w.is_finite() || w < 0.0 {
+            return Err(invalid("--kv-overlap-score-weight", format!("{w} must be a finite number >= 0")));
+        }
+        let t = self.router_temperature;
+        if !t.is_finite() || t < 0.0 {
+            return Err(invalid("--router-temperature", format!("{t} must be a finite number >= 0")));
+        }
+        Ok(())
+    }
+}
+
+impl ModelArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = self.page_size as usize;
+        if p == 0 || p > MAX_BLOCK_SIZE {
+            return Err(invalid("--page-size", format!("{p} is not in 1..={MAX_BLOCK_SIZE}")));
+        }
+        if let Some(name) = &self.served_model_name {
+            if name.trim().is_empty() {
+                return Err(invalid("--served-model-name", "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The name clients use for this model.
+    pub fn served_name(&self) -> String {
+        self.served_model_name
+            .clone()
+            .or_else(|| self.model_path.clone())
+            .unwrap_or_else(|| "kvgate-mock".to_string())
+    }
+}
+
+impl ServeArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.http.validate()?;
+        self.router.validate()?;
+        self.model.validate()?;
+        if self.workers == 0 || self.workers > 1024 {
+            return Err(invalid("--workers", format!("{} is not in 1..=1024", self.workers)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        let mut v = vec!["kvgate", "serve"];
+        v.extend_from_slice(args);
+        match Cli::try_parse_from(v).unwrap().command {
+            Command::Serve(s) => s,
+        }
+    }
+
+    #[test]
+    fn defaults_match_dynamo() {
+        let s = parse(&[]);
+        assert_eq!(s.http.http_port, 8000);
+        assert_eq!(s.model.page_size, 16);
+        assert_eq!(s.router.router_mode, RouterMode::Kv);
+        assert_eq!(s.workers, 2);
+        assert_eq!(s.model.served_name(), "kvgate-mock");
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_bad_values_with_the_flag_named() {
+        let e = parse(&["--page-size", "0"]).validate().unwrap_err();
+        assert_eq!(e.flag, "--page-size");
+        let e = parse(&["--kv-overlap-score-weight", "-1"]).validate().unwrap_err();
+        assert_eq!(e.flag, "--kv-overlap-score-weight");
+        assert!(Cli::try_parse_from(["kvgate", "serve", "--router-mode", "nope"]).is_err());
+        let s = parse(&["--router-mode", "round-robin", "--shards", "3"]);
+        assert_eq!(s.router.router_mode, RouterMode::RoundRobin);
+        assert_eq!(s.http.shard_count(), 3);
+    }
+}

@@ -1,0 +1,139 @@
+//! The frontend's shared state: served models, their workers, the KV index, metrics.
+//!
+//! Concurrency: [`Frontend`] is shared (`Arc`) by every data-plane shard and the control plane.
+//! Everything a shard reads on the request path is either immutable or published whole by one
+//! atomic swap (the model table, each model's worker group) or read lock-free (the KV index,
+//! per-shard load slots). Only the control plane ([`control`]) writes: it owns the index writer
+//! and rebuilds worker groups from discovery snapshots.
+
+pub mod control;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::discovery::WorkerInfo;
+use crate::kv::hash::BlockHasher;
+use crate::kv::index::KvIndex;
+use crate::metrics::{Metrics, WorkerGauge};
+use crate::preprocess::Preprocessor;
+use crate::router::{Candidate, Router, RouterConfig, WorkerLoad};
+
+/// The live workers of one model, replaced whole when discovery changes.
+#[derive(Default)]
+pub struct WorkerGroup {
+    pub candidates: Vec<Candidate>,
+    pub infos: Vec<WorkerInfo>,
+}
+
+/// One served model.
+pub struct ModelState {
+    pub name: String,
+    pub preprocessor: Arc<Preprocessor>,
+    pub hasher: BlockHasher,
+    pub router: Router,
+    pub workers: ArcSwap<WorkerGroup>,
+    /// Unix seconds when the model was first served (`/v1/models`).
+    pub created: u64,
+}
+
+/// Settings of the HTTP layer that handlers need.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    pub max_body_bytes: usize,
+}
+
+/// State shared by every shard.
+pub struct Frontend<P> {
+    pub plane: P,
+    pub index: Arc<KvIndex>,
+    pub metrics: Arc<Metrics>,
+    pub limits: HttpLimits,
+    router_config: RouterConfig,
+    models: ArcSwap<HashMap<String, Arc<ModelState>>>,
+}
+
+impl<P> Frontend<P> {
+    pub fn new(plane: P, index: Arc<KvIndex>, router_config: RouterConfig, limits: HttpLimits, shards: usize) -> Self {
+        Self {
+            plane,
+            index,
+            metrics: Arc::new(Metrics::new(shards)),
+            limits,
+            router_config,
+            models: ArcSwap::from_pointee(HashMap::new()),
+        }
+    }
+
+    /// Serves a model (no workers yet). Called on the control plane.
+    pub fn add_model(&self, name: &str, preprocessor: Arc<Preprocessor>, page_size: u32) -> Arc<ModelState> {
+        let config = RouterConfig { block_size: page_size, ..self.router_config.clone() };
+        let state = Arc::new(ModelState {
+            name: name.to_string(),
+            preprocessor,
+            hasher: BlockHasher::new(page_size as usize),
+            router: Router::new(config, self.index.clone()),
+            workers: ArcSwap::from_pointee(WorkerGroup::default()),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        });
+        self.models.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.insert(name.to_string(), state.clone());
+            m
+        });
+        state
+    }
+
+    pub fn model(&self, name: &str) -> Option<Arc<ModelState>> {
+        self.models.load().get(name).cloned()
+    }
+
+    /// Every served model, sorted by name.
+    pub fn models(&self) -> Vec<Arc<ModelState>> {
+        let mut v: Vec<_> = self.models.load().values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Replaces the worker groups from a discovery snapshot, keeping the load cells of workers
+    /// that stay (their in-flight bookings must survive the swap).
+    pub fn set_workers(&self, snapshot: &[WorkerInfo]) {
+        for model in self.models() {
+            let old = model.workers.load();
+            let mut group = WorkerGroup::default();
+            for info in snapshot.iter().filter(|w| w.model == model.name) {
+                let load = old
+                    .candidates
+                    .iter()
+                    .find(|c| c.id == info.id)
+                    .map(|c| c.load.clone())
+                    .unwrap_or_else(WorkerLoad::new);
+                group.candidates.push(Candidate { id: info.id, load });
+                group.infos.push(info.clone());
+            }
+            model.workers.store(Arc::new(group));
+        }
+    }
+
+    /// Prometheus text of everything, with per-worker gauges.
+    pub fn render_metrics(&self) -> String {
+        let mut gauges = Vec::new();
+        for m in self.models() {
+            for c in m.workers.load().candidates.iter() {
+                gauges.push(WorkerGauge {
+                    model: m.name.clone(),
+                    worker: c.id.to_string(),
+                    active_requests: c.load.active_requests(),
+                    active_prefill_tokens: c.load.active_prefill_tokens(),
+                    active_decode_blocks: c.load.active_decode_blocks(),
+                    cached_blocks: self.index.cached_blocks(c.id),
+                });
+            }
+        }
+        self.metrics.render(&gauges, self.index.num_entries() as u64)
+    }
+}

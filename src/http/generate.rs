@@ -1,0 +1,178 @@
+//! `/v1/chat/completions` and `/v1/completions`: bytes → typed request → validated request →
+//! token ids → routed worker → response (one JSON body, or an SSE stream).
+
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use super::body::{json_response, Body};
+use super::error::ApiError;
+use super::stream::{GenEvent, Generation, SseBody};
+use super::{InflightGuard, ShardCtx};
+use crate::frontend::{Frontend, ModelState};
+use crate::openai::{ChatCompletionRequest, ChunkWriter, CompletionRequest, Prompt, ResponseKind, Validated};
+use crate::protocol::{GenerateRequest, TokenId};
+use crate::router::{RouteDecision, RouteRequest};
+use crate::transport::RequestPlane;
+
+/// The header naming the worker that served a response.
+pub const WORKER_HEADER: &str = "x-kvgate-worker";
+
+/// Reads the whole body, refusing more than `limit` bytes (413) before or while reading.
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::BodyTooLarge { limit });
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => match e.downcast::<hyper::Error>() {
+            Ok(h) => Err(ApiError::BodyRead(*h)),
+            Err(_) => Err(ApiError::BodyTooLarge { limit }),
+        },
+    }
+}
+
+/// A request parsed, validated and tokenized.
+struct Prepared {
+    validated: Validated,
+    model: Arc<ModelState>,
+    prompt: Vec<TokenId>,
+}
+
+fn prepare<P>(fe: &Frontend<P>, kind: ResponseKind, body: &[u8]) -> Result<Prepared, ApiError> {
+    let (validated, model, prompt) = match kind {
+        ResponseKind::Chat => {
+            let r: ChatCompletionRequest = serde_json::from_slice(body).map_err(ApiError::InvalidJson)?;
+            let v = r.validate()?;
+            let model = fe.model(&v.model).ok_or_else(|| ApiError::ModelNotFound(v.model.clone()))?;
+            let ids = model.preprocessor.encode_chat(&r.messages, r.tools.as_ref())?;
+            (v, model, ids)
+        }
+        ResponseKind::Completion => {
+            let r: CompletionRequest = serde_json::from_slice(body).map_err(ApiError::InvalidJson)?;
+            let v = r.validate()?;
+            let model = fe.model(&v.model).ok_or_else(|| ApiError::ModelNotFound(v.model.clone()))?;
+            let ids = match r.prompt {
+                Prompt::Text(t) => model.preprocessor.encode(&t, true)?,
+                Prompt::TextBatch(mut v) => model.preprocessor.encode(&v.swap_remove(0), true)?,
+                Prompt::Tokens(ids) => check_ids(ids, model.preprocessor.vocab_size())?,
+                Prompt::TokenBatch(mut v) => check_ids(v.swap_remove(0), model.preprocessor.vocab_size())?,
+            };
+            (v, model, ids)
+        }
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::Invalid(crate::openai::ValidationError { param: Some("prompt"), message: "the prompt tokenizes to nothing".into() }));
+    }
+    if let Some(limit) = model.preprocessor.model_config().and_then(|c| c.max_position_embeddings) {
+        if prompt.len() >= limit as usize {
+            return Err(ApiError::PromptTooLong { prompt: prompt.len(), limit: limit as usize });
+        }
+    }
+    Ok(Prepared { validated, model, prompt })
+}
+
+fn check_ids(ids: Vec<TokenId>, vocab: usize) -> Result<Vec<TokenId>, ApiError> {
+    match ids.iter().find(|&&t| t as usize >= vocab) {
+        Some(&id) => Err(ApiError::TokenOutOfRange { id, vocab }),
+        None => Ok(ids),
+    }
+}
+
+fn route(shard: &ShardCtx, p: &Prepared, request_id: u64) -> Result<RouteDecision, ApiError> {
+    let seq = p.model.hasher.seq_hashes(&p.prompt);
+    let group = p.model.workers.load();
+    if group.candidates.is_empty() {
+        return Err(ApiError::NoWorkers(p.model.name.clone()));
+    }
+    let req = RouteRequest { seq_hashes: &seq, prompt_tokens: p.prompt.len() as u32, candidates: &group.candidates, shard: shard.id };
+    let decision = p
+        .model
+        .router
+        .select(req, &mut *shard.rng.borrow_mut())
+        .map_err(|_| ApiError::NoWorkers(p.model.name.clone()))?;
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let block = p.model.hasher.block_size();
+        let hit = (decision.overlap_blocks as usize * block) as f64 / p.prompt.len() as f64;
+        let scores: Vec<String> = decision
+            .scores
+            .iter()
+            .map(|s| format!("{}:overlap={} cost={:.3} cached={}", s.worker, s.overlap_blocks, s.cost, s.cached_blocks))
+            .collect();
+        tracing::debug!(
+            request = format_args!("{request_id:x}"),
+            model = %p.model.name,
+            prompt_tokens = p.prompt.len(),
+            prompt_blocks = seq.len(),
+            chosen = %decision.worker,
+            overlap_blocks = decision.overlap_blocks,
+            cache_hit_rate = format_args!("{hit:.3}"),
+            workers = %scores.join(" "),
+            "route"
+        );
+    }
+    Ok(decision)
+}
+
+/// Handles one generate request end to end.
+pub async fn handle<P: RequestPlane>(
+    fe: &Arc<Frontend<P>>,
+    shard: &Rc<ShardCtx>,
+    kind: ResponseKind,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let arrived = Instant::now();
+    let inflight = InflightGuard::new(shard);
+    let m = fe.metrics.shard(shard.id);
+    m.requests.fetch_add(1, Relaxed);
+    let body = read_body(req, fe.limits.max_body_bytes).await?;
+    let p = prepare(fe, kind, &body)?;
+    let request_id = shard.next_request_id();
+    let decision = route(shard, &p, request_id)?;
+    m.routing_overhead.observe(arrived.elapsed());
+    let worker = decision.worker;
+    let prompt_tokens = p.prompt.len() as u32;
+    let greq = GenerateRequest {
+        request_id,
+        token_ids: p.prompt,
+        sampling: p.validated.sampling.clone(),
+        eos_token_ids: p.model.preprocessor.eos_token_ids().to_vec(),
+    };
+    let rx = fe.plane.generate(worker, greq).await.map_err(ApiError::Transport)?;
+    let decoder = p.model.preprocessor.decoder();
+    let mut gen = Generation::new(rx, decoder, p.validated.stop.clone(), decision.guard, prompt_tokens, arrived, fe.metrics.clone(), inflight);
+    let writer = ChunkWriter::new(kind, request_id, &p.validated.model);
+    let mut resp = if p.validated.stream {
+        let mut r = Response::new(SseBody::new(gen, writer, p.validated.include_usage).boxed_unsync());
+        let h = r.headers_mut();
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        r
+    } else {
+        let mut text = String::new();
+        let reason = loop {
+            match poll_fn(|cx| gen.poll_event(cx)).await {
+                GenEvent::Text(t) => text.push_str(&t),
+                GenEvent::Finished(reason) => break reason,
+                GenEvent::Failed(msg) => return Err(ApiError::Worker(msg)),
+            }
+        };
+        json_response(writer.full_response(&text, reason, gen.usage()))
+    };
+    if let Ok(v) = HeaderValue::from_str(&worker.to_string()) {
+        resp.headers_mut().insert(WORKER_HEADER, v);
+    }
+    Ok(resp)
+}

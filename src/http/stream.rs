@@ -1,0 +1,228 @@
+//! A worker's token stream → text: incremental detokenization, stop strings, token accounting,
+//! latency metrics; and the SSE body that writes it.
+//!
+//! Invariant: a [`Generation`] ends exactly once, with `Finished` or `Failed`; afterwards it
+//! yields nothing. Dropping it early (client gone) drops the worker stream, which cancels the
+//! request on the worker, and the [`LoadGuard`], which releases the router's booking.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use hyper::body::Frame;
+
+use super::InflightGuard;
+use crate::metrics::Metrics;
+use crate::openai::{ChunkWriter, Usage};
+use crate::preprocess::{IncrementalDecoder, StopMatcher};
+use crate::protocol::{FinishReason, WorkerOutput};
+use crate::router::LoadGuard;
+use crate::transport::ResponseStream;
+
+/// What a generation yields to its writer.
+#[derive(Debug)]
+pub enum GenEvent {
+    /// New text (never empty).
+    Text(String),
+    /// The end: OpenAI's finish reason (`stop` or `length`).
+    Finished(&'static str),
+    /// The worker failed; the message is for the client.
+    Failed(String),
+}
+
+/// One request's generation, driven by polling.
+pub struct Generation {
+    rx: ResponseStream,
+    decoder: IncrementalDecoder,
+    stop: StopMatcher,
+    guard: LoadGuard,
+    usage: Usage,
+    arrived: Instant,
+    last_token: Option<Instant>,
+    pending_finish: Option<&'static str>,
+    ended: bool,
+    metrics: Arc<Metrics>,
+    inflight: InflightGuard,
+}
+
+impl Generation {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        rx: ResponseStream,
+        decoder: IncrementalDecoder,
+        stops: Vec<String>,
+        guard: LoadGuard,
+        prompt_tokens: u32,
+        arrived: Instant,
+        metrics: Arc<Metrics>,
+        inflight: InflightGuard,
+    ) -> Self {
+        Self {
+            rx,
+            decoder,
+            stop: StopMatcher::new(stops),
+            guard,
+            usage: Usage { prompt_tokens, ..Usage::default() },
+            arrived,
+            last_token: None,
+            pending_finish: None,
+            ended: false,
+            metrics,
+            inflight,
+        }
+    }
+
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
+
+    fn shard_metrics(&self) -> &crate::metrics::ShardMetrics {
+        self.metrics.shard(self.inflight.0.id)
+    }
+
+    fn fail(&mut self, message: String) -> GenEvent {
+        self.ended = true;
+        self.rx.close();
+        self.shard_metrics().requests_server_error.fetch_add(1, Relaxed);
+        GenEvent::Failed(message)
+    }
+
+    fn finish(&mut self, reason: &'static str) {
+        self.pending_finish = Some(reason);
+        self.rx.close();
+        let m = self.shard_metrics();
+        m.prompt_tokens.fetch_add(self.usage.prompt_tokens as u64, Relaxed);
+        m.cached_tokens.fetch_add(self.usage.cached_tokens as u64, Relaxed);
+        m.output_tokens.fetch_add(self.usage.completion_tokens as u64, Relaxed);
+        m.e2e.observe(self.arrived.elapsed());
+    }
+
+    fn on_tokens(&mut self, ids: &[u32]) -> Result<Option<String>, String> {
+        let now = Instant::now();
+        let m = self.shard_metrics();
+        match self.last_token {
+            None => {
+                m.ttft.observe(now - self.arrived);
+                self.guard.prefill_done();
+            }
+            Some(t) => m.itl.observe(now - t),
+        }
+        self.last_token = Some(now);
+        self.usage.completion_tokens += ids.len() as u32;
+        let text = self.decoder.step(ids).map_err(|e| format!("detokenization failed: {e}"))?;
+        let (emit, stopped) = self.stop.push(&text);
+        if stopped {
+            self.finish("stop");
+        }
+        Ok((!emit.is_empty()).then_some(emit))
+    }
+
+    fn on_finished(&mut self, reason: FinishReason) -> Result<Option<String>, String> {
+        let reason = match reason {
+            FinishReason::Eos => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => return Err("the worker cancelled the request".into()),
+        };
+        let tail = self.decoder.finish().map_err(|e| format!("detokenization failed: {e}"))?;
+        let (mut emit, stopped) = self.stop.push(&tail);
+        if !stopped {
+            emit.push_str(&self.stop.flush());
+        }
+        self.finish(if stopped { "stop" } else { reason });
+        Ok((!emit.is_empty()).then_some(emit))
+    }
+
+    /// The next event; `Poll::Pending` while the worker has nothing new.
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<GenEvent> {
+        loop {
+            if let Some(reason) = self.pending_finish.take() {
+                self.ended = true;
+                return Poll::Ready(GenEvent::Finished(reason));
+            }
+            if self.ended {
+                return Poll::Pending;
+            }
+            let step = match ready!(self.rx.poll_recv(cx)) {
+                None => Err("the worker's stream ended before the response finished".to_string()),
+                Some(WorkerOutput::Started { cached_tokens }) => {
+                    self.usage.cached_tokens = cached_tokens.min(self.usage.prompt_tokens);
+                    Ok(None)
+                }
+                Some(WorkerOutput::Tokens(ids)) => self.on_tokens(&ids),
+                Some(WorkerOutput::Finished { reason }) => self.on_finished(reason),
+                Some(WorkerOutput::Error { message }) => Err(message),
+            };
+            match step {
+                Ok(Some(text)) => return Poll::Ready(GenEvent::Text(text)),
+                Ok(None) => continue,
+                Err(message) => return Poll::Ready(self.fail(message)),
+            }
+        }
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.shard_metrics().streams_cancelled.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// The SSE body of a streaming response.
+pub struct SseBody {
+    gen: Generation,
+    writer: ChunkWriter,
+    include_usage: bool,
+    queued: VecDeque<Bytes>,
+    done: bool,
+}
+
+impl SseBody {
+    pub fn new(gen: Generation, writer: ChunkWriter, include_usage: bool) -> Self {
+        let mut queued = VecDeque::with_capacity(4);
+        queued.extend(writer.role_chunk());
+        Self { gen, writer, include_usage, queued, done: false }
+    }
+}
+
+impl hyper::body::Body for SseBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(b) = this.queued.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match ready!(this.gen.poll_event(cx)) {
+                GenEvent::Text(t) => this.queued.push_back(this.writer.delta_chunk(&t)),
+                GenEvent::Finished(reason) => {
+                    this.queued.push_back(this.writer.finish_chunk(reason));
+                    if this.include_usage {
+                        this.queued.push_back(this.writer.usage_chunk(this.gen.usage()));
+                    }
+                    this.queued.push_back(Bytes::from_static(crate::openai::DONE));
+                    this.done = true;
+                }
+                GenEvent::Failed(msg) => {
+                    this.queued.push_back(ChunkWriter::error_event(&msg, "internal_server_error"));
+                    this.queued.push_back(Bytes::from_static(crate::openai::DONE));
+                    this.done = true;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.queued.is_empty()
+    }
+}

@@ -1,0 +1,43 @@
+//! KV events: what a worker publishes when its cache changes.
+//!
+//! Invariant: event ids are contiguous per worker (`event_id` = previous + 1), so a consumer
+//! detects a gap and can ask the worker to replay or dump. Engine hashes are opaque ids that only
+//! the publishing worker assigns; the index maps them back to sequence hashes for removals.
+
+use serde::{Deserialize, Serialize};
+
+use crate::kv::hash::SeqHash;
+use crate::protocol::WorkerId;
+
+/// An engine's own id for one of its cached blocks (opaque to the router).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EngineHash(pub u64);
+
+/// One stored block: its sequence hash (the router's id) and the engine's id for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredBlock {
+    pub seq_hash: SeqHash,
+    pub engine_hash: EngineHash,
+}
+
+/// What changed in a worker's cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvEventKind {
+    /// Blocks filled, in prefix order; `parent` is the block before the first (None at the root).
+    Stored { parent: Option<SeqHash>, blocks: Vec<StoredBlock> },
+    /// Blocks evicted.
+    Removed { engine_hashes: Vec<EngineHash> },
+    /// The whole cache was reset.
+    Cleared,
+}
+
+/// One event as published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvEvent {
+    pub worker: WorkerId,
+    /// Contiguous per worker, starting at 1.
+    pub event_id: u64,
+    /// Microseconds since the Unix epoch, at the worker.
+    pub timestamp_us: u64,
+    pub kind: KvEventKind,
+}

@@ -1,0 +1,11 @@
+//! KV-cache identity: block hashing, KV events, and the index of which worker caches what.
+//!
+//! - [`hash`]: Dynamo-compatible block and sequence hashes (pure functions).
+//! - [`events`]: the events workers publish when they store, evict or clear blocks.
+//! - [`index`]: sequence hash → workers holding it; one writer, lock-free readers.
+
+pub mod events;
+pub mod hash;
+pub mod index;
+
+pub use hash::{BlockHasher, LocalHash, SeqHash};

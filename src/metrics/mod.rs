@@ -1,0 +1,173 @@
+//! Metrics: per-shard counters merged on scrape, rendered as Prometheus text.
+//!
+//! Concurrency: each data-plane shard writes only its own [`ShardMetrics`] (relaxed atomic adds
+//! on a cache line no other core writes); the control plane writes [`ControlMetrics`]; a scrape
+//! reads and sums everything. Every metric name lives in this file.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crossbeam_utils::CachePadded;
+
+/// Histogram bucket upper bounds, in seconds (latencies from 100 µs to a minute).
+const BUCKETS_S: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0, 60.0,
+];
+
+/// A fixed-bucket latency histogram.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS_S.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        if let Some(i) = BUCKETS_S.iter().position(|b| s <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+    }
+}
+
+/// Counters of one data-plane shard.
+#[derive(Default)]
+pub struct ShardMetrics {
+    pub requests: AtomicU64,
+    pub requests_client_error: AtomicU64,
+    pub requests_server_error: AtomicU64,
+    pub streams_cancelled: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub cached_tokens: AtomicU64,
+    pub output_tokens: AtomicU64,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub e2e: Histogram,
+    /// Preprocessing (template + tokenize + hash) and worker selection, per request.
+    pub routing_overhead: Histogram,
+}
+
+/// Counters of the control plane (KV event application).
+#[derive(Default)]
+pub struct ControlMetrics {
+    pub kv_events_applied: AtomicU64,
+    pub kv_event_errors: AtomicU64,
+}
+
+/// All metrics of one frontend.
+pub struct Metrics {
+    shards: Vec<CachePadded<ShardMetrics>>,
+    pub control: ControlMetrics,
+}
+
+/// A per-worker gauge row, gathered by the frontend at scrape time.
+pub struct WorkerGauge {
+    pub model: String,
+    pub worker: String,
+    pub active_requests: u64,
+    pub active_prefill_tokens: u64,
+    pub active_decode_blocks: u64,
+    pub cached_blocks: u64,
+}
+
+impl Metrics {
+    pub fn new(shards: usize) -> Self {
+        Self { shards: (0..shards).map(|_| CachePadded::new(ShardMetrics::default())).collect(), control: ControlMetrics::default() }
+    }
+
+    /// The counters shard `i` writes.
+    pub fn shard(&self, i: usize) -> &ShardMetrics {
+        &self.shards[i]
+    }
+
+    fn sum(&self, f: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
+        self.shards.iter().map(|s| f(s).load(Relaxed)).sum()
+    }
+
+    /// Prometheus text exposition of everything.
+    pub fn render(&self, workers: &[WorkerGauge], index_entries: u64) -> String {
+        let mut out = String::with_capacity(8192);
+        let counters: [(&str, &str, u64); 7] = [
+            ("kvgate_requests_total", "Requests received on the OpenAI endpoints.", self.sum(|s| &s.requests)),
+            ("kvgate_requests_client_error_total", "Requests answered with a 4xx error.", self.sum(|s| &s.requests_client_error)),
+            ("kvgate_requests_server_error_total", "Requests answered with a 5xx error or failed mid-stream.", self.sum(|s| &s.requests_server_error)),
+            ("kvgate_streams_cancelled_total", "Responses abandoned by their client before the end.", self.sum(|s| &s.streams_cancelled)),
+            ("kvgate_prompt_tokens_total", "Prompt tokens routed to workers.", self.sum(|s| &s.prompt_tokens)),
+            ("kvgate_cached_prompt_tokens_total", "Prompt tokens the chosen worker already had cached.", self.sum(|s| &s.cached_tokens)),
+            ("kvgate_output_tokens_total", "Tokens generated.", self.sum(|s| &s.output_tokens)),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+        let prompt = self.sum(|s| &s.prompt_tokens);
+        let hit = if prompt == 0 { 0.0 } else { self.sum(|s| &s.cached_tokens) as f64 / prompt as f64 };
+        let _ = writeln!(out, "# HELP kvgate_kv_hit_rate Cached prompt tokens / prompt tokens since start.\n# TYPE kvgate_kv_hit_rate gauge\nkvgate_kv_hit_rate {hit}");
+        let hists: [(&str, &str, fn(&ShardMetrics) -> &Histogram); 4] = [
+            ("kvgate_time_to_first_token_seconds", "Time from request arrival to the first token.", |s| &s.ttft),
+            ("kvgate_inter_token_latency_seconds", "Time between consecutive tokens of a stream.", |s| &s.itl),
+            ("kvgate_request_duration_seconds", "Time from request arrival to its last byte.", |s| &s.e2e),
+            ("kvgate_routing_overhead_seconds", "Preprocessing and worker selection per request.", |s| &s.routing_overhead),
+        ];
+        for (name, help, f) in hists {
+            self.render_histogram(&mut out, name, help, f);
+        }
+        let _ = writeln!(out, "# HELP kvgate_kv_events_applied_total KV events applied to the index.\n# TYPE kvgate_kv_events_applied_total counter\nkvgate_kv_events_applied_total {}", self.control.kv_events_applied.load(Relaxed));
+        let _ = writeln!(out, "# HELP kvgate_kv_event_errors_total KV events rejected or out of order.\n# TYPE kvgate_kv_event_errors_total counter\nkvgate_kv_event_errors_total {}", self.control.kv_event_errors.load(Relaxed));
+        let _ = writeln!(out, "# HELP kvgate_kv_index_entries Block-holder pairs in the KV index.\n# TYPE kvgate_kv_index_entries gauge\nkvgate_kv_index_entries {index_entries}");
+        let gauges: [(&str, &str, fn(&WorkerGauge) -> u64); 4] = [
+            ("kvgate_worker_active_requests", "Requests in flight per worker, as booked by the router.", |w| w.active_requests),
+            ("kvgate_worker_active_prefill_tokens", "Uncached prompt tokens in flight per worker.", |w| w.active_prefill_tokens),
+            ("kvgate_worker_active_decode_blocks", "KV blocks of requests in flight per worker.", |w| w.active_decode_blocks),
+            ("kvgate_worker_cached_blocks", "Blocks each worker holds, per the KV index.", |w| w.cached_blocks),
+        ];
+        for (name, help, f) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for w in workers {
+                let _ = writeln!(out, "{name}{{model=\"{}\",worker=\"{}\"}} {}", escape(&w.model), w.worker, f(w));
+            }
+        }
+        out
+    }
+
+    fn render_histogram(&self, out: &mut String, name: &str, help: &str, f: fn(&ShardMetrics) -> &Histogram) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0u64;
+        for (i, b) in BUCKETS_S.iter().enumerate() {
+            cumulative += self.shards.iter().map(|s| f(s).buckets[i].load(Relaxed)).sum::<u64>();
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count: u64 = self.shards.iter().map(|s| f(s).count.load(Relaxed)).sum();
+        let sum_ns: u64 = self.shards.iter().map(|s| f(s).sum_ns.load(Relaxed)).sum();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {}\n{name}_count {count}", sum_ns as f64 / 1e9);
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_shards_and_renders_cumulative_buckets() {
+        let m = Metrics::new(2);
+        m.shard(0).requests.fetch_add(2, Relaxed);
+        m.shard(1).requests.fetch_add(3, Relaxed);
+        m.shard(0).prompt_tokens.fetch_add(100, Relaxed);
+        m.shard(1).cached_tokens.fetch_add(25, Relaxed);
+        m.shard(0).ttft.observe(Duration::from_millis(3));
+        m.shard(1).ttft.observe(Duration::from_secs(100));
+        let text = m.render(&[], 0);
+        assert!(text.contains("kvgate_requests_total 5\n"));
+        assert!(text.contains("kvgate_kv_hit_rate 0.25\n"));
+        assert!(text.contains("kvgate_time_to_first_token_seconds_bucket{le=\"0.005\"} 1\n"));
+        assert!(text.contains("kvgate_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2\n"));
+    }
+}

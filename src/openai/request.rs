@@ -1,0 +1,246 @@
+//! Request types and their validation.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::protocol::SamplingParams;
+
+/// `max_tokens` when a chat request gives none: the simulated engine ends with eos well before.
+pub const DEFAULT_CHAT_MAX_TOKENS: u32 = 1024;
+/// `max_tokens` when a completions request gives none (OpenAI's documented default).
+pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
+/// Stop strings per request (OpenAI allows 4; engines commonly accept more).
+const MAX_STOP_STRINGS: usize = 16;
+
+/// `stop`: one string or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StopSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `POST /v1/chat/completions` as sent.
+#[derive(Debug, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Value,
+    #[serde(default)]
+    pub tools: Option<Value>,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<i64>,
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+/// `prompt` of `POST /v1/completions`: text, or token ids (one prompt per request).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+    TextBatch(Vec<String>),
+    TokenBatch(Vec<Vec<u32>>),
+}
+
+/// `POST /v1/completions` as sent.
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+/// Fields shared by both endpoints.
+#[derive(Debug, Default, Deserialize)]
+pub struct CommonParams {
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub stop: Option<StopSpec>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub ignore_eos: bool,
+    #[serde(default)]
+    pub n: Option<i64>,
+}
+
+/// A client error in a request's fields: which field and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidationError {
+    pub param: Option<&'static str>,
+    pub message: String,
+}
+
+fn bad(param: &'static str, message: impl Into<String>) -> ValidationError {
+    ValidationError { param: Some(param), message: message.into() }
+}
+
+/// A request every field of which has been checked.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub model: String,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub stop: Vec<String>,
+    pub sampling: SamplingParams,
+}
+
+fn validate_max_tokens(param: &'static str, v: Option<i64>, default: u32) -> Result<u32, ValidationError> {
+    match v {
+        None => Ok(default),
+        Some(n) if n < 1 => Err(bad(param, format!("{param} must be at least 1, got {n}"))),
+        Some(n) if n > u32::MAX as i64 => Err(bad(param, format!("{param} is too large: {n}"))),
+        Some(n) => Ok(n as u32),
+    }
+}
+
+impl CommonParams {
+    fn validate(&self, model: &str, max_tokens: u32) -> Result<Validated, ValidationError> {
+        if model.is_empty() {
+            return Err(bad("model", "model must not be empty"));
+        }
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(bad("n", format!("only n=1 is supported, got {n}")));
+            }
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(bad("temperature", format!("temperature must be in [0, 2], got {temperature}")));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(bad("top_p", format!("top_p must be in (0, 1], got {top_p}")));
+        }
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(StopSpec::One(s)) => vec![s.clone()],
+            Some(StopSpec::Many(v)) => v.clone(),
+        };
+        if stop.len() > MAX_STOP_STRINGS {
+            return Err(bad("stop", format!("at most {MAX_STOP_STRINGS} stop strings, got {}", stop.len())));
+        }
+        Ok(Validated {
+            model: model.to_string(),
+            stream: self.stream,
+            include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+            sampling: SamplingParams {
+                max_tokens,
+                temperature: temperature as f32,
+                top_p: top_p as f32,
+                seed: self.seed.map(|s| s as u64),
+                ignore_eos: self.ignore_eos,
+            },
+        })
+    }
+}
+
+impl ChatCompletionRequest {
+    pub fn validate(&self) -> Result<Validated, ValidationError> {
+        let Some(messages) = self.messages.as_array() else {
+            return Err(bad("messages", "messages must be an array"));
+        };
+        if messages.is_empty() {
+            return Err(bad("messages", "messages must not be empty"));
+        }
+        for (i, m) in messages.iter().enumerate() {
+            let role = m.get("role").and_then(Value::as_str);
+            if role.is_none() {
+                return Err(bad("messages", format!("messages[{i}] has no string `role`")));
+            }
+            match m.get("content") {
+                None | Some(Value::Null) | Some(Value::String(_)) | Some(Value::Array(_)) => {}
+                Some(_) => return Err(bad("messages", format!("messages[{i}].content must be a string or an array of parts"))),
+            }
+        }
+        let max = match self.max_completion_tokens {
+            Some(_) => validate_max_tokens("max_completion_tokens", self.max_completion_tokens, 0)?,
+            None => validate_max_tokens("max_tokens", self.max_tokens, DEFAULT_CHAT_MAX_TOKENS)?,
+        };
+        self.common.validate(&self.model, max)
+    }
+}
+
+impl CompletionRequest {
+    pub fn validate(&self) -> Result<Validated, ValidationError> {
+        match &self.prompt {
+            Prompt::TextBatch(v) if v.len() != 1 => {
+                return Err(bad("prompt", "only one prompt per request is supported"));
+            }
+            Prompt::TokenBatch(v) if v.len() != 1 => {
+                return Err(bad("prompt", "only one prompt per request is supported"));
+            }
+            _ => {}
+        }
+        if self.prompt_is_empty() {
+            return Err(bad("prompt", "prompt must not be empty"));
+        }
+        let max = validate_max_tokens("max_tokens", self.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS)?;
+        self.common.validate(&self.model, max)
+    }
+
+    fn prompt_is_empty(&self) -> bool {
+        match &self.prompt {
+            Prompt::Text(s) => s.is_empty(),
+            Prompt::Tokens(t) => t.is_empty(),
+            Prompt::TextBatch(v) => v.iter().all(|s| s.is_empty()),
+            Prompt::TokenBatch(v) => v.iter().all(|t| t.is_empty()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(json: &str) -> Result<Validated, ValidationError> {
+        serde_json::from_str::<ChatCompletionRequest>(json).unwrap().validate()
+    }
+
+    #[test]
+    fn chat_defaults_and_ranges() {
+        let v = chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        assert_eq!(v.sampling.max_tokens, DEFAULT_CHAT_MAX_TOKENS);
+        assert!(!v.stream);
+        let e = chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":-1}"#).unwrap_err();
+        assert_eq!(e.param, Some("max_tokens"));
+        let e = chat(r#"{"model":"m","messages":[]}"#).unwrap_err();
+        assert_eq!(e.param, Some("messages"));
+        let e = chat(r#"{"model":"m","messages":[{"content":"x"}]}"#).unwrap_err();
+        assert_eq!(e.param, Some("messages"));
+        let v = chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":5,"stop":"x","stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        assert_eq!(v.sampling.max_tokens, 5);
+        assert_eq!(v.stop, vec!["x"]);
+        assert!(v.include_usage);
+    }
+
+    #[test]
+    fn completion_prompts() {
+        let ok = |j: &str| serde_json::from_str::<CompletionRequest>(j).unwrap().validate();
+        assert!(ok(r#"{"model":"m","prompt":"hi"}"#).is_ok());
+        assert!(ok(r#"{"model":"m","prompt":[1,2,3]}"#).is_ok());
+        assert!(ok(r#"{"model":"m","prompt":[[1,2,3]]}"#).is_ok());
+        assert!(ok(r#"{"model":"m","prompt":["a","b"]}"#).is_err());
+        assert!(ok(r#"{"model":"m","prompt":""}"#).is_err());
+    }
+}

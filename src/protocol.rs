@@ -1,0 +1,98 @@
+//! The worker protocol: what a frontend sends a worker and what it streams back.
+//!
+//! Invariant: these types are the whole contract between the frontend and an engine worker,
+//! whatever carries them (in-process channels today, TCP frames in the distributed build).
+//! Workers see token ids only; they never need a tokenizer to serve a request.
+
+use serde::{Deserialize, Serialize};
+
+/// One token id of the served model's vocabulary.
+pub type TokenId = u32;
+
+/// A worker instance id: unique per running engine worker, stable for its lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct WorkerId(pub u64);
+
+impl std::fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}", self.0)
+    }
+}
+
+/// What a worker does with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerRole {
+    /// Prefill and decode on the same worker.
+    #[default]
+    Aggregated,
+    /// Prompt processing only (disaggregated serving).
+    Prefill,
+    /// Generation only (disaggregated serving).
+    Decode,
+}
+
+/// Sampling parameters a worker honours.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// Maximum number of tokens to generate.
+    pub max_tokens: u32,
+    pub temperature: f32,
+    pub top_p: f32,
+    /// Makes the output deterministic; the worker derives one from the prompt when absent.
+    pub seed: Option<u64>,
+    /// Keep generating past end-of-sequence tokens until `max_tokens`.
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { max_tokens: 16, temperature: 1.0, top_p: 1.0, seed: None, ignore_eos: false }
+    }
+}
+
+/// A generate request as a worker receives it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// Frontend-assigned id, unique per frontend process; used in logs and cancellation.
+    pub request_id: u64,
+    pub token_ids: Vec<TokenId>,
+    pub sampling: SamplingParams,
+    /// Token ids that end generation (the model's eos ids), unless `ignore_eos`.
+    pub eos_token_ids: Vec<TokenId>,
+}
+
+/// Why a worker stopped generating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An eos token was produced (the eos token itself is not part of the output).
+    Eos,
+    /// `max_tokens` was reached.
+    Length,
+    /// The request was cancelled (client gone).
+    Cancelled,
+}
+
+/// One message of a worker's response stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkerOutput {
+    /// Sent once, before any token: how many prompt tokens were already cached on the worker.
+    Started { cached_tokens: u32 },
+    /// Newly generated tokens, in order (usually one per decode step).
+    Tokens(Vec<TokenId>),
+    /// The last message of a successful stream.
+    Finished { reason: FinishReason },
+    /// The worker failed the request; the stream ends here.
+    Error { message: String },
+}
+
+/// A worker's load as it reports it (engine-side truth; the router also books its own view).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub active_blocks: u64,
+    pub total_blocks: u64,
+    pub waiting_requests: u64,
+    pub running_requests: u64,
+    pub prefill_tokens: u64,
+}

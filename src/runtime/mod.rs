@@ -1,0 +1,96 @@
+//! Data-plane shards: one thread per shard, each running a monoio runtime on io_uring (tuned
+//! ring flags; the epoll driver where io_uring is unavailable) with its own SO_REUSEPORT
+//! listener, so the kernel spreads connections over shards and no request crosses cores.
+//!
+//! Invariant: a shard owns everything it creates; the only things it shares are the
+//! [`Frontend`] (read-mostly, atomically swapped) and its own slots in per-shard counters.
+
+use std::net::{SocketAddr, TcpListener};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::watch;
+
+use crate::frontend::Frontend;
+use crate::http::{server::serve_shard, ShardCtx};
+use crate::transport::RequestPlane;
+
+/// Connections waiting to be accepted per shard listener.
+const LISTEN_BACKLOG: i32 = 4096;
+/// io_uring submission queue entries per shard.
+const URING_ENTRIES: u32 = 4096;
+
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Binds one SO_REUSEPORT listener per shard on the same address (port 0 resolves once, and
+/// every other shard binds the port the first one got).
+pub fn bind_listeners(addr: SocketAddr, shards: usize) -> std::io::Result<(SocketAddr, Vec<TcpListener>)> {
+    let first = reuseport_listener(addr)?;
+    let bound = first.local_addr()?;
+    let mut v = vec![first];
+    for _ in 1..shards {
+        v.push(reuseport_listener(bound)?);
+    }
+    Ok((bound, v))
+}
+
+/// Runs `f` to completion on a new monoio runtime on the current thread.
+fn block_on_monoio<F: std::future::Future>(shard: usize, f: F) -> std::io::Result<F::Output> {
+    let uring = monoio::utils::detect_uring();
+    let tuned = io_uring::IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .clone();
+    let built = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .with_entries(URING_ENTRIES)
+        .uring_builder(tuned)
+        .build();
+    let mut rt = match built {
+        Ok(rt) => rt,
+        Err(e) if uring => {
+            tracing::warn!(shard, error = %e, "io_uring refused the tuned ring flags; using default flags");
+            monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().with_entries(URING_ENTRIES).build()?
+        }
+        Err(e) => return Err(e),
+    };
+    if uring {
+        tracing::debug!(shard, "shard runs on io_uring (coop_taskrun, single_issuer, defer_taskrun)");
+    } else if shard == 0 {
+        tracing::warn!("io_uring is unavailable here; shards run on monoio's epoll driver");
+    }
+    Ok(rt.block_on(f))
+}
+
+/// Starts one thread per listener, each serving HTTP until `shutdown` flips to true.
+pub fn spawn_shards<P: RequestPlane>(
+    fe: Arc<Frontend<P>>,
+    listeners: Vec<TcpListener>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<Vec<JoinHandle<()>>> {
+    let mut threads = Vec::with_capacity(listeners.len());
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let fe = fe.clone();
+        let shutdown = shutdown.clone();
+        let t = std::thread::Builder::new().name(format!("kvgate-shard-{i}")).spawn(move || {
+            let ctx = Rc::new(ShardCtx::new(i));
+            match block_on_monoio(i, serve_shard(fe, ctx, listener, shutdown)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) | Err(e) => tracing::error!(shard = i, error = %e, "shard stopped with an error"),
+            }
+        })?;
+        threads.push(t);
+    }
+    Ok(threads)
+}

@@ -1,0 +1,181 @@
+//! `kvgate serve`: the frontend and N mocker workers in one process, wired through the
+//! in-process discovery, event plane and request plane (the same seams etcd, NATS and TCP
+//! implement in the distributed build).
+//!
+//! Threads: one per data-plane shard (monoio), one control-plane thread (tokio: discovery and
+//! the KV index writer), one engine thread (tokio: the simulated workers). [`Server`] owns them
+//! all; dropping it shuts everything down in order (stop accepting, drain, deregister workers).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::watch;
+
+use crate::config::{ConfigError, ServeArgs};
+use crate::discovery::{InProcessDiscovery, Registration, WorkerInfo};
+use crate::events;
+use crate::frontend::{control, Frontend, HttpLimits};
+use crate::kv::index::KvIndex;
+use crate::preprocess::{ModelSource, PreprocessError, Preprocessor};
+use crate::protocol::{WorkerId, WorkerRole};
+use crate::router::RouterConfig;
+use crate::runtime;
+use crate::transport::InProcessRequestPlane;
+use crate::worker::engine::mocker::{MockerConfig, MockerConfigError};
+use crate::worker::{spawn_mocker, WorkerHandle};
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("invalid mocker settings: {0}")]
+    Mocker(#[from] MockerConfigError),
+    #[error("could not load the model: {0}")]
+    Model(#[from] PreprocessError),
+    #[error("could not listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("could not start a runtime thread: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// A running embedded deployment.
+pub struct Server {
+    /// The address the HTTP endpoint listens on (the real port when started with port 0).
+    pub addr: SocketAddr,
+    /// The embedded workers' ids, in start order.
+    pub worker_ids: Vec<WorkerId>,
+    /// The name clients use for the served model.
+    pub model_name: String,
+    shutdown: watch::Sender<bool>,
+    shards: Vec<JoinHandle<()>>,
+    registrations: Vec<Registration>,
+    workers: Vec<WorkerHandle>,
+    engine_rt: Option<tokio::runtime::Runtime>,
+    control_rt: Option<tokio::runtime::Runtime>,
+}
+
+fn runtime(name: &str) -> Result<tokio::runtime::Runtime, ServeError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)
+}
+
+/// Starts the frontend and its workers; returns once the endpoint accepts connections.
+pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
+    args.validate()?;
+    let page_size = args.model.page_size;
+    let mocker = MockerConfig::from_args(&args.mocker, page_size)?;
+    let source = ModelSource::parse(args.model.model_path.as_deref());
+    let preprocessor = Arc::new(Preprocessor::load(&source)?);
+    let model_name = args.model.served_name();
+    if let Some(cfg) = preprocessor.model_config() {
+        let per_token = cfg.kv_bytes_per_token();
+        tracing::info!(kv_bytes_per_token = per_token, kv_bytes_per_block = per_token * page_size as u64, "model KV size");
+    }
+
+    let shards = args.http.shard_count();
+    let (index, writer) = KvIndex::new();
+    let plane = InProcessRequestPlane::new();
+    let discovery = InProcessDiscovery::new();
+    let (publisher, subscriber) = events::in_process();
+    let router_config = RouterConfig {
+        mode: args.router.router_mode,
+        overlap_weight: args.router.kv_overlap_score_weight,
+        temperature: args.router.router_temperature,
+        block_size: page_size,
+    };
+    let limits = HttpLimits { max_body_bytes: args.http.max_body_bytes };
+    let fe = Arc::new(Frontend::new(plane.clone(), index, router_config, limits, shards));
+    fe.add_model(&model_name, preprocessor.clone(), page_size);
+
+    let control_rt = runtime("kvgate-control")?;
+    control_rt.spawn(control::run(fe.clone(), writer, discovery.subscribe(), subscriber));
+
+    let engine_rt = runtime("kvgate-engine")?;
+    let output_tokens = preprocessor.sample_text_tokens();
+    let mut workers = Vec::with_capacity(args.workers);
+    let mut registrations = Vec::with_capacity(args.workers);
+    let mut worker_ids = Vec::with_capacity(args.workers);
+    for _ in 0..args.workers {
+        let id = WorkerId(rand::random::<u64>() >> 1);
+        let inbox = plane.attach(id);
+        let handle = {
+            let _ctx = engine_rt.enter();
+            spawn_mocker(id, mocker.clone(), inbox, publisher.clone(), output_tokens.clone())
+        };
+        workers.push(handle);
+        registrations.push(discovery.register(WorkerInfo {
+            id,
+            model: model_name.clone(),
+            model_path: args.model.model_path.clone(),
+            role: WorkerRole::Aggregated,
+            page_size,
+            kv_capacity_blocks: mocker.num_gpu_blocks,
+            max_num_seqs: mocker.max_num_seqs,
+            max_num_batched_tokens: mocker.max_num_batched_tokens,
+            address: None,
+        }));
+        worker_ids.push(id);
+        tracing::info!(worker = %id, "started mocker worker");
+    }
+    // The control plane publishes the worker set asynchronously; wait until shards can see it
+    // so the first request does not get a spurious 503.
+    let model = fe.model(&model_name).expect("model was just added");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while model.workers.load().candidates.len() < args.workers && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+
+    let host_port = format!("{}:{}", args.http.http_host, args.http.http_port);
+    let bind_err = |source| ServeError::Bind { addr: host_port.clone(), source };
+    let addr = host_port
+        .to_socket_addrs()
+        .map_err(bind_err)?
+        .next()
+        .ok_or_else(|| bind_err(std::io::Error::other("the address resolved to nothing")))?;
+    let (addr, listeners) = runtime::bind_listeners(addr, shards).map_err(bind_err)?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let shard_threads = runtime::spawn_shards(fe, listeners, shutdown_rx).map_err(ServeError::Runtime)?;
+    tracing::info!(%addr, model = %model_name, source = %preprocessor.source_description(), workers = args.workers, shards, "kvgate serving");
+    Ok(Server {
+        addr,
+        worker_ids,
+        model_name,
+        shutdown,
+        shards: shard_threads,
+        registrations,
+        workers,
+        engine_rt: Some(engine_rt),
+        control_rt: Some(control_rt),
+    })
+}
+
+impl Server {
+    /// Stops accepting, drains in-flight requests, stops the workers. Idempotent.
+    pub fn shutdown(&mut self) {
+        let _ = self.shutdown.send(true);
+        for t in self.shards.drain(..) {
+            let _ = t.join();
+        }
+        self.registrations.clear();
+        self.workers.clear();
+        if let Some(rt) = self.engine_rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+        if let Some(rt) = self.control_rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
