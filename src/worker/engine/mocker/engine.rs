@@ -1,0 +1,295 @@
+//! The mocker worker task: takes requests from the inbox, runs the [`Scheduler`] step by step
+//! in simulated time, streams each request's outputs, publishes KV events, reports load.
+//!
+//! Loop: when nothing is scheduled it awaits the inbox (no busy-waiting); when busy it drains
+//! the inbox with `try_recv` between steps, plans a step, sleeps until the step's deadline (a
+//! running deadline, so simulated time does not drift), then emits the step's tokens, publishes
+//! the step's KV events in one batch and updates the load report.
+//!
+//! Concurrency: this task owns all engine state (scheduler, cache, replies); nothing is locked.
+//! It reaches the outside only by bounded channels: the inbox (bounded by the transport), each
+//! reply channel (`try_send` only, see [`reply`](super::reply)), the event publisher (awaited
+//! once per step) and a `watch` for load. Event ids are contiguous per worker from 1.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::events::EventPublisher;
+use crate::kv::events::{KvEvent, KvEventKind};
+use crate::protocol::{FinishReason, LoadReport, WorkerId, WorkerOutput};
+use crate::transport::WorkItem;
+
+use super::kv_cache::SeqId;
+use super::reply::{Flush, Reply};
+use super::scheduler::{Rejected, Scheduler, StepOutput, StepPlan};
+use super::timing;
+
+/// Requests one worker holds (queued, running, or finishing their replies); beyond it new work
+/// stays in the transport's bounded inbox, which pushes back on the frontend.
+pub const MAX_INFLIGHT_REQUESTS: usize = 4096;
+/// Lag after which the step clock restarts instead of catching up: a stall (e.g. event-plane
+/// backpressure) shortens at most this much of the following steps.
+pub const MAX_CATCH_UP: Duration = Duration::from_millis(100);
+
+/// Stamps event ids (contiguous from 1) and times.
+struct EventStamper {
+    worker: WorkerId,
+    next_id: u64,
+}
+
+impl EventStamper {
+    fn stamp(&mut self, kind: KvEventKind) -> KvEvent {
+        let event_id = self.next_id;
+        self.next_id += 1;
+        let timestamp_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        KvEvent {
+            worker: self.worker,
+            event_id,
+            timestamp_us,
+            kind,
+        }
+    }
+}
+
+/// One worker's engine and the channels it serves.
+pub struct Engine<P> {
+    sched: Scheduler,
+    speedup_ratio: f64,
+    inbox: mpsc::Receiver<WorkItem>,
+    inbox_open: bool,
+    stop: oneshot::Receiver<()>,
+    stopping: bool,
+    /// Replies of requests the scheduler holds.
+    replies: HashMap<SeqId, Reply>,
+    /// Replies of finished (or refused) requests still sending their last outputs.
+    draining: Vec<Reply>,
+    publisher: P,
+    stamper: EventStamper,
+    load: watch::Sender<LoadReport>,
+    deadline: Instant,
+    outputs: Vec<StepOutput>,
+}
+
+impl<P: EventPublisher> Engine<P> {
+    pub fn new(
+        worker: WorkerId,
+        sched: Scheduler,
+        speedup_ratio: f64,
+        inbox: mpsc::Receiver<WorkItem>,
+        stop: oneshot::Receiver<()>,
+        publisher: P,
+        load: watch::Sender<LoadReport>,
+    ) -> Self {
+        Self {
+            sched,
+            speedup_ratio,
+            inbox,
+            inbox_open: true,
+            stop,
+            stopping: false,
+            replies: HashMap::new(),
+            draining: Vec::new(),
+            publisher,
+            stamper: EventStamper { worker, next_id: 1 },
+            load,
+            deadline: Instant::now(),
+            outputs: Vec::new(),
+        }
+    }
+
+    /// Runs until the inbox is closed (or a stop is requested) and every request has finished.
+    pub async fn run(mut self) {
+        while self.intake().await {
+            self.drop_cancelled();
+            let plan = self.sched.schedule();
+            // A scheduler holding sequences always plans something (see its invariants).
+            debug_assert!(!plan.is_empty() || self.sched.is_idle());
+            if !plan.is_empty() {
+                self.wait_step(&plan).await;
+                self.outputs.clear();
+                self.sched.complete(&plan, &mut self.outputs);
+                self.deliver();
+            }
+            self.flush_all();
+            self.publish().await;
+            self.report();
+        }
+        tracing::debug!(worker = %self.stamper.worker, "mocker worker stopped");
+    }
+
+    /// Takes new work: waits while the scheduler is idle, else drains without waiting.
+    /// Returns false when the worker is done.
+    async fn intake(&mut self) -> bool {
+        let mut waited = false;
+        while self.sched.is_idle() {
+            self.report();
+            if !self.inbox_open && self.draining.is_empty() {
+                return false;
+            }
+            waited = true;
+            let room = self.draining.len() < MAX_INFLIGHT_REQUESTS;
+            let writable = any_writable(&self.draining);
+            tokio::select! {
+                item = self.inbox.recv(), if self.inbox_open && room => match item {
+                    Some(item) => self.accept(item),
+                    None => self.inbox_open = false,
+                },
+                () = writable, if !self.draining.is_empty() => self.flush_all(),
+                _ = &mut self.stop, if !self.stopping => self.begin_stop(),
+            }
+        }
+        if waited {
+            // Simulated time restarts when work arrives after idling.
+            self.deadline = Instant::now();
+        }
+        while self.inbox_open && self.replies.len() + self.draining.len() < MAX_INFLIGHT_REQUESTS {
+            match self.inbox.try_recv() {
+                Ok(item) => self.accept(item),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => self.inbox_open = false,
+            }
+        }
+        if !self.stopping
+            && !matches!(
+                self.stop.try_recv(),
+                Err(oneshot::error::TryRecvError::Empty)
+            )
+        {
+            self.begin_stop();
+        }
+        true
+    }
+
+    /// No new requests; those queued in the inbox are still received and served.
+    fn begin_stop(&mut self) {
+        self.stopping = true;
+        self.inbox.close();
+    }
+
+    fn accept(&mut self, item: WorkItem) {
+        let WorkItem { request, reply } = item;
+        if reply.is_closed() {
+            return;
+        }
+        let request_id = request.request_id;
+        let mut reply = Reply::new(reply);
+        match self.sched.add(request) {
+            Ok(seq) => {
+                self.replies.insert(seq, reply);
+                return;
+            }
+            Err(Rejected::NothingToGenerate) => {
+                reply.start(0);
+                reply.finish(WorkerOutput::Finished {
+                    reason: FinishReason::Length,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(request_id, error = %e, "mocker refused a request");
+                reply.finish(WorkerOutput::Error {
+                    message: e.to_string(),
+                });
+            }
+        }
+        self.draining.push(reply);
+    }
+
+    /// Cancels requests whose client is gone: their blocks are freed at once (still cached).
+    fn drop_cancelled(&mut self) {
+        let sched = &mut self.sched;
+        self.replies.retain(|seq, r| {
+            let closed = r.is_closed();
+            if closed {
+                sched.cancel(*seq);
+            }
+            !closed
+        });
+        self.draining.retain(|r| !r.is_closed());
+    }
+
+    async fn wait_step(&mut self, plan: &StepPlan) {
+        let now = Instant::now();
+        if self.deadline + MAX_CATCH_UP < now {
+            self.deadline = now;
+        }
+        self.deadline += timing::step_duration(&plan.work, self.speedup_ratio);
+        if self.deadline > now {
+            tokio::time::sleep_until(self.deadline).await;
+        } else {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Queues the step's outputs on their replies; finished requests move to `draining`.
+    fn deliver(&mut self) {
+        for o in &self.outputs {
+            let Some(reply) = self.replies.get_mut(&o.seq) else {
+                continue;
+            };
+            reply.start(o.cached_tokens);
+            if let Some(t) = o.token {
+                reply.token(t);
+            }
+            if let Some(reason) = o.finish {
+                let mut reply = self.replies.remove(&o.seq).expect("looked up above");
+                reply.finish(WorkerOutput::Finished { reason });
+                self.draining.push(reply);
+            }
+        }
+    }
+
+    /// Sends what every reply has pending; a closed reply cancels its request.
+    fn flush_all(&mut self) {
+        let sched = &mut self.sched;
+        self.replies.retain(|seq, r| {
+            if r.has_pending() && r.flush() == Flush::Closed {
+                sched.cancel(*seq);
+                return false;
+            }
+            true
+        });
+        self.draining.retain_mut(|r| r.flush() == Flush::Blocked);
+    }
+
+    async fn publish(&mut self) {
+        let mut kinds = Vec::new();
+        self.sched.cache_mut().drain_events(&mut kinds);
+        if kinds.is_empty() {
+            return;
+        }
+        let batch: Vec<KvEvent> = kinds.into_iter().map(|k| self.stamper.stamp(k)).collect();
+        self.publisher.publish(batch).await;
+    }
+
+    fn report(&self) {
+        let now = self.sched.load();
+        self.load.send_if_modified(|cur| {
+            let changed = *cur != now;
+            *cur = now;
+            changed
+        });
+    }
+}
+
+/// Resolves when any of `replies` can take a message (or is closed).
+fn any_writable(replies: &[Reply]) -> impl Future<Output = ()> {
+    let waits: Vec<_> = replies
+        .iter()
+        .map(|r| Box::pin(r.sender().reserve_owned()))
+        .collect();
+    async move {
+        if !waits.is_empty() {
+            // The permit is dropped at once: the capacity it proves is used by the next flush.
+            let _ = futures::future::select_all(waits).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
