@@ -36,18 +36,18 @@
 //! 6. Meanwhile workers publish KV events ([`events`]); the control plane applies them to the
 //!    index, which every shard reads without locks.
 
-// LEAD-PENDING pub mod config;
+pub mod config;
 pub mod discovery;
 pub mod events;
-// LEAD-PENDING pub mod frontend;
-// LEAD-PENDING pub mod http;
+pub mod frontend;
+pub mod http;
 pub mod kv;
 pub mod metrics;
 pub mod openai;
 pub mod preprocess;
 pub mod protocol;
 pub mod router;
-// LEAD-PENDING pub mod runtime;
-// LEAD-PENDING pub mod serve;
+pub mod runtime;
+pub mod serve;
 pub mod transport;
 pub mod worker;

@@ -165,11 +165,16 @@ impl Server {
         }
         self.registrations.clear();
         self.workers.clear();
-        if let Some(rt) = self.engine_rt.take() {
-            rt.shutdown_timeout(Duration::from_secs(1));
-        }
-        if let Some(rt) = self.control_rt.take() {
-            rt.shutdown_timeout(Duration::from_secs(1));
+        // Runtimes are shut down on a thread of their own: `shutdown` may be called (or the
+        // server dropped) from inside another async runtime, where blocking is refused.
+        let rts: Vec<_> = [self.engine_rt.take(), self.control_rt.take()].into_iter().flatten().collect();
+        if !rts.is_empty() {
+            let t = std::thread::spawn(move || {
+                for rt in rts {
+                    rt.shutdown_timeout(Duration::from_secs(1));
+                }
+            });
+            let _ = t.join();
         }
     }
 }

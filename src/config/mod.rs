@@ -54,10 +54,10 @@ pub struct RouterArgs {
     #[arg(long, value_enum, default_value_t = RouterMode::Kv)]
     pub router_mode: RouterMode,
     /// Weight of the prefill cost (uncached prompt) against decode load; 0 ignores the KV index.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub kv_overlap_score_weight: f64,
     /// 0 picks the cheapest worker; above 0 samples softmax(-cost/temperature).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub router_temperature: f64,
 }
 

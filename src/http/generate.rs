@@ -25,23 +25,37 @@ use crate::transport::RequestPlane;
 /// The header naming the worker that served a response.
 pub const WORKER_HEADER: &str = "x-kvgate-worker";
 
-/// Reads the whole body, refusing more than `limit` bytes (413) before or while reading.
+/// An oversized body is read and discarded up to this many bytes before the 413 goes out, so
+/// a client still sending it reads the error instead of a reset; past this, the connection
+/// closes.
+const MAX_DRAIN_BYTES: usize = 256 * 1024 * 1024;
+
+/// Reads the whole body, refusing more than `limit` bytes with 413.
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
     let declared = req
         .headers()
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::BodyTooLarge { limit });
+    let mut body = req.into_body();
+    if declared.is_none_or(|n| n <= limit as u64) {
+        match Limited::new(&mut body, limit).collect().await {
+            Ok(c) => return Ok(c.to_bytes()),
+            Err(e) => {
+                if let Ok(h) = e.downcast::<hyper::Error>() {
+                    return Err(ApiError::BodyRead(*h));
+                }
+            }
+        }
     }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) => match e.downcast::<hyper::Error>() {
-            Ok(h) => Err(ApiError::BodyRead(*h)),
-            Err(_) => Err(ApiError::BodyTooLarge { limit }),
-        },
+    let mut drained = 0usize;
+    while drained < MAX_DRAIN_BYTES {
+        match body.frame().await {
+            Some(Ok(f)) => drained += f.data_ref().map_or(0, |d| d.len()),
+            _ => break,
+        }
     }
+    Err(ApiError::BodyTooLarge { limit })
 }
 
 /// A request parsed, validated and tokenized.
@@ -155,7 +169,7 @@ pub async fn handle<P: RequestPlane>(
     let mut gen = Generation::new(rx, decoder, p.validated.stop.clone(), decision.guard, prompt_tokens, arrived, fe.metrics.clone(), inflight);
     let writer = ChunkWriter::new(kind, request_id, &p.validated.model);
     let mut resp = if p.validated.stream {
-        let mut r = Response::new(SseBody::new(gen, writer, p.validated.include_usage).boxed_unsync());
+        let mut r = Response::new(Body::Sse(Box::new(SseBody::new(gen, writer, p.validated.include_usage))));
         let h = r.headers_mut();
         h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));

@@ -1,13 +1,14 @@
 //! The worker runtime: one task per engine worker, serving [`WorkItem`]s from its inbox and
-//! publishing KV events and load.
+//! publishing KV events and load, and answering [`control`] requests (replay / dump / reset).
 //!
 //! Invariant: a worker's engine state is owned by its task alone; the outside reaches it only
-//! through the bounded inbox, each request's bounded reply channel, the event publisher and the
-//! `watch` of [`LoadReport`]. Shutdown: the task ends by itself once its inbox is closed and
+//! through the bounded inbox, each request's bounded reply channel, the event publisher, the
+//! `watch` of [`LoadReport`] and the bounded control channel behind [`WorkerControl`]. Shutdown: the task ends by itself once its inbox is closed and
 //! every request has finished; [`WorkerHandle::stop`] closes the inbox from the worker's side
 //! and waits for in-flight requests to drain; dropping the handle aborts the task (in-flight
 //! reply channels close, which the frontend sees as a failed stream).
 
+pub mod control;
 pub mod engine;
 
 use std::sync::Arc;
@@ -19,9 +20,13 @@ use crate::events::EventPublisher;
 use crate::protocol::{LoadReport, TokenId, WorkerId};
 use crate::transport::WorkItem;
 
-use engine::mocker::engine::Engine;
+use engine::mocker::engine::{Engine, EngineIo};
 use engine::mocker::model::MockModel;
+use engine::mocker::ring::EventRing;
 use engine::mocker::scheduler::Scheduler;
+
+pub use control::{Recovery, WorkerControl, WorkerGoneError, CONTROL_QUEUE_DEPTH};
+pub use engine::mocker::ring::{EVENT_RING_CAPACITY, EVENT_RING_MAX_BLOCKS};
 pub use engine::mocker::{MockerArgs, MockerConfig, MockerConfigError};
 
 /// A running worker task. Dropping it aborts the task; call [`stop`](Self::stop) to drain.
@@ -32,9 +37,16 @@ pub struct WorkerHandle {
     pub load: watch::Receiver<LoadReport>,
     task: Option<JoinHandle<()>>,
     stop: Option<oneshot::Sender<()>>,
+    control: WorkerControl,
 }
 
 impl WorkerHandle {
+    /// A cloneable handle for replay / dump / reset requests; its calls fail with
+    /// [`WorkerGoneError`] once the task has ended.
+    pub fn control(&self) -> WorkerControl {
+        self.control.clone()
+    }
+
     /// Stops accepting requests (those already in the inbox are still served), waits for every
     /// in-flight request to finish, then for the task to end. A client that stops reading
     /// without dropping its stream holds this up; drop the handle instead to abort.
@@ -85,25 +97,60 @@ pub fn spawn_mocker(
     publisher: impl EventPublisher + Clone,
     output_tokens: Arc<[TokenId]>,
 ) -> WorkerHandle {
+    spawn_mocker_with_ring(
+        id,
+        config,
+        inbox,
+        publisher,
+        output_tokens,
+        EventRing::default(),
+    )
+}
+
+/// [`spawn_mocker`] with a given replay ring (tests use small ones).
+pub(crate) fn spawn_mocker_with_ring(
+    id: WorkerId,
+    config: MockerConfig,
+    inbox: mpsc::Receiver<WorkItem>,
+    publisher: impl EventPublisher + Clone,
+    output_tokens: Arc<[TokenId]>,
+    ring: EventRing,
+) -> WorkerHandle {
+    log_capacity(id, &config);
     let sched = Scheduler::new(&config, engine_salt(id), MockModel::new(output_tokens));
     let (load_tx, load) = watch::channel(sched.load());
     let (stop_tx, stop_rx) = oneshot::channel();
-    let engine = Engine::new(
-        id,
-        sched,
-        config.speedup_ratio,
+    let (control, control_rx) = WorkerControl::channel(id);
+    let io = EngineIo {
         inbox,
-        stop_rx,
+        stop: stop_rx,
+        control: control_rx,
         publisher,
-        load_tx,
-    );
+        load: load_tx,
+    };
+    let engine = Engine::new(id, sched, config.speedup_ratio, ring, io);
     let task = tokio::spawn(engine.run());
     WorkerHandle {
         id,
         load,
         task: Some(task),
         stop: Some(stop_tx),
+        control,
     }
+}
+
+/// Logs the simulated KV capacity (bytes only when the model's size is known).
+fn log_capacity(id: WorkerId, config: &MockerConfig) {
+    tracing::info!(
+        worker = %id,
+        kv_blocks = config.num_gpu_blocks,
+        kv_tokens = config.capacity_tokens(),
+        page_size = config.page_size,
+        kv_bytes = config.capacity_bytes(),
+        kv_bytes_per_token = config.kv_bytes_per_token,
+        kv_bytes_per_block = config.kv_bytes_per_block(),
+        "mocker KV capacity"
+    );
 }
 
 /// A per-worker non-zero salt: engine hashes are `seq_hash ^ salt` (splitmix64 of the id).

@@ -62,6 +62,10 @@ pub struct MockerConfig {
     pub max_num_seqs: u32,
     /// Finite, `> 0` and `≤ MAX_SPEEDUP_RATIO`.
     pub speedup_ratio: f64,
+    /// KV bytes one token takes in the simulated model (the caller computes it from the model's
+    /// `config.json`); `None` when unknown. Set through [`MockerConfig::with_kv_bytes_per_token`]:
+    /// `> 0` and the whole cache's bytes fit in a `u64`. Only reported, never simulated.
+    pub kv_bytes_per_token: Option<u64>,
 }
 
 /// A mocker flag the user must change; the message names the flag and the accepted range.
@@ -128,12 +132,40 @@ impl MockerConfig {
             max_num_batched_tokens: budget,
             max_num_seqs: seqs,
             speedup_ratio: s,
+            kv_bytes_per_token: None,
         })
+    }
+
+    /// Records the model's KV bytes per token (from its `config.json`), validated.
+    pub fn with_kv_bytes_per_token(mut self, bytes: u64) -> Result<Self, MockerConfigError> {
+        if bytes == 0 || self.capacity_tokens().checked_mul(bytes).is_none() {
+            return Err(invalid(
+                "--model-path",
+                format!(
+                    "its config.json gives {bytes} KV bytes per token; a {}-token cache needs a \
+                     size in 1..={}",
+                    self.capacity_tokens(),
+                    u64::MAX / self.capacity_tokens()
+                ),
+            ));
+        }
+        self.kv_bytes_per_token = Some(bytes);
+        Ok(self)
     }
 
     /// Tokens the whole cache holds.
     pub fn capacity_tokens(&self) -> u64 {
         self.num_gpu_blocks * self.page_size as u64
+    }
+
+    /// KV bytes of one block, when the model's size is known.
+    pub fn kv_bytes_per_block(&self) -> Option<u64> {
+        self.kv_bytes_per_token?.checked_mul(self.page_size as u64)
+    }
+
+    /// KV bytes of the whole cache, when the model's size is known.
+    pub fn capacity_bytes(&self) -> Option<u64> {
+        self.kv_bytes_per_token?.checked_mul(self.capacity_tokens())
     }
 }
 
@@ -191,6 +223,21 @@ mod tests {
             };
             assert_eq!(flag_of(MockerConfig::from_args(&a, 16)), "--speedup-ratio");
         }
+    }
+
+    #[test]
+    fn kv_bytes_are_validated_and_sized() {
+        let c = MockerConfig::from_args(&MockerArgs::default(), 16).unwrap();
+        assert_eq!((c.kv_bytes_per_block(), c.capacity_bytes()), (None, None));
+        // Llama-3-8B in bf16: 2 (K, V) × 32 layers × 8 KV heads × 128 dims × 2 bytes.
+        let c = c.with_kv_bytes_per_token(131_072).unwrap();
+        assert_eq!(c.kv_bytes_per_block(), Some(16 * 131_072));
+        assert_eq!(c.capacity_bytes(), Some(16384 * 16 * 131_072));
+        assert_eq!(
+            flag_of(c.clone().with_kv_bytes_per_token(0)),
+            "--model-path"
+        );
+        assert_eq!(flag_of(c.with_kv_bytes_per_token(u64::MAX)), "--model-path");
     }
 
     #[test]

@@ -4,12 +4,16 @@
 //! Loop: when nothing is scheduled it awaits the inbox (no busy-waiting); when busy it drains
 //! the inbox with `try_recv` between steps, plans a step, sleeps until the step's deadline (a
 //! running deadline, so simulated time does not drift), then emits the step's tokens, publishes
-//! the step's KV events in one batch and updates the load report.
+//! the step's KV events in one batch (keeping them in the [`EventRing`]) and updates the load
+//! report. Control requests ([`ControlMsg`]) are answered between steps and while idle (the idle
+//! wait selects on them too), always after the previous step's events are published, so the
+//! cache, the ring and the live stream agree on the last event id.
 //!
-//! Concurrency: this task owns all engine state (scheduler, cache, replies); nothing is locked.
-//! It reaches the outside only by bounded channels: the inbox (bounded by the transport), each
-//! reply channel (`try_send` only, see [`reply`](super::reply)), the event publisher (awaited
-//! once per step) and a `watch` for load. Event ids are contiguous per worker from 1.
+//! Concurrency: this task owns all engine state (scheduler, cache, replies, ring); nothing is
+//! locked. It reaches the outside only by bounded channels: the inbox (bounded by the
+//! transport), the control channel, each reply channel (`try_send` only, see
+//! [`reply`](super::reply)), the event publisher (awaited once per step) and a `watch` for
+//! load. Live event ids are contiguous per worker from 1; a dump's events reuse the last id.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,9 +26,11 @@ use crate::events::EventPublisher;
 use crate::kv::events::{KvEvent, KvEventKind};
 use crate::protocol::{FinishReason, LoadReport, WorkerId, WorkerOutput};
 use crate::transport::WorkItem;
+use crate::worker::control::{ControlMsg, Recovery, CONTROL_QUEUE_DEPTH};
 
 use super::kv_cache::SeqId;
 use super::reply::{Flush, Reply};
+use super::ring::EventRing;
 use super::scheduler::{Rejected, Scheduler, StepOutput, StepPlan};
 use super::timing;
 
@@ -45,6 +51,10 @@ impl EventStamper {
     fn stamp(&mut self, kind: KvEventKind) -> KvEvent {
         let event_id = self.next_id;
         self.next_id += 1;
+        self.stamp_as(event_id, kind)
+    }
+
+    fn stamp_as(&self, event_id: u64, kind: KvEventKind) -> KvEvent {
         let timestamp_us = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
@@ -57,6 +67,16 @@ impl EventStamper {
     }
 }
 
+/// The channels one engine serves (a parameter struct: the set grows with the engine's duties).
+pub struct EngineIo<P> {
+    pub inbox: mpsc::Receiver<WorkItem>,
+    /// Fires (or is dropped) to stop accepting requests; see `WorkerHandle::stop`.
+    pub stop: oneshot::Receiver<()>,
+    pub control: mpsc::Receiver<ControlMsg>,
+    pub publisher: P,
+    pub load: watch::Sender<LoadReport>,
+}
+
 /// One worker's engine and the channels it serves.
 pub struct Engine<P> {
     sched: Scheduler,
@@ -65,6 +85,10 @@ pub struct Engine<P> {
     inbox_open: bool,
     stop: oneshot::Receiver<()>,
     stopping: bool,
+    control: mpsc::Receiver<ControlMsg>,
+    control_open: bool,
+    /// Events published lately, for replay.
+    ring: EventRing,
     /// Replies of requests the scheduler holds.
     replies: HashMap<SeqId, Reply>,
     /// Replies of finished (or refused) requests still sending their last outputs.
@@ -81,11 +105,16 @@ impl<P: EventPublisher> Engine<P> {
         worker: WorkerId,
         sched: Scheduler,
         speedup_ratio: f64,
-        inbox: mpsc::Receiver<WorkItem>,
-        stop: oneshot::Receiver<()>,
-        publisher: P,
-        load: watch::Sender<LoadReport>,
+        ring: EventRing,
+        io: EngineIo<P>,
     ) -> Self {
+        let EngineIo {
+            inbox,
+            stop,
+            control,
+            publisher,
+            load,
+        } = io;
         Self {
             sched,
             speedup_ratio,
@@ -93,6 +122,9 @@ impl<P: EventPublisher> Engine<P> {
             inbox_open: true,
             stop,
             stopping: false,
+            control,
+            control_open: true,
+            ring,
             replies: HashMap::new(),
             draining: Vec::new(),
             publisher,
@@ -142,6 +174,10 @@ impl<P: EventPublisher> Engine<P> {
                 },
                 () = writable, if !self.draining.is_empty() => self.flush_all(),
                 _ = &mut self.stop, if !self.stopping => self.begin_stop(),
+                msg = self.control.recv(), if self.control_open => match msg {
+                    Some(msg) => self.on_control(msg).await,
+                    None => self.control_open = false,
+                },
             }
         }
         if waited {
@@ -163,7 +199,61 @@ impl<P: EventPublisher> Engine<P> {
         {
             self.begin_stop();
         }
+        // Bounded so a flood of control requests cannot starve the steps.
+        for _ in 0..CONTROL_QUEUE_DEPTH {
+            match self.control.try_recv() {
+                Ok(msg) => self.on_control(msg).await,
+                Err(_) => break,
+            }
+        }
         true
+    }
+
+    /// Answers one control request. Runs between steps, with the cache's events published.
+    async fn on_control(&mut self, msg: ControlMsg) {
+        // Nothing is pending here (every step ends by publishing); kept so the ring, the cache
+        // and the answer agree even if that changes.
+        self.publish().await;
+        match msg {
+            ControlMsg::Recover {
+                since_event_id,
+                reply,
+            } => {
+                let _ = reply.send(self.recovery(since_event_id));
+            }
+            ControlMsg::Reset { reply } => {
+                self.sched.cache_mut().reset();
+                self.publish().await;
+                self.report();
+                tracing::info!(worker = %self.stamper.worker, "mocker KV cache reset");
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Replay from the ring, or a dump of the cache stamped with the last event id.
+    fn recovery(&self, since: u64) -> Recovery {
+        if let Some(events) = self.ring.since(since) {
+            return Recovery::Replay(events);
+        }
+        let last_event_id = self.ring.last_event_id();
+        let events = self
+            .sched
+            .cache()
+            .snapshot()
+            .into_iter()
+            .map(|k| self.stamper.stamp_as(last_event_id, k))
+            .collect();
+        tracing::info!(
+            worker = %self.stamper.worker,
+            since,
+            last_event_id,
+            "replay not possible: dumping the KV cache"
+        );
+        Recovery::Dump {
+            events,
+            last_event_id,
+        }
     }
 
     /// No new requests; those queued in the inbox are still received and served.
@@ -264,6 +354,9 @@ impl<P: EventPublisher> Engine<P> {
             return;
         }
         let batch: Vec<KvEvent> = kinds.into_iter().map(|k| self.stamper.stamp(k)).collect();
+        for e in &batch {
+            self.ring.push(e.clone());
+        }
         self.publisher.publish(batch).await;
     }
 

@@ -12,6 +12,9 @@
 //! - Every change is recorded as a [`KvEventKind`] in order: `Stored` once when a block becomes
 //!   cached (a hit does not republish), `Removed` when evicted, `Cleared` on reset. Engine hashes
 //!   are `seq_hash ^ salt` (a per-worker non-zero salt), so they differ from sequence hashes.
+//! - [`KvCache::snapshot`] rebuilds the cached state as events (`Cleared`, then `Stored` parents
+//!   first); [`KvCache::reset`] drops unreferenced blocks and publishes that snapshot, so blocks
+//!   held by running sequences survive a reset and the events always describe the cache exactly.
 //!
 //! Concurrency: a plain structure owned by one worker task's scheduler; no locks, no I/O.
 
@@ -30,12 +33,6 @@ pub struct SeqId(pub u64);
 pub struct OutOfBlocks {
     pub needed: u64,
     pub available: u64,
-}
-
-/// The cache cannot be reset while sequences hold blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CacheBusy {
-    pub sequences: usize,
 }
 
 #[derive(Debug)]
@@ -264,17 +261,57 @@ impl KvCache {
         }
     }
 
-    /// Drops every cached block (published as one `Cleared`). Only while no sequence holds any.
-    pub fn reset(&mut self) -> Result<(), CacheBusy> {
-        if !self.seqs.is_empty() {
-            return Err(CacheBusy {
-                sequences: self.seqs.len(),
-            });
+    /// Drops every cached block nobody holds and publishes the state that is left: one
+    /// `Cleared`, then `Stored` for every block a running sequence still holds (its prefix, so
+    /// parents come first). In-flight requests keep their blocks, cached and shareable; a consumer
+    /// applying the events sees exactly the cache. When idle, the cache ends empty.
+    pub fn reset(&mut self) {
+        for (_, h) in std::mem::take(&mut self.lru) {
+            let b = self.blocks.remove(&h).expect("LRU entries are cached");
+            debug_assert_eq!(b.refs, 0);
         }
-        self.blocks.clear();
-        self.lru.clear();
-        self.events.push(KvEventKind::Cleared);
-        Ok(())
+        let state = self.snapshot();
+        self.events.extend(state);
+    }
+
+    /// The whole cache as events that rebuild it from nothing: one `Cleared`, then `Stored`
+    /// events covering every cached block, parents before children, each with its true
+    /// `parent` (one event per chain of single children).
+    pub fn snapshot(&self) -> Vec<KvEventKind> {
+        let mut children: HashMap<Option<SeqHash>, Vec<SeqHash>> = HashMap::new();
+        for (&h, b) in &self.blocks {
+            children.entry(b.parent).or_default().push(h);
+        }
+        // Sorted so the same cache always dumps the same events.
+        children.values_mut().for_each(|v| v.sort_unstable());
+        let mut out = vec![KvEventKind::Cleared];
+        let mut runs: Vec<(Option<SeqHash>, SeqHash)> = children
+            .get(&None)
+            .map_or_else(Vec::new, |r| r.iter().rev().map(|&h| (None, h)).collect());
+        let mut dumped = 0;
+        while let Some((parent, mut h)) = runs.pop() {
+            let mut blocks = Vec::new();
+            loop {
+                blocks.push(StoredBlock {
+                    seq_hash: h,
+                    engine_hash: self.engine_hash(h),
+                });
+                let Some(kids) = children.get(&Some(h)) else {
+                    break;
+                };
+                // Other children start their own runs, emitted after this one.
+                runs.extend(kids[1..].iter().rev().map(|&k| (Some(h), k)));
+                h = kids[0];
+            }
+            dumped += blocks.len();
+            out.push(KvEventKind::Stored { parent, blocks });
+        }
+        assert_eq!(
+            dumped,
+            self.blocks.len(),
+            "every cached block's parent is cached"
+        );
+        out
     }
 
     /// Moves the changes recorded since the last call into `out`, in order.

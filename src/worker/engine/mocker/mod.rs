@@ -9,6 +9,7 @@
 //! - [`model`]: the deterministic mock language model.
 //! - [`timing`]: how long a step takes.
 //! - [`reply`]: one request's non-blocking reply stream.
+//! - [`ring`]: the recent KV events kept for replay.
 //! - [`engine`]: the worker task: intake, step loop, replies, event publishing, load reports.
 //!
 //! Concurrency: all engine state is owned by one tokio task per worker ([`engine`]); nothing is
@@ -19,10 +20,13 @@ pub mod engine;
 pub mod kv_cache;
 pub mod model;
 pub mod reply;
+pub mod ring;
 pub mod scheduler;
 pub mod sequence;
 pub mod timing;
 
+#[cfg(test)]
+mod recovery_tests;
 #[cfg(test)]
 pub(crate) mod test_util;
 

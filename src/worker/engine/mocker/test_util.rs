@@ -6,10 +6,13 @@ use crate::kv::events::{EngineHash, KvEventKind};
 use crate::kv::hash::SeqHash;
 
 /// What a router learns from the events alone.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct NaiveIndex {
     pub cached: HashSet<SeqHash>,
     pub by_engine: HashMap<EngineHash, SeqHash>,
+    /// Each block's parent as first announced; never forgotten (a sequence hash fixes its
+    /// parent), so every later `Stored` of the block, from a dump too, is checked against it.
+    pub parents: HashMap<SeqHash, Option<SeqHash>>,
 }
 
 impl NaiveIndex {
@@ -19,9 +22,17 @@ impl NaiveIndex {
                 if let Some(p) = parent {
                     assert!(self.cached.contains(p), "Stored under an unknown parent");
                 }
+                let mut parent = *parent;
                 for b in blocks {
                     assert!(self.cached.insert(b.seq_hash), "Stored twice while cached");
                     self.by_engine.insert(b.engine_hash, b.seq_hash);
+                    let known = *self.parents.entry(b.seq_hash).or_insert(parent);
+                    assert_eq!(
+                        known, parent,
+                        "{:?} announced with another parent",
+                        b.seq_hash
+                    );
+                    parent = Some(b.seq_hash);
                 }
             }
             KvEventKind::Removed { engine_hashes } => {
@@ -58,6 +69,7 @@ pub fn config(
         max_num_batched_tokens,
         max_num_seqs,
         speedup_ratio: 1000.0,
+        kv_bytes_per_token: None,
     }
 }
 

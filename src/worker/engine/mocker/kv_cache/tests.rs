@@ -138,16 +138,66 @@ fn concurrent_duplicate_blocks_are_shared() {
 }
 
 #[test]
-fn reset_needs_an_idle_cache() {
+fn reset_keeps_and_republishes_held_blocks() {
     let mut c = KvCache::new(PAGE, 8, SALT);
-    c.admit(SeqId(1), &[], 1).unwrap();
-    assert_eq!(c.reset(), Err(CacheBusy { sequences: 1 }));
-    c.free(SeqId(1));
-    fill(&mut c, 2, &chain(&[1, 2, 3, 4]));
+    fill(&mut c, 1, &chain(&[1, 2, 3, 4]));
+    let held = chain(&(10..22).collect::<Vec<_>>());
+    c.admit(SeqId(2), &[], 4).unwrap();
+    c.commit(SeqId(2), &held);
     events(&mut c);
-    c.reset().unwrap();
+    c.reset();
+    let stored: Vec<StoredBlock> = held
+        .iter()
+        .map(|&h| StoredBlock {
+            seq_hash: h,
+            engine_hash: c.engine_hash(h),
+        })
+        .collect();
+    let want = vec![
+        KvEventKind::Cleared,
+        KvEventKind::Stored {
+            parent: None,
+            blocks: stored,
+        },
+    ];
+    assert_eq!(events(&mut c), want);
+    assert_eq!(c.used_blocks(), 4, "3 held full blocks and 1 partial");
+    c.check_invariants();
+    c.free(SeqId(2));
+    c.reset();
     assert_eq!(events(&mut c), vec![KvEventKind::Cleared]);
     assert_eq!(c.used_blocks(), 0);
+}
+
+#[test]
+fn a_snapshot_rebuilds_a_branching_cache() {
+    let mut c = KvCache::new(PAGE, 64, SALT);
+    let root: Vec<u32> = (0..8).collect();
+    for (i, tail) in [[1u32; 8], [2; 8], [3; 8]].iter().enumerate() {
+        let mut t = root.clone();
+        t.extend(tail);
+        fill(&mut c, i as u64, &chain(&t));
+    }
+    fill(&mut c, 9, &chain(&(100..104).collect::<Vec<_>>()));
+    // Knows every block's parent from the live events, plus a block the cache never had.
+    let mut stale = NaiveIndex::default();
+    events(&mut c).iter().for_each(|e| stale.apply(e));
+    stale.apply(&KvEventKind::Stored {
+        parent: None,
+        blocks: vec![StoredBlock {
+            seq_hash: SeqHash(5),
+            engine_hash: EngineHash(6),
+        }],
+    });
+    let snap = c.snapshot();
+    // Cleared, the root's run (root + first tail), two more tails, the other root.
+    assert_eq!(snap.len(), 5, "{snap:?}");
+    snap.iter().for_each(|e| stale.apply(e));
+    assert_eq!(stale.cached, c.cached_hashes().collect::<HashSet<_>>());
+    assert_eq!(
+        KvCache::new(PAGE, 4, SALT).snapshot(),
+        vec![KvEventKind::Cleared]
+    );
 }
 
 #[test]
@@ -180,8 +230,8 @@ fn events_reproduce_the_cache_under_random_workload() {
                 let (id, _) = live.swap_remove(rng.random_range(0..live.len()));
                 c.free(id);
             }
-            8 if live.is_empty() && rng.random_bool(0.05) => {
-                c.reset().unwrap();
+            8 if rng.random_bool(0.05) => {
+                c.reset();
                 resets += 1;
             }
             _ => {}

@@ -1,0 +1,113 @@
+//! [`WorkerSet`]: the immutable set of workers holding one block.
+//!
+//! Invariant: ids are sorted and strictly increasing, the set is never empty while it is in the
+//! index, and the representation is canonical (`Inline` iff `len <= INLINE`). A value is never
+//! mutated after it is built: the index's single writer builds a new set (clone-on-write) and
+//! swaps it in whole, so a reader holding `&WorkerSet` sees a complete set, never a torn one.
+
+use crate::protocol::WorkerId;
+
+/// Workers kept inline in the map entry before spilling to the heap: most blocks are held by a
+/// few workers, and an inline set costs no second allocation or pointer chase on lookup.
+pub const INLINE: usize = 4;
+
+/// A sorted, duplicate-free, immutable set of worker ids.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WorkerSet {
+    Inline { len: u8, ids: [WorkerId; INLINE] },
+    Heap(Box<[WorkerId]>),
+}
+
+const _: () = assert!(INLINE < u8::MAX as usize);
+
+impl WorkerSet {
+    /// The set `{w}`.
+    pub fn one(w: WorkerId) -> Self {
+        let mut ids = [WorkerId(0); INLINE];
+        ids[0] = w;
+        WorkerSet::Inline { len: 1, ids }
+    }
+
+    fn from_sorted(v: &[WorkerId]) -> Self {
+        debug_assert!(v.windows(2).all(|p| p[0] < p[1]));
+        if v.len() <= INLINE {
+            let mut ids = [WorkerId(0); INLINE];
+            ids[..v.len()].copy_from_slice(v);
+            WorkerSet::Inline {
+                len: v.len() as u8,
+                ids,
+            }
+        } else {
+            WorkerSet::Heap(v.into())
+        }
+    }
+
+    /// The ids, ascending.
+    #[inline]
+    pub fn as_slice(&self) -> &[WorkerId] {
+        match self {
+            WorkerSet::Inline { len, ids } => &ids[..*len as usize],
+            WorkerSet::Heap(v) => v,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+
+    pub fn contains(&self, w: WorkerId) -> bool {
+        self.as_slice().binary_search(&w).is_ok()
+    }
+
+    /// A new set with `w` added, or `None` when `w` is already present.
+    pub fn with(&self, w: WorkerId) -> Option<Self> {
+        let s = self.as_slice();
+        let at = s.binary_search(&w).err()?;
+        let mut v = Vec::with_capacity(s.len() + 1);
+        v.extend_from_slice(&s[..at]);
+        v.push(w);
+        v.extend_from_slice(&s[at..]);
+        Some(Self::from_sorted(&v))
+    }
+
+    /// A new set with `w` removed (possibly empty), or `None` when `w` is absent.
+    pub fn without(&self, w: WorkerId) -> Option<Self> {
+        let s = self.as_slice();
+        let at = s.binary_search(&w).ok()?;
+        let mut v = Vec::with_capacity(s.len());
+        v.extend_from_slice(&s[..at]);
+        v.extend_from_slice(&s[at + 1..]);
+        Some(Self::from_sorted(&v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_remove_keeps_sorted_and_canonical() {
+        let mut s = WorkerSet::one(WorkerId(5));
+        for w in [3, 9, 1, 7, 2, 8] {
+            s = s.with(WorkerId(w)).unwrap();
+        }
+        assert!(s.with(WorkerId(7)).is_none());
+        assert_eq!(
+            s.as_slice().iter().map(|w| w.0).collect::<Vec<_>>(),
+            [1, 2, 3, 5, 7, 8, 9]
+        );
+        assert!(matches!(s, WorkerSet::Heap(_)));
+        for w in [1, 9, 5] {
+            s = s.without(WorkerId(w)).unwrap();
+        }
+        assert!(s.without(WorkerId(1)).is_none());
+        assert!(matches!(s, WorkerSet::Inline { len: 4, .. }));
+        assert!(s.contains(WorkerId(8)) && !s.contains(WorkerId(9)));
+        let empty = WorkerSet::one(WorkerId(1)).without(WorkerId(1)).unwrap();
+        assert!(empty.is_empty());
+    }
+}

@@ -1,0 +1,216 @@
+//! Routing: which worker serves a request, and the load booked on it.
+//!
+//! - [`cost`]: the KV cost function and min / softmax selection (pure).
+//! - [`load`]: per-worker load cells (one padded slot per shard) and the [`LoadGuard`].
+//!
+//! Invariant: every successful [`Router::select`] returns a [`LoadGuard`] that has booked the
+//! request on the chosen worker; the booking is released when the guard drops.
+//!
+//! Concurrency: one [`Router`] per model, shared (`Send + Sync`) by all shards; its policy is
+//! chosen once from config. `select` reads the KV index lock-free and each candidate's load by
+//! summing slots; it writes only the calling shard's slot of the chosen worker and, in
+//! round-robin mode, one shared `Relaxed` counter.
+
+pub mod cost;
+pub mod load;
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use rand::Rng;
+use thiserror::Error;
+
+use crate::kv::hash::SeqHash;
+use crate::kv::index::{KvIndex, OverlapScores};
+use crate::protocol::WorkerId;
+
+pub use cost::WorkerScore;
+use cost::{kv_cost, pick_min, prompt_blocks, sample_softmax, uncached_tokens, CostInputs};
+pub use load::{Booking, LoadGuard, WorkerLoad, MAX_SHARDS};
+
+/// The routing policy, chosen once from config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RouterMode {
+    /// Cache overlap weighed against load ([`cost`]).
+    Kv,
+    /// Candidates in turn.
+    RoundRobin,
+    /// Uniformly at random.
+    Random,
+}
+
+/// How a model's router picks workers. Validated by the config layer ([`RouterConfig::validate`]
+/// restates the ranges).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouterConfig {
+    pub mode: RouterMode,
+    /// Weight of the prefill term; 0 skips the KV index lookup (pure load). Finite, `>= 0`.
+    pub overlap_weight: f64,
+    /// 0 takes the cheapest worker; above 0 samples a softmax. Finite, `>= 0`.
+    pub temperature: f64,
+    /// KV block size in tokens, `>= 1`.
+    pub block_size: u32,
+}
+
+impl RouterConfig {
+    /// `Err` names what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite_non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        if !finite_non_negative(self.overlap_weight) {
+            return Err(format!(
+                "overlap weight {} must be a finite number >= 0",
+                self.overlap_weight
+            ));
+        }
+        if !finite_non_negative(self.temperature) {
+            return Err(format!(
+                "temperature {} must be a finite number >= 0",
+                self.temperature
+            ));
+        }
+        if self.block_size == 0 {
+            return Err("block size must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why no worker was selected.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RouteError {
+    /// The model has no live worker. Not the client's fault; retrying once a worker registers helps.
+    #[error("no workers available")]
+    NoWorkers,
+}
+
+/// One live worker as the router sees it; the frontend keeps one `Arc<WorkerLoad>` per worker.
+#[derive(Clone)]
+pub struct Candidate {
+    pub id: WorkerId,
+    pub load: Arc<WorkerLoad>,
+}
+
+/// The inputs of one selection.
+#[derive(Clone, Copy)]
+pub struct RouteRequest<'a> {
+    /// The prompt's sequence hashes (full blocks only).
+    pub seq_hashes: &'a [SeqHash],
+    pub prompt_tokens: u32,
+    pub candidates: &'a [Candidate],
+    /// The calling shard, `< MAX_SHARDS`: the load slot it books into.
+    pub shard: usize,
+}
+
+/// The chosen worker and its booking.
+#[derive(Debug)]
+pub struct RouteDecision {
+    pub worker: WorkerId,
+    pub overlap_blocks: u32,
+    /// Every candidate's score in `kv` mode (for the debug log); empty in other modes.
+    pub scores: Vec<WorkerScore>,
+    pub guard: LoadGuard,
+}
+
+/// See the module doc.
+pub struct Router {
+    config: RouterConfig,
+    index: Arc<KvIndex>,
+    next: AtomicUsize,
+}
+
+impl Router {
+    /// `config` must be valid (checked at start-up by the config layer).
+    pub fn new(config: RouterConfig, index: Arc<KvIndex>) -> Self {
+        if let Err(e) = config.validate() {
+            panic!("router config not validated at start-up: {e}");
+        }
+        Self {
+            config,
+            index,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.config
+    }
+
+    /// Picks a worker among `req.candidates` and books the request on it.
+    pub fn select(
+        &self,
+        req: RouteRequest<'_>,
+        rng: &mut impl Rng,
+    ) -> Result<RouteDecision, RouteError> {
+        let n = req.candidates.len();
+        if n == 0 {
+            return Err(RouteError::NoWorkers);
+        }
+        let (chosen, overlap_blocks, scores) = match self.config.mode {
+            RouterMode::Kv => {
+                let scores = self.score(&req);
+                let i = if self.config.temperature > 0.0 {
+                    sample_softmax(&scores, self.config.temperature, rng)
+                } else {
+                    pick_min(&scores, rng)
+                };
+                (i, scores[i].overlap_blocks, scores)
+            }
+            RouterMode::RoundRobin => (self.next.fetch_add(1, Relaxed) % n, 0, Vec::new()),
+            RouterMode::Random => (rng.random_range(0..n), 0, Vec::new()),
+        };
+        let c = &req.candidates[chosen];
+        let b = self.config.block_size;
+        let booking = Booking {
+            prefill_tokens: uncached_tokens(req.prompt_tokens, overlap_blocks, b),
+            decode_blocks: prompt_blocks(req.prompt_tokens, b),
+        };
+        let guard = LoadGuard::book(c.load.clone(), c.id, req.shard, booking);
+        Ok(RouteDecision {
+            worker: c.id,
+            overlap_blocks,
+            scores,
+            guard,
+        })
+    }
+
+    /// Every candidate's KV cost, in candidate order.
+    fn score(&self, req: &RouteRequest<'_>) -> Vec<WorkerScore> {
+        let RouterConfig {
+            overlap_weight: w,
+            block_size: b,
+            ..
+        } = self.config;
+        let use_index = w > 0.0;
+        let overlaps = if use_index {
+            self.index.find_matches(req.seq_hashes)
+        } else {
+            OverlapScores::default()
+        };
+        req.candidates
+            .iter()
+            .map(|c| {
+                let overlap_blocks = overlaps.overlap(c.id);
+                let cached_blocks = match overlaps.cached(c.id) {
+                    Some(n) => n,
+                    None if use_index => self.index.cached_blocks(c.id),
+                    None => 0,
+                };
+                let x = CostInputs {
+                    active_prefill_tokens: c.load.active_prefill_tokens(),
+                    active_decode_blocks: c.load.active_decode_blocks(),
+                    prompt_tokens: req.prompt_tokens,
+                    overlap_blocks,
+                };
+                WorkerScore {
+                    worker: c.id,
+                    overlap_blocks,
+                    cost: kv_cost(w, b, x),
+                    cached_blocks,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

