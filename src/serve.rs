@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use crate::config::{ConfigError, ServeArgs};
 use crate::discovery::{InProcessDiscovery, Registration, WorkerInfo};
 use crate::events;
+use crate::frontend::recovery::InProcessRecovery;
 use crate::frontend::{control, Frontend, HttpLimits};
 use crate::kv::index::KvIndex;
 use crate::preprocess::{ModelSource, PreprocessError, Preprocessor};
@@ -70,13 +71,13 @@ fn runtime(name: &str) -> Result<tokio::runtime::Runtime, ServeError> {
 pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
     args.validate()?;
     let page_size = args.model.page_size;
-    let mocker = MockerConfig::from_args(&args.mocker, page_size)?;
+    let mut mocker = MockerConfig::from_args(&args.mocker, page_size)?;
     let source = ModelSource::parse(args.model.model_path.as_deref());
     let preprocessor = Arc::new(Preprocessor::load(&source)?);
     let model_name = args.model.served_name();
     if let Some(cfg) = preprocessor.model_config() {
-        let per_token = cfg.kv_bytes_per_token();
-        tracing::info!(kv_bytes_per_token = per_token, kv_bytes_per_block = per_token * page_size as u64, "model KV size");
+        // The workers report their KV capacity in bytes from the model's own sizing.
+        mocker = mocker.with_kv_bytes_per_token(cfg.kv_bytes_per_token())?;
     }
 
     let shards = args.http.shard_count();
@@ -94,6 +95,7 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
     let fe = Arc::new(Frontend::new(plane.clone(), index, router_config, limits, shards));
     fe.add_model(&model_name, preprocessor.clone(), page_size);
 
+    let recovery = Arc::new(InProcessRecovery::new());
     let control_rt = runtime("kvgate-control")?;
     control_rt.spawn(control::run(fe.clone(), writer, discovery.subscribe(), subscriber));
 
@@ -109,6 +111,7 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
             let _ctx = engine_rt.enter();
             spawn_mocker(id, mocker.clone(), inbox, publisher.clone(), output_tokens.clone())
         };
+        recovery.insert(handle.control());
         workers.push(handle);
         registrations.push(discovery.register(WorkerInfo {
             id,

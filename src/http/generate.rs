@@ -106,12 +106,13 @@ fn check_ids(ids: Vec<TokenId>, vocab: usize) -> Result<Vec<TokenId>, ApiError> 
 }
 
 fn route(shard: &ShardCtx, p: &Prepared, request_id: u64) -> Result<RouteDecision, ApiError> {
-    let seq = p.model.hasher.seq_hashes(&p.prompt);
+    let mut seq = shard.seq_scratch.borrow_mut();
+    p.model.hasher.seq_hashes_into(&p.prompt, &mut seq);
     let group = p.model.workers.load();
     if group.candidates.is_empty() {
         return Err(ApiError::NoWorkers(p.model.name.clone()));
     }
-    let req = RouteRequest { seq_hashes: &seq, prompt_tokens: p.prompt.len() as u32, candidates: &group.candidates, shard: shard.id };
+    let req = RouteRequest { seq_hashes: &seq[..], prompt_tokens: p.prompt.len() as u32, candidates: &group.candidates, shard: shard.id };
     let decision = p
         .model
         .router

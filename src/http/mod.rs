@@ -21,6 +21,8 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use rand::rngs::SmallRng;
+
+use crate::kv::SeqHash;
 use rand::SeedableRng;
 
 /// Per-shard state: the shard's id, its random source, request ids, in-flight count.
@@ -30,6 +32,8 @@ pub struct ShardCtx {
     next_request: Cell<u64>,
     /// Requests being served on this shard (drained at shutdown).
     pub inflight: Cell<usize>,
+    /// Reused per request for the prompt's block hashes (no allocation per request).
+    pub seq_scratch: RefCell<Vec<SeqHash>>,
 }
 
 impl ShardCtx {
@@ -37,7 +41,7 @@ impl ShardCtx {
         // Request ids: shard in the top byte, a per-process random start below, so ids from
         // different shards and restarts do not collide in logs.
         let start = rand::random::<u64>() & 0x00ff_ffff_0000_0000;
-        Self { id, rng: RefCell::new(SmallRng::from_os_rng()), next_request: Cell::new(start), inflight: Cell::new(0) }
+        Self { id, rng: RefCell::new(SmallRng::from_os_rng()), next_request: Cell::new(start), inflight: Cell::new(0), seq_scratch: RefCell::new(Vec::with_capacity(1024)) }
     }
 
     pub fn next_request_id(&self) -> u64 {

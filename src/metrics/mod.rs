@@ -57,6 +57,12 @@ pub struct ShardMetrics {
 pub struct ControlMetrics {
     pub kv_events_applied: AtomicU64,
     pub kv_event_errors: AtomicU64,
+    /// Gaps recovered by the worker replaying the events missed.
+    pub kv_recoveries_replay: AtomicU64,
+    /// Gaps recovered from a dump of the worker's whole cache.
+    pub kv_recoveries_dump: AtomicU64,
+    /// Recoveries that failed (the worker could not answer).
+    pub kv_recoveries_failed: AtomicU64,
 }
 
 /// All metrics of one frontend.
@@ -107,7 +113,7 @@ impl Metrics {
         let prompt = self.sum(|s| &s.prompt_tokens);
         let hit = if prompt == 0 { 0.0 } else { self.sum(|s| &s.cached_tokens) as f64 / prompt as f64 };
         let _ = writeln!(out, "# HELP kvgate_kv_hit_rate Cached prompt tokens / prompt tokens since start.\n# TYPE kvgate_kv_hit_rate gauge\nkvgate_kv_hit_rate {hit}");
-        let hists: [(&str, &str, fn(&ShardMetrics) -> &Histogram); 4] = [
+        let hists: [(&str, &str, HistogramOf); 4] = [
             ("kvgate_time_to_first_token_seconds", "Time from request arrival to the first token.", |s| &s.ttft),
             ("kvgate_inter_token_latency_seconds", "Time between consecutive tokens of a stream.", |s| &s.itl),
             ("kvgate_request_duration_seconds", "Time from request arrival to its last byte.", |s| &s.e2e),
@@ -118,8 +124,15 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP kvgate_kv_events_applied_total KV events applied to the index.\n# TYPE kvgate_kv_events_applied_total counter\nkvgate_kv_events_applied_total {}", self.control.kv_events_applied.load(Relaxed));
         let _ = writeln!(out, "# HELP kvgate_kv_event_errors_total KV events rejected or out of order.\n# TYPE kvgate_kv_event_errors_total counter\nkvgate_kv_event_errors_total {}", self.control.kv_event_errors.load(Relaxed));
+        for (name, help, v) in [
+            ("kvgate_kv_recoveries_replay_total", "Event gaps recovered by a worker's replay.", &self.control.kv_recoveries_replay),
+            ("kvgate_kv_recoveries_dump_total", "Event gaps recovered from a worker's cache dump.", &self.control.kv_recoveries_dump),
+            ("kvgate_kv_recoveries_failed_total", "Event gaps whose recovery failed.", &self.control.kv_recoveries_failed),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
+        }
         let _ = writeln!(out, "# HELP kvgate_kv_index_entries Block-holder pairs in the KV index.\n# TYPE kvgate_kv_index_entries gauge\nkvgate_kv_index_entries {index_entries}");
-        let gauges: [(&str, &str, fn(&WorkerGauge) -> u64); 4] = [
+        let gauges: [(&str, &str, GaugeOf); 4] = [
             ("kvgate_worker_active_requests", "Requests in flight per worker, as booked by the router.", |w| w.active_requests),
             ("kvgate_worker_active_prefill_tokens", "Uncached prompt tokens in flight per worker.", |w| w.active_prefill_tokens),
             ("kvgate_worker_active_decode_blocks", "KV blocks of requests in flight per worker.", |w| w.active_decode_blocks),
@@ -146,6 +159,11 @@ impl Metrics {
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {}\n{name}_count {count}", sum_ns as f64 / 1e9);
     }
 }
+
+/// Picks one histogram out of a shard's metrics.
+type HistogramOf = fn(&ShardMetrics) -> &Histogram;
+/// Picks one value out of a worker's gauges.
+type GaugeOf = fn(&WorkerGauge) -> u64;
 
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
