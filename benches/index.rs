@@ -1,14 +1,16 @@
 //! The KV index: lookup of a 4,096-token prompt (256 blocks) against an index pre-filled to ~1M
 //! block-holder pairs with 8 / 64 / 256 workers, and event application throughput (blocks/s).
 //! Worker `i` of `W` holds the first `(i + 1) × 256 / W` blocks of the prompt, so every worker
-//! matches the first block and the walk narrows block by block. Single-threaded.
+//! matches the first block and the walk narrows block by block. The same lookup against a
+//! [`ShardedIndex`] of 2 partitions (fed the same events) prices walking partitions by hash.
+//! Single-threaded.
 
 use std::sync::Arc;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kvgate::kv::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
 use kvgate::kv::hash::SeqHash;
-use kvgate::kv::index::{KvIndex, KvIndexWriter};
+use kvgate::kv::index::{KvIndex, KvIndexWriter, ShardedIndex};
 use kvgate::protocol::WorkerId;
 
 const PROMPT_BLOCKS: u64 = 256;
@@ -30,6 +32,9 @@ fn prompt() -> Vec<SeqHash> {
 struct Feeder {
     writer: KvIndexWriter,
     next_id: Vec<u64>,
+    /// Every event sent while building (`logging`), to feed other index shapes the same.
+    log: Vec<KvEvent>,
+    logging: bool,
 }
 
 impl Feeder {
@@ -43,6 +48,9 @@ impl Feeder {
             kind,
         };
         self.writer.apply(&event).expect("in-order events");
+        if self.logging {
+            self.log.push(event);
+        }
     }
 }
 
@@ -65,6 +73,8 @@ fn build(workers: u64) -> (Arc<KvIndex>, Feeder) {
     let mut f = Feeder {
         writer,
         next_id: vec![0; workers as usize + 1],
+        log: Vec::new(),
+        logging: true,
     };
     let q = prompt();
     let per_worker = TOTAL_PAIRS / workers;
@@ -80,6 +90,7 @@ fn build(workers: u64) -> (Arc<KvIndex>, Feeder) {
             left -= n;
         }
     }
+    f.logging = false;
     (index, f)
 }
 
@@ -88,11 +99,24 @@ fn lookup(c: &mut Criterion) {
     let mut g = c.benchmark_group("index/find_matches_256_blocks");
     g.throughput(Throughput::Elements(PROMPT_BLOCKS));
     for workers in [8u64, 64, 256] {
-        let (index, _feeder) = build(workers);
+        let (index, feeder) = build(workers);
         assert!(index.num_entries() as u64 >= TOTAL_PAIRS - workers * PROMPT_BLOCKS);
         g.bench_with_input(BenchmarkId::new("workers", workers), &workers, |b, _| {
             b.iter(|| black_box(index.find_matches(black_box(&q))))
         });
+        if workers == 64 {
+            let (sharded, mut writers) = ShardedIndex::new(2);
+            for e in &feeder.log {
+                for (part, w) in sharded.split(e).iter().zip(&mut writers) {
+                    w.apply(part).expect("in-order events");
+                }
+            }
+            assert_eq!(sharded.find_matches(&q), index.find_matches(&q));
+            g.bench_with_input(BenchmarkId::new("sharded_2/workers", workers), &workers, |b, _| {
+                b.iter(|| black_box(sharded.find_matches(black_box(&q))))
+            });
+        }
+        drop(feeder);
     }
     g.finish();
 }

@@ -10,7 +10,23 @@ use serde::{Deserialize, Serialize};
 pub type TokenId = u32;
 
 /// A worker instance id: unique per running engine worker, stable for its lifetime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// Archived (rkyv) as a little-endian u64 inside KV events.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
+#[rkyv(derive(Debug, Clone, Copy, PartialEq, Eq, Hash))]
 pub struct WorkerId(pub u64);
 
 impl std::fmt::Display for WorkerId {

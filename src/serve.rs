@@ -97,7 +97,7 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
 
     let recovery = Arc::new(InProcessRecovery::new());
     let control_rt = runtime("kvgate-control")?;
-    control_rt.spawn(control::run(fe.clone(), writer, discovery.subscribe(), subscriber));
+    control_rt.spawn(control::run(fe.clone(), writer, discovery.subscribe(), subscriber, recovery.clone()));
 
     let engine_rt = runtime("kvgate-engine")?;
     let output_tokens = preprocessor.sample_text_tokens();

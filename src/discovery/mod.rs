@@ -4,6 +4,8 @@
 //! every change (one atomic swap via a watch channel). A registration is an RAII guard: dropping
 //! it deregisters the worker (in etcd, revokes its lease).
 
+pub mod etcd;
+
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};

@@ -5,6 +5,8 @@
 //! behind rather than dropping (dropping would need the replay path of the mocker issue). The
 //! in-process implementation is a bounded channel; NATS implements the same seam.
 
+pub mod nats;
+
 use std::future::Future;
 
 use tokio::sync::mpsc;

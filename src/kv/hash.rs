@@ -3,7 +3,11 @@
 //! `local[i]` = XXH3-64 (seed 1337) over block `i`'s token ids as little-endian u32; only full
 //! blocks are hashed (a partial tail block is not). `seq[0] = local[0]` and
 //! `seq[i] = XXH3-64(seed 1337, seq[i-1] as LE u64 ‖ local[i] as LE u64)`, so equal sequence
-//! hashes mean equal prefixes. Pure functions; no allocation per block.
+//! hashes mean equal prefixes.
+//!
+//! Concurrency: pure functions over borrowed slices; no shared state, no allocation per block.
+//! On little-endian targets a block's tokens are hashed in place (their memory already is the
+//! little-endian byte string); big-endian targets copy each block through a stack buffer.
 
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -13,7 +17,8 @@ use crate::protocol::TokenId;
 /// The seed Dynamo's router uses for every block hash.
 pub const HASH_SEED: u64 = 1337;
 
-/// The largest block size accepted (a block is hashed from a stack buffer of this many tokens).
+/// The largest block size accepted (big-endian targets hash a block from a stack buffer of this
+/// many tokens).
 pub const MAX_BLOCK_SIZE: usize = 1024;
 
 /// Hash of one block's tokens alone.
@@ -21,7 +26,24 @@ pub const MAX_BLOCK_SIZE: usize = 1024;
 pub struct LocalHash(pub u64);
 
 /// Hash of a block and every block before it: the router's identity for a cached prefix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+///
+/// Archived (rkyv) as a little-endian u64: it travels in [`crate::kv::events`].
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
+#[rkyv(derive(Debug, Clone, Copy, PartialEq, Eq, Hash))]
 pub struct SeqHash(pub u64);
 
 /// Hashes prompts into blocks of a fixed size.
@@ -48,12 +70,24 @@ impl BlockHasher {
     #[inline]
     pub fn local_hash(&self, block: &[TokenId]) -> LocalHash {
         debug_assert_eq!(block.len(), self.block_size);
-        let mut buf = [0u8; MAX_BLOCK_SIZE * 4];
-        let bytes = &mut buf[..block.len() * 4];
-        for (chunk, t) in bytes.chunks_exact_mut(4).zip(block) {
-            chunk.copy_from_slice(&t.to_le_bytes());
+        #[cfg(target_endian = "little")]
+        {
+            // SAFETY: `TokenId` is `u32`: no padding, every byte initialised, and `u8` has
+            // alignment 1, so the `block.len() * 4` bytes at `block.as_ptr()` are a valid
+            // `[u8]` borrowed for as long as `block`. On a little-endian target they are
+            // exactly the tokens' little-endian encoding that the hash is defined over.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    block.as_ptr().cast::<u8>(),
+                    std::mem::size_of_val(block),
+                )
+            };
+            LocalHash(xxh3_64_with_seed(bytes, HASH_SEED))
         }
-        LocalHash(xxh3_64_with_seed(bytes, HASH_SEED))
+        #[cfg(not(target_endian = "little"))]
+        {
+            local_hash_portable(block)
+        }
     }
 
     /// Chains a block's local hash onto its parent's sequence hash.
@@ -72,7 +106,10 @@ impl BlockHasher {
 
     /// Local hashes of every full block of `tokens`.
     pub fn local_hashes(&self, tokens: &[TokenId]) -> Vec<LocalHash> {
-        tokens.chunks_exact(self.block_size).map(|b| self.local_hash(b)).collect()
+        tokens
+            .chunks_exact(self.block_size)
+            .map(|b| self.local_hash(b))
+            .collect()
     }
 
     /// Sequence hashes of every full block of `tokens`, appended to `out` (cleared first).
@@ -95,9 +132,58 @@ impl BlockHasher {
     }
 }
 
+/// `local_hash` by explicit little-endian conversion through a stack buffer: the big-endian
+/// path, and the reference the in-place path is tested against.
+#[cfg(any(test, not(target_endian = "little")))]
+fn local_hash_portable(block: &[TokenId]) -> LocalHash {
+    assert!(
+        block.len() <= MAX_BLOCK_SIZE,
+        "block of {} tokens",
+        block.len()
+    );
+    let mut buf = [0u8; MAX_BLOCK_SIZE * 4];
+    let bytes = &mut buf[..block.len() * 4];
+    for (chunk, t) in bytes.chunks_exact_mut(4).zip(block) {
+        chunk.copy_from_slice(&t.to_le_bytes());
+    }
+    LocalHash(xxh3_64_with_seed(bytes, HASH_SEED))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The in-place path agrees with the explicit little-endian encoding, at every block size
+    /// class xxh3 distinguishes (≤16, ≤128, ≤240, >240 bytes).
+    #[test]
+    fn in_place_matches_portable() {
+        let tokens: Vec<u32> = (0..MAX_BLOCK_SIZE as u32)
+            .map(|i| i.wrapping_mul(2_654_435_761) ^ 0x00ff_00ff)
+            .collect();
+        for bs in [
+            1,
+            2,
+            3,
+            4,
+            16,
+            32,
+            59,
+            60,
+            61,
+            64,
+            256,
+            1000,
+            MAX_BLOCK_SIZE,
+        ] {
+            let h = BlockHasher::new(bs);
+            let block = &tokens[..bs];
+            assert_eq!(
+                h.local_hash(block),
+                local_hash_portable(block),
+                "block size {bs}"
+            );
+        }
+    }
 
     #[test]
     fn partial_tail_is_not_hashed() {
@@ -118,7 +204,10 @@ mod tests {
     /// Every case of the shared Dynamo-produced vectors, local and sequence hashes.
     #[test]
     fn reproduces_dynamo_vectors() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/block-hash-vectors.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/data/block-hash-vectors.json"
+        );
         let Ok(text) = std::fs::read_to_string(path) else {
             eprintln!("skipping: {path} not present");
             return;
@@ -134,8 +223,12 @@ mod tests {
                 .iter()
                 .map(|t| t.as_u64().unwrap() as u32)
                 .collect();
-            let want_local: Vec<u64> =
-                case["local_hashes"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+            let want_local: Vec<u64> = case["local_hashes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect();
             let want_seq: Vec<u64> = case["sequence_hashes"]
                 .as_array()
                 .unwrap()

@@ -4,6 +4,7 @@
 //! - [`events`]: the events workers publish when they store, evict or clear blocks.
 //! - [`index`]: sequence hash → workers holding it; one writer, lock-free readers.
 
+pub mod codec;
 pub mod events;
 pub mod hash;
 pub mod index;

@@ -357,7 +357,7 @@ pub(crate) mod tests {
         let msgs = json!([{"role": "user", "content": "Weather in Paris?"}]);
         let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
         let out = p.render_chat(&msgs, Some(&tools), true).unwrap();
-        let tool_line = r#"{"function": {"name": "get_weather", "parameters": {"type": "object"}}, "type": "function"}"#;
+        let tool_line = r#"{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}"#;
         assert!(
             out.starts_with("<|im_start|>system\n# Tools\n\nYou may call one or more functions"),
             "{out}"

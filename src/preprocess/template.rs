@@ -347,10 +347,10 @@ mod tests {
             context! { t => Value::from_serialize(&tool) },
         )
         .unwrap();
-        // serde_json::Value maps are key-sorted (no preserve_order), hence the order here.
+        // Keys keep the request's order (serde_json's preserve_order), as Python dicts do.
         assert_eq!(
             out,
-            r#"{"function": {"name": "f", "s": "é\"<>\n", "x": [1, 2.5, 1e+20, true, null]}, "type": "function"}"#
+            r#"{"type": "function", "function": {"name": "f", "x": [1, 2.5, 1e+20, true, null], "s": "é\"<>\n"}}"#
         );
         let out = env_render(
             "{{ t | tojson(indent=2) }}",

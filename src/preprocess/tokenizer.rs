@@ -136,7 +136,7 @@ mod tests {
     fn byte_alphabet_is_a_bijection() {
         let chars: std::collections::HashSet<char> = (0..=255u8).map(byte_char).collect();
         assert_eq!(chars.len(), 256);
-        assert_eq!(chars, ByteLevel::alphabet().into_iter().collect());
+        assert_eq!(chars, ByteLevel::alphabet().into_iter().collect::<std::collections::HashSet<char>>());
         assert_eq!(byte_char(b' '), 'Ġ');
         assert_eq!(byte_char(b'\n'), 'Ċ');
     }

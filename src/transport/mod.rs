@@ -6,7 +6,9 @@
 //! channel closed and frees what the request held). The in-process implementation is what
 //! `kvgate serve` and the hermetic tests use; the TCP one implements the same trait.
 
+pub mod frame;
 pub mod in_process;
+pub mod tcp;
 
 use std::future::Future;
 

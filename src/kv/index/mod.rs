@@ -3,11 +3,12 @@
 //! Split in two halves that share one [`KvIndex`]:
 //!
 //! - [`KvIndex`] (`Arc`, `Send + Sync`) is the read side: a `papaya` map `SeqHash → WorkerSet`,
-//!   per-worker cached-block counts, and the number of block-holder pairs. Every shard reads it
-//!   without locks ([`KvIndex::find_matches`]).
+//!   a directory of per-worker cached-block counts (sorted, swapped whole on join/leave), and the
+//!   number of block-holder pairs. Every shard reads it without locks
+//!   ([`KvIndex::find_matches`]).
 //! - [`KvIndexWriter`] (exactly one per index, `&mut self`) is the only writer. It owns each
-//!   worker's private state: engine hash → sequence hash, how many engine blocks name each
-//!   sequence hash, and the last event id seen.
+//!   worker's private state: engine hash → sequence hash, the rare blocks named by several engine
+//!   hashes, and the last event id applied.
 //!
 //! Invariants:
 //! - A worker is in the set of `s` iff at least one engine hash it stored, not since removed or
@@ -19,6 +20,34 @@
 //!   on the map see the old or the new set, never a torn one; papaya frees retired sets once no
 //!   reader holds a guard. Each key is atomic on its own; a lookup walking many keys while the
 //!   writer applies an event may see part of that event (a best-effort view, as any router's).
+//! - A worker's state is exactly the result of its events `1..=last_event_id` applied in order
+//!   (or of a dump stamped `last_event_id`): [`KvIndexWriter::apply`] never applies an event out
+//!   of order.
+//!
+//! ## Gaps and recovery (see `src/worker/control.rs` for the worker's side)
+//!
+//! [`KvIndexWriter::apply`] applies an event only when its id is `last + 1` (`last` is 0 for a
+//! worker never seen). A larger id is `Err(Gap { expected: last + 1 })` and is **not applied**:
+//! applying it and then replaying the older events would reorder them (a replayed `Stored` after
+//! a newer `Removed` would resurrect the block), so the exact design is to refuse and let the
+//! consumer recover first. A worker first seen at an id above 1 (the frontend started after it)
+//! is a gap with `expected == 1`. The consumer then:
+//! 1. asks the worker to `recover(expected - 1)`, holding that worker's later live events;
+//! 2. applies a `Replay` with [`KvIndexWriter::apply_replay`] (ids `<= last` are skipped, the
+//!    rest must be contiguous) or a `Dump` with [`KvIndexWriter::apply_dump`] (wipes the worker,
+//!    applies the snapshot whatever its ids, sets `last` to the dump's id even if lower);
+//! 3. re-applies the held events: those `<= last` are `Err(Stale)` (already covered), the next
+//!    ones apply in order.
+//!
+//! [`KvIndexWriter::check_gap`] is the same test as a pure query.
+//!
+//! ## Memory
+//!
+//! [`KvIndexWriter::memory_bytes`] (everything) and [`KvIndex::memory_bytes`] (the shared read
+//! side) are estimates computed from lengths and capacities, not allocator queries; the `memory`
+//! module says how. Measured on the Mooncake replay: see `perf/RESULTS.md`.
+//!
+//! ## Resizing
 //!
 //! Resizing is papaya's `Blocking` mode: the writer finishes a table migration in the write that
 //! starts it (a pause on the control plane, never on a reader). The default incremental mode
@@ -26,29 +55,46 @@
 //! every lookup search both tables through copied slots (measured: a miss in a 1M-entry index
 //! took ~2 µs instead of ~50 ns).
 //!
+//! ## Partitioning
+//!
+//! [`ShardedIndex`] partitions the map by hash into N indexes, each with its own writer, and a
+//! lookup walks them by hash. It is a measured alternative, not what the frontend runs: on this
+//! 2-core machine one writer and lock-free readers is faster (numbers in the `sharded` module
+//! doc and `perf/RESULTS.md`), so the control plane keeps the single [`KvIndexWriter`].
+//!
 //! Bounds: entries are bounded by the workers' cache capacities (engines evict, and their
 //! removals reach the index); a departed worker's blocks are dropped by
 //! [`KvIndexWriter::remove_worker`], and its late events are refused (the last
 //! [`MAX_TOMBSTONES`] removed ids are remembered).
 
+mod directory;
 mod hasher;
+mod memory;
+#[cfg(test)]
+mod model_tests;
+#[cfg(test)]
+mod recovery_tests;
+mod sharded;
 #[cfg(test)]
 mod tests;
 mod worker_set;
+mod writer;
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use papaya::{Compute, Operation};
+use arc_swap::ArcSwap;
 use thiserror::Error;
 
-use crate::kv::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use directory::Directory;
+
 use crate::kv::hash::SeqHash;
 use crate::protocol::WorkerId;
 
 pub use hasher::KeyedState;
+pub use sharded::{ShardedIndex, MAX_PARTITIONS};
 pub use worker_set::WorkerSet;
+pub use writer::KvIndexWriter;
 
 /// Removed workers whose late events are still refused: enough to cover events in flight when a
 /// lease expires, small enough to be a fixed few hundred KiB.
@@ -59,19 +105,21 @@ pub const MAX_TOMBSTONES: usize = 4096;
 /// wasted lookups past the end of the match.
 const LOOKAHEAD_BLOCKS: usize = 8;
 
-/// An event the writer could not apply as a clean, in-order update. Never fatal: the caller
-/// counts it and may ask the worker to replay or dump (a retry of the same event does not help).
+/// An event the writer could not apply as a clean, in-order update. Never fatal, and a retry of
+/// the same event alone does not help: a gap needs a recovery first (see the module doc).
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum IndexError {
-    /// Events `expected..got` were missed; the event itself was applied. The worker is at fault
-    /// or the event plane dropped them; the index may lack blocks until a dump.
-    #[error("worker {worker}: event gap, expected id {expected}, got {got} (applied)")]
+    /// Events `expected..got` are missing; the event was **not** applied. The event plane dropped
+    /// them (or the frontend started after the worker: `expected == 1`). Recover from the worker
+    /// (replay since `expected - 1`, or a dump), then re-apply the event.
+    #[error("worker {worker}: event gap, expected id {expected}, got {got} (not applied)")]
     Gap {
         worker: WorkerId,
         expected: u64,
         got: u64,
     },
-    /// The event is not newer than the last one applied (a duplicate or a reordering); ignored.
+    /// The event is not newer than the last one applied (a duplicate, a reordering, or already
+    /// covered by a replay or dump); ignored.
     #[error("worker {worker}: stale event id {got}, last applied {last} (ignored)")]
     Stale {
         worker: WorkerId,
@@ -114,9 +162,18 @@ impl OverlapScores {
 /// The read side; see the module doc.
 pub struct KvIndex {
     blocks: papaya::HashMap<SeqHash, WorkerSet, KeyedState>,
-    /// Written only by the writer (store of its own count), read by anyone.
-    cached: papaya::HashMap<WorkerId, AtomicU64, KeyedState>,
+    /// Per-worker cached-block counts; swapped by the writer on join/leave, counts stored in
+    /// place between swaps.
+    cached: ArcSwap<Directory>,
+    // The counters below are written only by the writer (a load and a store, no read-modify-
+    // write: there is one writer), read by anyone.
     entries: AtomicUsize,
+    /// Keys in `blocks`, and the most it has held: papaya's table does not shrink until it is
+    /// 1/8 full, so its size follows the peak, not the current length (memory accounting).
+    keys: AtomicUsize,
+    peak_keys: AtomicUsize,
+    /// Bytes of the heap-allocated (spilled) worker sets in `blocks`.
+    set_heap_bytes: AtomicUsize,
 }
 
 impl KvIndex {
@@ -128,18 +185,13 @@ impl KvIndex {
                 .hasher(KeyedState::default())
                 .resize_mode(papaya::ResizeMode::Blocking)
                 .build(),
-            cached: papaya::HashMap::builder()
-                .hasher(KeyedState::default())
-                .resize_mode(papaya::ResizeMode::Blocking)
-                .build(),
+            cached: ArcSwap::from_pointee(Directory::default()),
             entries: AtomicUsize::new(0),
+            keys: AtomicUsize::new(0),
+            peak_keys: AtomicUsize::new(0),
+            set_heap_bytes: AtomicUsize::new(0),
         });
-        let writer = KvIndexWriter {
-            index: index.clone(),
-            workers: HashMap::default(),
-            tombstones: Tombstones::default(),
-            unknown_removals: 0,
-        };
+        let writer = KvIndexWriter::new(index.clone());
         (index, writer)
     }
 
@@ -147,36 +199,9 @@ impl KvIndex {
     /// cached-block count. Stops at the first block no remaining worker holds.
     pub fn find_matches(&self, seq: &[SeqHash]) -> OverlapScores {
         let blocks = self.blocks.pin();
-        let Some(first) = seq.first().and_then(|s| blocks.get(s)) else {
-            return OverlapScores::default();
-        };
-        // Workers that held every block so far (ascending), and those that dropped out.
-        let mut active: Vec<WorkerId> = first.as_slice().to_vec();
-        let mut scores: Vec<(WorkerId, u32)> = Vec::with_capacity(active.len());
-        let mut depth = 1u32;
-        'walk: for chunk in seq[1..].chunks(LOOKAHEAD_BLOCKS) {
-            // Independent lookups first, so their cache misses overlap; then the dependent walk.
-            let mut sets: [Option<&WorkerSet>; LOOKAHEAD_BLOCKS] = [None; LOOKAHEAD_BLOCKS];
-            for (set, s) in sets.iter_mut().zip(chunk) {
-                *set = blocks.get(s);
-            }
-            for set in &sets[..chunk.len()] {
-                let Some(set) = set else { break 'walk };
-                retain_holders(&mut active, &mut scores, set.as_slice(), depth);
-                if active.is_empty() {
-                    break 'walk;
-                }
-                depth += 1;
-            }
-        }
+        let scores = walk(seq, |s| blocks.get(s));
         drop(blocks);
-        scores.extend(active.iter().map(|&w| (w, depth)));
-        scores.sort_unstable_by_key(|&(w, _)| w);
-        let cached = self.cached.pin();
-        let cached_blocks = scores
-            .iter()
-            .map(|(w, _)| cached.get(w).map_or(0, |c| c.load(Relaxed)))
-            .collect();
+        let cached_blocks = self.cached.load().counts_of(&scores);
         OverlapScores {
             scores,
             cached_blocks,
@@ -185,10 +210,7 @@ impl KvIndex {
 
     /// Blocks `worker` holds, per the index (0 for an unknown worker).
     pub fn cached_blocks(&self, worker: WorkerId) -> u64 {
-        self.cached
-            .pin()
-            .get(&worker)
-            .map_or(0, |c| c.load(Relaxed))
+        self.cached.load().get(worker)
     }
 
     /// Block-holder pairs in the index.
@@ -201,6 +223,13 @@ impl KvIndex {
         self.blocks.len()
     }
 
+    /// Estimated bytes of the shared read side: the block table, its entries and spilled worker
+    /// sets, and the per-worker counts (see the `memory` module). Excludes the writer's
+    /// per-worker maps ([`KvIndexWriter::memory_bytes`] includes them).
+    pub fn memory_bytes(&self) -> usize {
+        memory::read_side_bytes(self)
+    }
+
     /// The holders of one block, ascending (empty if none). Allocates; for tests and debugging.
     pub fn holders(&self, seq: SeqHash) -> Vec<WorkerId> {
         self.blocks
@@ -210,230 +239,80 @@ impl KvIndex {
     }
 }
 
-/// Keeps the `active` workers found in `set` (both ascending); a worker dropped here held
-/// exactly `depth` leading blocks and moves to `dropped`.
+/// The overlap walk: every worker holding `seq[0]` with the number of leading blocks it holds,
+/// sorted by worker id (the first block's set order, so no sort). `get` resolves one block (one
+/// map, or a partition by hash). Cost: O(holders of the first block) to set up, then per block
+/// O(survivors + set) by merge, or O(set × log survivors) when the set is the smaller.
 #[inline]
-fn retain_holders(
-    active: &mut Vec<WorkerId>,
-    dropped: &mut Vec<(WorkerId, u32)>,
-    set: &[WorkerId],
-    depth: u32,
-) {
-    if active.as_slice() == set {
+fn walk<'a>(
+    seq: &[SeqHash],
+    get: impl Fn(&SeqHash) -> Option<&'a WorkerSet>,
+) -> Vec<(WorkerId, u32)> {
+    let Some(first) = seq.first().and_then(&get) else {
+        return Vec::new();
+    };
+    // Every holder of the first block; its depth is raised as it survives further blocks.
+    let mut scores: Vec<(WorkerId, u32)> = first.as_slice().iter().map(|&w| (w, 1)).collect();
+    // Indices into `scores` of the workers that held every block so far (ascending).
+    let mut active: Vec<u32> = (0..scores.len() as u32).collect();
+    let mut depth = 1u32;
+    'walk: for chunk in seq[1..].chunks(LOOKAHEAD_BLOCKS) {
+        // Independent lookups first, so their cache misses overlap; then the dependent walk.
+        let mut sets: [Option<&WorkerSet>; LOOKAHEAD_BLOCKS] = [None; LOOKAHEAD_BLOCKS];
+        for (set, s) in sets.iter_mut().zip(chunk) {
+            *set = get(s);
+        }
+        for set in &sets[..chunk.len()] {
+            let Some(set) = set else { break 'walk };
+            retain_holders(&mut active, &scores, set.as_slice());
+            if active.is_empty() {
+                break 'walk;
+            }
+            depth += 1;
+            // Survivors reach `depth`; dropped workers keep the depth they had reached.
+            for &i in &active {
+                scores[i as usize].1 = depth;
+            }
+        }
+    }
+    scores
+}
+
+/// Keeps the `active` workers (indices into `scores`, ascending) that are in `set` (ascending).
+#[inline]
+fn retain_holders(active: &mut Vec<u32>, scores: &[(WorkerId, u32)], set: &[WorkerId]) {
+    let id = |i: &u32| scores[*i as usize].0;
+    if active.len() == set.len() && active.iter().map(id).eq(set.iter().copied()) {
         // The common case: the same workers hold this block as the previous one.
         return;
     }
-    let mut keep = |w: &WorkerId, held: bool| {
-        if !held {
-            dropped.push((*w, depth));
+    if set.len() * 8 < active.len() {
+        // A small set against many survivors (a hot first block): search the survivors.
+        let mut kept = Vec::with_capacity(set.len());
+        let mut lo = 0;
+        for w in set {
+            match active[lo..].binary_search_by_key(w, id) {
+                Ok(at) => {
+                    kept.push(active[lo + at]);
+                    lo += at + 1;
+                }
+                Err(at) => lo += at,
+            }
         }
-        held
-    };
+        *active = kept;
+        return;
+    }
     if active.len() * 8 < set.len() {
         // Few survivors against a large set: binary search each.
-        active.retain(|w| keep(w, set.binary_search(w).is_ok()));
+        active.retain(|i| set.binary_search(&id(i)).is_ok());
         return;
     }
     let mut j = 0;
-    active.retain(|w| {
-        while j < set.len() && set[j] < *w {
+    active.retain(|i| {
+        let w = id(i);
+        while j < set.len() && set[j] < w {
             j += 1;
         }
-        keep(w, j < set.len() && set[j] == *w)
+        j < set.len() && set[j] == w
     });
-}
-
-/// One worker's private state, owned by the writer.
-#[derive(Default)]
-struct WorkerState {
-    last_event_id: u64,
-    engine_to_seq: HashMap<EngineHash, SeqHash, KeyedState>,
-    /// Engine blocks naming each sequence hash; its keys are the blocks the worker holds.
-    seq_refs: HashMap<SeqHash, u32, KeyedState>,
-}
-
-/// Recently removed workers, bounded by [`MAX_TOMBSTONES`] (oldest forgotten first).
-#[derive(Default)]
-struct Tombstones {
-    set: HashSet<WorkerId>,
-    order: VecDeque<WorkerId>,
-}
-
-impl Tombstones {
-    fn insert(&mut self, w: WorkerId) {
-        if self.set.insert(w) {
-            self.order.push_back(w);
-            if self.order.len() > MAX_TOMBSTONES {
-                if let Some(old) = self.order.pop_front() {
-                    self.set.remove(&old);
-                }
-            }
-        }
-    }
-}
-
-/// The write side; see the module doc. Not `Clone`: exactly one per index.
-pub struct KvIndexWriter {
-    index: Arc<KvIndex>,
-    workers: HashMap<WorkerId, WorkerState>,
-    tombstones: Tombstones,
-    unknown_removals: u64,
-}
-
-impl KvIndexWriter {
-    /// The index this writer updates.
-    pub fn index(&self) -> &Arc<KvIndex> {
-        &self.index
-    }
-
-    /// Removals of engine hashes the worker never stored (or already removed) so far: counted,
-    /// not fatal (an engine may evict a block whose store event predates this frontend).
-    pub fn unknown_removals(&self) -> u64 {
-        self.unknown_removals
-    }
-
-    /// Applies one event. `Err(Gap)` means it was applied after missed events; `Err(Stale)` and
-    /// `Err(RemovedWorker)` mean it was ignored.
-    pub fn apply(&mut self, event: &KvEvent) -> Result<(), IndexError> {
-        let worker = event.worker;
-        let got = event.event_id;
-        if self.tombstones.set.contains(&worker) {
-            return Err(IndexError::RemovedWorker { worker, got });
-        }
-        let state = self.workers.entry(worker).or_default();
-        let expected = state.last_event_id + 1;
-        if got < expected {
-            return Err(IndexError::Stale {
-                worker,
-                last: state.last_event_id,
-                got,
-            });
-        }
-        state.last_event_id = got;
-        let index = &*self.index;
-        match &event.kind {
-            KvEventKind::Stored { parent: _, blocks } => store(index, worker, state, blocks),
-            KvEventKind::Removed { engine_hashes } => {
-                self.unknown_removals += remove(index, worker, state, engine_hashes);
-            }
-            KvEventKind::Cleared => clear(index, worker, state),
-        }
-        publish_count(index, worker, state.seq_refs.len() as u64);
-        if got > expected {
-            return Err(IndexError::Gap {
-                worker,
-                expected,
-                got,
-            });
-        }
-        Ok(())
-    }
-
-    /// Drops every block of `worker` and refuses its later events.
-    pub fn remove_worker(&mut self, worker: WorkerId) {
-        if let Some(mut state) = self.workers.remove(&worker) {
-            clear(&self.index, worker, &mut state);
-        }
-        self.index.cached.pin().remove(&worker);
-        self.tombstones.insert(worker);
-    }
-}
-
-fn store(index: &KvIndex, worker: WorkerId, state: &mut WorkerState, blocks: &[StoredBlock]) {
-    for b in blocks {
-        match state.engine_to_seq.insert(b.engine_hash, b.seq_hash) {
-            Some(old) if old == b.seq_hash => {}
-            Some(old) => {
-                release(index, worker, state, old);
-                acquire(index, worker, state, b.seq_hash);
-            }
-            None => acquire(index, worker, state, b.seq_hash),
-        }
-    }
-}
-
-/// Returns how many engine hashes were unknown.
-fn remove(
-    index: &KvIndex,
-    worker: WorkerId,
-    state: &mut WorkerState,
-    hashes: &[EngineHash],
-) -> u64 {
-    let mut unknown = 0;
-    for h in hashes {
-        match state.engine_to_seq.remove(h) {
-            Some(seq) => release(index, worker, state, seq),
-            None => unknown += 1,
-        }
-    }
-    unknown
-}
-
-fn clear(index: &KvIndex, worker: WorkerId, state: &mut WorkerState) {
-    let blocks = index.blocks.pin();
-    for seq in state.seq_refs.keys() {
-        unpublish(&blocks, *seq, worker);
-    }
-    index.entries.fetch_sub(state.seq_refs.len(), Relaxed);
-    state.seq_refs.clear();
-    state.engine_to_seq.clear();
-}
-
-fn acquire(index: &KvIndex, worker: WorkerId, state: &mut WorkerState, seq: SeqHash) {
-    let refs = state.seq_refs.entry(seq).or_insert(0);
-    *refs += 1;
-    if *refs == 1 {
-        let blocks = index.blocks.pin();
-        let added = blocks.compute(seq, |entry| match entry {
-            None => Operation::Insert(WorkerSet::one(worker)),
-            Some((_, set)) => set
-                .with(worker)
-                .map_or(Operation::Abort(()), Operation::Insert),
-        });
-        debug_assert!(
-            !matches!(added, Compute::Aborted(())),
-            "{worker} already held {seq:?}"
-        );
-        index.entries.fetch_add(1, Relaxed);
-    }
-}
-
-fn release(index: &KvIndex, worker: WorkerId, state: &mut WorkerState, seq: SeqHash) {
-    let Some(refs) = state.seq_refs.get_mut(&seq) else {
-        debug_assert!(false, "engine map names {seq:?} without a ref");
-        return;
-    };
-    *refs -= 1;
-    if *refs == 0 {
-        state.seq_refs.remove(&seq);
-        unpublish(&index.blocks.pin(), seq, worker);
-        index.entries.fetch_sub(1, Relaxed);
-    }
-}
-
-type BlocksRef<'a> = papaya::HashMapRef<'a, SeqHash, WorkerSet, KeyedState, papaya::LocalGuard<'a>>;
-
-/// Removes `worker` from the set of `seq` (the key goes when the set would be empty).
-fn unpublish(blocks: &BlocksRef<'_>, seq: SeqHash, worker: WorkerId) {
-    let removed = blocks.compute(seq, |entry| {
-        match entry.and_then(|(_, set)| set.without(worker)) {
-            None => Operation::Abort(()),
-            Some(rest) if rest.is_empty() => Operation::Remove,
-            Some(rest) => Operation::Insert(rest),
-        }
-    });
-    debug_assert!(
-        !matches!(removed, Compute::Aborted(())),
-        "{worker} did not hold {seq:?}"
-    );
-}
-
-fn publish_count(index: &KvIndex, worker: WorkerId, count: u64) {
-    let cached = index.cached.pin();
-    match cached.get(&worker) {
-        Some(c) => c.store(count, Relaxed),
-        None => {
-            cached.insert(worker, AtomicU64::new(count));
-        }
-    }
 }

@@ -1,23 +1,22 @@
-//! Index tests: unit cases, a property test against a naive model, and a reader/writer stress.
+//! Index tests: unit cases, and a reader/writer stress. The property test against a naive model
+//! is in `model_tests.rs`, gap recovery and memory accounting in `recovery_tests.rs`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use proptest::prelude::*;
-
 use super::*;
+use crate::kv::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
 
-fn w(n: u64) -> WorkerId {
+pub(super) fn w(n: u64) -> WorkerId {
     WorkerId(n)
 }
 
-fn s(n: u64) -> SeqHash {
+pub(super) fn s(n: u64) -> SeqHash {
     SeqHash(n)
 }
 
 /// Blocks `seqs` with engine hashes `seq + 1000`.
-fn stored(seqs: &[u64]) -> KvEventKind {
+pub(super) fn stored(seqs: &[u64]) -> KvEventKind {
     let blocks = seqs
         .iter()
         .map(|&x| StoredBlock {
@@ -31,7 +30,7 @@ fn stored(seqs: &[u64]) -> KvEventKind {
     }
 }
 
-fn ev(worker: u64, event_id: u64, kind: KvEventKind) -> KvEvent {
+pub(super) fn ev(worker: u64, event_id: u64, kind: KvEventKind) -> KvEvent {
     KvEvent {
         worker: w(worker),
         event_id,
@@ -102,7 +101,7 @@ fn removal_clear_and_worker_removal() {
 }
 
 #[test]
-fn event_ids_gap_is_applied_stale_is_ignored() {
+fn event_ids_gap_is_refused_stale_is_ignored() {
     let (index, mut writer) = KvIndex::new();
     writer.apply(&ev(1, 1, stored(&[1]))).unwrap();
     let gap = writer.apply(&ev(1, 5, stored(&[1, 2])));
@@ -114,18 +113,21 @@ fn event_ids_gap_is_applied_stale_is_ignored() {
             got: 5
         })
     );
-    assert_eq!(index.find_matches(&[s(1), s(2)]).scores, vec![(w(1), 2)]);
-    let stale = writer.apply(&ev(1, 4, KvEventKind::Cleared));
+    // Not applied: the worker still holds only block 1, and its last id is still 1.
+    assert_eq!(index.find_matches(&[s(1), s(2)]).scores, vec![(w(1), 1)]);
+    assert_eq!(writer.last_event_id(w(1)), Some(1));
+    writer.apply(&ev(1, 2, stored(&[2]))).unwrap();
+    let stale = writer.apply(&ev(1, 2, KvEventKind::Cleared));
     assert_eq!(
         stale,
         Err(IndexError::Stale {
             worker: w(1),
-            last: 5,
-            got: 4
+            last: 2,
+            got: 2
         })
     );
     assert_eq!(index.cached_blocks(w(1)), 2);
-    writer.apply(&ev(1, 6, KvEventKind::Cleared)).unwrap();
+    writer.apply(&ev(1, 3, KvEventKind::Cleared)).unwrap();
     assert_eq!(index.cached_blocks(w(1)), 0);
 }
 
@@ -167,223 +169,6 @@ fn engine_hashes_are_reference_counted_per_block() {
         ))
         .unwrap();
     assert!(index.holders(s(1)).is_empty());
-}
-
-// ---- property test against a naive model ----
-
-/// The obvious model: per worker, engine hash → sequence hash; a worker holds the values.
-#[derive(Default)]
-struct Model {
-    workers: BTreeMap<WorkerId, HashMap<EngineHash, SeqHash>>,
-}
-
-impl Model {
-    fn held(&self, worker: WorkerId) -> HashSet<SeqHash> {
-        self.workers
-            .get(&worker)
-            .map_or_else(HashSet::new, |m| m.values().copied().collect())
-    }
-
-    fn find_matches(&self, q: &[SeqHash]) -> Vec<(WorkerId, u32)> {
-        let mut out = Vec::new();
-        for &worker in self.workers.keys() {
-            let held = self.held(worker);
-            let n = q.iter().take_while(|x| held.contains(x)).count() as u32;
-            if n > 0 {
-                out.push((worker, n));
-            }
-        }
-        out
-    }
-}
-
-#[derive(Debug, Clone)]
-enum Op {
-    Store {
-        slot: u8,
-        chain: u8,
-        start: u8,
-        engine_ids: Vec<u8>,
-    },
-    Remove {
-        slot: u8,
-        engine_ids: Vec<u8>,
-    },
-    Clear {
-        slot: u8,
-    },
-    RemoveWorker {
-        slot: u8,
-    },
-    SkipIds {
-        slot: u8,
-    },
-}
-
-const SLOTS: u8 = 4;
-const CHAIN_LEN: usize = 8;
-const ENGINE_IDS: u8 = 24;
-
-/// Three chains: 1 shares 3 leading blocks with 0, 2 shares 1 with 0.
-fn chains() -> [Vec<SeqHash>; 3] {
-    let c0: Vec<_> = (0..CHAIN_LEN as u64).map(|i| s(100 + i)).collect();
-    let c1 = (0..CHAIN_LEN as u64)
-        .map(|i| if i < 3 { c0[i as usize] } else { s(200 + i) })
-        .collect();
-    let c2 = (0..CHAIN_LEN as u64)
-        .map(|i| if i < 1 { c0[i as usize] } else { s(300 + i) })
-        .collect();
-    [c0, c1, c2]
-}
-
-fn op() -> impl Strategy<Value = Op> {
-    let slot = 0..SLOTS;
-    let ids = |n| proptest::collection::vec(0..ENGINE_IDS, 1..n);
-    prop_oneof![
-        6 => (slot.clone(), 0..3u8, 0..3u8, ids(7)).prop_map(|(slot, chain, start, engine_ids)| {
-            Op::Store { slot, chain, start, engine_ids }
-        }),
-        3 => (slot.clone(), ids(5)).prop_map(|(slot, engine_ids)| Op::Remove { slot, engine_ids }),
-        1 => slot.clone().prop_map(|slot| Op::Clear { slot }),
-        1 => slot.clone().prop_map(|slot| Op::RemoveWorker { slot }),
-        1 => slot.prop_map(|slot| Op::SkipIds { slot }),
-    ]
-}
-
-/// Drives the index and the model; a removed worker's slot continues under a new id.
-struct Harness {
-    index: Arc<KvIndex>,
-    writer: KvIndexWriter,
-    model: Model,
-    generation: [u64; SLOTS as usize],
-    next_event: [u64; SLOTS as usize],
-}
-
-impl Harness {
-    fn worker(&self, slot: u8) -> WorkerId {
-        w(slot as u64 + 100 * self.generation[slot as usize])
-    }
-
-    fn send(&mut self, slot: u8, kind: KvEventKind) {
-        let worker = self.worker(slot);
-        self.next_event[slot as usize] += 1;
-        let event = KvEvent {
-            worker,
-            event_id: self.next_event[slot as usize],
-            timestamp_us: 0,
-            kind,
-        };
-        match self.writer.apply(&event) {
-            Ok(()) | Err(IndexError::Gap { .. }) => {}
-            Err(e) => panic!("unexpected {e}"),
-        }
-    }
-
-    fn run(&mut self, op: Op, chains: &[Vec<SeqHash>; 3]) {
-        match op {
-            Op::Store {
-                slot,
-                chain,
-                start,
-                engine_ids,
-            } => {
-                let seqs = &chains[chain as usize][start as usize..];
-                let blocks: Vec<_> = seqs
-                    .iter()
-                    .zip(&engine_ids)
-                    .map(|(&seq_hash, &e)| StoredBlock {
-                        seq_hash,
-                        engine_hash: EngineHash(e as u64),
-                    })
-                    .collect();
-                let m = self.model.workers.entry(self.worker(slot)).or_default();
-                for b in &blocks {
-                    m.insert(b.engine_hash, b.seq_hash);
-                }
-                self.send(
-                    slot,
-                    KvEventKind::Stored {
-                        parent: None,
-                        blocks,
-                    },
-                );
-            }
-            Op::Remove { slot, engine_ids } => {
-                let engine_hashes: Vec<_> =
-                    engine_ids.iter().map(|&e| EngineHash(e as u64)).collect();
-                if let Some(m) = self.model.workers.get_mut(&self.worker(slot)) {
-                    for h in &engine_hashes {
-                        m.remove(h);
-                    }
-                }
-                self.send(slot, KvEventKind::Removed { engine_hashes });
-            }
-            Op::Clear { slot } => {
-                self.model.workers.remove(&self.worker(slot));
-                self.send(slot, KvEventKind::Cleared);
-            }
-            Op::RemoveWorker { slot } => {
-                self.model.workers.remove(&self.worker(slot));
-                self.writer.remove_worker(self.worker(slot));
-                self.generation[slot as usize] += 1;
-                self.next_event[slot as usize] = 0;
-            }
-            Op::SkipIds { slot } => self.next_event[slot as usize] += 2,
-        }
-    }
-
-    fn check(&self, chains: &[Vec<SeqHash>; 3]) {
-        let mixed: Vec<SeqHash> = chains[0][..2]
-            .iter()
-            .chain(&chains[2][2..])
-            .copied()
-            .collect();
-        for q in chains.iter().chain([&mixed]) {
-            for len in [1, 3, CHAIN_LEN] {
-                let got = self.index.find_matches(&q[..len]);
-                assert_eq!(
-                    got.scores,
-                    self.model.find_matches(&q[..len]),
-                    "query {:?}",
-                    &q[..len]
-                );
-                let want_cached: Vec<u64> = got
-                    .scores
-                    .iter()
-                    .map(|(w, _)| self.model.held(*w).len() as u64)
-                    .collect();
-                assert_eq!(got.cached_blocks, want_cached);
-            }
-        }
-        let mut total = 0;
-        for slot in 0..SLOTS {
-            let worker = self.worker(slot);
-            let n = self.model.held(worker).len();
-            assert_eq!(self.index.cached_blocks(worker), n as u64);
-            total += n;
-        }
-        assert_eq!(self.index.num_entries(), total);
-    }
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
-    #[test]
-    fn index_agrees_with_naive_model(ops in proptest::collection::vec(op(), 1..60)) {
-        let (index, writer) = KvIndex::new();
-        let mut h = Harness {
-            index,
-            writer,
-            model: Model::default(),
-            generation: [0; SLOTS as usize],
-            next_event: [0; SLOTS as usize],
-        };
-        let chains = chains();
-        for op in ops {
-            h.run(op, &chains);
-            h.check(&chains);
-        }
-    }
 }
 
 // ---- concurrent readers while the writer mutates ----
@@ -453,4 +238,36 @@ fn readers_never_see_invalid_sets() {
     }
     let total: u64 = (0..WORKERS).map(|x| index.cached_blocks(w(x))).sum();
     assert_eq!(total as usize, index.num_entries());
+}
+
+/// A hot first block held by many workers, later blocks by shrinking, irregular subsets: every
+/// branch of the walk (small set against many survivors, merge, binary search) against a naive
+/// count of leading blocks held.
+#[test]
+fn hot_first_block_walk_matches_naive_counts() {
+    let (index, mut writer) = KvIndex::new();
+    const WORKERS: u64 = 100;
+    let holds = |worker: u64, block: u64| block == 0 || (worker * 7 + block * 13) % (block + 2) != 0;
+    let mut held: Vec<Vec<u64>> = Vec::new();
+    for worker in 0..WORKERS {
+        let blocks: Vec<u64> = (0..12).filter(|&b| holds(worker, b)).collect();
+        writer.apply(&ev(worker, 1, stored(&blocks))).unwrap();
+        held.push(blocks);
+    }
+    // A few workers hold a long run, so the survivors outlast the first blocks.
+    writer.apply(&ev(3, 2, stored(&(0..12).collect::<Vec<_>>()))).unwrap();
+    held[3] = (0..12).collect();
+    let q: Vec<SeqHash> = (0..12).map(s).collect();
+    for len in [1, 2, 3, 12] {
+        let got = index.find_matches(&q[..len]);
+        let want: Vec<(WorkerId, u32)> = (0..WORKERS)
+            .map(|x| {
+                let n = (0..len as u64).take_while(|b| held[x as usize].contains(b)).count();
+                (w(x), n as u32)
+            })
+            .collect();
+        assert_eq!(got.scores, want, "prefix of {len}");
+        let counts: Vec<u64> = (0..WORKERS).map(|x| held[x as usize].len() as u64).collect();
+        assert_eq!(got.cached_blocks, counts);
+    }
 }

@@ -51,6 +51,14 @@ impl WorkerSet {
         }
     }
 
+    /// Bytes this set holds on the heap (0 when inline): memory accounting.
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            WorkerSet::Inline { .. } => 0,
+            WorkerSet::Heap(v) => std::mem::size_of_val::<[WorkerId]>(v),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.as_slice().len()
     }
