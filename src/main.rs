@@ -41,18 +41,44 @@ fn main() -> anyhow::Result<()> {
             tracing::info!("shutting down: draining in-flight requests");
             server.shutdown();
         }
+        Command::Frontend(args) => {
+            let mut server = match kvgate::frontend::launch::start(&args) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("kvgate frontend: {e}");
+                    std::process::exit(2);
+                }
+            };
+            println!("kvgate frontend listening on http://{}", server.addr);
+            wait_for_signal()?;
+            tracing::info!("shutting down: draining in-flight requests");
+            server.shutdown();
+        }
+        Command::Worker(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("kvgate-worker").enable_all().build()?;
+            if let Err(e) = rt.block_on(kvgate::worker::launch::run(args, async {
+                if let Err(e) = signal().await {
+                    tracing::error!(error = %e, "signal handling failed; shutting down");
+                }
+            })) {
+                eprintln!("kvgate worker: {e}");
+                std::process::exit(2);
+            }
+        }
     }
     Ok(())
 }
 
+async fn signal() -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+    }
+}
+
 fn wait_for_signal() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r,
-            _ = term.recv() => Ok(()),
-        }
-    })?;
+    rt.block_on(signal())?;
     Ok(())
 }

@@ -25,9 +25,79 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the frontend and N simulated (mocker) workers in one process: no etcd, NATS or GPU.
     Serve(ServeArgs),
+    /// Run the OpenAI frontend of a distributed deployment (workers found through etcd, KV
+    /// events over NATS, requests over TCP).
+    Frontend(FrontendArgs),
+    /// Run one engine worker of a distributed deployment.
+    Worker(WorkerArgs),
+}
+
+/// Where the cluster's etcd and NATS are, and the namespace that scopes every key and subject.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(long, env = "ETCD_ENDPOINTS", default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// NATS server URL.
+    #[arg(long, env = "NATS_SERVER", default_value = "nats://127.0.0.1:4222")]
+    pub nats_server: String,
+    /// Scopes every etcd key and NATS subject (Dynamo's default is `dynamo`).
+    #[arg(long, default_value = "dynamo", env = "DYN_NAMESPACE")]
+    pub namespace: String,
+}
+
+/// `kvgate frontend`.
+#[derive(Args, Debug, Clone)]
+pub struct FrontendArgs {
+    #[command(flatten)]
+    pub http: HttpArgs,
+    #[command(flatten)]
+    pub router: RouterArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// KV block size in tokens; workers registering another page size are refused.
+    #[arg(long, default_value_t = 16)]
+    pub page_size: u32,
+    /// Wait for this many workers before serving.
+    #[arg(long, default_value_t = 0)]
+    pub router_min_initial_workers: usize,
+}
+
+/// `kvgate worker`.
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Role in disaggregated serving (default: aggregated, prefill and decode on this worker).
+    #[arg(long, value_enum)]
+    pub disaggregation_mode: Option<DisaggregationMode>,
+    /// The engine this worker runs (only the `mocker` simulation for now).
+    #[arg(long, default_value = "mocker", value_parser = ["mocker"])]
+    pub engine: String,
+    #[command(flatten)]
+    pub mocker: MockerArgs,
+    /// The address other nodes reach this worker at (default: this host's primary address).
+    #[arg(long)]
+    pub advertise_host: Option<String>,
+    /// Request-plane port (0: an ephemeral port, advertised through etcd).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// Lease TTL in seconds: a worker that dies leaves discovery within this time.
+    #[arg(long, default_value_t = 10)]
+    pub lease_ttl: u64,
+}
+
+/// `--disaggregation-mode`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisaggregationMode {
+    Prefill,
+    Decode,
 }
 
 /// The OpenAI-compatible HTTP endpoint.
@@ -177,6 +247,42 @@ impl ServeArgs {
     }
 }
 
+impl ClusterArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.etcd_endpoints.iter().all(|e| e.trim().is_empty()) {
+            return Err(invalid("--etcd-endpoints (ETCD_ENDPOINTS)", "no endpoint given"));
+        }
+        if self.namespace.is_empty() || self.namespace.contains(['/', '.', '*', '>', ' ']) {
+            return Err(invalid("--namespace", format!("{:?} must be non-empty without / . * > or spaces", self.namespace)));
+        }
+        Ok(())
+    }
+}
+
+impl FrontendArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.http.validate()?;
+        self.router.validate()?;
+        self.cluster.validate()?;
+        let p = self.page_size as usize;
+        if p == 0 || p > MAX_BLOCK_SIZE {
+            return Err(invalid("--page-size", format!("{p} is not in 1..={MAX_BLOCK_SIZE}")));
+        }
+        Ok(())
+    }
+}
+
+impl WorkerArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.model.validate()?;
+        self.cluster.validate()?;
+        if self.lease_ttl < 1 {
+            return Err(invalid("--lease-ttl", "must be at least 1 second"));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +292,7 @@ mod tests {
         v.extend_from_slice(args);
         match Cli::try_parse_from(v).unwrap().command {
             Command::Serve(s) => s,
+            _ => unreachable!(),
         }
     }
 

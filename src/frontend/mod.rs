@@ -7,6 +7,7 @@
 //! and rebuilds worker groups from discovery snapshots.
 
 pub mod control;
+pub mod launch;
 pub mod recovery;
 
 use std::collections::HashMap;

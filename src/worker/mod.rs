@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod engine;
+pub mod launch;
 
 use std::sync::Arc;
 

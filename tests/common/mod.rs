@@ -14,6 +14,7 @@ pub fn serve_args(extra: &[&str]) -> ServeArgs {
     argv.extend_from_slice(extra);
     match Cli::try_parse_from(argv).expect("valid test arguments").command {
         KvCommand::Serve(a) => a,
+        _ => unreachable!("serve arguments"),
     }
 }
 

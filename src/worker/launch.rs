@@ -1,0 +1,117 @@
+//! `kvgate worker`: one engine worker of a distributed deployment.
+//!
+//! Start-up order: load the model's tokenizer (for readable mock output) and sizing, start the
+//! engine, serve the request plane on an ephemeral (or given) port, connect the KV event plane
+//! (NATS), and only then register in etcd, so the frontend never routes to a worker that cannot
+//! answer yet. Shutdown reverses it: revoke the lease (leave routing at once), drain the
+//! request plane, stop the engine.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::watch;
+
+use crate::config::{ConfigError, DisaggregationMode, WorkerArgs};
+use crate::discovery::etcd::{EtcdDiscovery, EtcdError};
+use crate::discovery::WorkerInfo;
+use crate::events::nats::{self, NatsError, NatsPublisher};
+use crate::preprocess::{ModelSource, PreprocessError, Preprocessor};
+use crate::protocol::{WorkerId, WorkerRole};
+use crate::transport::tcp::serve_worker;
+use crate::transport::WORKER_QUEUE_DEPTH;
+use crate::worker::engine::mocker::{MockerConfig, MockerConfigError};
+use crate::worker::spawn_mocker;
+
+#[derive(Debug, Error)]
+pub enum WorkerLaunchError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("invalid mocker settings: {0}")]
+    Mocker(#[from] MockerConfigError),
+    #[error("could not load the model: {0}")]
+    Model(#[from] PreprocessError),
+    #[error("could not listen for requests on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("etcd: {0}")]
+    Etcd(#[from] EtcdError),
+    #[error("NATS: {0}")]
+    Nats(#[from] NatsError),
+}
+
+/// The address other hosts reach this one at: the first non-loopback address the host name
+/// resolves to, else loopback (a single-host deployment).
+pub fn primary_host() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc == 0 {
+        let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        if let Ok(name) = std::str::from_utf8(&buf[..len]) {
+            if let Ok(addrs) = (name, 0).to_socket_addrs() {
+                if let Some(a) = addrs.map(|a| a.ip()).find(|ip| !ip.is_loopback() && ip.is_ipv4()) {
+                    return a.to_string();
+                }
+            }
+        }
+    }
+    "127.0.0.1".to_string()
+}
+
+/// Runs one worker until `shutdown` resolves.
+pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<(), WorkerLaunchError> {
+    args.validate()?;
+    let page_size = args.model.page_size;
+    let mut mocker = MockerConfig::from_args(&args.mocker, page_size)?;
+    let source = ModelSource::parse(args.model.model_path.as_deref());
+    let pre = tokio::task::spawn_blocking(move || Preprocessor::load(&source)).await.expect("model loading panicked")?;
+    if let Some(cfg) = pre.model_config() {
+        mocker = mocker.with_kv_bytes_per_token(cfg.kv_bytes_per_token())?;
+    }
+    let model = args.model.served_name();
+    let role = match args.disaggregation_mode {
+        None => WorkerRole::Aggregated,
+        Some(DisaggregationMode::Prefill) => WorkerRole::Prefill,
+        Some(DisaggregationMode::Decode) => WorkerRole::Decode,
+    };
+    let id = WorkerId(rand::random::<u64>() >> 1);
+
+    let nats_client = nats::connect(&args.cluster.nats_server, &format!("kvgate-worker-{id}")).await?;
+    let publisher = NatsPublisher::new(nats_client, &args.cluster.namespace, &model);
+    let (inbox_tx, inbox) = tokio::sync::mpsc::channel(WORKER_QUEUE_DEPTH);
+    let handle = spawn_mocker(id, mocker.clone(), inbox, publisher, pre.sample_text_tokens());
+
+    let bind: SocketAddr = (IpAddr::from([0, 0, 0, 0]), args.port).into();
+    let listener = tokio::net::TcpListener::bind(bind).await.map_err(|source| WorkerLaunchError::Bind { addr: bind, source })?;
+    let port = listener.local_addr().map_err(|source| WorkerLaunchError::Bind { addr: bind, source })?.port();
+    let host = args.advertise_host.clone().unwrap_or_else(primary_host);
+    let address = format!("{host}:{port}");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let plane = tokio::spawn(serve_worker(listener, inbox_tx, handle.control(), stop_rx));
+
+    let etcd = EtcdDiscovery::connect(&args.cluster.etcd_endpoints, &args.cluster.namespace).await?;
+    let info = WorkerInfo {
+        id,
+        model: model.clone(),
+        model_path: args.model.model_path.clone(),
+        role,
+        page_size,
+        kv_capacity_blocks: mocker.num_gpu_blocks,
+        max_num_seqs: mocker.max_num_seqs,
+        max_num_batched_tokens: mocker.max_num_batched_tokens,
+        address: Some(address.clone()),
+    };
+    let registration = etcd.register(info, Duration::from_secs(args.lease_ttl)).await?;
+    println!("kvgate worker {id} serving {model} ({role:?}) at {address}");
+    tracing::info!(worker = %id, %model, ?role, %address, "worker registered");
+
+    shutdown.await;
+    tracing::info!(worker = %id, "shutting down: revoking the lease, draining requests");
+    if let Err(e) = registration.revoke().await {
+        tracing::warn!(error = %e, "could not revoke the lease; it expires by itself");
+    }
+    let _ = stop_tx.send(true);
+    let _ = plane.await;
+    handle.stop().await;
+    Ok(())
+}
