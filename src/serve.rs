@@ -54,6 +54,7 @@ pub struct Server {
     shards: Vec<JoinHandle<()>>,
     registrations: Vec<Registration>,
     workers: Vec<WorkerHandle>,
+    plane: InProcessRequestPlane,
     engine_rt: Option<tokio::runtime::Runtime>,
     control_rt: Option<tokio::runtime::Runtime>,
 }
@@ -91,7 +92,7 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
         temperature: args.router.router_temperature,
         block_size: page_size,
     };
-    let limits = HttpLimits { max_body_bytes: args.http.max_body_bytes };
+    let limits = HttpLimits { max_body_bytes: args.http.max_body_bytes, migration_limit: args.router.migration_limit };
     let fe = Arc::new(Frontend::new(plane.clone(), index, router_config, limits, shards));
     fe.add_model(&model_name, preprocessor.clone(), page_size);
 
@@ -154,12 +155,24 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
         shards: shard_threads,
         registrations,
         workers,
+        plane,
         engine_rt: Some(engine_rt),
         control_rt: Some(control_rt),
     })
 }
 
 impl Server {
+    /// Fault injection for tests and demos: aborts one embedded worker as a crash would (its
+    /// streams end without finishing), then removes it from discovery and the request plane.
+    pub fn kill_worker(&mut self, id: WorkerId) {
+        if let Some(i) = self.worker_ids.iter().position(|w| *w == id) {
+            self.worker_ids.remove(i);
+            drop(self.workers.remove(i));
+            drop(self.registrations.remove(i));
+            self.plane.detach(id);
+        }
+    }
+
     /// Stops accepting, drains in-flight requests, stops the workers. Idempotent.
     pub fn shutdown(&mut self) {
         let _ = self.shutdown.send(true);

@@ -49,7 +49,7 @@ async fn run_case(num_blocks: u64, drop: Arc<dyn Fn(usize) -> bool + Send + Sync
     let discovery = InProcessDiscovery::new();
     let (publisher, subscriber) = events::in_process();
     let cfg = RouterConfig { mode: RouterMode::Kv, overlap_weight: 1.0, temperature: 0.0, block_size: page };
-    let fe = Arc::new(Frontend::new(plane.clone(), index.clone(), cfg, HttpLimits { max_body_bytes: 1 << 20 }, 1));
+    let fe = Arc::new(Frontend::new(plane.clone(), index.clone(), cfg, HttpLimits { max_body_bytes: 1 << 20, migration_limit: 0 }, 1));
     let recovery = Arc::new(InProcessRecovery::new());
     let seen = Arc::new(AtomicUsize::new(0));
     let lossy = Lossy { inner: subscriber, truth: truth_writer, seen: seen.clone(), drop };

@@ -215,3 +215,56 @@ async fn stop_strings_never_leak_and_metrics_count() {
     assert!(metrics.contains("kvgate_time_to_first_token_seconds_count 2"));
     assert!(metrics.contains("kvgate_worker_active_requests{"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_survives_its_worker_dying() {
+    let mut s = serve(&["--speedup-ratio", "20"]);
+    let base = base_url(&s);
+    let c = reqwest::Client::new();
+    let body = json!({"model": "kvgate-mock", "prompt": "A long story, please.", "max_tokens": 300, "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
+    let mut r = c.post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let first: kvgate::protocol::WorkerId = {
+        let h = r.headers()["x-kvgate-worker"].to_str().unwrap();
+        kvgate::protocol::WorkerId(u64::from_str_radix(h, 16).unwrap())
+    };
+    let mut text = String::new();
+    // Read some of the stream, then kill the worker serving it.
+    while text.matches("data: ").count() < 20 {
+        text.push_str(std::str::from_utf8(&r.chunk().await.unwrap().unwrap()).unwrap());
+    }
+    s.kill_worker(first);
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let events = sse_events(&text);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert!(chunks.iter().all(|c| c.get("error").is_none()), "the client saw an error: {text}");
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 300);
+    assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"] == "length"));
+    let metrics = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("kvgate_migrations_total 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_migration_a_dying_worker_gives_a_clear_error() {
+    let mut s = serve(&["--speedup-ratio", "20", "--migration-limit", "0", "--workers", "1"]);
+    let base = base_url(&s);
+    let c = reqwest::Client::new();
+    let body = json!({"model": "kvgate-mock", "prompt": "A long story, please.", "max_tokens": 300, "ignore_eos": true, "stream": true});
+    let mut r = c.post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+    let _ = r.chunk().await.unwrap();
+    let id = s.worker_ids[0];
+    s.kill_worker(id);
+    let mut text = String::new();
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let events = sse_events(&text);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    assert!(events.iter().any(|e| e.contains("\"error\"")), "{text}");
+    // No worker left: 503.
+    let r = c.post(format!("{base}/v1/completions")).json(&json!({"model": "kvgate-mock", "prompt": "x"})).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+}

@@ -129,6 +129,10 @@ pub struct RouterArgs {
     /// 0 picks the cheapest worker; above 0 samples softmax(-cost/temperature).
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub router_temperature: f64,
+    /// How many times a request moves to another worker (with the tokens generated so far)
+    /// when its worker fails; 0 gives the client an error instead.
+    #[arg(long, default_value_t = 3)]
+    pub migration_limit: u32,
 }
 
 /// The model being served.
@@ -207,6 +211,9 @@ impl RouterArgs {
         let t = self.router_temperature;
         if !t.is_finite() || t < 0.0 {
             return Err(invalid("--router-temperature", format!("{t} must be a finite number >= 0")));
+        }
+        if self.migration_limit > 16 {
+            return Err(invalid("--migration-limit", format!("{} is more than 16", self.migration_limit)));
         }
         Ok(())
     }

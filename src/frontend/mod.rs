@@ -44,6 +44,8 @@ pub struct ModelState {
 #[derive(Debug, Clone)]
 pub struct HttpLimits {
     pub max_body_bytes: usize,
+    /// How many times a request may move to another worker when its worker fails.
+    pub migration_limit: u32,
 }
 
 /// State shared by every shard.

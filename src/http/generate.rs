@@ -1,6 +1,7 @@
 //! `/v1/chat/completions` and `/v1/completions`: bytes → typed request → validated request →
 //! token ids → routed worker → response (one JSON body, or an SSE stream).
 
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -14,13 +15,13 @@ use hyper::body::Incoming;
 
 use super::body::{json_response, Body};
 use super::error::ApiError;
-use super::stream::{GenEvent, Generation, SseBody};
+use super::stream::{GenEvent, Generation, Migrate, MigrateFuture, SseBody};
 use super::{InflightGuard, ShardCtx};
 use crate::frontend::{Frontend, ModelState};
 use crate::openai::{ChatCompletionRequest, ChunkWriter, CompletionRequest, Prompt, ResponseKind, Validated};
-use crate::protocol::{GenerateRequest, TokenId};
-use crate::router::{RouteDecision, RouteRequest};
-use crate::transport::RequestPlane;
+use crate::protocol::{GenerateRequest, SamplingParams, TokenId, WorkerId};
+use crate::router::{Candidate, LoadGuard, RouteDecision, RouteRequest};
+use crate::transport::{RequestPlane, ResponseStream};
 
 /// The header naming the worker that served a response.
 pub const WORKER_HEADER: &str = "x-kvgate-worker";
@@ -105,22 +106,25 @@ fn check_ids(ids: Vec<TokenId>, vocab: usize) -> Result<Vec<TokenId>, ApiError> 
     }
 }
 
-fn route(shard: &ShardCtx, p: &Prepared, request_id: u64) -> Result<RouteDecision, ApiError> {
+fn route(shard: &ShardCtx, model: &ModelState, prompt: &[TokenId], exclude: &[WorkerId], request_id: u64) -> Result<RouteDecision, ApiError> {
     let mut seq = shard.seq_scratch.borrow_mut();
-    p.model.hasher.seq_hashes_into(&p.prompt, &mut seq);
-    let group = p.model.workers.load();
-    if group.candidates.is_empty() {
-        return Err(ApiError::NoWorkers(p.model.name.clone()));
+    model.hasher.seq_hashes_into(prompt, &mut seq);
+    let group = model.workers.load();
+    let filtered: Vec<Candidate>;
+    let candidates = if exclude.is_empty() {
+        &group.candidates[..]
+    } else {
+        filtered = group.candidates.iter().filter(|c| !exclude.contains(&c.id)).cloned().collect();
+        &filtered[..]
+    };
+    if candidates.is_empty() {
+        return Err(ApiError::NoWorkers(model.name.clone()));
     }
-    let req = RouteRequest { seq_hashes: &seq[..], prompt_tokens: p.prompt.len() as u32, candidates: &group.candidates, shard: shard.id };
-    let decision = p
-        .model
-        .router
-        .select(req, &mut *shard.rng.borrow_mut())
-        .map_err(|_| ApiError::NoWorkers(p.model.name.clone()))?;
+    let req = RouteRequest { seq_hashes: &seq[..], prompt_tokens: prompt.len() as u32, candidates, shard: shard.id };
+    let decision = model.router.select(req, &mut *shard.rng.borrow_mut()).map_err(|_| ApiError::NoWorkers(model.name.clone()))?;
     if tracing::enabled!(tracing::Level::DEBUG) {
-        let block = p.model.hasher.block_size();
-        let hit = (decision.overlap_blocks as usize * block) as f64 / p.prompt.len() as f64;
+        let block = model.hasher.block_size();
+        let hit = (decision.overlap_blocks as usize * block) as f64 / prompt.len() as f64;
         let scores: Vec<String> = decision
             .scores
             .iter()
@@ -128,8 +132,8 @@ fn route(shard: &ShardCtx, p: &Prepared, request_id: u64) -> Result<RouteDecisio
             .collect();
         tracing::debug!(
             request = format_args!("{request_id:x}"),
-            model = %p.model.name,
-            prompt_tokens = p.prompt.len(),
+            model = %model.name,
+            prompt_tokens = prompt.len(),
             prompt_blocks = seq.len(),
             chosen = %decision.worker,
             overlap_blocks = decision.overlap_blocks,
@@ -139,6 +143,61 @@ fn route(shard: &ShardCtx, p: &Prepared, request_id: u64) -> Result<RouteDecisio
         );
     }
     Ok(decision)
+}
+
+/// Everything needed to send (or re-send) one request to a worker.
+struct Dispatch<P> {
+    fe: Arc<Frontend<P>>,
+    shard: Rc<ShardCtx>,
+    model: Arc<ModelState>,
+    prompt: Rc<[TokenId]>,
+    sampling: SamplingParams,
+    request_id: u64,
+    /// Workers that failed this request; never chosen again for it.
+    failed: RefCell<Vec<WorkerId>>,
+}
+
+impl<P: RequestPlane> Dispatch<P> {
+    /// Routes `prompt` and sends it, trying another worker (up to `attempts` in all) when the
+    /// chosen one is unreachable.
+    async fn send(&self, prompt: &[TokenId], max_tokens: u32, attempts: u32) -> Result<(ResponseStream, LoadGuard, WorkerId), ApiError> {
+        let mut left = attempts.max(1);
+        loop {
+            let exclude = self.failed.borrow().clone();
+            let decision = route(&self.shard, &self.model, prompt, &exclude, self.request_id)?;
+            let worker = decision.worker;
+            let req = GenerateRequest {
+                request_id: self.request_id,
+                token_ids: prompt.to_vec(),
+                sampling: SamplingParams { max_tokens, ..self.sampling.clone() },
+                eos_token_ids: self.model.preprocessor.eos_token_ids().to_vec(),
+            };
+            match self.fe.plane.generate(worker, req).await {
+                Ok(rx) => return Ok((rx, decision.guard, worker)),
+                Err(e) => {
+                    left -= 1;
+                    self.failed.borrow_mut().push(worker);
+                    if left == 0 {
+                        return Err(ApiError::Transport(e));
+                    }
+                    tracing::warn!(request = format_args!("{:x}", self.request_id), worker = %worker, error = %e, "worker unreachable; trying another");
+                }
+            }
+        }
+    }
+}
+
+impl<P: RequestPlane> Migrate for Dispatch<P> {
+    fn migrate(self: Rc<Self>, generated: Vec<TokenId>, failed: WorkerId) -> MigrateFuture {
+        Box::pin(async move {
+            self.failed.borrow_mut().push(failed);
+            let mut tokens = Vec::with_capacity(self.prompt.len() + generated.len());
+            tokens.extend_from_slice(&self.prompt);
+            tokens.extend_from_slice(&generated);
+            let remaining = self.sampling.max_tokens.saturating_sub(generated.len() as u32).max(1);
+            self.send(&tokens, remaining, 1).await.map_err(|e| e.to_string())
+        })
+    }
 }
 
 /// Handles one generate request end to end.
@@ -155,19 +214,24 @@ pub async fn handle<P: RequestPlane>(
     let body = read_body(req, fe.limits.max_body_bytes).await?;
     let p = prepare(fe, kind, &body)?;
     let request_id = shard.next_request_id();
-    let decision = route(shard, &p, request_id)?;
-    m.routing_overhead.observe(arrived.elapsed());
-    let worker = decision.worker;
     let prompt_tokens = p.prompt.len() as u32;
-    let greq = GenerateRequest {
-        request_id,
-        token_ids: p.prompt,
+    let migration_limit = fe.limits.migration_limit;
+    let dispatch = Rc::new(Dispatch {
+        fe: fe.clone(),
+        shard: shard.clone(),
+        model: p.model.clone(),
+        prompt: Rc::from(p.prompt),
         sampling: p.validated.sampling.clone(),
-        eos_token_ids: p.model.preprocessor.eos_token_ids().to_vec(),
-    };
-    let rx = fe.plane.generate(worker, greq).await.map_err(ApiError::Transport)?;
+        request_id,
+        failed: RefCell::new(Vec::new()),
+    });
+    let (rx, guard, worker) = dispatch.send(&dispatch.prompt.clone(), dispatch.sampling.max_tokens, migration_limit + 1).await?;
+    m.routing_overhead.observe(arrived.elapsed());
     let decoder = p.model.preprocessor.decoder();
-    let mut gen = Generation::new(rx, decoder, p.validated.stop.clone(), decision.guard, prompt_tokens, arrived, fe.metrics.clone(), inflight);
+    let mut gen = Generation::new(rx, decoder, p.validated.stop.clone(), guard, prompt_tokens, arrived, fe.metrics.clone(), inflight);
+    if migration_limit > 0 {
+        gen.enable_migration(dispatch, worker, migration_limit);
+    }
     let writer = ChunkWriter::new(kind, request_id, &p.validated.model);
     let mut resp = if p.validated.stream {
         let mut r = Response::new(Body::Sse(Box::new(SseBody::new(gen, writer, p.validated.include_usage))));

@@ -8,6 +8,8 @@
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
+use std::future::Future;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
@@ -19,7 +21,7 @@ use super::InflightGuard;
 use crate::metrics::Metrics;
 use crate::openai::{ChunkWriter, Usage};
 use crate::preprocess::{IncrementalDecoder, StopMatcher};
-use crate::protocol::{FinishReason, WorkerOutput};
+use crate::protocol::{FinishReason, TokenId, WorkerId, WorkerOutput};
 use crate::router::LoadGuard;
 use crate::transport::ResponseStream;
 
@@ -32,6 +34,25 @@ pub enum GenEvent {
     Finished(&'static str),
     /// The worker failed; the message is for the client.
     Failed(String),
+}
+
+/// The future of a migration: a new stream on another worker, its booking, and its id.
+pub type MigrateFuture = Pin<Box<dyn Future<Output = Result<(ResponseStream, LoadGuard, WorkerId), String>>>>;
+
+/// Re-sends a request whose worker failed mid-stream: the prompt plus the tokens generated so
+/// far, to another worker, for the tokens still owed.
+pub trait Migrate {
+    fn migrate(self: Rc<Self>, generated: Vec<TokenId>, failed: WorkerId) -> MigrateFuture;
+}
+
+/// Migration state of one generation (present when `--migration-limit` > 0).
+struct Migration {
+    dispatch: Rc<dyn Migrate>,
+    worker: WorkerId,
+    left: u32,
+    /// Every token generated so far (the new worker continues from prompt + these).
+    generated: Vec<TokenId>,
+    pending: Option<MigrateFuture>,
 }
 
 /// One request's generation, driven by polling.
@@ -47,6 +68,8 @@ pub struct Generation {
     ended: bool,
     metrics: Arc<Metrics>,
     inflight: InflightGuard,
+    migration: Option<Migration>,
+    started: bool,
 }
 
 impl Generation {
@@ -73,7 +96,27 @@ impl Generation {
             ended: false,
             metrics,
             inflight,
+            migration: None,
+            started: false,
         }
+    }
+
+    /// Lets a failed worker's stream continue on another worker, up to `limit` times.
+    pub fn enable_migration(&mut self, dispatch: Rc<dyn Migrate>, worker: WorkerId, limit: u32) {
+        self.migration = Some(Migration { dispatch, worker, left: limit, generated: Vec::new(), pending: None });
+    }
+
+    /// On a worker failure: start a migration if one is allowed (true), else false.
+    fn try_migrate(&mut self, reason: &str) -> bool {
+        let Some(m) = self.migration.as_mut() else { return false };
+        if m.left == 0 || m.generated.len() as u64 >= u64::from(u32::MAX) {
+            return false;
+        }
+        m.left -= 1;
+        tracing::warn!(worker = %m.worker, generated = m.generated.len(), migrations_left = m.left, reason, "worker failed mid-stream; migrating the request");
+        m.pending = Some(m.dispatch.clone().migrate(m.generated.clone(), m.worker));
+        self.shard_metrics().migrations.fetch_add(1, Relaxed);
+        true
     }
 
     pub fn usage(&self) -> Usage {
@@ -103,12 +146,16 @@ impl Generation {
 
     fn on_tokens(&mut self, ids: &[u32]) -> Result<Option<String>, String> {
         let now = Instant::now();
+        if !self.started {
+            self.started = true;
+            self.guard.prefill_done();
+        }
+        if let Some(m) = self.migration.as_mut() {
+            m.generated.extend_from_slice(ids);
+        }
         let m = self.shard_metrics();
         match self.last_token {
-            None => {
-                m.ttft.observe(now - self.arrived);
-                self.guard.prefill_done();
-            }
+            None => m.ttft.observe(now - self.arrived),
             Some(t) => m.itl.observe(now - t),
         }
         self.last_token = Some(now);
@@ -146,10 +193,32 @@ impl Generation {
             if self.ended {
                 return Poll::Pending;
             }
+            if let Some(pending) = self.migration.as_mut().and_then(|m| m.pending.as_mut()) {
+                match ready!(pending.as_mut().poll(cx)) {
+                    Ok((rx, guard, worker)) => {
+                        let m = self.migration.as_mut().expect("migrating");
+                        m.pending = None;
+                        m.worker = worker;
+                        tracing::info!(worker = %worker, "request migrated");
+                        self.rx = rx;
+                        self.guard = guard;
+                        self.started = false;
+                        continue;
+                    }
+                    Err(message) => {
+                        self.migration.as_mut().expect("migrating").pending = None;
+                        return Poll::Ready(self.fail(format!("the worker failed and no other could take over: {message}")));
+                    }
+                }
+            }
             let step = match ready!(self.rx.poll_recv(cx)) {
                 None => Err("the worker's stream ended before the response finished".to_string()),
                 Some(WorkerOutput::Started { cached_tokens }) => {
-                    self.usage.cached_tokens = cached_tokens.min(self.usage.prompt_tokens);
+                    // After a migration the first worker's figure stands: it is what the
+                    // client's prompt found cached.
+                    if self.migration.as_ref().is_none_or(|m| m.generated.is_empty()) {
+                        self.usage.cached_tokens = cached_tokens.min(self.usage.prompt_tokens);
+                    }
                     Ok(None)
                 }
                 Some(WorkerOutput::Tokens(ids)) => self.on_tokens(&ids),
@@ -159,6 +228,7 @@ impl Generation {
             match step {
                 Ok(Some(text)) => return Poll::Ready(GenEvent::Text(text)),
                 Ok(None) => continue,
+                Err(message) if self.pending_finish.is_none() && self.try_migrate(&message) => continue,
                 Err(message) => return Poll::Ready(self.fail(message)),
             }
         }

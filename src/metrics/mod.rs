@@ -42,6 +42,8 @@ pub struct ShardMetrics {
     pub requests_client_error: AtomicU64,
     pub requests_server_error: AtomicU64,
     pub streams_cancelled: AtomicU64,
+    /// Streams moved to another worker after theirs failed.
+    pub migrations: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub cached_tokens: AtomicU64,
     pub output_tokens: AtomicU64,
@@ -98,7 +100,8 @@ impl Metrics {
     /// Prometheus text exposition of everything.
     pub fn render(&self, workers: &[WorkerGauge], index_entries: u64) -> String {
         let mut out = String::with_capacity(8192);
-        let counters: [(&str, &str, u64); 7] = [
+        let counters: [(&str, &str, u64); 8] = [
+            ("kvgate_migrations_total", "Streams moved to another worker after theirs failed.", self.sum(|s| &s.migrations)),
             ("kvgate_requests_total", "Requests received on the OpenAI endpoints.", self.sum(|s| &s.requests)),
             ("kvgate_requests_client_error_total", "Requests answered with a 4xx error.", self.sum(|s| &s.requests_client_error)),
             ("kvgate_requests_server_error_total", "Requests answered with a 5xx error or failed mid-stream.", self.sum(|s| &s.requests_server_error)),

@@ -28,18 +28,27 @@ impl WorkerSet {
         WorkerSet::Inline { len: 1, ids }
     }
 
-    fn from_sorted(v: &[WorkerId]) -> Self {
-        debug_assert!(v.windows(2).all(|p| p[0] < p[1]));
-        if v.len() <= INLINE {
+    /// The set of the ascending ids `parts` concatenated, built in place (no temporary).
+    fn concat(parts: &[&[WorkerId]]) -> Self {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let set = if len <= INLINE {
             let mut ids = [WorkerId(0); INLINE];
-            ids[..v.len()].copy_from_slice(v);
+            let mut at = 0;
+            for p in parts {
+                ids[at..at + p.len()].copy_from_slice(p);
+                at += p.len();
+            }
             WorkerSet::Inline {
-                len: v.len() as u8,
+                len: len as u8,
                 ids,
             }
         } else {
-            WorkerSet::Heap(v.into())
-        }
+            let mut v = Vec::with_capacity(len);
+            parts.iter().for_each(|p| v.extend_from_slice(p));
+            WorkerSet::Heap(v.into_boxed_slice())
+        };
+        debug_assert!(set.as_slice().windows(2).all(|p| p[0] < p[1]));
+        set
     }
 
     /// The ids, ascending.
@@ -75,21 +84,14 @@ impl WorkerSet {
     pub fn with(&self, w: WorkerId) -> Option<Self> {
         let s = self.as_slice();
         let at = s.binary_search(&w).err()?;
-        let mut v = Vec::with_capacity(s.len() + 1);
-        v.extend_from_slice(&s[..at]);
-        v.push(w);
-        v.extend_from_slice(&s[at..]);
-        Some(Self::from_sorted(&v))
+        Some(Self::concat(&[&s[..at], &[w], &s[at..]]))
     }
 
     /// A new set with `w` removed (possibly empty), or `None` when `w` is absent.
     pub fn without(&self, w: WorkerId) -> Option<Self> {
         let s = self.as_slice();
         let at = s.binary_search(&w).ok()?;
-        let mut v = Vec::with_capacity(s.len());
-        v.extend_from_slice(&s[..at]);
-        v.extend_from_slice(&s[at + 1..]);
-        Some(Self::from_sorted(&v))
+        Some(Self::concat(&[&s[..at], &s[at + 1..]]))
     }
 }
 

@@ -152,7 +152,14 @@ impl KvIndexWriter {
     /// Drops every block of `worker` and refuses its later events.
     pub fn remove_worker(&mut self, worker: WorkerId) {
         if let Some(mut state) = self.workers.remove(&worker) {
-            clear(&self.index, worker, &mut state);
+            let index = &*self.index;
+            let blocks = index.blocks.pin();
+            let w = Writing {
+                index,
+                blocks: &blocks,
+                worker,
+            };
+            w.clear(&mut state);
         }
         if let Some(dir) = self.directory.without(worker) {
             self.publish_directory(dir);
@@ -206,128 +213,140 @@ impl KvIndexWriter {
         self.state(worker);
         let index = &*self.index;
         let state = self.workers.get_mut(&worker).expect("created above");
+        // One pin per event (entering the map's reclamation epoch is not free).
+        let blocks = index.blocks.pin();
+        let w = Writing {
+            index,
+            blocks: &blocks,
+            worker,
+        };
         match kind {
-            KvEventKind::Stored { parent: _, blocks } => store(index, worker, state, blocks),
+            KvEventKind::Stored { parent: _, blocks } => w.store(state, blocks),
             KvEventKind::Removed { engine_hashes } => {
-                self.unknown_removals += remove(index, worker, state, engine_hashes);
+                self.unknown_removals += w.remove(state, engine_hashes);
             }
-            KvEventKind::Cleared => clear(index, worker, state),
+            KvEventKind::Cleared => w.clear(state),
         }
         self.directory.store(worker, state.held);
     }
 }
 
-fn store(index: &KvIndex, worker: WorkerId, state: &mut WorkerState, blocks: &[StoredBlock]) {
-    for b in blocks {
-        match state.engine_to_seq.insert(b.engine_hash, b.seq_hash) {
-            Some(old) if old == b.seq_hash => {}
-            Some(old) => {
-                release(index, worker, state, old);
-                acquire(index, worker, state, b.seq_hash);
-            }
-            None => acquire(index, worker, state, b.seq_hash),
-        }
-    }
-}
-
-/// Returns how many engine hashes were unknown.
-fn remove(
-    index: &KvIndex,
-    worker: WorkerId,
-    state: &mut WorkerState,
-    hashes: &[EngineHash],
-) -> u64 {
-    let mut unknown = 0;
-    for h in hashes {
-        match state.engine_to_seq.remove(h) {
-            Some(seq) => release(index, worker, state, seq),
-            None => unknown += 1,
-        }
-    }
-    unknown
-}
-
-fn clear(index: &KvIndex, worker: WorkerId, state: &mut WorkerState) {
-    let blocks = index.blocks.pin();
-    for seq in state.engine_to_seq.values() {
-        // A block named k times is unpublished at its last name.
-        if let Some(extra) = state.extra_names.get_mut(seq) {
-            if *extra > 0 {
-                *extra -= 1;
-                continue;
-            }
-        }
-        unpublish(index, &blocks, *seq, worker);
-    }
-    sub(&index.entries, state.held as usize);
-    state.held = 0;
-    state.engine_to_seq.clear();
-    state.extra_names.clear();
-}
-
-/// A new engine name for `seq`: publishes `worker` as a holder, or counts an extra name when
-/// the published set already has it (the set is the truth for "already held").
-fn acquire(index: &KvIndex, worker: WorkerId, state: &mut WorkerState, seq: SeqHash) {
-    let blocks = index.blocks.pin();
-    let added = blocks.compute(seq, |entry| match entry {
-        None => Operation::Insert(WorkerSet::one(worker)),
-        Some((_, set)) => set
-            .with(worker)
-            .map_or(Operation::Abort(()), Operation::Insert),
-    });
-    match added {
-        Compute::Aborted(()) => {
-            *state.extra_names.entry(seq).or_insert(0) += 1;
-            return;
-        }
-        Compute::Inserted(..) => {
-            let keys = add(&index.keys, 1);
-            if keys > index.peak_keys.load(Relaxed) {
-                index.peak_keys.store(keys, Relaxed);
-            }
-        }
-        Compute::Updated { old, new } => track_heap(index, old.1, Some(new.1)),
-        Compute::Removed(..) => unreachable!("acquire never removes"),
-    }
-    add(&index.entries, 1);
-    state.held += 1;
-}
-
-/// One engine name of `seq` is gone: unpublishes `worker` at the last name.
-fn release(index: &KvIndex, worker: WorkerId, state: &mut WorkerState, seq: SeqHash) {
-    if !state.extra_names.is_empty() {
-        if let Some(extra) = state.extra_names.get_mut(&seq) {
-            *extra -= 1;
-            if *extra == 0 {
-                state.extra_names.remove(&seq);
-            }
-            return;
-        }
-    }
-    unpublish(index, &index.blocks.pin(), seq, worker);
-    sub(&index.entries, 1);
-    state.held -= 1;
-}
-
 type BlocksRef<'a> = papaya::HashMapRef<'a, SeqHash, WorkerSet, KeyedState, papaya::LocalGuard<'a>>;
 
-/// Removes `worker` from the set of `seq` (the key goes when the set would be empty).
-fn unpublish(index: &KvIndex, blocks: &BlocksRef<'_>, seq: SeqHash, worker: WorkerId) {
-    let removed = blocks.compute(seq, |entry| {
-        match entry.and_then(|(_, set)| set.without(worker)) {
-            None => Operation::Abort(()),
-            Some(rest) if rest.is_empty() => Operation::Remove,
-            Some(rest) => Operation::Insert(rest),
+/// One event's changes to one worker's blocks, through one pinned view of the map.
+struct Writing<'a> {
+    index: &'a KvIndex,
+    blocks: &'a BlocksRef<'a>,
+    worker: WorkerId,
+}
+
+impl Writing<'_> {
+    fn store(&self, state: &mut WorkerState, blocks: &[StoredBlock]) {
+        state.engine_to_seq.reserve(blocks.len());
+        for b in blocks {
+            match state.engine_to_seq.insert(b.engine_hash, b.seq_hash) {
+                Some(old) if old == b.seq_hash => {}
+                Some(old) => {
+                    self.release(state, old);
+                    self.acquire(state, b.seq_hash);
+                }
+                None => self.acquire(state, b.seq_hash),
+            }
         }
-    });
-    match removed {
-        Compute::Updated { old, new } => track_heap(index, old.1, Some(new.1)),
-        Compute::Removed(_, old) => {
-            track_heap(index, old, None);
-            sub(&index.keys, 1);
+    }
+
+    /// Returns how many engine hashes were unknown.
+    fn remove(&self, state: &mut WorkerState, hashes: &[EngineHash]) -> u64 {
+        let mut unknown = 0;
+        for h in hashes {
+            match state.engine_to_seq.remove(h) {
+                Some(seq) => self.release(state, seq),
+                None => unknown += 1,
+            }
         }
-        Compute::Aborted(()) => debug_assert!(false, "{worker} did not hold {seq:?}"),
-        Compute::Inserted(..) => unreachable!("unpublish never inserts"),
+        unknown
+    }
+
+    fn clear(&self, state: &mut WorkerState) {
+        for seq in state.engine_to_seq.values() {
+            // A block named k times is unpublished at its last name.
+            if let Some(extra) = state.extra_names.get_mut(seq) {
+                if *extra > 0 {
+                    *extra -= 1;
+                    continue;
+                }
+            }
+            self.unpublish(*seq);
+        }
+        sub(&self.index.entries, state.held as usize);
+        state.held = 0;
+        state.engine_to_seq.clear();
+        state.extra_names.clear();
+    }
+
+    /// A new engine name for `seq`: publishes the worker as a holder, or counts an extra name
+    /// when the published set already has it (the set is the truth for "already held").
+    fn acquire(&self, state: &mut WorkerState, seq: SeqHash) {
+        let (index, worker) = (self.index, self.worker);
+        let added = self.blocks.compute(seq, |entry| match entry {
+            None => Operation::Insert(WorkerSet::one(worker)),
+            Some((_, set)) => set
+                .with(worker)
+                .map_or(Operation::Abort(()), Operation::Insert),
+        });
+        match added {
+            Compute::Aborted(()) => {
+                *state.extra_names.entry(seq).or_insert(0) += 1;
+                return;
+            }
+            Compute::Inserted(..) => {
+                let keys = add(&index.keys, 1);
+                if keys > index.peak_keys.load(Relaxed) {
+                    index.peak_keys.store(keys, Relaxed);
+                }
+            }
+            Compute::Updated { old, new } => track_heap(index, old.1, Some(new.1)),
+            Compute::Removed(..) => unreachable!("acquire never removes"),
+        }
+        add(&index.entries, 1);
+        state.held += 1;
+    }
+
+    /// One engine name of `seq` is gone: unpublishes the worker at the last name.
+    fn release(&self, state: &mut WorkerState, seq: SeqHash) {
+        if !state.extra_names.is_empty() {
+            if let Some(extra) = state.extra_names.get_mut(&seq) {
+                *extra -= 1;
+                if *extra == 0 {
+                    state.extra_names.remove(&seq);
+                }
+                return;
+            }
+        }
+        self.unpublish(seq);
+        sub(&self.index.entries, 1);
+        state.held -= 1;
+    }
+
+    /// Removes the worker from the set of `seq` (the key goes when the set would be empty).
+    fn unpublish(&self, seq: SeqHash) {
+        let (index, worker) = (self.index, self.worker);
+        let removed = self.blocks.compute(seq, |entry| {
+            match entry.and_then(|(_, set)| set.without(worker)) {
+                None => Operation::Abort(()),
+                Some(rest) if rest.is_empty() => Operation::Remove,
+                Some(rest) => Operation::Insert(rest),
+            }
+        });
+        match removed {
+            Compute::Updated { old, new } => track_heap(index, old.1, Some(new.1)),
+            Compute::Removed(_, old) => {
+                track_heap(index, old, None);
+                sub(&index.keys, 1);
+            }
+            Compute::Aborted(()) => debug_assert!(false, "{worker} did not hold {seq:?}"),
+            Compute::Inserted(..) => unreachable!("unpublish never inserts"),
+        }
     }
 }
 

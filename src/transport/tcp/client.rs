@@ -160,20 +160,16 @@ impl RequestPlane for TcpRequestPlane {
         worker: WorkerId,
         request: GenerateRequest,
     ) -> Result<ResponseStream, TransportError> {
-        let gone = TransportError::WorkerGone(worker);
-        let addr = self
-            .worker_address(worker)
-            .ok_or(TransportError::WorkerGone(worker))?;
-        let conn = self
-            .ready(worker, addr)
-            .await
-            .ok_or(TransportError::WorkerGone(worker))?;
+        let gone = || TransportError::WorkerGone(worker);
+        let addr = self.worker_address(worker).ok_or_else(gone)?;
+        let conn = self.ready(worker, addr).await.ok_or_else(gone)?;
+        // Waits while this connection has MAX_STREAMS_PER_CONNECTION streams open.
         let permit = conn
             .streams
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| TransportError::WorkerGone(worker))?;
+            .map_err(|_| gone())?;
         let stream = StreamId(conn.next_stream.fetch_add(1, Ordering::Relaxed));
         let mut frame = BytesMut::new();
         if let Err(e) = (Frame::Request { stream, request }).encode(&mut frame) {
@@ -190,7 +186,7 @@ impl RequestPlane for TcpRequestPlane {
             slot,
             frame: frame.freeze(),
         };
-        conn.tx.send(open).await.map_err(|_| gone)?;
+        conn.tx.send(open).await.map_err(|_| gone())?;
         spawn(relay(stream, from_reader, to_consumer, conn.tx.clone()));
         Ok(consumer)
     }
