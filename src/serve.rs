@@ -6,13 +6,11 @@
 //! the KV index writer), one engine thread (tokio: the simulated workers). [`Server`] owns them
 //! all; dropping it shuts everything down in order (stop accepting, drain, deregister workers).
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::sync::watch;
 
 use crate::config::{ConfigError, ServeArgs};
 use crate::discovery::{InProcessDiscovery, Registration, WorkerInfo};
@@ -36,8 +34,8 @@ pub enum ServeError {
     Mocker(#[from] MockerConfigError),
     #[error("could not load the model: {0}")]
     Model(#[from] PreprocessError),
-    #[error("could not listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Listen(#[from] runtime::ListenError),
     #[error("could not start a runtime thread: {0}")]
     Runtime(#[source] std::io::Error),
 }
@@ -50,22 +48,12 @@ pub struct Server {
     pub worker_ids: Vec<WorkerId>,
     /// The name clients use for the served model.
     pub model_name: String,
-    shutdown: watch::Sender<bool>,
-    shards: Vec<JoinHandle<()>>,
+    data_plane: runtime::DataPlane,
     registrations: Vec<Registration>,
     workers: Vec<WorkerHandle>,
     plane: InProcessRequestPlane,
     engine_rt: Option<tokio::runtime::Runtime>,
     control_rt: Option<tokio::runtime::Runtime>,
-}
-
-fn runtime(name: &str) -> Result<tokio::runtime::Runtime, ServeError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name(name)
-        .enable_all()
-        .build()
-        .map_err(ServeError::Runtime)
 }
 
 /// Starts the frontend and its workers; returns once the endpoint accepts connections.
@@ -97,10 +85,10 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
     fe.add_model(&model_name, preprocessor.clone(), page_size);
 
     let recovery = Arc::new(InProcessRecovery::new());
-    let control_rt = runtime("kvgate-control")?;
+    let control_rt = runtime::tokio_runtime("kvgate-control", 1).map_err(ServeError::Runtime)?;
     control_rt.spawn(control::run(fe.clone(), writer, discovery.subscribe(), subscriber, recovery.clone()));
 
-    let engine_rt = runtime("kvgate-engine")?;
+    let engine_rt = runtime::tokio_runtime("kvgate-engine", 1).map_err(ServeError::Runtime)?;
     let output_tokens = preprocessor.sample_text_tokens();
     let mut workers = Vec::with_capacity(args.workers);
     let mut registrations = Vec::with_capacity(args.workers);
@@ -136,23 +124,14 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
         std::thread::sleep(Duration::from_millis(1));
     }
 
-    let host_port = format!("{}:{}", args.http.http_host, args.http.http_port);
-    let bind_err = |source| ServeError::Bind { addr: host_port.clone(), source };
-    let addr = host_port
-        .to_socket_addrs()
-        .map_err(bind_err)?
-        .next()
-        .ok_or_else(|| bind_err(std::io::Error::other("the address resolved to nothing")))?;
-    let (addr, listeners) = runtime::bind_listeners(addr, shards).map_err(bind_err)?;
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let shard_threads = runtime::spawn_shards(fe, listeners, shutdown_rx).map_err(ServeError::Runtime)?;
+    let data_plane = runtime::DataPlane::start(fe, &args.http.http_host, args.http.http_port, shards)?;
+    let addr = data_plane.addr;
     tracing::info!(%addr, model = %model_name, source = %preprocessor.source_description(), workers = args.workers, shards, "kvgate serving");
     Ok(Server {
         addr,
         worker_ids,
         model_name,
-        shutdown,
-        shards: shard_threads,
+        data_plane,
         registrations,
         workers,
         plane,
@@ -175,23 +154,10 @@ impl Server {
 
     /// Stops accepting, drains in-flight requests, stops the workers. Idempotent.
     pub fn shutdown(&mut self) {
-        let _ = self.shutdown.send(true);
-        for t in self.shards.drain(..) {
-            let _ = t.join();
-        }
+        self.data_plane.stop();
         self.registrations.clear();
         self.workers.clear();
-        // Runtimes are shut down on a thread of their own: `shutdown` may be called (or the
-        // server dropped) from inside another async runtime, where blocking is refused.
-        let rts: Vec<_> = [self.engine_rt.take(), self.control_rt.take()].into_iter().flatten().collect();
-        if !rts.is_empty() {
-            let t = std::thread::spawn(move || {
-                for rt in rts {
-                    rt.shutdown_timeout(Duration::from_secs(1));
-                }
-            });
-            let _ = t.join();
-        }
+        runtime::shutdown_tokio([self.engine_rt.take(), self.control_rt.take()].into_iter().flatten());
     }
 }
 

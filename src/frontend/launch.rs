@@ -11,7 +11,6 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -39,8 +38,8 @@ pub enum FrontendLaunchError {
     Etcd(#[from] EtcdError),
     #[error("NATS: {0}")]
     Nats(#[from] NatsError),
-    #[error("could not listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Listen(#[from] runtime::ListenError),
     #[error("could not start a runtime thread: {0}")]
     Runtime(#[source] std::io::Error),
 }
@@ -48,8 +47,7 @@ pub enum FrontendLaunchError {
 /// A running frontend.
 pub struct FrontendServer {
     pub addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
-    shards: Vec<JoinHandle<()>>,
+    data_plane: runtime::DataPlane,
     control_rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -128,12 +126,7 @@ impl Admission {
 pub fn start(args: &FrontendArgs) -> Result<FrontendServer, FrontendLaunchError> {
     args.validate()?;
     let shards = args.http.shard_count();
-    let control_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("kvgate-control")
-        .enable_all()
-        .build()
-        .map_err(FrontendLaunchError::Runtime)?;
+    let control_rt = runtime::tokio_runtime("kvgate-control", 2).map_err(FrontendLaunchError::Runtime)?;
     let plane = TcpRequestPlane::new();
     let (index, writer) = KvIndex::new();
     let router_config = RouterConfig {
@@ -181,30 +174,17 @@ pub fn start(args: &FrontendArgs) -> Result<FrontendServer, FrontendLaunchError>
     }
     control_rt.spawn(control::run(fe.clone(), writer, admitted_rx, events, Arc::new(plane)));
 
-    let host_port = format!("{}:{}", args.http.http_host, args.http.http_port);
-    let bind_err = |source| FrontendLaunchError::Bind { addr: host_port.clone(), source };
-    let addr = host_port
-        .to_socket_addrs()
-        .map_err(bind_err)?
-        .next()
-        .ok_or_else(|| bind_err(std::io::Error::other("the address resolved to nothing")))?;
-    let (addr, listeners) = runtime::bind_listeners(addr, shards).map_err(bind_err)?;
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let shard_threads = runtime::spawn_shards(fe, listeners, shutdown_rx).map_err(FrontendLaunchError::Runtime)?;
+    let data_plane = runtime::DataPlane::start(fe, &args.http.http_host, args.http.http_port, shards)?;
+    let addr = data_plane.addr;
     tracing::info!(%addr, shards, namespace = %args.cluster.namespace, "kvgate frontend serving");
-    Ok(FrontendServer { addr, shutdown, shards: shard_threads, control_rt: Some(control_rt) })
+    Ok(FrontendServer { addr, data_plane, control_rt: Some(control_rt) })
 }
 
 impl FrontendServer {
     /// Stops accepting, drains in-flight requests, stops the control plane. Idempotent.
     pub fn shutdown(&mut self) {
-        let _ = self.shutdown.send(true);
-        for t in self.shards.drain(..) {
-            let _ = t.join();
-        }
-        if let Some(rt) = self.control_rt.take() {
-            let _ = std::thread::spawn(move || rt.shutdown_timeout(Duration::from_secs(1))).join();
-        }
+        self.data_plane.stop();
+        runtime::shutdown_tokio(self.control_rt.take());
     }
 }
 

@@ -94,3 +94,70 @@ pub fn spawn_shards<P: RequestPlane>(
     }
     Ok(threads)
 }
+
+/// The frontend could not start listening.
+#[derive(Debug, thiserror::Error)]
+#[error("could not listen on {addr}: {source}")]
+pub struct ListenError {
+    pub addr: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// A running data plane: one listener and thread per shard. Stopping it stops accepting and
+/// waits for in-flight requests to drain.
+pub struct DataPlane {
+    /// The bound address (the real port when started with port 0).
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl DataPlane {
+    /// Binds `host:port` once per shard and starts the shards.
+    pub fn start<P: RequestPlane>(fe: Arc<Frontend<P>>, host: &str, port: u16, shards: usize) -> Result<Self, ListenError> {
+        let host_port = format!("{host}:{port}");
+        let err = |source| ListenError { addr: host_port.clone(), source };
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&host_port)
+            .map_err(err)?
+            .next()
+            .ok_or_else(|| err(std::io::Error::other("the address resolved to nothing")))?;
+        let (addr, listeners) = bind_listeners(addr, shards).map_err(err)?;
+        let (shutdown, rx) = watch::channel(false);
+        let threads = spawn_shards(fe, listeners, rx).map_err(err)?;
+        Ok(Self { addr, shutdown, threads })
+    }
+
+    /// Stops accepting and joins the shards once their requests drained. Idempotent.
+    pub fn stop(&mut self) {
+        let _ = self.shutdown.send(true);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A tokio runtime of `threads` worker threads named `name` (the control plane, the engines).
+pub fn tokio_runtime(name: &str, threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(threads).thread_name(name).enable_all().build()
+}
+
+/// Shuts tokio runtimes down from a thread of their own: the caller may itself be inside an
+/// async runtime, where blocking on another's shutdown is refused.
+pub fn shutdown_tokio(runtimes: impl IntoIterator<Item = tokio::runtime::Runtime>) {
+    let rts: Vec<_> = runtimes.into_iter().collect();
+    if !rts.is_empty() {
+        let _ = std::thread::spawn(move || {
+            for rt in rts {
+                rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            }
+        })
+        .join();
+    }
+}
