@@ -12,6 +12,7 @@ pub mod recovery;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
@@ -20,6 +21,7 @@ use crate::kv::hash::BlockHasher;
 use crate::kv::index::KvIndex;
 use crate::metrics::{Metrics, WorkerGauge};
 use crate::preprocess::Preprocessor;
+use crate::protocol::WorkerId;
 use crate::router::{Candidate, Router, RouterConfig, WorkerLoad};
 
 /// The live workers of one model, replaced whole when discovery changes.
@@ -48,6 +50,10 @@ pub struct HttpLimits {
     pub migration_limit: u32,
 }
 
+/// A worker the request plane could not reach is left out of routing for this long (or until
+/// discovery drops it, when its lease expires).
+pub const WORKER_DOWN_FOR: Duration = Duration::from_secs(10);
+
 /// State shared by every shard.
 pub struct Frontend<P> {
     pub plane: P,
@@ -56,6 +62,9 @@ pub struct Frontend<P> {
     pub limits: HttpLimits,
     router_config: RouterConfig,
     models: ArcSwap<HashMap<String, Arc<ModelState>>>,
+    /// Workers found unreachable, and when. Written only on a failed dispatch (rare), read
+    /// lock-free by every routing decision while non-empty.
+    down: papaya::HashMap<WorkerId, Instant>,
 }
 
 impl<P> Frontend<P> {
@@ -67,6 +76,29 @@ impl<P> Frontend<P> {
             limits,
             router_config,
             models: ArcSwap::from_pointee(HashMap::new()),
+            down: papaya::HashMap::new(),
+        }
+    }
+
+    /// Takes a worker out of routing for [`WORKER_DOWN_FOR`]: it could not be reached.
+    pub fn mark_down(&self, worker: WorkerId) {
+        tracing::warn!(worker = %worker, "worker unreachable; leaving it out of routing");
+        self.down.pin().insert(worker, Instant::now());
+    }
+
+    /// Whether `worker` was found unreachable recently.
+    pub fn is_down(&self, worker: WorkerId) -> bool {
+        if self.down.is_empty() {
+            return false;
+        }
+        let down = self.down.pin();
+        match down.get(&worker) {
+            Some(t) if t.elapsed() < WORKER_DOWN_FOR => true,
+            Some(_) => {
+                down.remove(&worker);
+                false
+            }
+            None => false,
         }
     }
 

@@ -106,15 +106,21 @@ fn check_ids(ids: Vec<TokenId>, vocab: usize) -> Result<Vec<TokenId>, ApiError> 
     }
 }
 
-fn route(shard: &ShardCtx, model: &ModelState, prompt: &[TokenId], exclude: &[WorkerId], request_id: u64) -> Result<RouteDecision, ApiError> {
+fn route(
+    shard: &ShardCtx,
+    model: &ModelState,
+    prompt: &[TokenId],
+    exclude: impl Fn(WorkerId) -> bool,
+    request_id: u64,
+) -> Result<RouteDecision, ApiError> {
     let mut seq = shard.seq_scratch.borrow_mut();
     model.hasher.seq_hashes_into(prompt, &mut seq);
     let group = model.workers.load();
     let filtered: Vec<Candidate>;
-    let candidates = if exclude.is_empty() {
+    let candidates = if !group.candidates.iter().any(|c| exclude(c.id)) {
         &group.candidates[..]
     } else {
-        filtered = group.candidates.iter().filter(|c| !exclude.contains(&c.id)).cloned().collect();
+        filtered = group.candidates.iter().filter(|c| !exclude(c.id)).cloned().collect();
         &filtered[..]
     };
     if candidates.is_empty() {
@@ -163,8 +169,11 @@ impl<P: RequestPlane> Dispatch<P> {
     async fn send(&self, prompt: &[TokenId], max_tokens: u32, attempts: u32) -> Result<(ResponseStream, LoadGuard, WorkerId), ApiError> {
         let mut left = attempts.max(1);
         loop {
-            let exclude = self.failed.borrow().clone();
-            let decision = route(&self.shard, &self.model, prompt, &exclude, self.request_id)?;
+            let decision = {
+                let failed = self.failed.borrow();
+                let exclude = |w| failed.contains(&w) || self.fe.is_down(w);
+                route(&self.shard, &self.model, prompt, exclude, self.request_id)?
+            };
             let worker = decision.worker;
             let req = GenerateRequest {
                 request_id: self.request_id,
@@ -177,6 +186,7 @@ impl<P: RequestPlane> Dispatch<P> {
                 Err(e) => {
                     left -= 1;
                     self.failed.borrow_mut().push(worker);
+                    self.fe.mark_down(worker);
                     if left == 0 {
                         return Err(ApiError::Transport(e));
                     }
