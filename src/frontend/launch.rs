@@ -172,6 +172,9 @@ pub fn start(args: &FrontendArgs) -> Result<FrontendServer, FrontendLaunchError>
             }
         });
     }
+    // Shards must see the workers waited for from their first request: publish the current
+    // snapshot before listening (the control plane re-applies it, keeping the same loads).
+    fe.set_workers(&admitted_rx.borrow());
     control_rt.spawn(control::run(fe.clone(), writer, admitted_rx, events, Arc::new(plane)));
 
     let data_plane = runtime::DataPlane::start(fe, &args.http.http_host, args.http.http_port, shards)?;
