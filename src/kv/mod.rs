@@ -2,6 +2,7 @@
 //!
 //! - [`hash`]: Dynamo-compatible block and sequence hashes (pure functions).
 //! - [`events`]: the events workers publish when they store, evict or clear blocks.
+//! - [`codec`]: their wire format: rkyv archives validated (bytecheck) and read in place.
 //! - [`index`]: sequence hash → workers holding it; one writer, lock-free readers.
 
 pub mod codec;

@@ -62,7 +62,7 @@ pub struct KvIndexWriter {
     index: Arc<KvIndex>,
     /// The directory this writer last published (the same `Arc` readers load).
     directory: Arc<Directory>,
-    pub(super) workers: HashMap<WorkerId, WorkerState>,
+    pub(super) workers: HashMap<WorkerId, WorkerState, KeyedState>,
     pub(super) tombstones: Tombstones,
     unknown_removals: u64,
 }
@@ -198,7 +198,8 @@ impl KvIndexWriter {
         Ok(())
     }
 
-    /// `worker`'s state, created (and the worker added to the directory) on first use.
+    /// `worker`'s state, created (and the worker added to the directory) on first use. A join
+    /// copies the directory (O(workers)): joins are rare, lookups are not.
     fn state(&mut self, worker: WorkerId) -> &mut WorkerState {
         if !self.workers.contains_key(&worker) {
             if let Some(dir) = self.directory.with(worker) {
