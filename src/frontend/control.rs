@@ -34,6 +34,11 @@ use crate::worker::Recovery;
 const RECOVERY_BUFFER_EVENTS: usize = 8192;
 /// Recoveries whose results wait to be applied (one per worker at most is in flight).
 const RECOVERY_RESULTS_DEPTH: usize = 64;
+/// Every live worker is asked this often for the events after the last one applied. A worker
+/// whose last events were lost (a NATS restart, say) and that then goes idle shows no gap until
+/// it publishes again; this bounds how long the index can stay behind it. One small replay
+/// (usually empty) per worker per period.
+const KV_SYNC_INTERVAL: Duration = Duration::from_secs(10);
 /// After a failed recovery, a worker's events are applied as they come for this long before
 /// another recovery is tried (no storm of recoveries against a worker that cannot answer).
 const RECOVERY_BACKOFF: Duration = Duration::from_secs(1);
@@ -68,8 +73,16 @@ pub async fn run<P: Send + Sync + 'static, R: RecoverySource>(
     let first = discovery.borrow_and_update().clone();
     st.apply_snapshot(&mut known, &first);
     let mut discovery_open = true;
+    let mut sync = tokio::time::interval(KV_SYNC_INTERVAL);
+    sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    sync.tick().await;
     loop {
         tokio::select! {
+            _ = sync.tick() => {
+                for w in known.iter().copied().collect::<Vec<_>>() {
+                    st.sync(w);
+                }
+            }
             changed = discovery.changed(), if discovery_open => {
                 if changed.is_err() {
                     discovery_open = false;
@@ -134,8 +147,23 @@ impl<P, R: RecoverySource> State<'_, P, R> {
         }
         let since = self.writer.last_event_id(w).unwrap_or(0);
         tracing::info!(worker = %w, expected, got = event.event_id, since, "kv event gap; asking the worker to replay");
-        stream.recovering = true;
         stream.held.push(event);
+        self.start_recovery(w, since);
+    }
+
+    /// The periodic check of one worker: replay whatever came after the last event applied.
+    fn sync(&mut self, w: WorkerId) {
+        let stream = self.streams.entry(w).or_default();
+        if stream.recovering || stream.no_recovery_until.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let since = self.writer.last_event_id(w).unwrap_or(0);
+        self.start_recovery(w, since);
+    }
+
+    /// Holds `w`'s events from now on and asks it for everything after `since`.
+    fn start_recovery(&mut self, w: WorkerId, since: u64) {
+        self.streams.entry(w).or_default().recovering = true;
         let recovery = self.recovery.clone();
         let results = self.results.clone();
         tokio::spawn(async move {
@@ -150,6 +178,7 @@ impl<P, R: RecoverySource> State<'_, P, R> {
         let held = std::mem::take(&mut stream.held);
         let overflowed = std::mem::replace(&mut stream.overflowed, false);
         match result {
+            Ok(Recovery::Replay(events)) if events.is_empty() => {}
             Ok(Recovery::Replay(events)) => {
                 tracing::info!(worker = %worker, events = events.len(), "recovered by replay");
                 self.frontend.metrics.control.kv_recoveries_replay.fetch_add(1, Relaxed);
