@@ -17,9 +17,7 @@ const EVENTS: usize = 64;
 const BLOCKS_PER_EVENT: usize = 16;
 
 fn seq_hashes_4096_tokens(c: &mut Criterion) {
-    let tokens: Vec<u32> = (0..4096u32)
-        .map(|i| i.wrapping_mul(2_654_435_761) % 150_000)
-        .collect();
+    let tokens: Vec<u32> = (0..4096u32).map(|i| i.wrapping_mul(2_654_435_761) % 150_000).collect();
     let hasher = BlockHasher::new(16);
     let mut out = Vec::new();
     let mut g = c.benchmark_group("hashing");
@@ -48,10 +46,7 @@ fn stored_batch() -> Vec<KvEvent> {
             kind: KvEventKind::Stored {
                 parent: (i > 0).then(|| SeqHash(rand())),
                 blocks: (0..BLOCKS_PER_EVENT)
-                    .map(|_| StoredBlock {
-                        seq_hash: SeqHash(rand()),
-                        engine_hash: EngineHash(rand()),
-                    })
+                    .map(|_| StoredBlock { seq_hash: SeqHash(rand()), engine_hash: EngineHash(rand()) })
                     .collect(),
             },
         })
@@ -75,21 +70,15 @@ fn codec_64_stored_x_16_blocks(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("codec");
     g.throughput(Throughput::Elements(blocks as u64));
-    g.bench_function("encode/64x16", |b| {
-        b.iter(|| black_box(encode_batch(black_box(&events)).unwrap().len()))
-    });
-    g.bench_function("access/64x16/aligned", |b| {
-        b.iter(|| black_box(access_batch(black_box(&wire)).unwrap().len()))
-    });
+    g.bench_function("encode/64x16", |b| b.iter(|| black_box(encode_batch(black_box(&events)).unwrap().len())));
+    g.bench_function("access/64x16/aligned", |b| b.iter(|| black_box(access_batch(black_box(&wire)).unwrap().len())));
     g.bench_function("access/64x16/misaligned_copy", |b| {
         b.iter(|| {
             let payload = AlignedPayload::new(black_box(misaligned));
             black_box(payload.access().unwrap().len())
         })
     });
-    g.bench_function("decode/64x16", |b| {
-        b.iter(|| black_box(decode_batch(black_box(&wire)).unwrap().len()))
-    });
+    g.bench_function("decode/64x16", |b| b.iter(|| black_box(decode_batch(black_box(&wire)).unwrap().len())));
     g.finish();
 }
 

@@ -41,12 +41,7 @@ impl Feeder {
     fn send(&mut self, worker: u64, kind: KvEventKind) {
         let id = &mut self.next_id[worker as usize];
         *id += 1;
-        let event = KvEvent {
-            worker: WorkerId(worker),
-            event_id: *id,
-            timestamp_us: 0,
-            kind,
-        };
+        let event = KvEvent { worker: WorkerId(worker), event_id: *id, timestamp_us: 0, kind };
         self.writer.apply(&event).expect("in-order events");
         if self.logging {
             self.log.push(event);
@@ -55,27 +50,14 @@ impl Feeder {
 }
 
 fn stored(seqs: impl Iterator<Item = SeqHash>) -> KvEventKind {
-    let blocks = seqs
-        .map(|s| StoredBlock {
-            seq_hash: s,
-            engine_hash: EngineHash(s.0),
-        })
-        .collect();
-    KvEventKind::Stored {
-        parent: None,
-        blocks,
-    }
+    let blocks = seqs.map(|s| StoredBlock { seq_hash: s, engine_hash: EngineHash(s.0) }).collect();
+    KvEventKind::Stored { parent: None, blocks }
 }
 
 /// An index of `workers` workers and ~`TOTAL_PAIRS` pairs.
 fn build(workers: u64) -> (Arc<KvIndex>, Feeder) {
     let (index, writer) = KvIndex::new();
-    let mut f = Feeder {
-        writer,
-        next_id: vec![0; workers as usize + 1],
-        log: Vec::new(),
-        logging: true,
-    };
+    let mut f = Feeder { writer, next_id: vec![0; workers as usize + 1], log: Vec::new(), logging: true };
     let q = prompt();
     let per_worker = TOTAL_PAIRS / workers;
     let mut filler = 1u64 << 40;
@@ -129,17 +111,10 @@ fn apply(c: &mut Criterion) {
     let mut next = 1u64 << 50;
     g.bench_function("store_then_remove_64_new_blocks", |b| {
         b.iter(|| {
-            let seqs: Vec<SeqHash> = (next..next + EVENT_BLOCKS)
-                .map(|i| SeqHash(mix(i)))
-                .collect();
+            let seqs: Vec<SeqHash> = (next..next + EVENT_BLOCKS).map(|i| SeqHash(mix(i))).collect();
             next += EVENT_BLOCKS;
             f.send(extra, stored(seqs.iter().copied()));
-            f.send(
-                extra,
-                KvEventKind::Removed {
-                    engine_hashes: seqs.iter().map(|s| EngineHash(s.0)).collect(),
-                },
-            );
+            f.send(extra, KvEventKind::Removed { engine_hashes: seqs.iter().map(|s| EngineHash(s.0)).collect() });
         })
     });
     // The prompt's first blocks are held by all 64 workers: every update copies a 64-id set.
@@ -147,12 +122,7 @@ fn apply(c: &mut Criterion) {
     g.bench_function("store_then_remove_64_blocks_held_by_64_workers", |b| {
         b.iter(|| {
             f.send(extra, stored(shared.iter().copied()));
-            f.send(
-                extra,
-                KvEventKind::Removed {
-                    engine_hashes: shared.iter().map(|s| EngineHash(s.0)).collect(),
-                },
-            );
+            f.send(extra, KvEventKind::Removed { engine_hashes: shared.iter().map(|s| EngineHash(s.0)).collect() });
         })
     });
     g.finish();

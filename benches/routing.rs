@@ -16,21 +16,8 @@ const PROMPT_BLOCKS: u64 = 256;
 const FILLER_BLOCKS: u64 = 10_000;
 
 fn event(worker: u64, event_id: u64, seqs: impl Iterator<Item = u64>) -> KvEvent {
-    let blocks = seqs
-        .map(|s| StoredBlock {
-            seq_hash: SeqHash(s),
-            engine_hash: EngineHash(s),
-        })
-        .collect();
-    KvEvent {
-        worker: WorkerId(worker),
-        event_id,
-        timestamp_us: 0,
-        kind: KvEventKind::Stored {
-            parent: None,
-            blocks,
-        },
-    }
+    let blocks = seqs.map(|s| StoredBlock { seq_hash: SeqHash(s), engine_hash: EngineHash(s) }).collect();
+    KvEvent { worker: WorkerId(worker), event_id, timestamp_us: 0, kind: KvEventKind::Stored { parent: None, blocks } }
 }
 
 fn select(c: &mut Criterion) {
@@ -41,22 +28,11 @@ fn select(c: &mut Criterion) {
             let held = (w + 1) * PROMPT_BLOCKS / workers;
             writer.apply(&event(w, 1, 0..held)).unwrap();
             let base = (w + 1) << 32;
-            writer
-                .apply(&event(w, 2, base..base + FILLER_BLOCKS))
-                .unwrap();
+            writer.apply(&event(w, 2, base..base + FILLER_BLOCKS)).unwrap();
         }
-        let candidates: Vec<Candidate> = (0..workers)
-            .map(|w| Candidate {
-                id: WorkerId(w),
-                load: WorkerLoad::new(),
-            })
-            .collect();
-        let config = RouterConfig {
-            mode: RouterMode::Kv,
-            overlap_weight: 1.0,
-            temperature: 0.0,
-            block_size: BLOCK,
-        };
+        let candidates: Vec<Candidate> =
+            (0..workers).map(|w| Candidate { id: WorkerId(w), load: WorkerLoad::new() }).collect();
+        let config = RouterConfig { mode: RouterMode::Kv, overlap_weight: 1.0, temperature: 0.0, block_size: BLOCK };
         let router = Router::new(config, index);
         let seq: Vec<SeqHash> = (0..PROMPT_BLOCKS).map(SeqHash).collect();
         let mut rng = SmallRng::seed_from_u64(1);

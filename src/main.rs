@@ -55,7 +55,11 @@ fn main() -> anyhow::Result<()> {
             server.shutdown();
         }
         Command::Worker(args) => {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("kvgate-worker").enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("kvgate-worker")
+                .enable_all()
+                .build()?;
             if let Err(e) = rt.block_on(kvgate::worker::launch::run(args, async {
                 if let Err(e) = signal().await {
                     tracing::error!(error = %e, "signal handling failed; shutting down");

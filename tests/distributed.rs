@@ -54,13 +54,7 @@ impl Cluster {
         let ttl = LEASE_TTL.as_secs().to_string();
         let procs: Vec<KvgateProc> = (0..n)
             .map(|i| {
-                let mut args = vec![
-                    "worker",
-                    "--etcd-endpoints",
-                    &etcd_url,
-                    "--nats-server",
-                    &nats_url,
-                ];
+                let mut args = vec!["worker", "--etcd-endpoints", &etcd_url, "--nats-server", &nats_url];
                 args.extend(["--advertise-host", "127.0.0.1", "--lease-ttl", &ttl]);
                 args.extend_from_slice(worker_args);
                 KvgateProc::spawn(format!("worker {i}"), kvgate_command(&args))
@@ -78,12 +72,7 @@ impl Cluster {
         let frontend = FrontendProc::ready(frontend);
         // Ready means routable: `/health` lists every worker.
         frontend.wait_workers(n, READY_TIMEOUT);
-        Self {
-            frontend,
-            workers,
-            nats,
-            etcd,
-        }
+        Self { frontend, workers, nats, etcd }
     }
 
     /// A cluster serving the built-in mock model with fast workers.
@@ -101,10 +90,7 @@ impl Cluster {
 }
 
 fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .build()
-        .unwrap()
+    reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build().unwrap()
 }
 
 /// A response: status, the `x-kvgate-worker` header, the JSON body.
@@ -116,9 +102,7 @@ struct Reply {
 
 impl Reply {
     fn cached_tokens(&self) -> u64 {
-        self.body["usage"]["prompt_tokens_details"]["cached_tokens"]
-            .as_u64()
-            .unwrap_or(0)
+        self.body["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0)
     }
 
     fn prompt_tokens(&self) -> u64 {
@@ -127,36 +111,16 @@ impl Reply {
 }
 
 async fn post(c: &reqwest::Client, base: &str, path: &str, body: &Value) -> Result<Reply, String> {
-    let r = c
-        .post(format!("{base}{path}"))
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let r = c.post(format!("{base}{path}")).json(body).send().await.map_err(|e| format!("{e:?}"))?;
     let status = r.status().as_u16();
-    let worker = r
-        .headers()
-        .get("x-kvgate-worker")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let worker = r.headers().get("x-kvgate-worker").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let text = r.text().await.map_err(|e| format!("{e:?}"))?;
     let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    Ok(Reply {
-        status,
-        worker,
-        body,
-    })
+    Ok(Reply { status, worker, body })
 }
 
 /// A non-streaming chat completion that must succeed.
-async fn chat(
-    c: &reqwest::Client,
-    base: &str,
-    model: &str,
-    messages: Value,
-    max_tokens: u32,
-) -> Reply {
+async fn chat(c: &reqwest::Client, base: &str, model: &str, messages: Value, max_tokens: u32) -> Reply {
     let body = json!({"model": model, "messages": messages, "max_tokens": max_tokens});
     let r = post(c, base, "/v1/chat/completions", &body).await.unwrap();
     assert_eq!(r.status, 200, "chat completion failed: {}", r.body);
@@ -165,19 +129,9 @@ async fn chat(
 
 /// One metric's value from the frontend's `/metrics` (0 when absent).
 async fn metric(c: &reqwest::Client, base: &str, name: &str) -> f64 {
-    let text = c
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
     let prefix = format!("{name} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
 }
 
 /// Waits until the frontend's KV index holds at least `n` block-holder pairs.
@@ -188,10 +142,7 @@ async fn wait_index(c: &reqwest::Client, base: &str, n: u64, timeout: Duration) 
         if have >= n {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the KV index has {have} entries, not {n}, after {timeout:?}"
-        );
+        assert!(Instant::now() < deadline, "the KV index has {have} entries, not {n}, after {timeout:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -199,20 +150,14 @@ async fn wait_index(c: &reqwest::Client, base: &str, n: u64, timeout: Duration) 
 /// The worker ids under `/dynamo/workers/`, as `etcdctl get --prefix /dynamo/workers/` lists them.
 async fn etcd_worker_ids(endpoint: &str) -> Vec<String> {
     let mut client = EtcdClient::connect([endpoint], None).await.unwrap();
-    let resp = client
-        .get("/dynamo/workers/", Some(GetOptions::new().with_prefix()))
-        .await
-        .unwrap();
+    let resp = client.get("/dynamo/workers/", Some(GetOptions::new().with_prefix())).await.unwrap();
     let mut ids: Vec<String> = resp
         .kvs()
         .iter()
         .map(|kv| {
             let key = kv.key_str().unwrap();
             let value: Value = serde_json::from_slice(kv.value()).unwrap();
-            assert!(
-                value["address"].is_string(),
-                "{key} has no address: {value}"
-            );
+            assert!(value["address"].is_string(), "{key} has no address: {value}");
             key.rsplit('/').next().unwrap().to_string()
         })
         .collect();
@@ -227,9 +172,7 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 
 /// `data:` payloads of an SSE body.
 fn sse_payloads(body: &str) -> Vec<&str> {
-    body.split("\n\n")
-        .filter_map(|e| e.trim_start().strip_prefix("data: "))
-        .collect()
+    body.split("\n\n").filter_map(|e| e.trim_start().strip_prefix("data: ")).collect()
 }
 
 /// What a complete stream must show: content, one finish_reason, usage, then `[DONE]`.
@@ -241,12 +184,7 @@ struct StreamSummary {
 }
 
 fn summarize(body: &str, content_of: fn(&Value) -> Option<&str>) -> StreamSummary {
-    let mut s = StreamSummary {
-        text: String::new(),
-        finish_reasons: Vec::new(),
-        usage: None,
-        done: false,
-    };
+    let mut s = StreamSummary { text: String::new(), finish_reasons: Vec::new(), usage: None, done: false };
     for p in sse_payloads(body) {
         assert!(!s.done, "data after [DONE]: {p}");
         if p == "[DONE]" {
@@ -273,129 +211,57 @@ async fn four_workers_serve_through_the_frontend_and_are_listed_in_etcd() {
     let dir = common::qwen_dir();
     let model_path = dir.to_str().unwrap();
     let model = "Qwen/Qwen3-0.6B";
-    let worker_args = [
-        "--model-path",
-        model_path,
-        "--served-model-name",
-        model,
-        "--speedup-ratio",
-        "100",
-    ];
+    let worker_args = ["--model-path", model_path, "--served-model-name", model, "--speedup-ratio", "100"];
     let cluster = Cluster::start(4, &worker_args, &[]);
     let c = http();
     let ids = cluster.worker_ids();
 
     let etcd_ids = etcd_worker_ids(&cluster.etcd.endpoint()).await;
-    assert_eq!(
-        etcd_ids,
-        sorted(ids.clone()),
-        "etcd should list exactly the four workers"
-    );
+    assert_eq!(etcd_ids, sorted(ids.clone()), "etcd should list exactly the four workers");
 
     let messages = json!([{"role": "user", "content": "What is the capital of France?"}]);
     let r = chat(&c, cluster.base(), model, messages.clone(), 16).await;
     assert_eq!(r.prompt_tokens(), 15, "{}", r.body);
-    assert!(
-        ids.contains(&r.worker),
-        "served by {:?}, not one of {ids:?}",
-        r.worker
-    );
+    assert!(ids.contains(&r.worker), "served by {:?}, not one of {ids:?}", r.worker);
     assert_eq!(r.body["model"], model);
     assert_eq!(r.body["choices"][0]["message"]["role"], "assistant");
-    assert!(!r.body["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .is_empty());
-    assert!(matches!(
-        r.body["choices"][0]["finish_reason"].as_str(),
-        Some("stop" | "length")
-    ));
+    assert!(!r.body["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
+    assert!(matches!(r.body["choices"][0]["finish_reason"].as_str(), Some("stop" | "length")));
 
     let body = json!({"model": model, "messages": messages, "max_tokens": 16, "stream": true,
         "stream_options": {"include_usage": true}});
-    let resp = c
-        .post(format!("{}/v1/chat/completions", cluster.base()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = c.post(format!("{}/v1/chat/completions", cluster.base())).json(&body).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
-    let worker = resp.headers()["x-kvgate-worker"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let worker = resp.headers()["x-kvgate-worker"].to_str().unwrap().to_string();
     assert!(ids.contains(&worker));
-    let s = summarize(&resp.text().await.unwrap(), |c| {
-        c["delta"]["content"].as_str()
-    });
+    let s = summarize(&resp.text().await.unwrap(), |c| c["delta"]["content"].as_str());
     assert!(s.done, "the stream must end with [DONE]");
     assert!(!s.text.is_empty(), "no content streamed");
     assert_eq!(s.finish_reasons.len(), 1, "{:?}", s.finish_reasons);
     assert_eq!(s.usage.expect("usage chunk")["prompt_tokens"], 15);
 
-    let models: Value = c
-        .get(format!("{}/v1/models", cluster.base()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = c.get(format!("{}/v1/models", cluster.base())).send().await.unwrap().json().await.unwrap();
     assert_eq!(models["data"][0]["id"], model);
-    let health: Value = c
-        .get(format!("{}/health", cluster.base()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        health["models"][0]["workers"].as_array().unwrap().len(),
-        4,
-        "{health}"
-    );
+    let health: Value = c.get(format!("{}/health", cluster.base())).send().await.unwrap().json().await.unwrap();
+    assert_eq!(health["models"][0]["workers"].as_array().unwrap().len(), 4, "{health}");
 }
 
 /// Sends requests sharing [`LONG_PREFIX`] (tagged with `tag`, so the prefix is new) and checks
 /// they follow the cache: the first's blocks reach the index through NATS, then the rest go to
 /// the same worker and find their prefix cached. Returns the worker.
-async fn check_prefix_routing(
-    c: &reqwest::Client,
-    base: &str,
-    tag: &str,
-    followers: usize,
-) -> String {
+async fn check_prefix_routing(c: &reqwest::Client, base: &str, tag: &str, followers: usize) -> String {
     let system = format!("[{tag}] {LONG_PREFIX}");
-    let msgs =
-        |q: &str| json!([{"role": "system", "content": system}, {"role": "user", "content": q}]);
+    let msgs = |q: &str| json!([{"role": "system", "content": system}, {"role": "user", "content": q}]);
     let before = metric(c, base, "kvgate_kv_index_entries").await as u64;
     let first = chat(c, base, "kvgate-mock", msgs("Is the 7:42 on time?"), 4).await;
     let blocks = first.prompt_tokens() / 16;
-    assert!(
-        blocks >= 10,
-        "the shared prefix should span many blocks, not {blocks}"
-    );
+    assert!(blocks >= 10, "the shared prefix should span many blocks, not {blocks}");
     wait_index(c, base, before + blocks, RECOVERY_TIMEOUT).await;
     for i in 0..followers {
-        let r = chat(
-            c,
-            base,
-            "kvgate-mock",
-            msgs(&format!("Question {i}: which platform?")),
-            4,
-        )
-        .await;
-        assert_eq!(
-            r.worker, first.worker,
-            "[{tag}] request {i} left the worker that cached its prefix"
-        );
-        assert!(
-            r.cached_tokens() > 0,
-            "[{tag}] request {i} found nothing cached: {}",
-            r.body
-        );
+        let r = chat(c, base, "kvgate-mock", msgs(&format!("Question {i}: which platform?")), 4).await;
+        assert_eq!(r.worker, first.worker, "[{tag}] request {i} left the worker that cached its prefix");
+        assert!(r.cached_tokens() > 0, "[{tag}] request {i} found nothing cached: {}", r.body);
     }
     first.worker
 }
@@ -407,10 +273,7 @@ async fn shared_prefix_requests_go_to_the_worker_that_cached_it() {
     let w = check_prefix_routing(&c, cluster.base(), "prefix", 4).await;
     assert!(cluster.worker_ids().contains(&w));
     let hit = metric(&c, cluster.base(), "kvgate_cached_prompt_tokens_total").await;
-    assert!(
-        hit > 0.0,
-        "the frontend's metrics should count the cached prompt tokens"
-    );
+    assert!(hit > 0.0, "the frontend's metrics should count the cached prompt tokens");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,34 +285,18 @@ async fn killed_worker_stream_migrates_and_the_worker_leaves_discovery() {
     let max_tokens = 300u64;
     let body = json!({"model": "kvgate-mock", "prompt": LONG_PREFIX, "max_tokens": max_tokens,
         "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
-    let mut resp = c
-        .post(format!("{base}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let mut resp = c.post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    let victim = resp.headers()["x-kvgate-worker"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let victim = resp.headers()["x-kvgate-worker"].to_str().unwrap().to_string();
 
     let mut text = String::new();
     while sse_payloads(&text).len() < 20 {
-        let chunk = resp
-            .chunk()
-            .await
-            .unwrap()
-            .expect("the stream ended before the kill");
+        let chunk = resp.chunk().await.unwrap().expect("the stream ended before the kill");
         text.push_str(std::str::from_utf8(&chunk).unwrap());
     }
     // The index knows the victim holds the prompt, so requests sharing it are routed there.
     wait_index(&c, &base, 10, READY_TIMEOUT).await;
-    let i = cluster
-        .workers
-        .iter()
-        .position(|w| w.id == victim)
-        .expect("the header names a worker");
+    let i = cluster.workers.iter().position(|w| w.id == victim).expect("the header names a worker");
     let mut dead = cluster.workers.remove(i);
     dead.proc.kill();
     let killed_at = Instant::now();
@@ -468,39 +315,18 @@ async fn killed_worker_stream_migrates_and_the_worker_leaves_discovery() {
         text.push_str(std::str::from_utf8(&chunk).unwrap());
     }
     let s = summarize(&text, |c| c["text"].as_str());
-    assert!(
-        s.done,
-        "the stream must end with [DONE]; it ended:\n{}",
-        &text[text.len().saturating_sub(500)..]
-    );
+    assert!(s.done, "the stream must end with [DONE]; it ended:\n{}", &text[text.len().saturating_sub(500)..]);
     assert_eq!(s.finish_reasons, ["length"], "exactly one finish_reason");
     let usage = s.usage.expect("a usage chunk");
-    assert_eq!(
-        usage["completion_tokens"].as_u64(),
-        Some(max_tokens),
-        "{usage}"
-    );
-    assert!(
-        metric(&c, &base, "kvgate_migrations_total").await >= 1.0,
-        "the stream should have migrated"
-    );
+    assert_eq!(usage["completion_tokens"].as_u64(), Some(max_tokens), "{usage}");
+    assert!(metric(&c, &base, "kvgate_migrations_total").await >= 1.0, "the stream should have migrated");
 
     for h in after {
-        let r = h
-            .await
-            .unwrap()
-            .expect("request after the kill got no response");
+        let r = h.await.unwrap().expect("request after the kill got no response");
         assert_eq!(r.status, 200, "request after the kill failed: {}", r.body);
         assert_ne!(r.worker, victim, "served by the dead worker");
     }
-    let r = chat(
-        &c,
-        &base,
-        "kvgate-mock",
-        json!([{"role": "user", "content": "later"}]),
-        4,
-    )
-    .await;
+    let r = chat(&c, &base, "kvgate-mock", json!([{"role": "user", "content": "later"}]), 4).await;
     assert_ne!(r.worker, victim);
 
     let etcd = cluster.etcd.endpoint();
@@ -511,18 +337,10 @@ async fn killed_worker_stream_migrates_and_the_worker_leaves_discovery() {
             break;
         }
         let waited = killed_at.elapsed();
-        assert!(
-            waited < LEASE_TTL + LEASE_SLACK,
-            "the killed worker's key is still in etcd after {waited:?}"
-        );
+        assert!(waited < LEASE_TTL + LEASE_SLACK, "the killed worker's key is still in etcd after {waited:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let retried = cluster
-        .frontend
-        .proc
-        .output()
-        .matches("trying another")
-        .count();
+    let retried = cluster.frontend.proc.output().matches("trying another").count();
     eprintln!(
         "killed worker's key left etcd {:?} after the kill (lease TTL {LEASE_TTL:?}); {retried} requests retried on another worker",
         killed_at.elapsed()
@@ -542,9 +360,7 @@ const PREFIX_BLOCKS: u32 = 20;
 /// another worker publishes fresh events.
 async fn routing_recovers(c: &reqwest::Client, base: &str, tag: u32) -> Duration {
     let start = Instant::now();
-    let prefix: Vec<u32> = (0..PREFIX_BLOCKS * 16)
-        .map(|i| 32 + (i * 7 + tag * 13) % 90)
-        .collect();
+    let prefix: Vec<u32> = (0..PREFIX_BLOCKS * 16).map(|i| 32 + (i * 7 + tag * 13) % 90).collect();
     let request = |k: u32| {
         let mut prompt = prefix.clone();
         prompt.extend([32 + k % 90, 33 + k / 90 % 90, 10]);
@@ -557,8 +373,7 @@ async fn routing_recovers(c: &reqwest::Client, base: &str, tag: u32) -> Duration
         assert_eq!(r.status, 200, "{}", r.body);
         k += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
-        if metric(c, base, "kvgate_kv_index_entries").await as u64 >= before + PREFIX_BLOCKS as u64
-        {
+        if metric(c, base, "kvgate_kv_index_entries").await as u64 >= before + PREFIX_BLOCKS as u64 {
             break;
         }
         assert!(
@@ -567,16 +382,10 @@ async fn routing_recovers(c: &reqwest::Client, base: &str, tag: u32) -> Duration
         );
     }
     for i in 0..3 {
-        let r = post(c, base, "/v1/completions", &request(k + i))
-            .await
-            .unwrap();
+        let r = post(c, base, "/v1/completions", &request(k + i)).await.unwrap();
         assert_eq!(r.status, 200, "{}", r.body);
         let want = (PREFIX_BLOCKS * 16) as u64;
-        assert!(
-            r.cached_tokens() >= want,
-            "[{tag}] routed to a worker without the prefix: {}",
-            r.body
-        );
+        assert!(r.cached_tokens() >= want, "[{tag}] routed to a worker without the prefix: {}", r.body);
     }
     start.elapsed()
 }
@@ -618,12 +427,7 @@ impl LoadLoop {
                 })
             })
             .collect();
-        Self {
-            stop,
-            sent,
-            failures,
-            tasks,
-        }
+        Self { stop, sent, failures, tasks }
     }
 
     /// Stops, and asserts that every request succeeded.
@@ -634,16 +438,8 @@ impl LoadLoop {
         }
         let failures = self.failures.lock().unwrap();
         let sent = self.sent.load(Relaxed);
-        assert!(
-            failures.is_empty(),
-            "{what}: {} of {sent} requests failed: {:#?}",
-            failures.len(),
-            &failures[..]
-        );
-        assert!(
-            sent >= 20,
-            "{what}: only {sent} requests sent; the load loop did not run"
-        );
+        assert!(failures.is_empty(), "{what}: {} of {sent} requests failed: {:#?}", failures.len(), &failures[..]);
+        assert!(sent >= 20, "{what}: only {sent} requests sent; the load loop did not run");
         eprintln!("{what}: {sent} requests, none failed");
     }
 }
@@ -670,22 +466,8 @@ async fn nats_and_etcd_restarts_lose_no_request_and_routing_recovers() {
     eprintln!("routing checked {took:?} after etcd came back");
     // Past a lease TTL: the workers kept (or renewed) their leases through the restart.
     tokio::time::sleep(LEASE_TTL + LEASE_SLACK).await;
-    assert_eq!(
-        etcd_worker_ids(&cluster.etcd.endpoint()).await,
-        sorted(cluster.worker_ids())
-    );
+    assert_eq!(etcd_worker_ids(&cluster.etcd.endpoint()).await, sorted(cluster.worker_ids()));
     load.finish("etcd restart").await;
-    let health: Value = c
-        .get(format!("{base}/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        health["models"][0]["workers"].as_array().unwrap().len(),
-        3,
-        "{health}"
-    );
+    let health: Value = c.get(format!("{base}/health")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(health["models"][0]["workers"].as_array().unwrap().len(), 3, "{health}");
 }

@@ -39,8 +39,7 @@ fn ids(s: &WorkerSnapshot) -> Vec<u64> {
 
 /// What `etcdctl get --prefix /dynamo/workers/` would print: (key, decoded value).
 async fn etcd_get_prefix(d: &EtcdDiscovery) -> Vec<(String, WorkerInfo)> {
-    let resp =
-        d.client().get("/dynamo/workers/", Some(GetOptions::new().with_prefix())).await.unwrap();
+    let resp = d.client().get("/dynamo/workers/", Some(GetOptions::new().with_prefix())).await.unwrap();
     resp.kvs()
         .iter()
         .map(|kv| (kv.key_str().unwrap().to_string(), serde_json::from_slice(kv.value()).unwrap()))
@@ -71,14 +70,7 @@ async fn registered_workers_are_listed_watched_and_revoked() {
     assert!(m.contains(&w1) && m.contains(&w2), "the snapshot carries the registered values");
     let listed = etcd_get_prefix(&d).await;
     let keys: Vec<&str> = listed.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(
-        keys,
-        [
-            "/dynamo/workers/m/decode/2",
-            "/dynamo/workers/m/prefill/1",
-            "/dynamo/workers/m/x/aggregated/3"
-        ]
-    );
+    assert_eq!(keys, ["/dynamo/workers/m/decode/2", "/dynamo/workers/m/prefill/1", "/dynamo/workers/m/x/aggregated/3"]);
     assert!(listed.contains(&(worker_key(NS, &w2), w2.clone())), "value is the WorkerInfo JSON");
 
     r1.revoke().await.unwrap();
@@ -140,10 +132,7 @@ async fn the_watch_and_the_lease_survive_an_etcd_restart() {
             Err(e) => panic!("register after restart: {e}"),
         }
     };
-    wait_for(&mut rx, WAIT, "the watcher sees a worker registered after the restart", |s| {
-        ids(s) == [1, 2]
-    })
-    .await;
+    wait_for(&mut rx, WAIT, "the watcher sees a worker registered after the restart", |s| ids(s) == [1, 2]).await;
     r2.revoke().await.unwrap();
     wait_for(&mut rx, WAIT, "and a revoke after it", |s| ids(s) == [1]).await;
 
@@ -156,8 +145,7 @@ async fn the_watch_and_the_lease_survive_an_etcd_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_endpoints_and_names_fail_clearly() {
     let port = support::free_port();
-    let err =
-        EtcdDiscovery::connect(&[format!("http://127.0.0.1:{port}")], NS).await.err().unwrap();
+    let err = EtcdDiscovery::connect(&[format!("http://127.0.0.1:{port}")], NS).await.err().unwrap();
     assert!(err.to_string().contains("ETCD_ENDPOINTS"), "{err}");
     assert!(err.retryable());
     let err = EtcdDiscovery::connect(&["http://127.0.0.1:1".into()], "a/b").await.err().unwrap();

@@ -41,7 +41,12 @@ impl EventSubscriber for Lossy {
     }
 }
 
-async fn run_case(num_blocks: u64, drop: Arc<dyn Fn(usize) -> bool + Send + Sync>, rounds: usize, losing: Arc<AtomicBool>) -> (u64, u64) {
+async fn run_case(
+    num_blocks: u64,
+    drop: Arc<dyn Fn(usize) -> bool + Send + Sync>,
+    rounds: usize,
+    losing: Arc<AtomicBool>,
+) -> (u64, u64) {
     let page = 16u32;
     let (index, writer) = KvIndex::new();
     let (truth, truth_writer) = KvIndex::new();
@@ -49,7 +54,13 @@ async fn run_case(num_blocks: u64, drop: Arc<dyn Fn(usize) -> bool + Send + Sync
     let discovery = InProcessDiscovery::new();
     let (publisher, subscriber) = events::in_process();
     let cfg = RouterConfig { mode: RouterMode::Kv, overlap_weight: 1.0, temperature: 0.0, block_size: page };
-    let fe = Arc::new(Frontend::new(plane.clone(), index.clone(), cfg, HttpLimits { max_body_bytes: 1 << 20, migration_limit: 0 }, 1));
+    let fe = Arc::new(Frontend::new(
+        plane.clone(),
+        index.clone(),
+        cfg,
+        HttpLimits { max_body_bytes: 1 << 20, migration_limit: 0 },
+        1,
+    ));
     let recovery = Arc::new(InProcessRecovery::new());
     let seen = Arc::new(AtomicUsize::new(0));
     let lossy = Lossy { inner: subscriber, truth: truth_writer, seen: seen.clone(), drop };
@@ -105,7 +116,12 @@ async fn run_case(num_blocks: u64, drop: Arc<dyn Fn(usize) -> bool + Send + Sync
         if agree && index.cached_blocks(id) > 0 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the index never converged: {} vs {} blocks", index.cached_blocks(id), truth.cached_blocks(id));
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the index never converged: {} vs {} blocks",
+            index.cached_blocks(id),
+            truth.cached_blocks(id)
+        );
         let req = GenerateRequest {
             request_id: 9999,
             token_ids: prompts[0].clone(),

@@ -26,14 +26,9 @@ fn batch(worker: u64, first_id: u64, n: u64) -> Vec<KvEvent> {
             kind: match id % 3 {
                 0 => KvEventKind::Stored {
                     parent: Some(SeqHash(id)),
-                    blocks: vec![StoredBlock {
-                        seq_hash: SeqHash(id + 1),
-                        engine_hash: EngineHash(id),
-                    }],
+                    blocks: vec![StoredBlock { seq_hash: SeqHash(id + 1), engine_hash: EngineHash(id) }],
                 },
-                1 => {
-                    KvEventKind::Removed { engine_hashes: vec![EngineHash(id), EngineHash(id + 7)] }
-                }
+                1 => KvEventKind::Removed { engine_hashes: vec![EngineHash(id), EngineHash(id + 7)] },
                 _ => KvEventKind::Cleared,
             },
         })
@@ -48,10 +43,8 @@ async fn next(sub: &mut NatsSubscriber, within: Duration) -> Option<Vec<KvEvent>
 async fn batches_round_trip_and_garbage_is_skipped() {
     support::init_logs();
     let nats = Nats::start();
-    let (pub_client, sub_client) = (
-        connect(&nats.url(), "worker").await.unwrap(),
-        connect(&nats.url(), "frontend").await.unwrap(),
-    );
+    let (pub_client, sub_client) =
+        (connect(&nats.url(), "worker").await.unwrap(), connect(&nats.url(), "frontend").await.unwrap());
     let mut sub = NatsSubscriber::subscribe(&sub_client, NS, Some(MODEL)).await.unwrap();
     let mut every_model = NatsSubscriber::subscribe(&sub_client, NS, None).await.unwrap();
     sub_client.flush().await.unwrap(); // the SUBs reached the server
@@ -70,20 +63,12 @@ async fn batches_round_trip_and_garbage_is_skipped() {
     pub_client.flush().await.unwrap();
 
     for want in &sent {
-        assert_eq!(
-            next(&mut sub, WAIT).await.as_ref(),
-            Some(want),
-            "in order, other model not seen"
-        );
+        assert_eq!(next(&mut sub, WAIT).await.as_ref(), Some(want), "in order, other model not seen");
     }
     assert_eq!(malformed.load(Relaxed), 1, "garbage counted and skipped");
     assert_eq!(publisher.publish_errors(), 0);
 
-    assert_eq!(
-        next(&mut every_model, WAIT).await.unwrap()[0].worker,
-        WorkerId(9),
-        "wildcard sees every model"
-    );
+    assert_eq!(next(&mut every_model, WAIT).await.unwrap()[0].worker, WorkerId(9), "wildcard sees every model");
     for want in &sent {
         assert_eq!(next(&mut every_model, WAIT).await.as_ref(), Some(want));
     }
@@ -93,10 +78,8 @@ async fn batches_round_trip_and_garbage_is_skipped() {
 async fn the_subscriber_survives_a_nats_restart() {
     support::init_logs();
     let mut nats = Nats::start();
-    let (pub_client, sub_client) = (
-        connect(&nats.url(), "worker").await.unwrap(),
-        connect(&nats.url(), "frontend").await.unwrap(),
-    );
+    let (pub_client, sub_client) =
+        (connect(&nats.url(), "worker").await.unwrap(), connect(&nats.url(), "frontend").await.unwrap());
     let mut sub = NatsSubscriber::subscribe(&sub_client, NS, Some(MODEL)).await.unwrap();
     sub_client.flush().await.unwrap();
     let publisher = NatsPublisher::new(pub_client.clone(), NS, MODEL);
@@ -107,9 +90,7 @@ async fn the_subscriber_survives_a_nats_restart() {
 
     // Both clients reconnect by themselves; the subscription is re-sent by async-nats.
     let deadline = Instant::now() + WAIT;
-    while pub_client.connection_state() != State::Connected
-        || sub_client.connection_state() != State::Connected
-    {
+    while pub_client.connection_state() != State::Connected || sub_client.connection_state() != State::Connected {
         assert!(Instant::now() < deadline, "clients did not reconnect");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -24,19 +24,12 @@ const HOST_B: &str = "10.77.0.2";
 
 /// Runs `ip args`; its stderr on failure.
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run `ip`: {e}"))?;
+    let out =
+        Command::new("ip").args(args).stdin(Stdio::null()).output().map_err(|e| format!("cannot run `ip`: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(format!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
     }
 }
 
@@ -52,11 +45,7 @@ impl NetnsPair {
     /// Creates them, or says why it cannot.
     fn create() -> Result<Self, String> {
         let pid = std::process::id();
-        let mut pair = Self {
-            a: format!("kvgate-{pid}-a"),
-            b: format!("kvgate-{pid}-b"),
-            created: Vec::new(),
-        };
+        let mut pair = Self { a: format!("kvgate-{pid}-a"), b: format!("kvgate-{pid}-b"), created: Vec::new() };
         // Names are per process, so only a crashed earlier run with the same pid left these.
         let _ = ip(&["netns", "del", &pair.a]);
         let _ = ip(&["netns", "del", &pair.b]);
@@ -65,10 +54,7 @@ impl NetnsPair {
             pair.created.push(ns);
         }
         let (va, vb) = (format!("kvg{pid}a"), format!("kvg{pid}b"));
-        ip(&[
-            "link", "add", &va, "netns", &pair.a, "type", "veth", "peer", "name", &vb, "netns",
-            &pair.b,
-        ])?;
+        ip(&["link", "add", &va, "netns", &pair.a, "type", "veth", "peer", "name", &vb, "netns", &pair.b])?;
         for (ns, dev, addr) in [(&pair.a, &va, HOST_A), (&pair.b, &vb, HOST_B)] {
             ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
@@ -82,13 +68,7 @@ impl NetnsPair {
         let f = std::fs::File::open(format!("/var/run/netns/{}", self.a)).unwrap();
         // SAFETY: setns on an open namespace file; it affects only the calling thread.
         let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "setns into {}: {}",
-            self.a,
-            std::io::Error::last_os_error()
-        );
+        assert_eq!(rc, 0, "setns into {}: {}", self.a, std::io::Error::last_os_error());
     }
 }
 
@@ -106,13 +86,17 @@ impl Drop for NetnsPair {
 fn worker_on_another_host_serves_through_the_frontend() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED worker_on_another_host_serves_through_the_frontend: needs root to create network namespaces");
+        eprintln!(
+            "SKIPPED worker_on_another_host_serves_through_the_frontend: needs root to create network namespaces"
+        );
         return;
     }
     let pair = match NetnsPair::create() {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("SKIPPED worker_on_another_host_serves_through_the_frontend: network namespaces unavailable: {e}");
+            eprintln!(
+                "SKIPPED worker_on_another_host_serves_through_the_frontend: network namespaces unavailable: {e}"
+            );
             return;
         }
     };
@@ -131,57 +115,22 @@ fn two_hosts(pair: &NetnsPair) {
     let (etcd_url, nats_url) = (etcd.endpoint(), nats.url());
 
     let mut cmd = Command::new("ip");
-    cmd.args([
-        "netns",
-        "exec",
-        &pair.b,
-        KVGATE_BIN,
-        "worker",
-        "--advertise-host",
-        HOST_B,
-        "--lease-ttl",
-        "2",
-    ]);
-    cmd.args([
-        "--etcd-endpoints",
-        &etcd_url,
-        "--nats-server",
-        &nats_url,
-        "--speedup-ratio",
-        "100",
-    ]);
+    cmd.args(["netns", "exec", &pair.b, KVGATE_BIN, "worker", "--advertise-host", HOST_B, "--lease-ttl", "2"]);
+    cmd.args(["--etcd-endpoints", &etcd_url, "--nats-server", &nats_url, "--speedup-ratio", "100"]);
     support::hermetic_env(&mut cmd);
     let worker = WorkerProc::ready(KvgateProc::spawn("worker (host B)", cmd));
-    assert!(
-        worker.address.starts_with(&format!("{HOST_B}:")),
-        "advertised {}",
-        worker.address
-    );
+    assert!(worker.address.starts_with(&format!("{HOST_B}:")), "advertised {}", worker.address);
     // The worker really is on the other host: its port is not open on host A's loopback.
     let port: u16 = worker.address.rsplit(':').next().unwrap().parse().unwrap();
-    assert!(
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
-        "the worker listens in namespace A"
-    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "the worker listens in namespace A");
 
-    let args = [
-        "frontend",
-        "--http-host",
-        HOST_A,
-        "--http-port",
-        "0",
-        "--router-min-initial-workers",
-        "1",
-    ];
+    let args = ["frontend", "--http-host", HOST_A, "--http-port", "0", "--router-min-initial-workers", "1"];
     let mut cmd = kvgate_command(&args);
     cmd.args(["--etcd-endpoints", &etcd_url, "--nats-server", &nats_url]);
     let frontend = FrontendProc::ready(KvgateProc::spawn("frontend (host A)", cmd));
     frontend.wait_workers(1, std::time::Duration::from_secs(10));
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let c = reqwest::Client::new();
         let body = json!({"model": "kvgate-mock", "messages": [{"role": "user", "content": "Hello from host A"}],

@@ -24,7 +24,11 @@ fn venv_python() -> PathBuf {
     if !ready.exists() {
         let ok = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().map(|s| s.success()).unwrap_or(false);
         assert!(ok, "python3 -m venv failed (Debian: apt-get install python3-venv)");
-        let ok = Command::new(&py).args(["-m", "pip", "install", "-q", "openai>=1.40"]).status().map(|s| s.success()).unwrap_or(false);
+        let ok = Command::new(&py)
+            .args(["-m", "pip", "install", "-q", "openai>=1.40"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         assert!(ok, "pip install openai failed (PyPI must be reachable for this test)");
         std::fs::write(&ready, b"").unwrap();
     }

@@ -21,7 +21,8 @@ async fn builtin_model_chat_plain_and_streaming() {
     let s = serve(&args(&[]));
     let base = base_url(&s);
     let c = reqwest::Client::new();
-    let body = json!({"model": "kvgate-mock", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 20});
+    let body =
+        json!({"model": "kvgate-mock", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 20});
     let r = c.post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers().contains_key("x-kvgate-worker"));
@@ -107,7 +108,12 @@ async fn second_turn_goes_to_the_worker_that_cached_the_first() {
     let c = reqwest::Client::new();
     let system = "You are a meticulous assistant for a shipping company. Answer in two short sentences, cite the policy section, and never invent tracking numbers.";
     let turn1 = json!([{"role": "system", "content": system}, {"role": "user", "content": "Where is my parcel?"}]);
-    let r = c.post(format!("{base}/v1/chat/completions")).json(&json!({"model": "qwen", "messages": turn1, "max_tokens": 12})).send().await.unwrap();
+    let r = c
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"model": "qwen", "messages": turn1, "max_tokens": 12}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let first = r.headers()["x-kvgate-worker"].to_str().unwrap().to_string();
     let v: Value = r.json().await.unwrap();
@@ -117,7 +123,12 @@ async fn second_turn_goes_to_the_worker_that_cached_the_first() {
     let mut turn2 = turn1.as_array().unwrap().clone();
     turn2.push(json!({"role": "assistant", "content": answer}));
     turn2.push(json!({"role": "user", "content": "And when will it arrive?"}));
-    let r = c.post(format!("{base}/v1/chat/completions")).json(&json!({"model": "qwen", "messages": turn2, "max_tokens": 12})).send().await.unwrap();
+    let r = c
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"model": "qwen", "messages": turn2, "max_tokens": 12}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let second = r.headers()["x-kvgate-worker"].to_str().unwrap().to_string();
     let v: Value = r.json().await.unwrap();
@@ -159,9 +170,19 @@ async fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
     let cases: Vec<(reqwest::RequestBuilder, u16)> = vec![
         (c.post(&url).header("content-type", "application/json").body("{not json"), 400),
         (c.post(&url).json(&json!({"model": "kvgate-mock"})), 400),
-        (c.post(&url).json(&json!({"model": "kvgate-mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1})), 400),
+        (
+            c.post(&url).json(
+                &json!({"model": "kvgate-mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}),
+            ),
+            400,
+        ),
         (c.post(&url).json(&json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]})), 404),
-        (c.post(&url).json(&json!({"model": "kvgate-mock", "messages": [{"role": "user", "content": "hi"}], "temperature": 9})), 400),
+        (
+            c.post(&url).json(
+                &json!({"model": "kvgate-mock", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}),
+            ),
+            400,
+        ),
         (c.get(format!("{base}/v1/nothing")), 404),
         (c.get(&url), 405),
     ];
@@ -177,7 +198,12 @@ async fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
     assert_eq!(r.status(), 413);
     assert_openai_error(&r.json().await.unwrap());
     // Still serving.
-    let r = c.post(&url).json(&json!({"model": "kvgate-mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})).send().await.unwrap();
+    let r = c
+        .post(&url)
+        .json(&json!({"model": "kvgate-mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let h = c.get(format!("{base}/health")).send().await.unwrap();
     assert_eq!(h.status(), 200);
@@ -192,7 +218,8 @@ async fn stop_strings_never_leak_and_metrics_count() {
     let base = base_url(&s);
     let c = reqwest::Client::new();
     // Find what the model says, then stop on a piece of it.
-    let body = json!({"model": "kvgate-mock", "prompt": "The weather today", "max_tokens": 40, "ignore_eos": true, "seed": 7});
+    let body =
+        json!({"model": "kvgate-mock", "prompt": "The weather today", "max_tokens": 40, "ignore_eos": true, "seed": 7});
     let v: Value = c.post(format!("{base}/v1/completions")).json(&body).send().await.unwrap().json().await.unwrap();
     let full = v["choices"][0]["text"].as_str().unwrap().to_string();
     assert!(full.len() > 20, "{full:?}");
@@ -265,6 +292,11 @@ async fn without_migration_a_dying_worker_gives_a_clear_error() {
     assert_eq!(events.last().unwrap(), "[DONE]");
     assert!(events.iter().any(|e| e.contains("\"error\"")), "{text}");
     // No worker left: 503.
-    let r = c.post(format!("{base}/v1/completions")).json(&json!({"model": "kvgate-mock", "prompt": "x"})).send().await.unwrap();
+    let r = c
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({"model": "kvgate-mock", "prompt": "x"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
 }

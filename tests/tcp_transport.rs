@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvgate::frontend::recovery::{RecoveryError, RecoverySource};
-use kvgate::protocol::{
-    FinishReason, GenerateRequest, LoadReport, SamplingParams, WorkerId, WorkerOutput,
-};
+use kvgate::protocol::{FinishReason, GenerateRequest, LoadReport, SamplingParams, WorkerId, WorkerOutput};
 use kvgate::transport::frame::{self, Frame, StreamId};
 use kvgate::transport::tcp::{serve_worker, TcpRequestPlane, CONNECT_TIMEOUT};
 use kvgate::transport::{RequestPlane, ResponseStream, TransportError, WORKER_QUEUE_DEPTH};
@@ -40,29 +38,15 @@ async fn start_worker(id: u64) -> Worker {
     let id = WorkerId(id);
     let (inbox, rx) = mpsc::channel(WORKER_QUEUE_DEPTH);
     let (publisher, mut events) = kvgate::events::in_process();
-    tokio::spawn(async move {
-        while kvgate::events::EventSubscriber::next_batch(&mut events)
-            .await
-            .is_some()
-        {}
-    });
-    let args = MockerArgs {
-        speedup_ratio: 200.0,
-        ..MockerArgs::default()
-    };
+    tokio::spawn(async move { while kvgate::events::EventSubscriber::next_batch(&mut events).await.is_some() {} });
+    let args = MockerArgs { speedup_ratio: 200.0, ..MockerArgs::default() };
     let config = MockerConfig::from_args(&args, 16).unwrap();
     let handle = spawn_mocker(id, config, rx, publisher, (0..CORPUS).collect());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (shutdown, signal) = watch::channel(false);
     let server = tokio::spawn(serve_worker(listener, inbox, handle.control(), signal));
-    Worker {
-        id,
-        addr,
-        handle,
-        server,
-        shutdown,
-    }
+    Worker { id, addr, handle, server, shutdown }
 }
 
 fn plane_for(workers: &[(WorkerId, SocketAddr)]) -> TcpRequestPlane {
@@ -72,29 +56,16 @@ fn plane_for(workers: &[(WorkerId, SocketAddr)]) -> TcpRequestPlane {
 }
 
 fn request(i: u64, max_tokens: u32) -> GenerateRequest {
-    let sampling = SamplingParams {
-        max_tokens,
-        ignore_eos: true,
-        seed: Some(i),
-        ..SamplingParams::default()
-    };
+    let sampling = SamplingParams { max_tokens, ignore_eos: true, seed: Some(i), ..SamplingParams::default() };
     let token_ids = (0..64).map(|t| (i as u32) * 1000 + t).collect();
-    GenerateRequest {
-        request_id: i,
-        token_ids,
-        sampling,
-        eos_token_ids: vec![],
-    }
+    GenerateRequest { request_id: i, token_ids, sampling, eos_token_ids: vec![] }
 }
 
 /// Every output of a stream, up to and including its last.
 async fn collect(mut s: ResponseStream) -> Vec<WorkerOutput> {
     let mut out = Vec::new();
     while let Some(o) = s.recv().await {
-        let last = matches!(
-            o,
-            WorkerOutput::Finished { .. } | WorkerOutput::Error { .. }
-        );
+        let last = matches!(o, WorkerOutput::Finished { .. } | WorkerOutput::Error { .. });
         out.push(o);
         if last {
             break;
@@ -105,16 +76,8 @@ async fn collect(mut s: ResponseStream) -> Vec<WorkerOutput> {
 
 /// A complete stream: `Started`, `n` tokens counting up, `Finished { Length }`.
 fn assert_complete(outputs: &[WorkerOutput], n: u32) {
-    assert!(
-        matches!(outputs.first(), Some(WorkerOutput::Started { .. })),
-        "{outputs:?}"
-    );
-    assert_eq!(
-        outputs.last(),
-        Some(&WorkerOutput::Finished {
-            reason: FinishReason::Length
-        })
-    );
+    assert!(matches!(outputs.first(), Some(WorkerOutput::Started { .. })), "{outputs:?}");
+    assert_eq!(outputs.last(), Some(&WorkerOutput::Finished { reason: FinishReason::Length }));
     let tokens: Vec<u32> = outputs
         .iter()
         .filter_map(|o| match o {
@@ -134,18 +97,14 @@ async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
 }
 
 async fn within_time<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(limit, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} took over {limit:?}"))
+    tokio::time::timeout(limit, f).await.unwrap_or_else(|_| panic!("{what} took over {limit:?}"))
 }
 
 async fn idle(load: &mut watch::Receiver<LoadReport>) {
     within_time(
         PROMPTLY,
         "the worker to go idle",
-        load.wait_for(|l| {
-            l.running_requests == 0 && l.waiting_requests == 0 && l.active_blocks == 0
-        }),
+        load.wait_for(|l| l.running_requests == 0 && l.waiting_requests == 0 && l.active_blocks == 0),
     )
     .await
     .unwrap();
@@ -165,18 +124,9 @@ async fn concurrent_streams_arrive_whole_and_in_order_on_tokio() {
     let plane = plane_for(&[(w.id, w.addr)]);
     let mut streams = Vec::new();
     for i in 0..64 {
-        streams.push(
-            plane
-                .generate(w.id, request(i, 40 + i as u32))
-                .await
-                .unwrap(),
-        );
+        streams.push(plane.generate(w.id, request(i, 40 + i as u32)).await.unwrap());
     }
-    let all = within(
-        "64 streams",
-        futures::future::join_all(streams.into_iter().map(collect)),
-    )
-    .await;
+    let all = within("64 streams", futures::future::join_all(streams.into_iter().map(collect))).await;
     for (i, outputs) in all.iter().enumerate() {
         assert_complete(outputs, 40 + i as u32);
     }
@@ -202,12 +152,7 @@ async fn dropping_a_stream_cancels_it_on_the_worker() {
     for _ in 0..3 {
         s.recv().await.unwrap();
     }
-    within(
-        "the request to run",
-        w.handle.load.wait_for(|l| l.running_requests == 1),
-    )
-    .await
-    .unwrap();
+    within("the request to run", w.handle.load.wait_for(|l| l.running_requests == 1)).await.unwrap();
     drop(s);
     idle(&mut w.handle.load).await;
 }
@@ -221,20 +166,14 @@ async fn a_killed_worker_ends_open_streams_and_then_fails_fast() {
     w.server.abort();
     drop(w.handle);
     let rest = within_time(PROMPTLY, "the broken stream to end", collect(s)).await;
-    assert!(
-        matches!(rest.last(), Some(WorkerOutput::Error { .. })),
-        "{rest:?}"
-    );
+    assert!(matches!(rest.last(), Some(WorkerOutput::Error { .. })), "{rest:?}");
     for _ in 0..2 {
         let t = Instant::now();
         let again = plane.generate(w.id, request(2, 8)).await;
         assert!(matches!(again, Err(TransportError::WorkerGone(id)) if id == w.id));
         assert!(t.elapsed() < CONNECT_TIMEOUT, "took {:?}", t.elapsed());
     }
-    assert!(matches!(
-        plane.generate(WorkerId(99), request(3, 8)).await,
-        Err(TransportError::WorkerGone(_))
-    ));
+    assert!(matches!(plane.generate(WorkerId(99), request(3, 8)).await, Err(TransportError::WorkerGone(_))));
 }
 
 #[tokio::test]
@@ -246,14 +185,9 @@ async fn shutdown_drains_open_streams_and_refuses_new_ones() {
     assert!(matches!(s.recv().await, Some(WorkerOutput::Started { .. })));
     w.shutdown.send(true).unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let refused = within("a refused stream", async {
-        collect(plane.generate(w.id, request(2, 8)).await.unwrap()).await
-    })
-    .await;
-    assert!(
-        matches!(&refused[..], [WorkerOutput::Error { .. }]),
-        "{refused:?}"
-    );
+    let refused =
+        within("a refused stream", async { collect(plane.generate(w.id, request(2, 8)).await.unwrap()).await }).await;
+    assert!(matches!(&refused[..], [WorkerOutput::Error { .. }]), "{refused:?}");
     let mut rest = vec![WorkerOutput::Started { cached_tokens: 0 }];
     rest.extend(within("the draining stream", collect(s)).await);
     assert_complete(&rest, 2000);
@@ -263,15 +197,9 @@ async fn shutdown_drains_open_streams_and_refuses_new_ones() {
 /// A dump is stamped when it is taken; everything else must match exactly.
 fn without_dump_times(r: Recovery) -> Recovery {
     match r {
-        Recovery::Dump {
-            mut events,
-            last_event_id,
-        } => {
+        Recovery::Dump { mut events, last_event_id } => {
             events.iter_mut().for_each(|e| e.timestamp_us = 0);
-            Recovery::Dump {
-                events,
-                last_event_id,
-            }
+            Recovery::Dump { events, last_event_id }
         }
         replay => replay,
     }
@@ -296,10 +224,7 @@ async fn recovery_over_tcp_matches_the_workers_own_answer() {
         let remote = without_dump_times(plane.recover(w.id, since).await.unwrap());
         assert_eq!(remote, local, "since {since}");
     }
-    assert!(matches!(
-        plane.recover(WorkerId(99), 0).await,
-        Err(RecoveryError::Unknown(_))
-    ));
+    assert!(matches!(plane.recover(WorkerId(99), 0).await, Err(RecoveryError::Unknown(_))));
 }
 
 #[tokio::test]
@@ -308,9 +233,7 @@ async fn a_malformed_frame_gets_a_connection_error_and_a_close() {
     let mut raw = tokio::net::TcpStream::connect(w.addr).await.unwrap();
     raw.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
     let mut got = Vec::new();
-    within("the worker to close", raw.read_to_end(&mut got))
-        .await
-        .unwrap();
+    within("the worker to close", raw.read_to_end(&mut got)).await.unwrap();
     match frame::decode(&got).unwrap() {
         Some((Frame::Error { stream, message }, used)) => {
             assert_eq!((stream, used), (StreamId::CONNECTION, got.len()));
@@ -322,19 +245,12 @@ async fn a_malformed_frame_gets_a_connection_error_and_a_close() {
 
 #[test]
 fn streams_and_cancellation_on_a_monoio_shard() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let mut w = rt.block_on(start_worker(8));
     let plane = Arc::new(plane_for(&[(w.id, w.addr)]));
     let (id, mut load) = (w.id, w.handle.load.clone());
     let shard = std::thread::spawn(move || {
-        let mut shard = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
+        let mut shard = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap();
         shard.block_on(async move {
             let mut tasks = Vec::new();
             for i in 0..32 {
@@ -342,9 +258,7 @@ fn streams_and_cancellation_on_a_monoio_shard() {
                 tasks.push(monoio::spawn(collect(s)));
             }
             for (i, t) in tasks.into_iter().enumerate() {
-                let outputs = monoio::time::timeout(PATIENCE, t)
-                    .await
-                    .expect("a stream on the shard");
+                let outputs = monoio::time::timeout(PATIENCE, t).await.expect("a stream on the shard");
                 assert_complete(&outputs, 30 + i as u32);
             }
             let mut s = plane.generate(id, request(99, LONG)).await.unwrap();
@@ -354,10 +268,7 @@ fn streams_and_cancellation_on_a_monoio_shard() {
             // The connection stays open: only the relay's Cancel can free the request.
             drop(s);
             let idle = load.wait_for(|l| l.running_requests == 0 && l.active_blocks == 0);
-            monoio::time::timeout(PROMPTLY, idle)
-                .await
-                .expect("cancelled from the shard")
-                .unwrap();
+            monoio::time::timeout(PROMPTLY, idle).await.expect("cancelled from the shard").unwrap();
         });
     });
     shard.join().expect("the shard's assertions hold");

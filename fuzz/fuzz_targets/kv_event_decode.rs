@@ -20,9 +20,6 @@ fuzz_target!(|data: &[u8]| {
         let events: Vec<KvEvent> = batch.iter().map(KvEvent::from).collect();
         assert_eq!(decode_batch(bytes).expect("accessed, so decodes"), events);
         let wire = encode_batch(&events).expect("an accepted batch re-encodes");
-        assert_eq!(
-            decode_batch(&wire).expect("re-encoded batch decodes"),
-            events
-        );
+        assert_eq!(decode_batch(&wire).expect("re-encoded batch decodes"), events);
     }
 });

@@ -31,10 +31,9 @@ pub fn threads_cpu(pid: u32) -> io::Result<BTreeMap<String, Duration>> {
     let mut out = BTreeMap::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let dir = t?.path();
-        let (Ok(comm), Ok(cpu)) = (
-            std::fs::read_to_string(dir.join("comm")),
-            stat_cpu(&dir.join("stat").to_string_lossy()),
-        ) else {
+        let (Ok(comm), Ok(cpu)) =
+            (std::fs::read_to_string(dir.join("comm")), stat_cpu(&dir.join("stat").to_string_lossy()))
+        else {
             continue; // the thread exited meanwhile
         };
         let comm = comm.trim();
@@ -62,11 +61,7 @@ pub struct ServerCpu {
 
 impl ServerProbe {
     pub fn start(pid: u32) -> io::Result<Self> {
-        Ok(Self {
-            pid,
-            total: process_cpu(pid)?,
-            threads: threads_cpu(pid).unwrap_or_default(),
-        })
+        Ok(Self { pid, total: process_cpu(pid)?, threads: threads_cpu(pid).unwrap_or_default() })
     }
 
     pub fn finish(&self) -> io::Result<ServerCpu> {
@@ -85,12 +80,10 @@ fn stat_cpu(path: &str) -> io::Result<Duration> {
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| -> io::Result<u64> {
-        fields.get(i).and_then(|f| f.parse().ok()).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{path}: no field {}", i + 3),
-            )
-        })
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: no field {}", i + 3)))
     };
     // utime and stime are fields 14 and 15 (1-based), in clock ticks
     let total = ticks(11)? + ticks(12)?;
@@ -111,9 +104,6 @@ mod tests {
         std::hint::black_box(x);
         let a = super::self_cpu();
         let b = super::process_cpu(std::process::id()).unwrap();
-        assert!(
-            a.as_secs_f64() - b.as_secs_f64() < 0.05 + a.as_secs_f64() * 0.1,
-            "{a:?} vs {b:?}"
-        );
+        assert!(a.as_secs_f64() - b.as_secs_f64() < 0.05 + a.as_secs_f64() * 0.1, "{a:?} vs {b:?}");
     }
 }

@@ -139,16 +139,11 @@ impl Driver {
                 drop(permit);
             });
         }
-        let _all = sem
-            .acquire_many(max_inflight as u32)
-            .await
-            .expect("never closed");
+        let _all = sem.acquire_many(max_inflight as u32).await.expect("never closed");
     }
 
     async fn closed(self: &Rc<Self>, jobs: Vec<Scheduled>, concurrency: usize) {
-        let queue = Rc::new(RefCell::new(
-            jobs.into_iter().map(|s| s.job).collect::<VecDeque<_>>(),
-        ));
+        let queue = Rc::new(RefCell::new(jobs.into_iter().map(|s| s.job).collect::<VecDeque<_>>()));
         let tasks: Vec<_> = (0..concurrency)
             .map(|_| {
                 let (me, queue) = (self.clone(), queue.clone());
@@ -189,15 +184,9 @@ impl Driver {
                 text.push_str("assistant:");
                 Prompt::Text(text)
             };
-            let spec = RequestSpec {
-                prompt,
-                max_tokens: s.max_tokens,
-            };
+            let spec = RequestSpec { prompt, max_tokens: s.max_tokens };
             let due = if turn == 0 { due } else { None };
-            match self
-                .request(&spec, due, Some((s.id, turn as u32)), true)
-                .await
-            {
+            match self.request(&spec, due, Some((s.id, turn as u32)), true).await {
                 Some(answer) => history.push(("assistant", answer)),
                 None => return,
             }
@@ -215,26 +204,16 @@ impl Driver {
         let (path, body) = render(&self.model, &spec.prompt, spec.max_tokens, self.space);
         let t0 = Instant::now();
         let mut out = Outcome::default();
-        let result = tokio::time::timeout(
-            self.timeout,
-            self.exchange(path, &body, t0, collect, &mut out),
-        )
-        .await;
+        let result = tokio::time::timeout(self.timeout, self.exchange(path, &body, t0, collect, &mut out)).await;
         let e2e = t0.elapsed();
         let error = match result {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e),
-            Err(_) => Some((
-                "timeout",
-                format!("no end of stream after {:?}", self.timeout),
-            )),
+            Err(_) => Some(("timeout", format!("no end of stream after {:?}", self.timeout))),
         };
-        let (prompt_tokens, output_tokens, cached_tokens) =
-            out.usage.unwrap_or((0, out.content_chunks, 0));
+        let (prompt_tokens, output_tokens, cached_tokens) = out.usage.unwrap_or((0, out.content_chunks, 0));
         let tpot_ms = match (out.ttft, out.last) {
-            (Some(f), Some(l)) if output_tokens > 1 => {
-                Some((l - f).as_secs_f64() * 1e3 / f64::from(output_tokens - 1))
-            }
+            (Some(f), Some(l)) if output_tokens > 1 => Some((l - f).as_secs_f64() * 1e3 / f64::from(output_tokens - 1)),
             _ => None,
         };
         let rec = Record {
@@ -273,11 +252,7 @@ impl Driver {
         collect: bool,
         out: &mut Outcome,
     ) -> Result<(), (&'static str, String)> {
-        let resp = self
-            .client
-            .post(path, body)
-            .await
-            .map_err(|e| ("connect", e.to_string()))?;
+        let resp = self.client.post(path, body).await.map_err(|e| ("connect", e.to_string()))?;
         out.worker = resp.worker.clone();
         if resp.status != 200 {
             let status = resp.status;
@@ -286,10 +261,7 @@ impl Driver {
         }
         let mut sse = resp.sse();
         loop {
-            let data = sse
-                .next_data()
-                .await
-                .map_err(|e| ("stream", e.to_string()))?;
+            let data = sse.next_data().await.map_err(|e| ("stream", e.to_string()))?;
             let Some(data) = data else {
                 return Err(("stream", "the stream ended without [DONE]".into()));
             };
@@ -310,10 +282,7 @@ impl Driver {
                 return Err(("stream_error", String::from_utf8_lossy(data).into_owned()));
             }
             if let Some(u) = chunk.usage {
-                let cached = u
-                    .prompt_tokens_details
-                    .and_then(|d| d.cached_tokens)
-                    .unwrap_or(0);
+                let cached = u.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0);
                 out.usage = Some((u.prompt_tokens, u.completion_tokens, cached));
             }
             for c in chunk.choices {

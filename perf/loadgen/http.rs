@@ -83,11 +83,7 @@ impl Client {
             .map_err(|e| anyhow::anyhow!("--url {url:?}: {e}"))?
             .next()
             .ok_or_else(|| anyhow::anyhow!("--url {url:?}: no address"))?;
-        Ok(Rc::new(Self {
-            addr,
-            host: hostport.to_string(),
-            idle: RefCell::new(Vec::new()),
-        }))
+        Ok(Rc::new(Self { addr, host: hostport.to_string(), idle: RefCell::new(Vec::new()) }))
     }
 
     async fn connect(&self) -> io::Result<BufReader<TcpStream>> {
@@ -100,9 +96,7 @@ impl Client {
     /// retried once on a new connection (the request was never seen by the server).
     pub async fn post(self: &Rc<Self>, path: &str, body: &[u8]) -> io::Result<Response> {
         let mut msg = Vec::with_capacity(body.len() + 160);
-        msg.extend_from_slice(
-            format!("POST {path} HTTP/1.1\r\nhost: {}\r\n", self.host).as_bytes(),
-        );
+        msg.extend_from_slice(format!("POST {path} HTTP/1.1\r\nhost: {}\r\n", self.host).as_bytes());
         msg.extend_from_slice(b"content-type: application/json\r\naccept: text/event-stream\r\n");
         msg.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
         msg.extend_from_slice(body);
@@ -126,24 +120,13 @@ impl Client {
     ) -> Result<Response, (io::Error, bool)> {
         conn.get_mut().write_all(msg).await.map_err(|e| (e, true))?;
         let mut line = Vec::with_capacity(128);
-        let n = read_line(&mut conn, &mut line)
-            .await
-            .map_err(|e| (e, true))?;
+        let n = read_line(&mut conn, &mut line).await.map_err(|e| (e, true))?;
         if n == 0 {
             return Err((io::ErrorKind::UnexpectedEof.into(), true));
         }
         let head = read_head(&mut conn, &line).await.map_err(|e| (e, false))?;
-        let body = Body {
-            client: self.clone(),
-            conn: Some(conn),
-            framing: head.framing,
-            keep_alive: head.keep_alive,
-        };
-        Ok(Response {
-            status: head.status,
-            worker: head.worker,
-            body,
-        })
+        let body = Body { client: self.clone(), conn: Some(conn), framing: head.framing, keep_alive: head.keep_alive };
+        Ok(Response { status: head.status, worker: head.worker, body })
     }
 
     fn give_back(&self, conn: BufReader<TcpStream>) {
@@ -156,10 +139,7 @@ impl Client {
 
 fn is_stale(e: &io::Error) -> bool {
     use io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted
-    )
+    matches!(e.kind(), UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted)
 }
 
 struct Head {
@@ -172,16 +152,9 @@ struct Head {
 /// Reads one line (through `\n`) into `line`, replacing its content; 0 at EOF.
 async fn read_line(conn: &mut BufReader<TcpStream>, line: &mut Vec<u8>) -> io::Result<usize> {
     line.clear();
-    let n = (&mut *conn)
-        .take(MAX_LINE_BYTES as u64)
-        .read_until(b'\n', line)
-        .await?;
+    let n = (&mut *conn).take(MAX_LINE_BYTES as u64).read_until(b'\n', line).await?;
     if n > 0 && line.last() != Some(&b'\n') {
-        return Err(protocol(if n >= MAX_LINE_BYTES {
-            "line too long"
-        } else {
-            "truncated line"
-        }));
+        return Err(protocol(if n >= MAX_LINE_BYTES { "line too long" } else { "truncated line" }));
     }
     while matches!(line.last(), Some(b'\n' | b'\r')) {
         line.pop();
@@ -197,12 +170,7 @@ async fn read_head(conn: &mut BufReader<TcpStream>, status_line: &[u8]) -> io::R
     let (Some(status), true) = (status, version.starts_with("HTTP/1.")) else {
         return Err(protocol(format!("bad status line {s:?}")));
     };
-    let mut head = Head {
-        status,
-        worker: None,
-        framing: Framing::UntilClose,
-        keep_alive: version == "HTTP/1.1",
-    };
+    let mut head = Head { status, worker: None, framing: Framing::UntilClose, keep_alive: version == "HTTP/1.1" };
     let mut line = Vec::with_capacity(128);
     for _ in 0..MAX_HEADERS {
         if read_line(conn, &mut line).await? == 0 {
@@ -218,16 +186,12 @@ async fn read_head(conn: &mut BufReader<TcpStream>, status_line: &[u8]) -> io::R
         let value = value.trim();
         match name.trim().to_ascii_lowercase().as_str() {
             "content-length" => {
-                let n = value
-                    .parse()
-                    .map_err(|_| protocol(format!("bad content-length {value:?}")))?;
+                let n = value.parse().map_err(|_| protocol(format!("bad content-length {value:?}")))?;
                 if !matches!(head.framing, Framing::Chunked { .. }) {
                     head.framing = Framing::Length(n);
                 }
             }
-            "transfer-encoding" if value.eq_ignore_ascii_case("chunked") => {
-                head.framing = Framing::Chunked { left: 0 }
-            }
+            "transfer-encoding" if value.eq_ignore_ascii_case("chunked") => head.framing = Framing::Chunked { left: 0 },
             "connection" if value.eq_ignore_ascii_case("close") => head.keep_alive = false,
             "x-kvgate-worker" => head.worker = Some(value.to_string()),
             _ => {}
@@ -324,11 +288,7 @@ impl Body {
 impl Response {
     /// The body as an event stream.
     pub fn sse(self) -> Sse {
-        Sse {
-            body: self.body,
-            buf: Vec::with_capacity(READ_BUFFER_BYTES),
-            start: 0,
-        }
+        Sse { body: self.body, buf: Vec::with_capacity(READ_BUFFER_BYTES), start: 0 }
     }
 
     /// The whole body (bounded by [`MAX_BODY_BYTES`]) as text, lossily decoded.

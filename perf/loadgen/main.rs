@@ -162,52 +162,28 @@ enum WorkloadCmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
     let c = &cli.common;
-    ensure!(
-        c.token_id_min <= c.token_id_max,
-        "--token-id-min must not exceed --token-id-max"
-    );
-    ensure!(
-        c.request_timeout_s.is_finite() && c.request_timeout_s > 0.0,
-        "--request-timeout-s must be > 0"
-    );
+    ensure!(c.token_id_min <= c.token_id_max, "--token-id-min must not exceed --token-id-max");
+    ensure!(c.request_timeout_s.is_finite() && c.request_timeout_s > 0.0, "--request-timeout-s must be > 0");
     if let Some(r) = c.request_rate {
-        ensure!(
-            r.is_finite() && r > 0.0,
-            "--request-rate must be a number > 0"
-        );
+        ensure!(r.is_finite() && r > 0.0, "--request-rate must be a number > 0");
     }
     let mode = match c.concurrency {
         Some(n) => {
-            ensure!(
-                (1..=MAX_INFLIGHT).contains(&n),
-                "--concurrency must be in 1..={MAX_INFLIGHT}"
-            );
+            ensure!((1..=MAX_INFLIGHT).contains(&n), "--concurrency must be in 1..={MAX_INFLIGHT}");
             Loop::Closed { concurrency: n }
         }
         None => {
-            ensure!(
-                (1..=MAX_INFLIGHT).contains(&c.max_inflight),
-                "--max-inflight must be in 1..={MAX_INFLIGHT}"
-            );
-            Loop::Open {
-                max_inflight: c.max_inflight,
-            }
+            ensure!((1..=MAX_INFLIGHT).contains(&c.max_inflight), "--max-inflight must be in 1..={MAX_INFLIGHT}");
+            Loop::Open { max_inflight: c.max_inflight }
         }
     };
     let jobs = build_jobs(&cli)?;
     tracing::info!("{} jobs, {:?}", jobs.len(), mode);
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, run(&cli.common, jobs, mode))
 }
@@ -217,19 +193,9 @@ fn build_jobs(cli: &Cli) -> anyhow::Result<Vec<workload::Scheduled>> {
     let mut arrivals = Arrivals::new(c.request_rate, c.seed);
     let closed_or_rate = c.concurrency.is_some() || c.request_rate.is_some();
     Ok(match &cli.workload {
-        WorkloadCmd::Mooncake {
-            trace,
-            block_size,
-            max_requests,
-            time_scale,
-            max_output_tokens,
-            max_input_tokens,
-        } => {
+        WorkloadCmd::Mooncake { trace, block_size, max_requests, time_scale, max_output_tokens, max_input_tokens } => {
             ensure!(*block_size > 0, "--block-size must be > 0");
-            ensure!(
-                time_scale.is_finite() && *time_scale >= 0.0,
-                "--time-scale must be a number >= 0"
-            );
+            ensure!(time_scale.is_finite() && *time_scale >= 0.0, "--time-scale must be a number >= 0");
             let o = workload::TraceOptions {
                 block_size: *block_size,
                 max_requests: max_requests.unwrap_or(usize::MAX),
@@ -246,18 +212,8 @@ fn build_jobs(cli: &Cli) -> anyhow::Result<Vec<workload::Scheduled>> {
             }
             jobs
         }
-        WorkloadCmd::SharedPrefix {
-            requests,
-            groups,
-            prefix_tokens,
-            suffix_tokens,
-            output_tokens,
-            chat,
-        } => {
-            ensure!(
-                closed_or_rate,
-                "give --concurrency (closed loop) or --request-rate (open loop)"
-            );
+        WorkloadCmd::SharedPrefix { requests, groups, prefix_tokens, suffix_tokens, output_tokens, chat } => {
+            ensure!(closed_or_rate, "give --concurrency (closed loop) or --request-rate (open loop)");
             let o = workload::SharedPrefixOptions {
                 requests: *requests,
                 groups: *groups,
@@ -269,19 +225,8 @@ fn build_jobs(cli: &Cli) -> anyhow::Result<Vec<workload::Scheduled>> {
             };
             workload::shared_prefix(&o, &mut arrivals)
         }
-        WorkloadCmd::Sessions {
-            sessions,
-            turns,
-            groups,
-            system_words,
-            user_words,
-            output_tokens,
-            completions,
-        } => {
-            ensure!(
-                closed_or_rate,
-                "give --concurrency (closed loop) or --request-rate (open loop)"
-            );
+        WorkloadCmd::Sessions { sessions, turns, groups, system_words, user_words, output_tokens, completions } => {
+            ensure!(closed_or_rate, "give --concurrency (closed loop) or --request-rate (open loop)");
             let o = workload::SessionOptions {
                 sessions: *sessions,
                 turns: *turns,
@@ -299,20 +244,13 @@ fn build_jobs(cli: &Cli) -> anyhow::Result<Vec<workload::Scheduled>> {
 
 async fn run(c: &Common, jobs: Vec<workload::Scheduled>, mode: Loop) -> anyhow::Result<()> {
     let client = http::Client::new(&c.url)?;
-    let probe = c
-        .server_pid
-        .map(cpu::ServerProbe::start)
-        .transpose()
-        .context("--server-pid")?;
+    let probe = c.server_pid.map(cpu::ServerProbe::start).transpose().context("--server-pid")?;
     let cpu0 = cpu::self_cpu();
     let start = Instant::now();
     let driver = Rc::new(Driver {
         client,
         model: c.model.clone(),
-        space: TokenSpace {
-            lo: c.token_id_min,
-            hi: c.token_id_max,
-        },
+        space: TokenSpace { lo: c.token_id_min, hi: c.token_id_max },
         timeout: Duration::from_secs_f64(c.request_timeout_s),
         start,
         results: RefCell::new(Default::default()),
@@ -325,12 +263,7 @@ async fn run(c: &Common, jobs: Vec<workload::Scheduled>, mode: Loop) -> anyhow::
                 tokio::time::sleep(every).await;
                 let r = d.results.borrow();
                 let errors = r.records.iter().filter(|x| x.error.is_some()).count();
-                tracing::info!(
-                    "{:.0} s: {} done, {} errors",
-                    d.start.elapsed().as_secs_f64(),
-                    r.records.len(),
-                    errors
-                );
+                tracing::info!("{:.0} s: {} done, {} errors", d.start.elapsed().as_secs_f64(), r.records.len(), errors);
             }
         })
     });
@@ -340,10 +273,7 @@ async fn run(c: &Common, jobs: Vec<workload::Scheduled>, mode: Loop) -> anyhow::
         p.abort();
     }
     let loadgen_cpu_s = (cpu::self_cpu() - cpu0).as_secs_f64();
-    let server = probe
-        .map(|p| p.finish())
-        .transpose()
-        .context("--server-pid")?;
+    let server = probe.map(|p| p.finish()).transpose().context("--server-pid")?;
     let results = driver.results.borrow();
     let cpu = report::Cpu::new(loadgen_cpu_s, c.server_pid, server, results.records.len());
     let summary = report::summarize(c.label.clone(), &results, duration_s, cpu);
@@ -354,8 +284,7 @@ async fn run(c: &Common, jobs: Vec<workload::Scheduled>, mode: Loop) -> anyhow::
     }
     if let Some(path) = &c.requests_out {
         use std::io::Write;
-        let f = std::fs::File::create(path)
-            .with_context(|| format!("--requests-out {}", path.display()))?;
+        let f = std::fs::File::create(path).with_context(|| format!("--requests-out {}", path.display()))?;
         let mut w = std::io::BufWriter::new(f);
         for r in &results.records {
             serde_json::to_writer(&mut w, r)?;
@@ -363,9 +292,6 @@ async fn run(c: &Common, jobs: Vec<workload::Scheduled>, mode: Loop) -> anyhow::
         }
         w.flush()?;
     }
-    ensure!(
-        summary.ok > 0 || summary.requests == 0,
-        "no request succeeded"
-    );
+    ensure!(summary.ok > 0 || summary.requests == 0, "no request succeeded");
     Ok(())
 }

@@ -59,29 +59,15 @@ pub struct Cpu {
 }
 
 impl Cpu {
-    pub fn new(
-        loadgen_cpu_s: f64,
-        server_pid: Option<u32>,
-        server: Option<ServerCpu>,
-        requests: usize,
-    ) -> Self {
+    pub fn new(loadgen_cpu_s: f64, server_pid: Option<u32>, server: Option<ServerCpu>, requests: usize) -> Self {
         let per_req = |s: f64| s * 1e6 / requests.max(1) as f64;
         let ratio = |s: f64| (s > 0.0).then(|| loadgen_cpu_s / s);
         let by_thread: BTreeMap<String, f64> = server
             .as_ref()
-            .map(|s| {
-                s.by_thread
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.as_secs_f64()))
-                    .collect()
-            })
+            .map(|s| s.by_thread.iter().map(|(k, v)| (k.clone(), v.as_secs_f64())).collect())
             .unwrap_or_default();
         let server_cpu_s = server.map(|s| s.total.as_secs_f64());
-        let engine_s: f64 = by_thread
-            .iter()
-            .filter(|(k, _)| k.contains("engine"))
-            .map(|(_, v)| v)
-            .sum();
+        let engine_s: f64 = by_thread.iter().filter(|(k, _)| k.contains("engine")).map(|(_, v)| v).sum();
         let frontend_cpu_s = server_cpu_s.map(|s| (s - engine_s).max(0.0));
         Self {
             loadgen_cpu_s,
@@ -139,11 +125,7 @@ pub fn summarize(label: Option<String>, res: &Results, duration_s: f64, cpu: Cpu
         *per_worker.entry(w.clone()).or_insert(0) += 1;
     }
     let sum = |f: fn(&Record) -> u32| ok.iter().map(|r| u64::from(f(r))).sum::<u64>();
-    let (prompt, cached, output) = (
-        sum(|r| r.prompt_tokens),
-        sum(|r| r.cached_tokens),
-        sum(|r| r.output_tokens),
-    );
+    let (prompt, cached, output) = (sum(|r| r.prompt_tokens), sum(|r| r.cached_tokens), sum(|r| r.output_tokens));
     let per_s = |x: f64| {
         if duration_s > 0.0 {
             x / duration_s
@@ -164,24 +146,13 @@ pub fn summarize(label: Option<String>, res: &Results, duration_s: f64, cpu: Cpu
         prompt_tokens: prompt,
         cached_tokens: cached,
         output_tokens: output,
-        kv_hit_rate: if prompt > 0 {
-            cached as f64 / prompt as f64
-        } else {
-            0.0
-        },
+        kv_hit_rate: if prompt > 0 { cached as f64 / prompt as f64 } else { 0.0 },
         ttft_ms: Dist::of(ok.iter().filter_map(|r| r.ttft_ms).collect()),
         itl_ms: Dist::of(res.itl_ms.iter().map(|&x| f64::from(x)).collect()),
         tpot_ms: Dist::of(ok.iter().filter_map(|r| r.tpot_ms).collect()),
         e2e_ms: Dist::of(ok.iter().map(|r| r.e2e_ms).collect()),
-        output_tokens_per_request: Dist::of(
-            ok.iter().map(|r| f64::from(r.output_tokens)).collect(),
-        ),
-        schedule_lag_ms: Dist::of(
-            res.records
-                .iter()
-                .filter_map(|r| r.schedule_lag_ms)
-                .collect(),
-        ),
+        output_tokens_per_request: Dist::of(ok.iter().map(|r| f64::from(r.output_tokens)).collect()),
+        schedule_lag_ms: Dist::of(res.records.iter().filter_map(|r| r.schedule_lag_ms).collect()),
         itl_samples_dropped: res.itl_dropped,
         requests_per_worker: per_worker,
         cpu,
@@ -200,36 +171,16 @@ pub fn table(s: &Summary) -> String {
         line("errors", format!("{:?}", s.errors));
     }
     line("duration", format!("{:.1} s", s.duration_s));
-    line(
-        "request throughput",
-        format!("{:.2} req/s", s.request_throughput_per_s),
-    );
-    line(
-        "output token throughput",
-        format!("{:.0} tok/s", s.output_token_throughput_per_s),
-    );
-    line(
-        "prompt token throughput",
-        format!("{:.0} tok/s", s.prompt_token_throughput_per_s),
-    );
+    line("request throughput", format!("{:.2} req/s", s.request_throughput_per_s));
+    line("output token throughput", format!("{:.0} tok/s", s.output_token_throughput_per_s));
+    line("prompt token throughput", format!("{:.0} tok/s", s.prompt_token_throughput_per_s));
     line(
         "KV hit rate (cached/prompt)",
-        format!(
-            "{:.1} %  ({} / {})",
-            s.kv_hit_rate * 100.0,
-            s.cached_tokens,
-            s.prompt_tokens
-        ),
+        format!("{:.1} %  ({} / {})", s.kv_hit_rate * 100.0, s.cached_tokens, s.prompt_tokens),
     );
-    t.push_str(&format!(
-        "{:<30} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
-        "", "mean", "p50", "p90", "p99", "max"
-    ));
+    t.push_str(&format!("{:<30} {:>9} {:>9} {:>9} {:>9} {:>9}\n", "", "mean", "p50", "p90", "p99", "max"));
     let mut dist = |k: &str, d: &Dist| {
-        t.push_str(&format!(
-            "{k:<30} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}\n",
-            d.mean, d.p50, d.p90, d.p99, d.max
-        ))
+        t.push_str(&format!("{k:<30} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}\n", d.mean, d.p50, d.p90, d.p99, d.max))
     };
     dist("TTFT (ms)", &s.ttft_ms);
     dist("inter-token latency (ms)", &s.itl_ms);
@@ -241,48 +192,20 @@ pub fn table(s: &Summary) -> String {
     }
     let c = &s.cpu;
     let cpu = |secs: f64, per_req: f64| format!("{secs:.2} s ({per_req:.0} us/req)");
-    t.push_str(&format!(
-        "{:<30} {}\n",
-        "CPU loadgen",
-        cpu(c.loadgen_cpu_s, c.loadgen_cpu_us_per_request)
-    ));
+    t.push_str(&format!("{:<30} {}\n", "CPU loadgen", cpu(c.loadgen_cpu_s, c.loadgen_cpu_us_per_request)));
     if let (Some(sv), Some(per)) = (c.server_cpu_s, c.server_cpu_us_per_request) {
         let ratio = c.loadgen_to_server_cpu_ratio.unwrap_or(0.0) * 100.0;
-        t.push_str(&format!(
-            "{:<30} {}, loadgen/server {ratio:.1} %\n",
-            "CPU server",
-            cpu(sv, per)
-        ));
-        let threads: Vec<String> = c
-            .server_cpu_by_thread_s
-            .iter()
-            .map(|(k, v)| format!("{k} {v:.2}"))
-            .collect();
-        t.push_str(&format!(
-            "{:<30} {}\n",
-            "CPU server by thread (s)",
-            threads.join(", ")
-        ));
+        t.push_str(&format!("{:<30} {}, loadgen/server {ratio:.1} %\n", "CPU server", cpu(sv, per)));
+        let threads: Vec<String> = c.server_cpu_by_thread_s.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+        t.push_str(&format!("{:<30} {}\n", "CPU server by thread (s)", threads.join(", ")));
     }
     if let (Some(fe), Some(per)) = (c.frontend_cpu_s, c.frontend_cpu_us_per_request) {
         let ratio = c.loadgen_to_frontend_cpu_ratio.unwrap_or(0.0) * 100.0;
-        t.push_str(&format!(
-            "{:<30} {}, loadgen/frontend {ratio:.1} %\n",
-            "CPU frontend (w/o engines)",
-            cpu(fe, per)
-        ));
+        t.push_str(&format!("{:<30} {}, loadgen/frontend {ratio:.1} %\n", "CPU frontend (w/o engines)", cpu(fe, per)));
     }
     if !s.requests_per_worker.is_empty() {
-        let counts: Vec<String> = s
-            .requests_per_worker
-            .values()
-            .map(|n| n.to_string())
-            .collect();
-        t.push_str(&format!(
-            "{:<30} {}\n",
-            "requests per worker",
-            counts.join(" ")
-        ));
+        let counts: Vec<String> = s.requests_per_worker.values().map(|n| n.to_string()).collect();
+        t.push_str(&format!("{:<30} {}\n", "requests per worker", counts.join(" ")));
     }
     t
 }

@@ -121,8 +121,7 @@ pub struct TraceOptions {
 
 /// Reads a Mooncake-format JSONL trace into jobs (timestamps in ms, relative to the first).
 pub fn mooncake(path: &std::path::Path, o: &TraceOptions) -> anyhow::Result<Vec<Scheduled>> {
-    let f = std::fs::File::open(path)
-        .map_err(|e| anyhow::anyhow!("--trace {}: {e}", path.display()))?;
+    let f = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("--trace {}: {e}", path.display()))?;
     let mut out = Vec::new();
     let mut t0 = None;
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
@@ -133,8 +132,8 @@ pub fn mooncake(path: &std::path::Path, o: &TraceOptions) -> anyhow::Result<Vec<
         if line.trim().is_empty() {
             continue;
         }
-        let r: TraceLine = serde_json::from_str(&line)
-            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+        let r: TraceLine =
+            serde_json::from_str(&line).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
         let mut input = r.input_length.min(MAX_PROMPT_TOKENS);
         if let Some(m) = o.max_input_tokens {
             input = input.min(u64::from(m));
@@ -155,10 +154,7 @@ pub fn mooncake(path: &std::path::Path, o: &TraceOptions) -> anyhow::Result<Vec<
                 break;
             }
             let len = left.min(block);
-            segments.push(Segment {
-                id,
-                len: len as u32,
-            });
+            segments.push(Segment { id, len: len as u32 });
             left -= len;
         }
         let mut max_tokens = r.output_length.clamp(1, u64::from(u32::MAX)) as u32;
@@ -166,16 +162,10 @@ pub fn mooncake(path: &std::path::Path, o: &TraceOptions) -> anyhow::Result<Vec<
             max_tokens = max_tokens.min(m);
         }
         let t0 = *t0.get_or_insert(r.timestamp);
-        let at = o.timestamps.then(|| {
-            Duration::from_secs_f64(((r.timestamp - t0).max(0.0) * o.time_scale / 1000.0).max(0.0))
-        });
-        out.push(Scheduled {
-            at,
-            job: Job::Single(RequestSpec {
-                prompt: Prompt::Tokens(segments),
-                max_tokens,
-            }),
-        });
+        let at = o
+            .timestamps
+            .then(|| Duration::from_secs_f64(((r.timestamp - t0).max(0.0) * o.time_scale / 1000.0).max(0.0)));
+        out.push(Scheduled { at, job: Job::Single(RequestSpec { prompt: Prompt::Tokens(segments), max_tokens }) });
     }
     anyhow::ensure!(!out.is_empty(), "--trace {}: no requests", path.display());
     Ok(out)
@@ -206,31 +196,16 @@ pub fn shared_prefix(o: &SharedPrefixOptions, arrivals: &mut Arrivals) -> Vec<Sc
             let prompt = if o.chat {
                 Prompt::Messages(vec![
                     ("system", words(SYNTHETIC_ID_BASE + g, o.prefix_tokens)),
-                    (
-                        "user",
-                        words(SYNTHETIC_ID_BASE + (1 << 40) + i, o.suffix_tokens),
-                    ),
+                    ("user", words(SYNTHETIC_ID_BASE + (1 << 40) + i, o.suffix_tokens)),
                 ])
             } else {
                 Prompt::Tokens(vec![
-                    Segment {
-                        id: SYNTHETIC_ID_BASE + g,
-                        len: o.prefix_tokens,
-                    },
-                    Segment {
-                        id: SYNTHETIC_ID_BASE + (1 << 40) + i,
-                        len: o.suffix_tokens,
-                    },
+                    Segment { id: SYNTHETIC_ID_BASE + g, len: o.prefix_tokens },
+                    Segment { id: SYNTHETIC_ID_BASE + (1 << 40) + i, len: o.suffix_tokens },
                 ])
             };
-            let job = Job::Single(RequestSpec {
-                prompt,
-                max_tokens: o.output_tokens,
-            });
-            Scheduled {
-                at: arrivals.next_at(),
-                job,
-            }
+            let job = Job::Single(RequestSpec { prompt, max_tokens: o.output_tokens });
+            Scheduled { at: arrivals.next_at(), job }
         })
         .collect()
 }
@@ -263,10 +238,7 @@ pub fn sessions(o: &SessionOptions, arrivals: &mut Arrivals) -> Vec<Scheduled> {
                 users,
                 max_tokens: o.output_tokens,
             };
-            Scheduled {
-                at: arrivals.next_at(),
-                job: Job::Session(session),
-            }
+            Scheduled { at: arrivals.next_at(), job: Job::Session(session) }
         })
         .collect()
 }
@@ -275,25 +247,16 @@ pub fn sessions(o: &SessionOptions, arrivals: &mut Arrivals) -> Vec<Scheduled> {
 /// 4 tokens each for the built-in byte-level mock model).
 pub fn words(id: u64, n: u32) -> String {
     const WORDS: [&str; 32] = [
-        "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by",
-        "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an",
-        "had", "they", "you", "were", "their",
+        "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he",
+        "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "had", "they", "you", "were", "their",
     ];
     let mut s = String::with_capacity(n as usize * 4);
-    block_tokens(
-        id,
-        n,
-        TokenSpace {
-            lo: 0,
-            hi: WORDS.len() as u32 - 1,
-        },
-        |w| {
-            if !s.is_empty() {
-                s.push(' ');
-            }
-            s.push_str(WORDS[w as usize]);
-        },
-    );
+    block_tokens(id, n, TokenSpace { lo: 0, hi: WORDS.len() as u32 - 1 }, |w| {
+        if !s.is_empty() {
+            s.push(' ');
+        }
+        s.push_str(WORDS[w as usize]);
+    });
     s
 }
 
@@ -306,11 +269,7 @@ pub struct Arrivals {
 
 impl Arrivals {
     pub fn new(rate_per_s: Option<f64>, seed: u64) -> Self {
-        Self {
-            rate_per_s,
-            rng: SmallRng::seed_from_u64(seed ^ 0xA11),
-            t_s: 0.0,
-        }
+        Self { rate_per_s, rng: SmallRng::seed_from_u64(seed ^ 0xA11), t_s: 0.0 }
     }
 
     pub fn next_at(&mut self) -> Option<Duration> {
@@ -339,12 +298,7 @@ fn push_u32(out: &mut Vec<u8>, mut v: u32) {
 }
 
 /// The JSON body of a streaming request, and the path it goes to.
-pub fn render(
-    model: &str,
-    prompt: &Prompt,
-    max_tokens: u32,
-    space: TokenSpace,
-) -> (&'static str, Vec<u8>) {
+pub fn render(model: &str, prompt: &Prompt, max_tokens: u32, space: TokenSpace) -> (&'static str, Vec<u8>) {
     let mut b = Vec::with_capacity(256);
     b.extend_from_slice(b"{\"model\":");
     serde_json::to_writer(&mut b, model).expect("writing to a Vec");
@@ -377,11 +331,8 @@ pub fn render(
                 if i > 0 {
                     b.push(b',');
                 }
-                serde_json::to_writer(
-                    &mut b,
-                    &serde_json::json!({"role": role, "content": content}),
-                )
-                .expect("writing to a Vec");
+                serde_json::to_writer(&mut b, &serde_json::json!({"role": role, "content": content}))
+                    .expect("writing to a Vec");
             }
             b.push(b']');
             "/v1/chat/completions"
@@ -389,9 +340,7 @@ pub fn render(
     };
     b.extend_from_slice(b",\"max_tokens\":");
     push_u32(&mut b, max_tokens);
-    b.extend_from_slice(
-        b",\"ignore_eos\":true,\"stream\":true,\"stream_options\":{\"include_usage\":true}}",
-    );
+    b.extend_from_slice(b",\"ignore_eos\":true,\"stream\":true,\"stream_options\":{\"include_usage\":true}}");
     (path, b)
 }
 

@@ -235,10 +235,7 @@ impl ModelArgs {
 
     /// The name clients use for this model.
     pub fn served_name(&self) -> String {
-        self.served_model_name
-            .clone()
-            .or_else(|| self.model_path.clone())
-            .unwrap_or_else(|| "kvgate-mock".to_string())
+        self.served_model_name.clone().or_else(|| self.model_path.clone()).unwrap_or_else(|| "kvgate-mock".to_string())
     }
 }
 
@@ -260,7 +257,10 @@ impl ClusterArgs {
             return Err(invalid("--etcd-endpoints (ETCD_ENDPOINTS)", "no endpoint given"));
         }
         if self.namespace.is_empty() || self.namespace.contains(['/', '.', '*', '>', ' ']) {
-            return Err(invalid("--namespace", format!("{:?} must be non-empty without / . * > or spaces", self.namespace)));
+            return Err(invalid(
+                "--namespace",
+                format!("{:?} must be non-empty without / . * > or spaces", self.namespace),
+            ));
         }
         Ok(())
     }

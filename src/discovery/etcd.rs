@@ -83,13 +83,7 @@ pub enum EtcdError {
 impl EtcdError {
     /// Whether the same call may succeed later (etcd down or slow) rather than being our fault.
     pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            Self::Connect { .. }
-                | Self::ConnectTimeout { .. }
-                | Self::Request { .. }
-                | Self::Timeout { .. }
-        )
+        matches!(self, Self::Connect { .. } | Self::ConnectTimeout { .. } | Self::Request { .. } | Self::Timeout { .. })
     }
 }
 
@@ -177,12 +171,8 @@ impl EtcdDiscovery {
         let probe = GetOptions::new().with_prefix().with_count_only();
         match call("get", client.get(workers_prefix(namespace), Some(probe))).await {
             Ok(_) => {}
-            Err(EtcdError::Request { source, .. }) => {
-                return Err(EtcdError::Connect { endpoints: shown, source })
-            }
-            Err(EtcdError::Timeout { .. }) => {
-                return Err(EtcdError::ConnectTimeout { endpoints: shown })
-            }
+            Err(EtcdError::Request { source, .. }) => return Err(EtcdError::Connect { endpoints: shown, source }),
+            Err(EtcdError::Timeout { .. }) => return Err(EtcdError::ConnectTimeout { endpoints: shown }),
             Err(e) => return Err(e),
         }
         Ok(Self { client, namespace: namespace.to_string() })
@@ -199,11 +189,7 @@ impl EtcdDiscovery {
 
     /// Grants a lease of `ttl`, puts the worker's key on it and keeps it alive until the returned
     /// guard is revoked or dropped.
-    pub async fn register(
-        &self,
-        info: WorkerInfo,
-        ttl: Duration,
-    ) -> Result<EtcdRegistration, EtcdError> {
+    pub async fn register(&self, info: WorkerInfo, ttl: Duration) -> Result<EtcdRegistration, EtcdError> {
         check_name(&info.model, "the model name must not be empty")?;
         if ttl < Duration::from_secs(1) {
             return Err(EtcdError::InvalidTtl(ttl));
@@ -215,10 +201,7 @@ impl EtcdDiscovery {
 
     /// Reads the live workers (of `model`, or all) and keeps the returned channel up to date
     /// until every receiver is dropped. Fails only if the first read fails.
-    pub async fn watch(
-        &self,
-        model: Option<&str>,
-    ) -> Result<watch::Receiver<WorkerSnapshot>, EtcdError> {
+    pub async fn watch(&self, model: Option<&str>) -> Result<watch::Receiver<WorkerSnapshot>, EtcdError> {
         let prefix = match model {
             Some(m) => {
                 check_name(m, "the model name must not be empty")?;

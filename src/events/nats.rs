@@ -84,10 +84,8 @@ impl NatsError {
 
 /// One NATS subject token: '.', '*', '>' and whitespace become '_'; empty becomes '_'.
 pub fn sanitize_token(s: &str) -> String {
-    let t: String = s
-        .chars()
-        .map(|c| if matches!(c, '.' | '*' | '>') || c.is_whitespace() { '_' } else { c })
-        .collect();
+    let t: String =
+        s.chars().map(|c| if matches!(c, '.' | '*' | '>') || c.is_whitespace() { '_' } else { c }).collect();
     if t.is_empty() {
         "_".into()
     } else {
@@ -113,10 +111,7 @@ pub async fn connect(server: &str, name: &str) -> Result<Client, NatsError> {
             match event {
                 Event::Connected => tracing::info!("NATS connected"),
                 Event::SlowConsumer(sid) => {
-                    tracing::warn!(
-                        sid,
-                        "NATS subscription full; events dropped (the router recovers the gap)"
-                    )
+                    tracing::warn!(sid, "NATS subscription full; events dropped (the router recovers the gap)")
                 }
                 other => tracing::warn!(event = %other, "NATS connection event"),
             }
@@ -165,8 +160,7 @@ impl NatsPublisher {
 
     /// Publishes one batch, reporting failure (the trait's `publish` logs and counts it instead).
     pub async fn try_publish(&self, batch: &[KvEvent]) -> Result<(), NatsError> {
-        let payload = encode(batch)
-            .map_err(|source| NatsError::Encode { subject: self.subject.clone(), source })?;
+        let payload = encode(batch).map_err(|source| NatsError::Encode { subject: self.subject.clone(), source })?;
         self.client
             .publish(self.subject.clone(), payload)
             .await
@@ -196,11 +190,7 @@ pub struct NatsSubscriber {
 impl NatsSubscriber {
     /// Subscribes to `model`'s events, or every model's with `None`. Subscribe before reading
     /// discovery, so no worker's first events fall between the two.
-    pub async fn subscribe(
-        client: &Client,
-        namespace: &str,
-        model: Option<&str>,
-    ) -> Result<Self, NatsError> {
+    pub async fn subscribe(client: &Client, namespace: &str, model: Option<&str>) -> Result<Self, NatsError> {
         let subject = kv_events_subject(namespace, model);
         let sub = client
             .subscribe(subject.clone())
@@ -243,10 +233,7 @@ mod tests {
 
     #[test]
     fn subjects_are_one_token_per_part() {
-        assert_eq!(
-            kv_events_subject("dynamo", Some("Qwen/Qwen3 0.6B")),
-            "dynamo.kv_events.Qwen/Qwen3_0_6B"
-        );
+        assert_eq!(kv_events_subject("dynamo", Some("Qwen/Qwen3 0.6B")), "dynamo.kv_events.Qwen/Qwen3_0_6B");
         assert_eq!(kv_events_subject("dynamo", Some("a.*>\tb")), "dynamo.kv_events.a____b");
         assert_eq!(kv_events_subject("my.ns", None), "my_ns.kv_events.*");
         assert_eq!(kv_events_subject("", Some("")), "_.kv_events._");

@@ -75,7 +75,8 @@ impl Admission {
                 }
                 continue;
             }
-            let Some(addr) = w.address.as_deref().and_then(|a| a.to_socket_addrs().ok()).and_then(|mut a| a.next()) else {
+            let Some(addr) = w.address.as_deref().and_then(|a| a.to_socket_addrs().ok()).and_then(|mut a| a.next())
+            else {
                 if self.refused.insert(w.id) {
                     tracing::error!(worker = %w.id, address = ?w.address, "REFUSING worker: its request-plane address does not resolve");
                 }
@@ -148,7 +149,8 @@ pub fn start(args: &FrontendArgs) -> Result<FrontendServer, FrontendLaunchError>
         Ok::<_, FrontendLaunchError>((events, raw))
     })?;
 
-    let mut admission = Admission { fe: fe.clone(), page_size: args.page_size, refused: HashSet::new(), failed_models: HashMap::new() };
+    let mut admission =
+        Admission { fe: fe.clone(), page_size: args.page_size, refused: HashSet::new(), failed_models: HashMap::new() };
     let first = control_rt.block_on(async { admission.admit(&raw.borrow_and_update().clone()) });
     let (admitted_tx, admitted_rx) = watch::channel(first);
     control_rt.spawn(async move {

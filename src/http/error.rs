@@ -50,7 +50,9 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
-            InvalidJson(_) | Invalid(_) | TokenOutOfRange { .. } | PromptTooLong { .. } | BodyRead(_) => StatusCode::BAD_REQUEST,
+            InvalidJson(_) | Invalid(_) | TokenOutOfRange { .. } | PromptTooLong { .. } | BodyRead(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Preprocess(e) if e.is_client_error() => StatusCode::BAD_REQUEST,
             Preprocess(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ModelNotFound(_) | NotFound { .. } => StatusCode::NOT_FOUND,

@@ -89,7 +89,10 @@ fn prepare<P>(fe: &Frontend<P>, kind: ResponseKind, body: &[u8]) -> Result<Prepa
         }
     };
     if prompt.is_empty() {
-        return Err(ApiError::Invalid(crate::openai::ValidationError { param: Some("prompt"), message: "the prompt tokenizes to nothing".into() }));
+        return Err(ApiError::Invalid(crate::openai::ValidationError {
+            param: Some("prompt"),
+            message: "the prompt tokenizes to nothing".into(),
+        }));
     }
     if let Some(limit) = model.preprocessor.model_config().and_then(|c| c.max_position_embeddings) {
         if prompt.len() >= limit as usize {
@@ -127,7 +130,8 @@ fn route(
         return Err(ApiError::NoWorkers(model.name.clone()));
     }
     let req = RouteRequest { seq_hashes: &seq[..], prompt_tokens: prompt.len() as u32, candidates, shard: shard.id };
-    let decision = model.router.select(req, &mut *shard.rng.borrow_mut()).map_err(|_| ApiError::NoWorkers(model.name.clone()))?;
+    let decision =
+        model.router.select(req, &mut *shard.rng.borrow_mut()).map_err(|_| ApiError::NoWorkers(model.name.clone()))?;
     if tracing::enabled!(tracing::Level::DEBUG) {
         let block = model.hasher.block_size();
         let hit = (decision.overlap_blocks as usize * block) as f64 / prompt.len() as f64;
@@ -166,7 +170,12 @@ struct Dispatch<P> {
 impl<P: RequestPlane> Dispatch<P> {
     /// Routes `prompt` and sends it, trying another worker (up to `attempts` in all) when the
     /// chosen one is unreachable.
-    async fn send(&self, prompt: &[TokenId], max_tokens: u32, attempts: u32) -> Result<(ResponseStream, LoadGuard, WorkerId), ApiError> {
+    async fn send(
+        &self,
+        prompt: &[TokenId],
+        max_tokens: u32,
+        attempts: u32,
+    ) -> Result<(ResponseStream, LoadGuard, WorkerId), ApiError> {
         let mut left = attempts.max(1);
         loop {
             let decision = {
@@ -235,10 +244,20 @@ pub async fn handle<P: RequestPlane>(
         request_id,
         failed: RefCell::new(Vec::new()),
     });
-    let (rx, guard, worker) = dispatch.send(&dispatch.prompt.clone(), dispatch.sampling.max_tokens, migration_limit + 1).await?;
+    let (rx, guard, worker) =
+        dispatch.send(&dispatch.prompt.clone(), dispatch.sampling.max_tokens, migration_limit + 1).await?;
     m.routing_overhead.observe(arrived.elapsed());
     let decoder = p.model.preprocessor.decoder();
-    let mut gen = Generation::new(rx, decoder, p.validated.stop.clone(), guard, prompt_tokens, arrived, fe.metrics.clone(), inflight);
+    let mut gen = Generation::new(
+        rx,
+        decoder,
+        p.validated.stop.clone(),
+        guard,
+        prompt_tokens,
+        arrived,
+        fe.metrics.clone(),
+        inflight,
+    );
     if migration_limit > 0 {
         gen.enable_migration(dispatch, worker, migration_limit);
     }

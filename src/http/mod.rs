@@ -41,7 +41,13 @@ impl ShardCtx {
         // Request ids: shard in the top byte, a per-process random start below, so ids from
         // different shards and restarts do not collide in logs.
         let start = rand::random::<u64>() & 0x00ff_ffff_0000_0000;
-        Self { id, rng: RefCell::new(SmallRng::from_os_rng()), next_request: Cell::new(start), inflight: Cell::new(0), seq_scratch: RefCell::new(Vec::with_capacity(1024)) }
+        Self {
+            id,
+            rng: RefCell::new(SmallRng::from_os_rng()),
+            next_request: Cell::new(start),
+            inflight: Cell::new(0),
+            seq_scratch: RefCell::new(Vec::with_capacity(1024)),
+        }
     }
 
     pub fn next_request_id(&self) -> u64 {

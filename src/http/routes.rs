@@ -17,7 +17,11 @@ use crate::openai::ResponseKind;
 use crate::transport::RequestPlane;
 
 /// Every request of a shard enters here.
-pub async fn handle<P: RequestPlane>(fe: Arc<Frontend<P>>, shard: Rc<ShardCtx>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle<P: RequestPlane>(
+    fe: Arc<Frontend<P>>,
+    shard: Rc<ShardCtx>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let result = match (&method, path.as_str()) {

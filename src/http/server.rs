@@ -63,7 +63,11 @@ pub async fn serve_shard<P: RequestPlane>(
     Ok(())
 }
 
-async fn serve_connection<P: RequestPlane>(fe: Arc<Frontend<P>>, shard: Rc<ShardCtx>, io: monoio::net::tcp::stream_poll::TcpStreamPoll) {
+async fn serve_connection<P: RequestPlane>(
+    fe: Arc<Frontend<P>>,
+    shard: Rc<ShardCtx>,
+    io: monoio::net::tcp::stream_poll::TcpStreamPoll,
+) {
     let service = service_fn(move |req| {
         let fe = fe.clone();
         let shard = shard.clone();

@@ -6,10 +6,10 @@
 //! request on the worker, and the [`LoadGuard`], which releases the router's booking.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
-use std::sync::atomic::Ordering::Relaxed;
 use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
@@ -207,7 +207,9 @@ impl Generation {
                     }
                     Err(message) => {
                         self.migration.as_mut().expect("migrating").pending = None;
-                        return Poll::Ready(self.fail(format!("the worker failed and no other could take over: {message}")));
+                        return Poll::Ready(
+                            self.fail(format!("the worker failed and no other could take over: {message}")),
+                        );
                     }
                 }
             }

@@ -46,8 +46,7 @@ use rkyv::{Archive, Place, Serialize};
 use thiserror::Error;
 
 use crate::kv::events::{
-    ArchivedKvEvent, ArchivedKvEventKind, ArchivedStoredBlock, EngineHash, KvEvent, KvEventKind,
-    StoredBlock,
+    ArchivedKvEvent, ArchivedKvEventKind, ArchivedStoredBlock, EngineHash, KvEvent, KvEventKind, StoredBlock,
 };
 use crate::kv::hash::SeqHash;
 use crate::protocol::WorkerId;
@@ -97,7 +96,9 @@ pub enum CodecError {
     #[error("bad magic {found:?}: not a kvgate KV event batch")]
     BadMagic { found: [u8; 4] },
     /// A batch of another format version: publisher and router builds disagree; upgrade one.
-    #[error("batch format version {found}, this build reads version {supported}: upgrade the older of worker and router")]
+    #[error(
+        "batch format version {found}, this build reads version {supported}: upgrade the older of worker and router"
+    )]
     UnsupportedVersion { found: u8, supported: u8 },
     /// The reserved header bytes are not zero.
     #[error("reserved header bytes {found:?} are not zero")]
@@ -148,24 +149,18 @@ impl CodecError {
 pub fn encode_batch(events: &[KvEvent]) -> Result<AlignedVec, CodecError> {
     if let Some(first) = events.first() {
         if let Some(other) = events.iter().find(|e| e.worker != first.worker) {
-            return Err(CodecError::MixedWorkers {
-                first: first.worker,
-                other: other.worker,
-            });
+            return Err(CodecError::MixedWorkers { first: first.worker, other: other.worker });
         }
     }
     let mut out = AlignedVec::<16>::new();
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&[FORMAT_VERSION, 0, 0, 0]);
     out.extend_from_slice(&[0; 8]); // body length and event count, filled in below
-    let mut out = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&EventSlice(events), out)
-        .map_err(CodecError::Encode)?;
+    let mut out =
+        rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&EventSlice(events), out).map_err(CodecError::Encode)?;
     let len = out.len();
     if len > MAX_BATCH_BYTES {
-        return Err(CodecError::TooManyToEncode {
-            len,
-            max: MAX_BATCH_BYTES,
-        });
+        return Err(CodecError::TooManyToEncode { len, max: MAX_BATCH_BYTES });
     }
     // Both fit in u32: `len <= MAX_BATCH_BYTES <= u32::MAX` (const-asserted).
     let body_len = (len - HEADER_LEN) as u32;
@@ -182,18 +177,11 @@ pub fn access_batch(bytes: &[u8]) -> Result<&ArchivedEventBatch, CodecError> {
     let (body, count) = check_header(bytes)?;
     let addr = bytes.as_ptr() as usize;
     if addr % ARCHIVE_ALIGN != 0 {
-        return Err(CodecError::Misaligned {
-            addr,
-            align: ARCHIVE_ALIGN,
-        });
+        return Err(CodecError::Misaligned { addr, align: ARCHIVE_ALIGN });
     }
-    let batch = rkyv::access::<ArchivedEventBatch, rkyv::rancor::Error>(body)
-        .map_err(CodecError::Invalid)?;
+    let batch = rkyv::access::<ArchivedEventBatch, rkyv::rancor::Error>(body).map_err(CodecError::Invalid)?;
     if batch.len() != count {
-        return Err(CodecError::CountMismatch {
-            found: batch.len(),
-            expected: count,
-        });
+        return Err(CodecError::CountMismatch { found: batch.len(), expected: count });
     }
     if let Some(first) = batch.first() {
         if let Some(other) = batch.iter().find(|e| e.worker != first.worker) {
@@ -217,29 +205,18 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Vec<KvEvent>, CodecError> {
 fn check_header(bytes: &[u8]) -> Result<(&[u8], usize), CodecError> {
     let len = bytes.len();
     if len > MAX_BATCH_BYTES {
-        return Err(CodecError::TooLarge {
-            len,
-            max: MAX_BATCH_BYTES,
-        });
+        return Err(CodecError::TooLarge { len, max: MAX_BATCH_BYTES });
     }
     let Some((header, body)) = bytes.split_first_chunk::<HEADER_LEN>() else {
-        return Err(CodecError::Truncated {
-            len,
-            expected: HEADER_LEN,
-        });
+        return Err(CodecError::Truncated { len, expected: HEADER_LEN });
     };
-    let field = |at: usize| {
-        u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
-    };
+    let field = |at: usize| u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
     let magic = [header[0], header[1], header[2], header[3]];
     if magic != MAGIC {
         return Err(CodecError::BadMagic { found: magic });
     }
     if header[4] != FORMAT_VERSION {
-        return Err(CodecError::UnsupportedVersion {
-            found: header[4],
-            supported: FORMAT_VERSION,
-        });
+        return Err(CodecError::UnsupportedVersion { found: header[4], supported: FORMAT_VERSION });
     }
     let reserved = [header[5], header[6], header[7]];
     if reserved != [0; 3] {
@@ -319,10 +296,7 @@ impl From<&ArchivedKvEventKind> for KvEventKind {
                     .collect(),
             },
             ArchivedKvEventKind::Removed { engine_hashes } => KvEventKind::Removed {
-                engine_hashes: engine_hashes
-                    .iter()
-                    .map(|h| EngineHash(h.0.to_native()))
-                    .collect(),
+                engine_hashes: engine_hashes.iter().map(|h| EngineHash(h.0.to_native())).collect(),
             },
             ArchivedKvEventKind::Cleared => KvEventKind::Cleared,
         }
@@ -359,22 +333,14 @@ mod tests {
     use super::*;
 
     fn event(id: u64, kind: KvEventKind) -> KvEvent {
-        KvEvent {
-            worker: WorkerId(0xabc),
-            event_id: id,
-            timestamp_us: 1_700_000_000_000_000u64.wrapping_add(id),
-            kind,
-        }
+        KvEvent { worker: WorkerId(0xabc), event_id: id, timestamp_us: 1_700_000_000_000_000u64.wrapping_add(id), kind }
     }
 
     fn stored(parent: Option<u64>, n: u64) -> KvEventKind {
         KvEventKind::Stored {
             parent: parent.map(SeqHash),
             blocks: (0..n)
-                .map(|i| StoredBlock {
-                    seq_hash: SeqHash(i * 31 + 7),
-                    engine_hash: EngineHash(!i),
-                })
+                .map(|i| StoredBlock { seq_hash: SeqHash(i * 31 + 7), engine_hash: EngineHash(!i) })
                 .collect(),
         }
     }
@@ -385,18 +351,8 @@ mod tests {
             event(1, stored(None, 3)),
             event(2, stored(Some(u64::MAX), 1)),
             event(3, stored(Some(0), 0)),
-            event(
-                4,
-                KvEventKind::Removed {
-                    engine_hashes: vec![EngineHash(0), EngineHash(u64::MAX)],
-                },
-            ),
-            event(
-                5,
-                KvEventKind::Removed {
-                    engine_hashes: vec![],
-                },
-            ),
+            event(4, KvEventKind::Removed { engine_hashes: vec![EngineHash(0), EngineHash(u64::MAX)] }),
+            event(5, KvEventKind::Removed { engine_hashes: vec![] }),
             event(6, KvEventKind::Cleared),
             event(u64::MAX, stored(None, 16)),
         ]
@@ -409,12 +365,7 @@ mod tests {
             all_variants(),
             vec![event(1, KvEventKind::Cleared)],
             vec![event(1, stored(None, 1))],
-            vec![event(
-                9,
-                KvEventKind::Removed {
-                    engine_hashes: vec![EngineHash(5)],
-                },
-            )],
+            vec![event(9, KvEventKind::Removed { engine_hashes: vec![EngineHash(5)] })],
         ]
     }
 
@@ -426,8 +377,7 @@ mod tests {
             assert_eq!(decode_batch(&bytes).unwrap(), batch);
             // The hand-written conversion agrees with rkyv's own deserializer.
             let archived = access_batch(&bytes).unwrap();
-            let by_rkyv: Vec<KvEvent> =
-                rkyv::deserialize::<_, rkyv::rancor::Error>(archived).unwrap();
+            let by_rkyv: Vec<KvEvent> = rkyv::deserialize::<_, rkyv::rancor::Error>(archived).unwrap();
             assert_eq!(by_rkyv, batch);
         }
     }
@@ -441,13 +391,7 @@ mod tests {
         let at_odd = &shifted[1..];
         let payload = AlignedPayload::new(at_odd);
         if ARCHIVE_ALIGN > 1 {
-            assert!(matches!(
-                access_batch(at_odd),
-                Err(CodecError::Misaligned {
-                    align: ARCHIVE_ALIGN,
-                    ..
-                })
-            ));
+            assert!(matches!(access_batch(at_odd), Err(CodecError::Misaligned { align: ARCHIVE_ALIGN, .. })));
             assert!(payload.is_copied());
         } else {
             assert!(!payload.is_copied());
@@ -464,12 +408,7 @@ mod tests {
     fn wire_format_is_pinned() {
         let bytes = encode_batch(&all_variants()).unwrap();
         let digest = xxhash_rust::xxh3::xxh3_64(&bytes);
-        assert_eq!(
-            (bytes.len(), digest),
-            (GOLDEN_LEN, GOLDEN_XXH3),
-            "wire format changed: {:#x}",
-            digest
-        );
+        assert_eq!((bytes.len(), digest), (GOLDEN_LEN, GOLDEN_XXH3), "wire format changed: {:#x}", digest);
     }
     const GOLDEN_LEN: usize = 752;
     const GOLDEN_XXH3: u64 = 0x8adf_f84a_b622_f062;
@@ -479,10 +418,7 @@ mod tests {
         let bytes = encode_batch(&all_variants()).unwrap();
         for len in 0..bytes.len() {
             let err = access_batch(&bytes[..len]).unwrap_err();
-            assert!(
-                matches!(err, CodecError::Truncated { .. }),
-                "length {len}: {err}"
-            );
+            assert!(matches!(err, CodecError::Truncated { .. }), "length {len}: {err}");
             assert!(decode_batch(&bytes[..len]).is_err());
         }
     }
@@ -498,63 +434,37 @@ mod tests {
         let err = access_batch(&with(0, b'X')).unwrap_err();
         assert!(matches!(err, CodecError::BadMagic { .. }), "{err}");
         let err = access_batch(&with(4, FORMAT_VERSION + 1)).unwrap_err();
-        assert!(
-            matches!(err, CodecError::UnsupportedVersion { found, .. } if found == FORMAT_VERSION + 1)
-        );
+        assert!(matches!(err, CodecError::UnsupportedVersion { found, .. } if found == FORMAT_VERSION + 1));
         assert!(err.to_string().contains("upgrade"), "{err}");
-        assert!(matches!(
-            access_batch(&with(6, 1)),
-            Err(CodecError::Reserved { .. })
-        ));
-        assert!(matches!(
-            access_batch(&with(12, 0)),
-            Err(CodecError::CountMismatch { .. })
-        ));
-        assert!(matches!(
-            access_batch(b"not an event batch at all"),
-            Err(CodecError::BadMagic { .. })
-        ));
+        assert!(matches!(access_batch(&with(6, 1)), Err(CodecError::Reserved { .. })));
+        assert!(matches!(access_batch(&with(12, 0)), Err(CodecError::CountMismatch { .. })));
+        assert!(matches!(access_batch(b"not an event batch at all"), Err(CodecError::BadMagic { .. })));
     }
 
     #[test]
     fn oversized_input_is_refused_before_reading() {
         let mut big = AlignedVec::<16>::new();
         big.resize(MAX_BATCH_BYTES + 2, 0);
-        assert!(matches!(
-            access_batch(&big),
-            Err(CodecError::TooLarge { .. })
-        ));
+        assert!(matches!(access_batch(&big), Err(CodecError::TooLarge { .. })));
         // Misaligned but oversized: refused without being copied first.
         let payload = AlignedPayload::new(&big[1..]);
         assert!(!payload.is_copied());
         assert!(matches!(payload.access(), Err(CodecError::TooLarge { .. })));
         let many = vec![event(1, stored(None, (MAX_BATCH_BYTES / 16) as u64))];
-        assert!(matches!(
-            encode_batch(&many),
-            Err(CodecError::TooManyToEncode { .. })
-        ));
+        assert!(matches!(encode_batch(&many), Err(CodecError::TooManyToEncode { .. })));
     }
 
     #[test]
     fn mixed_workers_are_refused_both_ways() {
         let mut batch = all_variants();
         batch[3].worker = WorkerId(7);
-        assert!(matches!(
-            encode_batch(&batch),
-            Err(CodecError::MixedWorkers { .. })
-        ));
+        assert!(matches!(encode_batch(&batch), Err(CodecError::MixedWorkers { .. })));
         // A forged batch: encode two one-worker batches' worth by patching the archived worker.
         let mut bytes = encode_batch(&all_variants()).unwrap();
         let id = 0xabcu64.to_le_bytes();
-        let at = (HEADER_LEN..bytes.len() - 8)
-            .rev()
-            .find(|&i| bytes[i..i + 8] == id)
-            .unwrap();
+        let at = (HEADER_LEN..bytes.len() - 8).rev().find(|&i| bytes[i..i + 8] == id).unwrap();
         bytes[at] = 0xcd;
-        assert!(matches!(
-            access_batch(&bytes),
-            Err(CodecError::MixedWorkers { .. })
-        ));
+        assert!(matches!(access_batch(&bytes), Err(CodecError::MixedWorkers { .. })));
     }
 
     /// Random single and multiple byte flips: never a panic; whatever is accepted is a
@@ -574,17 +484,11 @@ mod tests {
                 Err(_) => refused += 1,
                 Ok(events) => {
                     accepted += 1;
-                    assert_eq!(
-                        decode_batch(&encode_batch(&events).unwrap()).unwrap(),
-                        events
-                    );
+                    assert_eq!(decode_batch(&encode_batch(&events).unwrap()).unwrap(), events);
                 }
             }
         }
-        assert!(
-            refused > 0 && accepted > 0,
-            "refused {refused}, accepted {accepted}"
-        );
+        assert!(refused > 0 && accepted > 0, "refused {refused}, accepted {accepted}");
     }
 
     #[test]
@@ -594,10 +498,7 @@ mod tests {
             for bit in 0..8 {
                 let mut b = good.clone();
                 b[at] ^= 1 << bit;
-                assert!(
-                    access_batch(&b).is_err(),
-                    "flip of bit {bit} of byte {at} accepted"
-                );
+                assert!(access_batch(&b).is_err(), "flip of bit {bit} of byte {at} accepted");
             }
         }
     }

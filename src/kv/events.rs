@@ -38,16 +38,7 @@ pub struct EngineHash(pub u64);
 
 /// One stored block: its sequence hash (the router's id) and the engine's id for it.
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
 )]
 #[rkyv(derive(Debug))]
 pub struct StoredBlock {
@@ -56,24 +47,11 @@ pub struct StoredBlock {
 }
 
 /// What changed in a worker's cache.
-#[derive(
-    Debug,
-    Clone,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[rkyv(derive(Debug))]
 pub enum KvEventKind {
     /// Blocks filled, in prefix order; `parent` is the block before the first (None at the root).
-    Stored {
-        parent: Option<SeqHash>,
-        blocks: Vec<StoredBlock>,
-    },
+    Stored { parent: Option<SeqHash>, blocks: Vec<StoredBlock> },
     /// Blocks evicted.
     Removed { engine_hashes: Vec<EngineHash> },
     /// The whole cache was reset.
@@ -81,17 +59,7 @@ pub enum KvEventKind {
 }
 
 /// One event as published.
-#[derive(
-    Debug,
-    Clone,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[rkyv(derive(Debug))]
 pub struct KvEvent {
     pub worker: WorkerId,

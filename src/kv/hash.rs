@@ -55,10 +55,7 @@ pub struct BlockHasher {
 impl BlockHasher {
     /// `block_size` must be in `1..=MAX_BLOCK_SIZE` (validated by the config layer).
     pub fn new(block_size: usize) -> Self {
-        assert!(
-            (1..=MAX_BLOCK_SIZE).contains(&block_size),
-            "block size {block_size} out of range"
-        );
+        assert!((1..=MAX_BLOCK_SIZE).contains(&block_size), "block size {block_size} out of range");
         Self { block_size }
     }
 
@@ -76,12 +73,8 @@ impl BlockHasher {
             // alignment 1, so the `block.len() * 4` bytes at `block.as_ptr()` are a valid
             // `[u8]` borrowed for as long as `block`. On a little-endian target they are
             // exactly the tokens' little-endian encoding that the hash is defined over.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(
-                    block.as_ptr().cast::<u8>(),
-                    std::mem::size_of_val(block),
-                )
-            };
+            let bytes =
+                unsafe { std::slice::from_raw_parts(block.as_ptr().cast::<u8>(), std::mem::size_of_val(block)) };
             LocalHash(xxh3_64_with_seed(bytes, HASH_SEED))
         }
         #[cfg(not(target_endian = "little"))]
@@ -106,10 +99,7 @@ impl BlockHasher {
 
     /// Local hashes of every full block of `tokens`.
     pub fn local_hashes(&self, tokens: &[TokenId]) -> Vec<LocalHash> {
-        tokens
-            .chunks_exact(self.block_size)
-            .map(|b| self.local_hash(b))
-            .collect()
+        tokens.chunks_exact(self.block_size).map(|b| self.local_hash(b)).collect()
     }
 
     /// Sequence hashes of every full block of `tokens`, appended to `out` (cleared first).
@@ -136,11 +126,7 @@ impl BlockHasher {
 /// path, and the reference the in-place path is tested against.
 #[cfg(any(test, not(target_endian = "little")))]
 fn local_hash_portable(block: &[TokenId]) -> LocalHash {
-    assert!(
-        block.len() <= MAX_BLOCK_SIZE,
-        "block of {} tokens",
-        block.len()
-    );
+    assert!(block.len() <= MAX_BLOCK_SIZE, "block of {} tokens", block.len());
     let mut buf = [0u8; MAX_BLOCK_SIZE * 4];
     let bytes = &mut buf[..block.len() * 4];
     for (chunk, t) in bytes.chunks_exact_mut(4).zip(block) {
@@ -157,31 +143,12 @@ mod tests {
     /// class xxh3 distinguishes (≤16, ≤128, ≤240, >240 bytes).
     #[test]
     fn in_place_matches_portable() {
-        let tokens: Vec<u32> = (0..MAX_BLOCK_SIZE as u32)
-            .map(|i| i.wrapping_mul(2_654_435_761) ^ 0x00ff_00ff)
-            .collect();
-        for bs in [
-            1,
-            2,
-            3,
-            4,
-            16,
-            32,
-            59,
-            60,
-            61,
-            64,
-            256,
-            1000,
-            MAX_BLOCK_SIZE,
-        ] {
+        let tokens: Vec<u32> =
+            (0..MAX_BLOCK_SIZE as u32).map(|i| i.wrapping_mul(2_654_435_761) ^ 0x00ff_00ff).collect();
+        for bs in [1, 2, 3, 4, 16, 32, 59, 60, 61, 64, 256, 1000, MAX_BLOCK_SIZE] {
             let h = BlockHasher::new(bs);
             let block = &tokens[..bs];
-            assert_eq!(
-                h.local_hash(block),
-                local_hash_portable(block),
-                "block size {bs}"
-            );
+            assert_eq!(h.local_hash(block), local_hash_portable(block), "block size {bs}");
         }
     }
 
@@ -204,10 +171,7 @@ mod tests {
     /// Every case of the shared Dynamo-produced vectors, local and sequence hashes.
     #[test]
     fn reproduces_dynamo_vectors() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../shared/data/block-hash-vectors.json"
-        );
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/block-hash-vectors.json");
         let Ok(text) = std::fs::read_to_string(path) else {
             eprintln!("skipping: {path} not present");
             return;
@@ -217,24 +181,12 @@ mod tests {
         assert!(!cases.is_empty());
         for case in cases {
             let bs = case["block_size"].as_u64().unwrap() as usize;
-            let tokens: Vec<u32> = case["tokens"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t.as_u64().unwrap() as u32)
-                .collect();
-            let want_local: Vec<u64> = case["local_hashes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap())
-                .collect();
-            let want_seq: Vec<u64> = case["sequence_hashes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap())
-                .collect();
+            let tokens: Vec<u32> =
+                case["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+            let want_local: Vec<u64> =
+                case["local_hashes"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+            let want_seq: Vec<u64> =
+                case["sequence_hashes"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
             let h = BlockHasher::new(bs);
             let local: Vec<u64> = h.local_hashes(&tokens).iter().map(|l| l.0).collect();
             let seq: Vec<u64> = h.seq_hashes(&tokens).iter().map(|s| s.0).collect();

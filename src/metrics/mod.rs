@@ -11,10 +11,8 @@ use std::time::Duration;
 use crossbeam_utils::CachePadded;
 
 /// Histogram bucket upper bounds, in seconds (latencies from 100 µs to a minute).
-const BUCKETS_S: [f64; 16] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    10.0, 60.0,
-];
+const BUCKETS_S: [f64; 16] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0];
 
 /// A fixed-bucket latency histogram.
 #[derive(Default)]
@@ -85,7 +83,10 @@ pub struct WorkerGauge {
 
 impl Metrics {
     pub fn new(shards: usize) -> Self {
-        Self { shards: (0..shards).map(|_| CachePadded::new(ShardMetrics::default())).collect(), control: ControlMetrics::default() }
+        Self {
+            shards: (0..shards).map(|_| CachePadded::new(ShardMetrics::default())).collect(),
+            control: ControlMetrics::default(),
+        }
     }
 
     /// The counters shard `i` writes.
@@ -101,13 +102,33 @@ impl Metrics {
     pub fn render(&self, workers: &[WorkerGauge], index_entries: u64) -> String {
         let mut out = String::with_capacity(8192);
         let counters: [(&str, &str, u64); 8] = [
-            ("kvgate_migrations_total", "Streams moved to another worker after theirs failed.", self.sum(|s| &s.migrations)),
+            (
+                "kvgate_migrations_total",
+                "Streams moved to another worker after theirs failed.",
+                self.sum(|s| &s.migrations),
+            ),
             ("kvgate_requests_total", "Requests received on the OpenAI endpoints.", self.sum(|s| &s.requests)),
-            ("kvgate_requests_client_error_total", "Requests answered with a 4xx error.", self.sum(|s| &s.requests_client_error)),
-            ("kvgate_requests_server_error_total", "Requests answered with a 5xx error or failed mid-stream.", self.sum(|s| &s.requests_server_error)),
-            ("kvgate_streams_cancelled_total", "Responses abandoned by their client before the end.", self.sum(|s| &s.streams_cancelled)),
+            (
+                "kvgate_requests_client_error_total",
+                "Requests answered with a 4xx error.",
+                self.sum(|s| &s.requests_client_error),
+            ),
+            (
+                "kvgate_requests_server_error_total",
+                "Requests answered with a 5xx error or failed mid-stream.",
+                self.sum(|s| &s.requests_server_error),
+            ),
+            (
+                "kvgate_streams_cancelled_total",
+                "Responses abandoned by their client before the end.",
+                self.sum(|s| &s.streams_cancelled),
+            ),
             ("kvgate_prompt_tokens_total", "Prompt tokens routed to workers.", self.sum(|s| &s.prompt_tokens)),
-            ("kvgate_cached_prompt_tokens_total", "Prompt tokens the chosen worker already had cached.", self.sum(|s| &s.cached_tokens)),
+            (
+                "kvgate_cached_prompt_tokens_total",
+                "Prompt tokens the chosen worker already had cached.",
+                self.sum(|s| &s.cached_tokens),
+            ),
             ("kvgate_output_tokens_total", "Tokens generated.", self.sum(|s| &s.output_tokens)),
         ];
         for (name, help, v) in counters {
@@ -120,7 +141,9 @@ impl Metrics {
             ("kvgate_time_to_first_token_seconds", "Time from request arrival to the first token.", |s| &s.ttft),
             ("kvgate_inter_token_latency_seconds", "Time between consecutive tokens of a stream.", |s| &s.itl),
             ("kvgate_request_duration_seconds", "Time from request arrival to its last byte.", |s| &s.e2e),
-            ("kvgate_routing_overhead_seconds", "Preprocessing and worker selection per request.", |s| &s.routing_overhead),
+            ("kvgate_routing_overhead_seconds", "Preprocessing and worker selection per request.", |s| {
+                &s.routing_overhead
+            }),
         ];
         for (name, help, f) in hists {
             self.render_histogram(&mut out, name, help, f);
@@ -128,17 +151,35 @@ impl Metrics {
         let _ = writeln!(out, "# HELP kvgate_kv_events_applied_total KV events applied to the index.\n# TYPE kvgate_kv_events_applied_total counter\nkvgate_kv_events_applied_total {}", self.control.kv_events_applied.load(Relaxed));
         let _ = writeln!(out, "# HELP kvgate_kv_event_errors_total KV events rejected or out of order.\n# TYPE kvgate_kv_event_errors_total counter\nkvgate_kv_event_errors_total {}", self.control.kv_event_errors.load(Relaxed));
         for (name, help, v) in [
-            ("kvgate_kv_recoveries_replay_total", "Event gaps recovered by a worker's replay.", &self.control.kv_recoveries_replay),
-            ("kvgate_kv_recoveries_dump_total", "Event gaps recovered from a worker's cache dump.", &self.control.kv_recoveries_dump),
-            ("kvgate_kv_recoveries_failed_total", "Event gaps whose recovery failed.", &self.control.kv_recoveries_failed),
+            (
+                "kvgate_kv_recoveries_replay_total",
+                "Event gaps recovered by a worker's replay.",
+                &self.control.kv_recoveries_replay,
+            ),
+            (
+                "kvgate_kv_recoveries_dump_total",
+                "Event gaps recovered from a worker's cache dump.",
+                &self.control.kv_recoveries_dump,
+            ),
+            (
+                "kvgate_kv_recoveries_failed_total",
+                "Event gaps whose recovery failed.",
+                &self.control.kv_recoveries_failed,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
         }
         let _ = writeln!(out, "# HELP kvgate_kv_index_entries Block-holder pairs in the KV index.\n# TYPE kvgate_kv_index_entries gauge\nkvgate_kv_index_entries {index_entries}");
         let gauges: [(&str, &str, GaugeOf); 4] = [
-            ("kvgate_worker_active_requests", "Requests in flight per worker, as booked by the router.", |w| w.active_requests),
-            ("kvgate_worker_active_prefill_tokens", "Uncached prompt tokens in flight per worker.", |w| w.active_prefill_tokens),
-            ("kvgate_worker_active_decode_blocks", "KV blocks of requests in flight per worker.", |w| w.active_decode_blocks),
+            ("kvgate_worker_active_requests", "Requests in flight per worker, as booked by the router.", |w| {
+                w.active_requests
+            }),
+            ("kvgate_worker_active_prefill_tokens", "Uncached prompt tokens in flight per worker.", |w| {
+                w.active_prefill_tokens
+            }),
+            ("kvgate_worker_active_decode_blocks", "KV blocks of requests in flight per worker.", |w| {
+                w.active_decode_blocks
+            }),
             ("kvgate_worker_cached_blocks", "Blocks each worker holds, per the KV index.", |w| w.cached_blocks),
         ];
         for (name, help, f) in gauges {
@@ -159,7 +200,11 @@ impl Metrics {
         }
         let count: u64 = self.shards.iter().map(|s| f(s).count.load(Relaxed)).sum();
         let sum_ns: u64 = self.shards.iter().map(|s| f(s).sum_ns.load(Relaxed)).sum();
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {}\n{name}_count {count}", sum_ns as f64 / 1e9);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {}\n{name}_count {count}",
+            sum_ns as f64 / 1e9
+        );
     }
 }
 

@@ -9,7 +9,7 @@ mod request;
 mod response;
 
 pub use request::{
-    ChatCompletionRequest, CompletionRequest, Prompt, StopSpec, StreamOptions, Validated,
-    ValidationError, DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS,
+    ChatCompletionRequest, CompletionRequest, Prompt, StopSpec, StreamOptions, Validated, ValidationError,
+    DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS,
 };
 pub use response::{ChunkWriter, ResponseKind, Usage, DONE};

@@ -170,7 +170,9 @@ impl ChatCompletionRequest {
             }
             match m.get("content") {
                 None | Some(Value::Null) | Some(Value::String(_)) | Some(Value::Array(_)) => {}
-                Some(_) => return Err(bad("messages", format!("messages[{i}].content must be a string or an array of parts"))),
+                Some(_) => {
+                    return Err(bad("messages", format!("messages[{i}].content must be a string or an array of parts")))
+                }
             }
         }
         let max = match self.max_completion_tokens {

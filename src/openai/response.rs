@@ -91,10 +91,8 @@ impl ChunkWriter {
             ResponseKind::Chat => "chatcmpl",
             ResponseKind::Completion => "cmpl",
         };
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let created =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         Self { kind, id: format!("{prefix}-{request_id:016x}"), created, model: model.to_string() }
     }
 
@@ -105,7 +103,12 @@ impl ChunkWriter {
                 object: "chat.completion.chunk",
                 created: self.created,
                 model: &self.model,
-                choices: [ChatChoice { index: 0, delta: ChatDelta { role, content: text }, logprobs: None, finish_reason: finish }],
+                choices: [ChatChoice {
+                    index: 0,
+                    delta: ChatDelta { role, content: text },
+                    logprobs: None,
+                    finish_reason: finish,
+                }],
             }),
             ResponseKind::Completion => serde_json::to_vec(&Chunk {
                 id: &self.id,

@@ -33,18 +33,12 @@ impl ModelConfig {
             Some(_) => config,
             None => config.get("text_config")?,
         };
-        let field = |k: &str| {
-            cfg.get(k)
-                .and_then(Value::as_u64)
-                .and_then(|v| u32::try_from(v).ok())
-                .filter(|&v| v > 0)
-        };
+        let field = |k: &str| cfg.get(k).and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok()).filter(|&v| v > 0);
         let num_hidden_layers = field("num_hidden_layers")?;
         let num_attention_heads = field("num_attention_heads");
         let num_key_value_heads = field("num_key_value_heads").or(num_attention_heads)?;
-        let head_dim = field("head_dim")
-            .or_else(|| Some(field("hidden_size")? / num_attention_heads?))
-            .filter(|&d| d > 0)?;
+        let head_dim =
+            field("head_dim").or_else(|| Some(field("hidden_size")? / num_attention_heads?)).filter(|&d| d > 0)?;
         let dtype = cfg
             .get("torch_dtype")
             .or_else(|| cfg.get("dtype"))
@@ -96,10 +90,7 @@ mod tests {
             "dtype": "float32"
         }))
         .unwrap();
-        assert_eq!(
-            (c.num_key_value_heads, c.head_dim, c.dtype_bytes),
-            (4, 64, 4)
-        );
+        assert_eq!((c.num_key_value_heads, c.head_dim, c.dtype_bytes), (4, 64, 4));
         assert_eq!(dtype_bytes("float8_e4m3fn"), 1);
         assert_eq!(dtype_bytes("float16"), 2);
         assert!(ModelConfig::from_json(&json!({"num_hidden_layers": 2})).is_none());

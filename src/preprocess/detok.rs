@@ -24,12 +24,7 @@ pub struct IncrementalDecoder {
 
 impl IncrementalDecoder {
     pub(crate) fn new(preprocessor: Arc<Preprocessor>) -> Self {
-        IncrementalDecoder {
-            preprocessor,
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-        }
+        IncrementalDecoder { preprocessor, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
     }
 
     /// Feeds newly generated ids; returns the newly completed text (possibly empty).
@@ -53,11 +48,7 @@ impl IncrementalDecoder {
     /// ended mid-character).
     pub fn finish(&mut self) -> Result<String, PreprocessError> {
         let (prefix, text) = self.window()?;
-        let out = if text.len() > prefix.len() {
-            new_suffix(&prefix, &text).to_string()
-        } else {
-            String::new()
-        };
+        let out = if text.len() > prefix.len() { new_suffix(&prefix, &text).to_string() } else { String::new() };
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
         Ok(out)
@@ -65,12 +56,8 @@ impl IncrementalDecoder {
 
     /// Decodes `[prefix_offset, read_offset)` and `[prefix_offset, end)`.
     fn window(&self) -> Result<(String, String), PreprocessError> {
-        let prefix = self
-            .preprocessor
-            .decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
-        let text = self
-            .preprocessor
-            .decode(&self.ids[self.prefix_offset..], true)?;
+        let prefix = self.preprocessor.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let text = self.preprocessor.decode(&self.ids[self.prefix_offset..], true)?;
         Ok((prefix, text))
     }
 }
@@ -117,11 +104,7 @@ mod tests {
         let steps: Vec<String> = ids.iter().map(|&id| d.step(&[id]).unwrap()).collect();
         assert!(d.finish().unwrap().is_empty());
         // Every non-empty step is a whole character; nothing is a fragment.
-        let emitted: Vec<&str> = steps
-            .iter()
-            .map(String::as_str)
-            .filter(|s| !s.is_empty())
-            .collect();
+        let emitted: Vec<&str> = steps.iter().map(String::as_str).filter(|s| !s.is_empty()).collect();
         let chars: Vec<String> = text.chars().map(String::from).collect();
         assert_eq!(emitted, chars);
         assert_eq!(steps.concat(), text);
@@ -136,12 +119,7 @@ mod tests {
         let mut d = p.decoder();
         let mut ids = vec![257];
         ids.extend(p.encode("ok ", false).unwrap());
-        ids.extend(
-            &"🎉".as_bytes()[..2]
-                .iter()
-                .map(|&b| u32::from(b))
-                .collect::<Vec<_>>(),
-        );
+        ids.extend(&"🎉".as_bytes()[..2].iter().map(|&b| u32::from(b)).collect::<Vec<_>>());
         assert_eq!(d.step(&ids).unwrap(), "ok ");
         assert_eq!(d.finish().unwrap(), "\u{FFFD}");
     }

@@ -22,11 +22,7 @@ pub enum PreprocessError {
          or unset HF_HUB_OFFLINE to download",
         cache_dir.display(), repo.replace('/', "--"), cache_dir.display()
     )]
-    ModelNotCached {
-        repo: String,
-        cache_dir: PathBuf,
-        reason: String,
-    },
+    ModelNotCached { repo: String, cache_dir: PathBuf, reason: String },
 
     #[error(
         "could not download `{file}` of `{repo}` from the Hugging Face hub into {}: {source}; \
@@ -102,9 +98,7 @@ impl PreprocessError {
     pub fn is_client_error(&self) -> bool {
         use PreprocessError::*;
         match self {
-            MissingChatTemplate | InvalidMessages(_) | TemplateRender { .. } | Tokenize { .. } => {
-                true
-            }
+            MissingChatTemplate | InvalidMessages(_) | TemplateRender { .. } | Tokenize { .. } => true,
             ModelDirNotFound(_)
             | MissingTokenizer(_)
             | ModelNotCached { .. }

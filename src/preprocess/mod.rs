@@ -55,17 +55,11 @@ impl Preprocessor {
     pub fn load(source: &ModelSource) -> Result<Self, PreprocessError> {
         match source {
             ModelSource::Builtin => Ok(Self::builtin()),
-            ModelSource::Dir(dir) => Self::from_files(
-                source::read_dir(dir)?,
-                format!("directory {}", dir.display()),
-            ),
+            ModelSource::Dir(dir) => Self::from_files(source::read_dir(dir)?, format!("directory {}", dir.display())),
             ModelSource::Hub(repo) => {
                 let dir = source::resolve_hub(repo, &source::HubSettings::from_env())?;
                 let files = source::read_dir(&dir)?;
-                Self::from_files(
-                    files,
-                    format!("Hugging Face hub {repo} (snapshot {})", dir.display()),
-                )
+                Self::from_files(files, format!("Hugging Face hub {repo} (snapshot {})", dir.display()))
             }
         }
     }
@@ -75,14 +69,8 @@ impl Preprocessor {
         use tokenizer::{BUILTIN_ENDOFTEXT_ID, BUILTIN_IM_END_ID, BUILTIN_SPECIALS};
         let tokenizer = tokenizer::builtin_tokenizer();
         let eos = BUILTIN_SPECIALS[2].to_string();
-        let template = ChatTemplate::new(
-            "builtin ChatML",
-            tokenizer::CHATML_TEMPLATE.into(),
-            None,
-            None,
-            Some(eos),
-        )
-        .expect("the built-in ChatML template compiles");
+        let template = ChatTemplate::new("builtin ChatML", tokenizer::CHATML_TEMPLATE.into(), None, None, Some(eos))
+            .expect("the built-in ChatML template compiles");
         Self::assemble(
             "builtin byte-level tokenizer".into(),
             tokenizer,
@@ -94,36 +82,21 @@ impl Preprocessor {
 
     fn from_files(files: source::ModelFiles, description: String) -> Result<Self, PreprocessError> {
         let path = &files.tokenizer_json;
-        let mut tokenizer =
-            Tokenizer::from_file(path).map_err(|source| PreprocessError::BadTokenizer {
-                path: path.clone(),
-                source,
-            })?;
+        let mut tokenizer = Tokenizer::from_file(path)
+            .map_err(|source| PreprocessError::BadTokenizer { path: path.clone(), source })?;
         // Some tokenizer.json files carry truncation/padding settings; prompts must not be cut.
         tokenizer
             .with_truncation(None)
-            .map_err(|source| PreprocessError::BadTokenizer {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(|source| PreprocessError::BadTokenizer { path: path.clone(), source })?;
         tokenizer.with_padding(None);
 
         let tk_config = files.tokenizer_config.as_ref();
         let bos = tokenizer::special_token(tk_config, "bos_token");
         let eos = tokenizer::special_token(tk_config, "eos_token");
-        let template = match (
-            &files.chat_template_file,
-            tk_config.and_then(|c| c.get("chat_template")),
-        ) {
+        let template = match (&files.chat_template_file, tk_config.and_then(|c| c.get("chat_template"))) {
             (Some(t), _) => {
                 let origin = files.dir.join("chat_template.jinja").display().to_string();
-                Some(ChatTemplate::new(
-                    &origin,
-                    t.clone(),
-                    None,
-                    bos.clone(),
-                    eos.clone(),
-                )?)
+                Some(ChatTemplate::new(&origin, t.clone(), None, bos.clone(), eos.clone())?)
             }
             (None, Some(t)) => config_template(t, &files, bos.clone(), eos.clone())?,
             (None, None) => None,
@@ -137,13 +110,7 @@ impl Preprocessor {
             tracing::warn!(model = %description, "no eos token id found; generation stops only at max_tokens or stop strings");
         }
         let model_config = files.config.as_ref().and_then(ModelConfig::from_json);
-        Ok(Self::assemble(
-            description,
-            tokenizer,
-            template,
-            eos_ids,
-            model_config,
-        ))
+        Ok(Self::assemble(description, tokenizer, template, eos_ids, model_config))
     }
 
     fn assemble(
@@ -184,18 +151,11 @@ impl Preprocessor {
         tools: Option<&Value>,
         add_generation_prompt: bool,
     ) -> Result<String, PreprocessError> {
-        let template = self
-            .template
-            .as_ref()
-            .ok_or(PreprocessError::MissingChatTemplate)?;
+        let template = self.template.as_ref().ok_or(PreprocessError::MissingChatTemplate)?;
         template.render(messages, tools, add_generation_prompt)
     }
 
-    pub fn encode(
-        &self,
-        text: &str,
-        add_special_tokens: bool,
-    ) -> Result<Vec<u32>, PreprocessError> {
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, PreprocessError> {
         let encoding = self
             .tokenizer
             .encode_fast(text, add_special_tokens)
@@ -205,23 +165,13 @@ impl Preprocessor {
 
     /// Renders (with the generation prompt) and encodes without adding special tokens again: the
     /// template already has them.
-    pub fn encode_chat(
-        &self,
-        messages: &Value,
-        tools: Option<&Value>,
-    ) -> Result<Vec<u32>, PreprocessError> {
+    pub fn encode_chat(&self, messages: &Value, tools: Option<&Value>) -> Result<Vec<u32>, PreprocessError> {
         let text = self.render_chat(messages, tools, true)?;
         self.encode(&text, false)
     }
 
-    pub fn decode(
-        &self,
-        ids: &[u32],
-        skip_special_tokens: bool,
-    ) -> Result<String, PreprocessError> {
-        self.tokenizer
-            .decode(ids, skip_special_tokens)
-            .map_err(|source| PreprocessError::Decode { source })
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, PreprocessError> {
+        self.tokenizer.decode(ids, skip_special_tokens).map_err(|source| PreprocessError::Decode { source })
     }
 
     /// Union of `generation_config.json`'s and `config.json`'s `eos_token_id` (int or list) and
@@ -259,11 +209,7 @@ fn config_template(
     bos: Option<String>,
     eos: Option<String>,
 ) -> Result<Option<ChatTemplate>, PreprocessError> {
-    let origin = files
-        .dir
-        .join("tokenizer_config.json")
-        .display()
-        .to_string();
+    let origin = files.dir.join("tokenizer_config.json").display().to_string();
     let (default, tool_use) = match value {
         Value::String(s) => (Some(s.clone()), None),
         Value::Array(list) => {
@@ -308,8 +254,7 @@ pub(crate) mod tests {
     pub(crate) fn qwen() -> Option<Arc<Preprocessor>> {
         static QWEN: OnceLock<Option<Arc<Preprocessor>>> = OnceLock::new();
         QWEN.get_or_init(|| {
-            qwen_dir()
-                .map(|d| Arc::new(Preprocessor::load(&ModelSource::Dir(d)).expect("qwen3 loads")))
+            qwen_dir().map(|d| Arc::new(Preprocessor::load(&ModelSource::Dir(d)).expect("qwen3 loads")))
         })
         .clone()
     }
@@ -319,13 +264,7 @@ pub(crate) mod tests {
         let Some(p) = qwen() else { return };
         let msgs = json!([{"role": "user", "content": "What is the capital of France?"}]);
         let ids = p.encode_chat(&msgs, None).unwrap();
-        assert_eq!(
-            ids,
-            [
-                151644, 872, 198, 3838, 374, 279, 6722, 315, 9625, 30, 151645, 198, 151644, 77091,
-                198
-            ]
-        );
+        assert_eq!(ids, [151644, 872, 198, 3838, 374, 279, 6722, 315, 9625, 30, 151645, 198, 151644, 77091, 198]);
         let parts = json!([{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]);
         assert_eq!(p.encode_chat(&parts, None).unwrap(), ids);
     }
@@ -355,29 +294,21 @@ pub(crate) mod tests {
     fn qwen_tools_render_like_transformers() {
         let Some(p) = qwen() else { return };
         let msgs = json!([{"role": "user", "content": "Weather in Paris?"}]);
-        let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+        let tools =
+            json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
         let out = p.render_chat(&msgs, Some(&tools), true).unwrap();
-        let tool_line = r#"{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}"#;
-        assert!(
-            out.starts_with("<|im_start|>system\n# Tools\n\nYou may call one or more functions"),
-            "{out}"
-        );
-        assert!(
-            out.contains(&format!("<tools>\n{tool_line}\n</tools>")),
-            "{out}"
-        );
-        assert!(
-            out.ends_with("<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"),
-            "{out}"
-        );
+        let tool_line =
+            r#"{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}"#;
+        assert!(out.starts_with("<|im_start|>system\n# Tools\n\nYou may call one or more functions"), "{out}");
+        assert!(out.contains(&format!("<tools>\n{tool_line}\n</tools>")), "{out}");
+        assert!(out.ends_with("<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"), "{out}");
     }
 
     /// Renders recorded from jinja2 set up as transformers does (tests/fixtures/preprocess/hf_render.py).
     #[test]
     fn qwen_matches_recorded_hf_renders() {
         let Some(p) = qwen() else { return };
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/preprocess/qwen3_hf_renders.json");
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess/qwen3_hf_renders.json");
         let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         for (name, case) in fixture["cases"].as_object().unwrap() {
             let tools = Some(&case["tools"]).filter(|t| !t.is_null());
@@ -389,21 +320,11 @@ pub(crate) mod tests {
     #[test]
     fn qwen_eos_vocab_config_sample() {
         let Some(p) = qwen() else { return };
-        assert!(
-            p.eos_token_ids().contains(&151645) && p.eos_token_ids().contains(&151643),
-            "{:?}",
-            p.eos_token_ids()
-        );
+        assert!(p.eos_token_ids().contains(&151645) && p.eos_token_ids().contains(&151643), "{:?}", p.eos_token_ids());
         assert_eq!(p.vocab_size(), 151_669);
         assert_eq!(p.model_config().unwrap().kv_bytes_per_token(), 114_688);
-        assert_eq!(
-            p.model_config().unwrap().max_position_embeddings,
-            Some(40960)
-        );
-        assert_eq!(
-            p.encode("What is the capital of France?", true).unwrap(),
-            [3838, 374, 279, 6722, 315, 9625, 30]
-        );
+        assert_eq!(p.model_config().unwrap().max_position_embeddings, Some(40960));
+        assert_eq!(p.encode("What is the capital of France?", true).unwrap(), [3838, 374, 279, 6722, 315, 9625, 30]);
         let sample = p.sample_text_tokens();
         assert!(sample.len() > 200);
         assert_eq!(p.decode(&sample, true).unwrap(), tokenizer::SAMPLE_TEXT);
@@ -416,60 +337,42 @@ pub(crate) mod tests {
         assert_eq!(p.eos_token_ids(), [258, 256]);
         assert_eq!(p.vocab_size(), 259);
         assert!(p.model_config().is_none());
-        for s in [
-            "",
-            "plain ascii",
-            "héllo 世界 🎉",
-            "emoji 👩‍👩‍👧 and CJK 漢字かなカナ한국어",
-            "<|im_end|> as text",
-        ] {
+        for s in ["", "plain ascii", "héllo 世界 🎉", "emoji 👩‍👩‍👧 and CJK 漢字かなカナ한국어", "<|im_end|> as text"]
+        {
             let ids = p.encode(s, false).unwrap();
             assert_eq!(p.decode(&ids, false).unwrap(), s);
         }
         let msgs = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 👋"}]);
         let text = p.render_chat(&msgs, None, true).unwrap();
-        assert_eq!(text, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi 👋<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            text,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi 👋<|im_end|>\n<|im_start|>assistant\n"
+        );
         let ids = p.encode_chat(&msgs, None).unwrap();
         assert_eq!((ids[0], ids[ids.len() - 11]), (257, 257));
         assert_eq!(p.decode(&ids, false).unwrap(), text);
-        assert_eq!(
-            p.decode(&p.sample_text_tokens(), false).unwrap(),
-            tokenizer::SAMPLE_TEXT
-        );
+        assert_eq!(p.decode(&p.sample_text_tokens(), false).unwrap(), tokenizer::SAMPLE_TEXT);
     }
 
     #[test]
     fn load_errors_are_server_errors_and_template_is_optional() {
         let tmp = tempfile::tempdir().unwrap();
-        let err = Preprocessor::load(&ModelSource::Dir(tmp.path().into()))
-            .err()
-            .unwrap();
+        let err = Preprocessor::load(&ModelSource::Dir(tmp.path().into())).err().unwrap();
         assert!(!err.is_client_error());
         std::fs::write(tmp.path().join("tokenizer.json"), "{not json").unwrap();
-        let err = Preprocessor::load(&ModelSource::Dir(tmp.path().into()))
-            .err()
-            .unwrap();
+        let err = Preprocessor::load(&ModelSource::Dir(tmp.path().into())).err().unwrap();
         assert!(matches!(err, PreprocessError::BadTokenizer { .. }), "{err}");
 
         let Some(dir) = qwen_dir() else { return };
-        std::fs::copy(
-            dir.join("tokenizer.json"),
-            tmp.path().join("tokenizer.json"),
-        )
-        .unwrap();
+        std::fs::copy(dir.join("tokenizer.json"), tmp.path().join("tokenizer.json")).unwrap();
         let named = json!({"chat_template": [{"name": "default", "template": "D{{ messages|length }}"}, {"name": "tool_use", "template": "T"}]});
         std::fs::write(tmp.path().join("tokenizer_config.json"), named.to_string()).unwrap();
         let p = Preprocessor::load(&ModelSource::Dir(tmp.path().into())).unwrap();
         assert_eq!(p.render_chat(&json!([]), None, true).unwrap(), "D0");
-        assert_eq!(
-            p.render_chat(&json!([]), Some(&json!([])), true).unwrap(),
-            "T"
-        );
+        assert_eq!(p.render_chat(&json!([]), Some(&json!([])), true).unwrap(), "T");
         std::fs::remove_file(tmp.path().join("tokenizer_config.json")).unwrap();
         let p = Preprocessor::load(&ModelSource::Dir(tmp.path().into())).unwrap();
-        let err = p
-            .encode_chat(&json!([{"role": "user", "content": "x"}]), None)
-            .unwrap_err();
+        let err = p.encode_chat(&json!([{"role": "user", "content": "x"}]), None).unwrap_err();
         assert!(matches!(err, PreprocessError::MissingChatTemplate) && err.is_client_error());
         assert!(p.eos_token_ids().is_empty());
     }

@@ -15,12 +15,8 @@ use super::error::PreprocessError;
 
 /// Files a model directory may hold; only `tokenizer.json` is required.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
-const OPTIONAL_FILES: [&str; 4] = [
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "config.json",
-    "generation_config.json",
-];
+const OPTIONAL_FILES: [&str; 4] =
+    ["tokenizer_config.json", "chat_template.jinja", "config.json", "generation_config.json"];
 
 /// Where the model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,9 +49,7 @@ fn looks_like_repo_id(s: &str) -> bool {
     let valid = |part: &str| {
         !part.is_empty()
             && !part.starts_with(['.', '-'])
-            && part
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     match s.split_once('/') {
         Some((org, name)) => valid(org) && valid(name) && !name.contains('/'),
@@ -99,10 +93,7 @@ fn read_text(path: &Path) -> Result<Option<String>, PreprocessError> {
     match std::fs::read_to_string(path) {
         Ok(s) => Ok(Some(s)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(PreprocessError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
+        Err(source) => Err(PreprocessError::Io { path: path.to_path_buf(), source }),
     }
 }
 
@@ -112,10 +103,7 @@ fn read_json(path: &Path) -> Result<Option<Value>, PreprocessError> {
     };
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|source| PreprocessError::BadJson {
-            path: path.to_path_buf(),
-            source,
-        })
+        .map_err(|source| PreprocessError::BadJson { path: path.to_path_buf(), source })
 }
 
 /// How to reach the hub: the cache root and whether the network may be used.
@@ -138,24 +126,14 @@ impl HubSettings {
         let cache_dir = var("HF_HUB_CACHE")
             .map(PathBuf::from)
             .or_else(|| var("HF_HOME").map(|h| Path::new(&h).join("hub")))
-            .or_else(|| {
-                var("XDG_CACHE_HOME").map(|c| Path::new(&c).join("huggingface").join("hub"))
-            })
-            .or_else(|| {
-                var("HOME").map(|h| Path::new(&h).join(".cache").join("huggingface").join("hub"))
-            })
+            .or_else(|| var("XDG_CACHE_HOME").map(|c| Path::new(&c).join("huggingface").join("hub")))
+            .or_else(|| var("HOME").map(|h| Path::new(&h).join(".cache").join("huggingface").join("hub")))
             .unwrap_or_else(|| PathBuf::from(".cache/huggingface/hub"));
-        let truthy =
-            |v: &str| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on");
+        let truthy = |v: &str| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on");
         let offline = ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"]
             .into_iter()
             .find_map(|k| var(k).filter(|v| truthy(v)).map(|v| format!("{k}={v}")));
-        HubSettings {
-            cache_dir,
-            offline,
-            endpoint: var("HF_ENDPOINT"),
-            token: var("HF_TOKEN"),
-        }
+        HubSettings { cache_dir, offline, endpoint: var("HF_ENDPOINT"), token: var("HF_TOKEN") }
     }
 }
 
@@ -192,8 +170,7 @@ fn download(repo: &str, settings: &HubSettings) -> Result<PathBuf, PreprocessErr
         cache_dir: settings.cache_dir.clone(),
         source: Box::new(source),
     };
-    let mut builder =
-        ApiBuilder::from_cache(hf_hub::Cache::new(settings.cache_dir.clone())).with_progress(false);
+    let mut builder = ApiBuilder::from_cache(hf_hub::Cache::new(settings.cache_dir.clone())).with_progress(false);
     if let Some(endpoint) = &settings.endpoint {
         builder = builder.with_endpoint(endpoint.clone());
     }
@@ -203,19 +180,14 @@ fn download(repo: &str, settings: &HubSettings) -> Result<PathBuf, PreprocessErr
     let api = builder.build().map_err(|e| fail(TOKENIZER_FILE, e))?;
     let hub = api.model(repo.to_string());
     tracing::info!(repo, cache = %settings.cache_dir.display(), "downloading the tokenizer and configs from the Hugging Face hub");
-    let tokenizer = hub
-        .get(TOKENIZER_FILE)
-        .map_err(|e| fail(TOKENIZER_FILE, e))?;
+    let tokenizer = hub.get(TOKENIZER_FILE).map_err(|e| fail(TOKENIZER_FILE, e))?;
     for file in OPTIONAL_FILES {
         // Optional files are often absent (404); a missing one is not an error.
         if let Err(e) = hub.get(file) {
             tracing::debug!(repo, file, error = %e, "optional model file not downloaded");
         }
     }
-    let dir = tokenizer
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    let dir = tokenizer.parent().map(Path::to_path_buf).unwrap_or_default();
     Ok(dir)
 }
 
@@ -228,39 +200,18 @@ mod tests {
         assert_eq!(ModelSource::parse(None), ModelSource::Builtin);
         assert_eq!(ModelSource::parse(Some(" ")), ModelSource::Builtin);
         let here = env!("CARGO_MANIFEST_DIR");
-        assert_eq!(
-            ModelSource::parse(Some(here)),
-            ModelSource::Dir(here.into())
-        );
-        assert_eq!(
-            ModelSource::parse(Some("Qwen/Qwen3-0.6B")),
-            ModelSource::Hub("Qwen/Qwen3-0.6B".into())
-        );
-        assert_eq!(
-            ModelSource::parse(Some("./nope/x")),
-            ModelSource::Dir("./nope/x".into())
-        );
-        assert_eq!(
-            ModelSource::parse(Some("/abs/missing")),
-            ModelSource::Dir("/abs/missing".into())
-        );
-        assert_eq!(
-            ModelSource::parse(Some("a/b/c")),
-            ModelSource::Dir("a/b/c".into())
-        );
+        assert_eq!(ModelSource::parse(Some(here)), ModelSource::Dir(here.into()));
+        assert_eq!(ModelSource::parse(Some("Qwen/Qwen3-0.6B")), ModelSource::Hub("Qwen/Qwen3-0.6B".into()));
+        assert_eq!(ModelSource::parse(Some("./nope/x")), ModelSource::Dir("./nope/x".into()));
+        assert_eq!(ModelSource::parse(Some("/abs/missing")), ModelSource::Dir("/abs/missing".into()));
+        assert_eq!(ModelSource::parse(Some("a/b/c")), ModelSource::Dir("a/b/c".into()));
     }
 
     #[test]
     fn missing_dir_and_tokenizer() {
         let tmp = tempfile::tempdir().unwrap();
-        assert!(matches!(
-            read_dir(&tmp.path().join("x")),
-            Err(PreprocessError::ModelDirNotFound(_))
-        ));
-        assert!(matches!(
-            read_dir(tmp.path()),
-            Err(PreprocessError::MissingTokenizer(_))
-        ));
+        assert!(matches!(read_dir(&tmp.path().join("x")), Err(PreprocessError::ModelDirNotFound(_))));
+        assert!(matches!(read_dir(tmp.path()), Err(PreprocessError::MissingTokenizer(_))));
     }
 
     #[test]
@@ -279,15 +230,8 @@ mod tests {
         let err = resolve_hub("Qwen/Qwen3-0.6B", &settings).unwrap_err();
         let msg = err.to_string();
         assert!(!err.is_client_error());
-        assert!(
-            msg.contains(&cache.path().display().to_string())
-                && msg.contains("models--Qwen--Qwen3-0.6B"),
-            "{msg}"
-        );
-        assert!(
-            msg.contains("HF_HUB_OFFLINE") && msg.contains("--model-path"),
-            "{msg}"
-        );
+        assert!(msg.contains(&cache.path().display().to_string()) && msg.contains("models--Qwen--Qwen3-0.6B"), "{msg}");
+        assert!(msg.contains("HF_HUB_OFFLINE") && msg.contains("--model-path"), "{msg}");
 
         // Lay out the cache as huggingface_hub does: refs/main → snapshots/<rev>/files.
         let rev = "c1899de289a04d12100db370d81485cdf75e47ca";
@@ -299,10 +243,7 @@ mod tests {
         for f in std::iter::once(TOKENIZER_FILE).chain(OPTIONAL_FILES) {
             std::os::unix::fs::symlink(model.join(f), snap.join(f)).unwrap();
         }
-        assert_eq!(
-            cached_snapshot("Qwen/Qwen3-0.6B", cache.path()),
-            Some(snap.clone())
-        );
+        assert_eq!(cached_snapshot("Qwen/Qwen3-0.6B", cache.path()), Some(snap.clone()));
         assert_eq!(cached_snapshot("Qwen/Other", cache.path()), None);
         assert_eq!(resolve_hub("Qwen/Qwen3-0.6B", &settings).unwrap(), snap);
         let files = read_dir(&snap).unwrap();

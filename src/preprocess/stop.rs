@@ -17,11 +17,7 @@ impl StopMatcher {
     /// Empty stop strings are ignored.
     pub fn new(stops: Vec<String>) -> Self {
         let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        StopMatcher {
-            stops,
-            held: String::new(),
-            stopped: false,
-        }
+        StopMatcher { stops, held: String::new(), stopped: false }
     }
 
     /// Pushes newly decoded text; returns (text safe to emit now, stopped?).
@@ -34,11 +30,7 @@ impl StopMatcher {
         }
         self.held.push_str(text);
         // Earliest start wins; every possible start is inside `held` (see `partial_suffix`).
-        let earliest = self
-            .stops
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min();
+        let earliest = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min();
         if let Some(at) = earliest {
             self.held.truncate(at);
             self.stopped = true;
@@ -92,14 +84,8 @@ mod tests {
         assert_eq!(m.push("lo ST"), ("lo ".to_string(), false));
         assert_eq!(m.push("OP here"), (String::new(), true));
         assert_eq!(m.push("more"), (String::new(), true));
-        assert_eq!(
-            run(&["STOP"], &["Hel", "lo STOP here"]),
-            ("Hello ".to_string(), true)
-        );
-        assert_eq!(
-            run(&["STOP"], &["Hel", "lo S", "T", "OP"]),
-            ("Hello ".to_string(), true)
-        );
+        assert_eq!(run(&["STOP"], &["Hel", "lo STOP here"]), ("Hello ".to_string(), true));
+        assert_eq!(run(&["STOP"], &["Hel", "lo S", "T", "OP"]), ("Hello ".to_string(), true));
     }
 
     #[test]
@@ -109,35 +95,20 @@ mod tests {
         assert_eq!(m.push("AY"), ("STAY".to_string(), false));
         assert_eq!(m.push("x S"), ("x ".to_string(), false));
         assert_eq!(m.flush(), "S");
-        assert_eq!(
-            run(&["STOP"], &["ST", "ST", "OP"]),
-            ("ST".to_string(), true)
-        );
+        assert_eq!(run(&["STOP"], &["ST", "ST", "OP"]), ("ST".to_string(), true));
     }
 
     #[test]
     fn earliest_of_many_wins() {
-        assert_eq!(
-            run(&["world", "lo w", ""], &["hello world"]),
-            ("hel".to_string(), true)
-        );
-        assert_eq!(
-            run(&["</s>", "\n\n"], &["a\n", "\nb</s>"]),
-            ("a".to_string(), true)
-        );
+        assert_eq!(run(&["world", "lo w", ""], &["hello world"]), ("hel".to_string(), true));
+        assert_eq!(run(&["</s>", "\n\n"], &["a\n", "\nb</s>"]), ("a".to_string(), true));
         assert_eq!(run(&[], &["no stops"]), ("no stops".to_string(), false));
-        assert_eq!(
-            run(&[""], &["empty ignored"]),
-            ("empty ignored".to_string(), false)
-        );
+        assert_eq!(run(&[""], &["empty ignored"]), ("empty ignored".to_string(), false));
     }
 
     #[test]
     fn multibyte_boundaries() {
-        assert_eq!(
-            run(&["世界"], &["你好世", "界!"]),
-            ("你好".to_string(), true)
-        );
+        assert_eq!(run(&["世界"], &["你好世", "界!"]), ("你好".to_string(), true));
         assert_eq!(run(&["🎉x"], &["a🎉", "b"]), ("a🎉b".to_string(), false));
     }
 }

@@ -8,10 +8,7 @@ use minijinja::{Error, Value};
 
 /// `strftime_now(fmt)`: the current UTC time, formatted with the common strftime directives.
 pub fn strftime_now(format: String) -> Result<Value, Error> {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     Ok(Value::from(strftime(&format, secs as i64)))
 }
 
@@ -30,15 +27,7 @@ fn strftime(format: &str, unix_secs: i64) -> String {
         "November",
         "December",
     ];
-    const DAYS: [&str; 7] = [
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-        "Sunday",
-    ];
+    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
     let days = unix_secs.div_euclid(86_400);
     let secs = unix_secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
@@ -115,10 +104,7 @@ mod tests {
     #[test]
     fn strftime_formats_utc() {
         // 2024-02-29 13:05:09 UTC, a Thursday.
-        assert_eq!(
-            strftime("%d %b %Y %H:%M:%S %A %j %-d %%", 1_709_211_909),
-            "29 Feb 2024 13:05:09 Thursday 060 29 %"
-        );
+        assert_eq!(strftime("%d %b %Y %H:%M:%S %A %j %-d %%", 1_709_211_909), "29 Feb 2024 13:05:09 Thursday 060 29 %");
         assert_eq!(strftime("%Y-%m-%d", 0), "1970-01-01");
     }
 }

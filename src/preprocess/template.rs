@@ -44,21 +44,13 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", super::strftime::strftime_now);
         env.add_filter("tojson", tojson);
-        let bad = |source| PreprocessError::BadTemplate {
-            origin: origin.to_string(),
-            source,
-        };
+        let bad = |source| PreprocessError::BadTemplate { origin: origin.to_string(), source };
         env.add_template_owned(DEFAULT, default).map_err(bad)?;
         let has_tool_use = tool_use.is_some();
         if let Some(t) = tool_use {
             env.add_template_owned(TOOL_USE, t).map_err(bad)?;
         }
-        Ok(ChatTemplate {
-            env,
-            has_tool_use,
-            bos_token,
-            eos_token,
-        })
+        Ok(ChatTemplate { env, has_tool_use, bos_token, eos_token })
     }
 
     /// Renders `messages` (the OpenAI array; array contents flattened to text) with `tools`.
@@ -69,15 +61,8 @@ impl ChatTemplate {
         add_generation_prompt: bool,
     ) -> Result<String, PreprocessError> {
         let messages = flatten_messages(messages)?;
-        let name = if tools.is_some() && self.has_tool_use {
-            TOOL_USE
-        } else {
-            DEFAULT
-        };
-        let template = self
-            .env
-            .get_template(name)
-            .map_err(PreprocessError::render)?;
+        let name = if tools.is_some() && self.has_tool_use { TOOL_USE } else { DEFAULT };
+        let template = self.env.get_template(name).map_err(PreprocessError::render)?;
         let ctx = context! {
             messages => Value::from_serialize(&*messages),
             tools => tools.map(Value::from_serialize),
@@ -91,13 +76,10 @@ impl ChatTemplate {
 
 /// Turns each message's `content` into a string: an array of `{type:"text", text}` parts is
 /// joined with "\n" (as vLLM does), `null` becomes "". Borrows when nothing needs changing.
-fn flatten_messages(
-    messages: &serde_json::Value,
-) -> Result<Cow<'_, serde_json::Value>, PreprocessError> {
+fn flatten_messages(messages: &serde_json::Value) -> Result<Cow<'_, serde_json::Value>, PreprocessError> {
     use serde_json::Value as J;
-    let list = messages
-        .as_array()
-        .ok_or_else(|| PreprocessError::InvalidMessages("`messages` must be an array".into()))?;
+    let list =
+        messages.as_array().ok_or_else(|| PreprocessError::InvalidMessages("`messages` must be an array".into()))?;
     let needs_fix = |m: &J| !matches!(m.get("content"), None | Some(J::String(_)));
     if !list.iter().any(needs_fix) {
         return Ok(Cow::Borrowed(messages));
@@ -110,9 +92,8 @@ fn flatten_messages(
         let text = match content {
             J::String(_) => continue,
             J::Null => String::new(),
-            J::Array(parts) => join_text_parts(parts).map_err(|e| {
-                PreprocessError::InvalidMessages(format!("messages[{i}].content: {e}"))
-            })?,
+            J::Array(parts) => join_text_parts(parts)
+                .map_err(|e| PreprocessError::InvalidMessages(format!("messages[{i}].content: {e}")))?,
             _ => {
                 return Err(PreprocessError::InvalidMessages(format!(
                     "messages[{i}].content must be a string or an array of parts"
@@ -127,15 +108,10 @@ fn flatten_messages(
 fn join_text_parts(parts: &[serde_json::Value]) -> Result<String, String> {
     let mut texts = Vec::with_capacity(parts.len());
     for part in parts {
-        match (
-            part.get("type").and_then(|t| t.as_str()),
-            part.get("text").and_then(|t| t.as_str()),
-        ) {
+        match (part.get("type").and_then(|t| t.as_str()), part.get("text").and_then(|t| t.as_str())) {
             (Some("text"), Some(text)) => texts.push(text),
             (Some(other), _) if other != "text" => {
-                return Err(format!(
-                    "content parts of type `{other}` are not supported (text only)"
-                ))
+                return Err(format!("content parts of type `{other}` are not supported (text only)"))
             }
             _ => return Err("a text part needs a string `text`".into()),
         }
@@ -166,23 +142,11 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     kwargs.assert_all_used()?;
     let (item_sep, key_sep) = match separators.as_deref() {
         Some([item, key]) => (item.clone(), key.clone()),
-        Some(_) => {
-            return Err(Error::new(
-                ErrorKind::InvalidOperation,
-                "tojson: separators must be a pair",
-            ))
-        }
+        Some(_) => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair")),
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
     };
-    let mut w = JsonWriter {
-        out: String::new(),
-        indent,
-        item_sep,
-        key_sep,
-        ensure_ascii,
-        sort_keys,
-    };
+    let mut w = JsonWriter { out: String::new(), indent, item_sep, key_sep, ensure_ascii, sort_keys };
     w.value(&value, 0)?;
     Ok(Value::from(w.out))
 }
@@ -200,9 +164,7 @@ impl JsonWriter {
     fn value(&mut self, v: &Value, depth: usize) -> Result<(), Error> {
         match v.kind() {
             ValueKind::Undefined | ValueKind::None => self.out.push_str("null"),
-            ValueKind::Bool => self
-                .out
-                .push_str(if v.is_true() { "true" } else { "false" }),
+            ValueKind::Bool => self.out.push_str(if v.is_true() { "true" } else { "false" }),
             ValueKind::Number if v.is_integer() => self.out.push_str(&v.to_string()),
             ValueKind::Number => self.out.push_str(&py_float(f64::try_from(v.clone())?)),
             ValueKind::String => self.string(v.as_str().unwrap_or_default()),
@@ -211,13 +173,11 @@ impl JsonWriter {
                 if self.sort_keys {
                     keys.sort();
                 }
-                let items: Result<Vec<_>, Error> =
-                    keys.into_iter().map(|k| Ok((v.get_item(&k)?, k))).collect();
+                let items: Result<Vec<_>, Error> = keys.into_iter().map(|k| Ok((v.get_item(&k)?, k))).collect();
                 self.container(items?, depth, '{', '}')?;
             }
             ValueKind::Seq | ValueKind::Iterable => {
-                let items: Vec<(Value, Value)> =
-                    v.try_iter()?.map(|x| (x, Value::UNDEFINED)).collect();
+                let items: Vec<(Value, Value)> = v.try_iter()?.map(|x| (x, Value::UNDEFINED)).collect();
                 self.container(items, depth, '[', ']')?;
             }
             _ => {
@@ -231,13 +191,7 @@ impl JsonWriter {
     }
 
     /// Writes a list (keys undefined) or an object's (value, key) pairs.
-    fn container(
-        &mut self,
-        items: Vec<(Value, Value)>,
-        depth: usize,
-        open: char,
-        close: char,
-    ) -> Result<(), Error> {
+    fn container(&mut self, items: Vec<(Value, Value)>, depth: usize, open: char, close: char) -> Result<(), Error> {
         self.out.push(open);
         if items.is_empty() {
             self.out.push(close);
@@ -305,21 +259,13 @@ fn py_float(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 {
-            "Infinity".into()
-        } else {
-            "-Infinity".into()
-        };
+        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
     }
     let sci = format!("{f:e}");
     let (mantissa, exp) = sci.split_once('e').expect("{:e} always has an exponent");
     let exp: i32 = exp.parse().expect("{:e} exponent is an integer");
     if f != 0.0 && !(-4..16).contains(&exp) {
-        return format!(
-            "{mantissa}e{}{:02}",
-            if exp < 0 { '-' } else { '+' },
-            exp.abs()
-        );
+        return format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
     }
     let plain = f.to_string();
     if plain.contains('.') {
@@ -341,12 +287,9 @@ mod tests {
 
     #[test]
     fn tojson_is_python_json_dumps() {
-        let tool = json!({"type": "function", "function": {"name": "f", "x": [1, 2.5, 1e20, true, null], "s": "é\"<>\n"}});
-        let out = env_render(
-            "{{ t | tojson }}",
-            context! { t => Value::from_serialize(&tool) },
-        )
-        .unwrap();
+        let tool =
+            json!({"type": "function", "function": {"name": "f", "x": [1, 2.5, 1e20, true, null], "s": "é\"<>\n"}});
+        let out = env_render("{{ t | tojson }}", context! { t => Value::from_serialize(&tool) }).unwrap();
         // Keys keep the request's order (serde_json's preserve_order), as Python dicts do.
         assert_eq!(
             out,
@@ -367,14 +310,8 @@ mod tests {
 
     #[test]
     fn raise_exception_surfaces_message() {
-        let t = ChatTemplate::new(
-            "test",
-            "{{ raise_exception('roles must alternate') }}".into(),
-            None,
-            None,
-            None,
-        )
-        .unwrap();
+        let t = ChatTemplate::new("test", "{{ raise_exception('roles must alternate') }}".into(), None, None, None)
+            .unwrap();
         let err = t.render(&json!([]), None, true).unwrap_err();
         assert!(err.is_client_error());
         assert_eq!(err.to_string(), "chat template error: roles must alternate");
@@ -382,20 +319,12 @@ mod tests {
 
     #[test]
     fn content_parts_are_flattened() {
-        let t = ChatTemplate::new(
-            "test",
-            "{% for m in messages %}[{{ m.content }}]{% endfor %}".into(),
-            None,
-            None,
-            None,
-        )
-        .unwrap();
+        let t =
+            ChatTemplate::new("test", "{% for m in messages %}[{{ m.content }}]{% endfor %}".into(), None, None, None)
+                .unwrap();
         let msgs = json!([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}, {"role": "assistant", "content": null}]);
         assert_eq!(t.render(&msgs, None, false).unwrap(), "[a\nb][]");
         let bad = json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]);
-        assert!(matches!(
-            t.render(&bad, None, false),
-            Err(PreprocessError::InvalidMessages(_))
-        ));
+        assert!(matches!(t.render(&bad, None, false), Err(PreprocessError::InvalidMessages(_))));
     }
 }

@@ -47,9 +47,7 @@ it, and that was exactly how he liked it.
 
 /// GPT-2's reversible byte → printable-char map (the ByteLevel alphabet).
 fn byte_char(b: u8) -> char {
-    let printable = |b: u8| {
-        (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
-    };
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
     if printable(b) {
         return char::from(b);
     }
@@ -61,9 +59,7 @@ fn byte_char(b: u8) -> char {
 /// Builds the byte-level tokenizer: a BPE over the 256 ByteLevel symbols with no merges, the
 /// ByteLevel pre-tokenizer (no regex split, no prefix space) and decoder, and three specials.
 pub fn builtin_tokenizer() -> Tokenizer {
-    let vocab: Vocab = (0..=255u8)
-        .map(|b| (byte_char(b).to_string(), u32::from(b)))
-        .collect();
+    let vocab: Vocab = (0..=255u8).map(|b| (byte_char(b).to_string(), u32::from(b))).collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, Vec::new())
         .build()
@@ -73,17 +69,9 @@ pub fn builtin_tokenizer() -> Tokenizer {
     tokenizer.with_pre_tokenizer(Some(byte_level));
     tokenizer.with_decoder(Some(byte_level));
     let specials = BUILTIN_SPECIALS.iter().map(|s| AddedToken::from(*s, true));
-    tokenizer
-        .add_special_tokens(specials)
-        .expect("adding special tokens to a fresh tokenizer");
-    debug_assert_eq!(
-        tokenizer.token_to_id(BUILTIN_SPECIALS[0]),
-        Some(BUILTIN_ENDOFTEXT_ID)
-    );
-    debug_assert_eq!(
-        tokenizer.token_to_id(BUILTIN_SPECIALS[2]),
-        Some(BUILTIN_IM_END_ID)
-    );
+    tokenizer.add_special_tokens(specials).expect("adding special tokens to a fresh tokenizer");
+    debug_assert_eq!(tokenizer.token_to_id(BUILTIN_SPECIALS[0]), Some(BUILTIN_ENDOFTEXT_ID));
+    debug_assert_eq!(tokenizer.token_to_id(BUILTIN_SPECIALS[2]), Some(BUILTIN_IM_END_ID));
     tokenizer
 }
 
@@ -97,11 +85,7 @@ pub fn special_token(config: Option<&Value>, key: &str) -> Option<String> {
 }
 
 /// Collects eos ids: `eos_token_id` (int or list) from each config given, then the token string.
-pub fn eos_token_ids(
-    tokenizer: &Tokenizer,
-    id_configs: &[Option<&Value>],
-    eos_token: Option<&str>,
-) -> Vec<u32> {
+pub fn eos_token_ids(tokenizer: &Tokenizer, id_configs: &[Option<&Value>], eos_token: Option<&str>) -> Vec<u32> {
     let mut ids: Vec<u32> = Vec::new();
     let mut push = |id: u32| {
         if !ids.contains(&id) {
@@ -110,15 +94,8 @@ pub fn eos_token_ids(
     };
     for cfg in id_configs.iter().flatten() {
         match cfg.get("eos_token_id") {
-            Some(Value::Number(n)) => n
-                .as_u64()
-                .and_then(|v| u32::try_from(v).ok())
-                .into_iter()
-                .for_each(&mut push),
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|v| v.as_u64()?.try_into().ok())
-                .for_each(&mut push),
+            Some(Value::Number(n)) => n.as_u64().and_then(|v| u32::try_from(v).ok()).into_iter().for_each(&mut push),
+            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()?.try_into().ok()).for_each(&mut push),
             _ => {}
         }
     }
@@ -144,22 +121,12 @@ mod tests {
     #[test]
     fn builtin_round_trips_bytes() {
         let t = builtin_tokenizer();
-        for s in [
-            "",
-            "hello",
-            "héllo 世界 🎉",
-            "tabs\tand\nnewlines  ",
-            "\u{0}\u{7f}\u{ffff}",
-        ] {
+        for s in ["", "hello", "héllo 世界 🎉", "tabs\tand\nnewlines  ", "\u{0}\u{7f}\u{ffff}"] {
             let ids = t.encode_fast(s, false).unwrap().get_ids().to_vec();
             assert_eq!(ids, s.bytes().map(u32::from).collect::<Vec<_>>(), "{s:?}");
             assert_eq!(t.decode(&ids, false).unwrap(), s);
         }
-        let ids = t
-            .encode_fast("<|im_start|>hi<|im_end|>", false)
-            .unwrap()
-            .get_ids()
-            .to_vec();
+        let ids = t.encode_fast("<|im_start|>hi<|im_end|>", false).unwrap().get_ids().to_vec();
         assert_eq!(ids, vec![257, 104, 105, 258]);
         assert_eq!(t.decode(&ids, true).unwrap(), "hi");
         assert_eq!(t.get_vocab_size(true), 259);

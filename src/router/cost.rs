@@ -44,10 +44,8 @@ pub fn uncached_tokens(prompt_tokens: u32, overlap_blocks: u32, block_size: u32)
 /// The cost of sending the request to one worker (see the module doc).
 #[inline]
 pub fn kv_cost(weight: f64, block_size: u32, x: CostInputs) -> f64 {
-    let prefill =
-        x.active_prefill_tokens + uncached_tokens(x.prompt_tokens, x.overlap_blocks, block_size);
-    let new_blocks =
-        prompt_blocks(x.prompt_tokens, block_size).saturating_sub(x.overlap_blocks as u64);
+    let prefill = x.active_prefill_tokens + uncached_tokens(x.prompt_tokens, x.overlap_blocks, block_size);
+    let new_blocks = prompt_blocks(x.prompt_tokens, block_size).saturating_sub(x.overlap_blocks as u64);
     weight * prefill as f64 / block_size as f64 + x.active_decode_blocks as f64 + new_blocks as f64
 }
 
@@ -84,10 +82,7 @@ pub fn sample_softmax(scores: &[WorkerScore], temperature: f64, rng: &mut impl R
     debug_assert!(!scores.is_empty() && temperature > 0.0);
     let max = scores.iter().map(|s| s.cost).fold(0.0f64, f64::max);
     let scale = if max > 0.0 { 1.0 / max } else { 0.0 };
-    let min = scores
-        .iter()
-        .map(|s| s.cost * scale)
-        .fold(f64::INFINITY, f64::min);
+    let min = scores.iter().map(|s| s.cost * scale).fold(f64::INFINITY, f64::min);
     // Shifting by the minimum keeps the largest weight at exp(0) = 1: no underflow to all-zero.
     let weight = |s: &WorkerScore| (-(s.cost * scale - min) / temperature).exp();
     let total: f64 = scores.iter().map(weight).sum();
@@ -109,40 +104,24 @@ mod tests {
     use super::*;
 
     fn score(worker: u64, cost: f64, cached_blocks: u64) -> WorkerScore {
-        WorkerScore {
-            worker: WorkerId(worker),
-            overlap_blocks: 0,
-            cost,
-            cached_blocks,
-        }
+        WorkerScore { worker: WorkerId(worker), overlap_blocks: 0, cost, cached_blocks }
     }
 
     #[test]
     fn cost_matches_hand_examples() {
         // 100-token prompt, B = 16: 7 blocks. Worker holds 4 (64 tokens); 32 prefill tokens and
         // 10 decode blocks are already booked. 1.0 × (32 + 100 − 64) / 16 + 10 + (7 − 4) = 17.25
-        let x = CostInputs {
-            active_prefill_tokens: 32,
-            active_decode_blocks: 10,
-            prompt_tokens: 100,
-            overlap_blocks: 4,
-        };
+        let x =
+            CostInputs { active_prefill_tokens: 32, active_decode_blocks: 10, prompt_tokens: 100, overlap_blocks: 4 };
         assert_eq!(kv_cost(1.0, 16, x), 17.25);
         assert_eq!(kv_cost(2.0, 16, x), 21.5);
         // Weight 0: load and new blocks only.
         assert_eq!(kv_cost(0.0, 16, x), 13.0);
         // Idle worker, nothing cached: 64 / 16 + 0 + 4.
-        let idle = CostInputs {
-            prompt_tokens: 64,
-            ..CostInputs::default()
-        };
+        let idle = CostInputs { prompt_tokens: 64, ..CostInputs::default() };
         assert_eq!(kv_cost(1.0, 16, idle), 8.0);
         // An inconsistent overlap larger than the prompt saturates instead of going negative.
-        let over = CostInputs {
-            prompt_tokens: 16,
-            overlap_blocks: 5,
-            ..CostInputs::default()
-        };
+        let over = CostInputs { prompt_tokens: 16, overlap_blocks: 5, ..CostInputs::default() };
         assert_eq!(kv_cost(1.0, 16, over), 0.0);
         assert_eq!(prompt_blocks(0, 16), 0);
         assert_eq!(prompt_blocks(17, 16), 2);
@@ -151,28 +130,15 @@ mod tests {
     #[test]
     fn min_breaks_ties_by_cached_blocks_then_randomly() {
         let mut rng = SmallRng::seed_from_u64(7);
-        let scores = [
-            score(1, 5.0, 9),
-            score(2, 4.0, 9),
-            score(3, 4.0, 2),
-            score(4, 6.0, 0),
-        ];
+        let scores = [score(1, 5.0, 9), score(2, 4.0, 9), score(3, 4.0, 2), score(4, 6.0, 0)];
         assert_eq!(pick_min(&scores, &mut rng), 2);
-        let tied = [
-            score(1, 4.0, 2),
-            score(2, 4.0, 2),
-            score(3, 4.0, 2),
-            score(4, 5.0, 0),
-        ];
+        let tied = [score(1, 4.0, 2), score(2, 4.0, 2), score(3, 4.0, 2), score(4, 5.0, 0)];
         let mut seen = [0u32; 4];
         for _ in 0..3000 {
             seen[pick_min(&tied, &mut rng)] += 1;
         }
         assert_eq!(seen[3], 0);
-        assert!(
-            seen[..3].iter().all(|&n| (850..1150).contains(&n)),
-            "{seen:?}"
-        );
+        assert!(seen[..3].iter().all(|&n| (850..1150).contains(&n)), "{seen:?}");
     }
 
     #[test]
@@ -180,10 +146,7 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(11);
         let scores = [score(1, 10.0, 0), score(2, 20.0, 0)];
         let share = |t: f64, rng: &mut SmallRng| {
-            (0..20_000)
-                .filter(|_| sample_softmax(&scores, t, rng) == 0)
-                .count() as f64
-                / 20_000.0
+            (0..20_000).filter(|_| sample_softmax(&scores, t, rng) == 0).count() as f64 / 20_000.0
         };
         // Normalized costs 0.5 and 1.0: P(cheap) = 1 / (1 + e^(−0.5/T)).
         for t in [0.1f64, 0.5, 5.0] {
@@ -193,9 +156,7 @@ mod tests {
         }
         // All costs zero: uniform, no NaN.
         let zero = [score(1, 0.0, 0), score(2, 0.0, 0)];
-        let first = (0..10_000)
-            .filter(|_| sample_softmax(&zero, 1.0, &mut rng) == 0)
-            .count();
+        let first = (0..10_000).filter(|_| sample_softmax(&zero, 1.0, &mut rng) == 0).count();
         assert!((4500..5500).contains(&first), "{first}");
     }
 }

@@ -20,10 +20,7 @@ use crate::protocol::WorkerId;
 /// covers current hosts, and costs 64 × 128 B = 8 KiB per worker.
 pub const MAX_SHARDS: usize = 64;
 
-const _: () = assert!(
-    MAX_SHARDS > 0 && MAX_SHARDS <= 1024,
-    "slots are a per-worker array"
-);
+const _: () = assert!(MAX_SHARDS > 0 && MAX_SHARDS <= 1024, "slots are a per-worker array");
 
 #[derive(Default)]
 struct Slot {
@@ -39,9 +36,7 @@ pub struct WorkerLoad {
 
 impl WorkerLoad {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self {
-            slots: std::array::from_fn(|_| CachePadded::new(Slot::default())),
-        })
+        Arc::new(Self { slots: std::array::from_fn(|_| CachePadded::new(Slot::default())) })
     }
 
     fn sum(&self, field: impl Fn(&Slot) -> &AtomicU64) -> u64 {
@@ -84,31 +79,19 @@ pub struct LoadGuard {
 impl LoadGuard {
     /// Books `booking` on `load` from `shard` (which must be `< MAX_SHARDS`).
     pub fn book(load: Arc<WorkerLoad>, worker: WorkerId, shard: usize, booking: Booking) -> Self {
-        assert!(
-            shard < MAX_SHARDS,
-            "shard {shard} >= MAX_SHARDS (config validation missed it)"
-        );
+        assert!(shard < MAX_SHARDS, "shard {shard} >= MAX_SHARDS (config validation missed it)");
         let slot = &load.slots[shard];
-        slot.prefill_tokens
-            .fetch_add(booking.prefill_tokens, Relaxed);
+        slot.prefill_tokens.fetch_add(booking.prefill_tokens, Relaxed);
         slot.decode_blocks.fetch_add(booking.decode_blocks, Relaxed);
         slot.requests.fetch_add(1, Relaxed);
-        Self {
-            load,
-            worker,
-            shard,
-            booking,
-            prefill_released: false,
-        }
+        Self { load, worker, shard, booking, prefill_released: false }
     }
 
     /// Releases the prefill tokens once the first token arrived; idempotent.
     pub fn prefill_done(&mut self) {
         if !self.prefill_released {
             self.prefill_released = true;
-            self.load.slots[self.shard]
-                .prefill_tokens
-                .fetch_sub(self.booking.prefill_tokens, Relaxed);
+            self.load.slots[self.shard].prefill_tokens.fetch_sub(self.booking.prefill_tokens, Relaxed);
         }
     }
 
@@ -125,8 +108,7 @@ impl Drop for LoadGuard {
     fn drop(&mut self) {
         self.prefill_done();
         let slot = &self.load.slots[self.shard];
-        slot.decode_blocks
-            .fetch_sub(self.booking.decode_blocks, Relaxed);
+        slot.decode_blocks.fetch_sub(self.booking.decode_blocks, Relaxed);
         slot.requests.fetch_sub(1, Relaxed);
     }
 }
@@ -147,20 +129,13 @@ mod tests {
     use super::*;
 
     fn snapshot(l: &WorkerLoad) -> (u64, u64, u64) {
-        (
-            l.active_prefill_tokens(),
-            l.active_decode_blocks(),
-            l.active_requests(),
-        )
+        (l.active_prefill_tokens(), l.active_decode_blocks(), l.active_requests())
     }
 
     #[test]
     fn guards_release_on_drop_across_shards() {
         let load = WorkerLoad::new();
-        let b = Booking {
-            prefill_tokens: 100,
-            decode_blocks: 7,
-        };
+        let b = Booking { prefill_tokens: 100, decode_blocks: 7 };
         let mut g1 = LoadGuard::book(load.clone(), WorkerId(1), 0, b);
         let g2 = LoadGuard::book(load.clone(), WorkerId(1), MAX_SHARDS - 1, b);
         assert_eq!(snapshot(&load), (200, 14, 2));
@@ -176,15 +151,7 @@ mod tests {
     #[test]
     fn guard_dropped_on_another_thread_releases() {
         let load = WorkerLoad::new();
-        let g = LoadGuard::book(
-            load.clone(),
-            WorkerId(1),
-            3,
-            Booking {
-                prefill_tokens: 5,
-                decode_blocks: 1,
-            },
-        );
+        let g = LoadGuard::book(load.clone(), WorkerId(1), 3, Booking { prefill_tokens: 5, decode_blocks: 1 });
         std::thread::spawn(move || drop(g)).join().unwrap();
         assert_eq!(snapshot(&load), (0, 0, 0));
     }

@@ -57,16 +57,10 @@ impl RouterConfig {
     pub fn validate(&self) -> Result<(), String> {
         let finite_non_negative = |x: f64| x.is_finite() && x >= 0.0;
         if !finite_non_negative(self.overlap_weight) {
-            return Err(format!(
-                "overlap weight {} must be a finite number >= 0",
-                self.overlap_weight
-            ));
+            return Err(format!("overlap weight {} must be a finite number >= 0", self.overlap_weight));
         }
         if !finite_non_negative(self.temperature) {
-            return Err(format!(
-                "temperature {} must be a finite number >= 0",
-                self.temperature
-            ));
+            return Err(format!("temperature {} must be a finite number >= 0", self.temperature));
         }
         if self.block_size == 0 {
             return Err("block size must be at least 1".into());
@@ -124,11 +118,7 @@ impl Router {
         if let Err(e) = config.validate() {
             panic!("router config not validated at start-up: {e}");
         }
-        Self {
-            config,
-            index,
-            next: AtomicUsize::new(0),
-        }
+        Self { config, index, next: AtomicUsize::new(0) }
     }
 
     pub fn config(&self) -> &RouterConfig {
@@ -136,11 +126,7 @@ impl Router {
     }
 
     /// Picks a worker among `req.candidates` and books the request on it.
-    pub fn select(
-        &self,
-        req: RouteRequest<'_>,
-        rng: &mut impl Rng,
-    ) -> Result<RouteDecision, RouteError> {
+    pub fn select(&self, req: RouteRequest<'_>, rng: &mut impl Rng) -> Result<RouteDecision, RouteError> {
         let n = req.candidates.len();
         if n == 0 {
             return Err(RouteError::NoWorkers);
@@ -165,27 +151,14 @@ impl Router {
             decode_blocks: prompt_blocks(req.prompt_tokens, b),
         };
         let guard = LoadGuard::book(c.load.clone(), c.id, req.shard, booking);
-        Ok(RouteDecision {
-            worker: c.id,
-            overlap_blocks,
-            scores,
-            guard,
-        })
+        Ok(RouteDecision { worker: c.id, overlap_blocks, scores, guard })
     }
 
     /// Every candidate's KV cost, in candidate order.
     fn score(&self, req: &RouteRequest<'_>) -> Vec<WorkerScore> {
-        let RouterConfig {
-            overlap_weight: w,
-            block_size: b,
-            ..
-        } = self.config;
+        let RouterConfig { overlap_weight: w, block_size: b, .. } = self.config;
         let use_index = w > 0.0;
-        let overlaps = if use_index {
-            self.index.find_matches(req.seq_hashes)
-        } else {
-            OverlapScores::default()
-        };
+        let overlaps = if use_index { self.index.find_matches(req.seq_hashes) } else { OverlapScores::default() };
         req.candidates
             .iter()
             .map(|c| {
@@ -201,12 +174,7 @@ impl Router {
                     prompt_tokens: req.prompt_tokens,
                     overlap_blocks,
                 };
-                WorkerScore {
-                    worker: c.id,
-                    overlap_blocks,
-                    cost: kv_cost(w, b, x),
-                    cached_blocks,
-                }
+                WorkerScore { worker: c.id, overlap_blocks, cost: kv_cost(w, b, x), cached_blocks }
             })
             .collect()
     }

@@ -47,11 +47,7 @@ pub fn bind_listeners(addr: SocketAddr, shards: usize) -> std::io::Result<(Socke
 /// Runs `f` to completion on a new monoio runtime on the current thread.
 fn block_on_monoio<F: std::future::Future>(shard: usize, f: F) -> std::io::Result<F::Output> {
     let uring = monoio::utils::detect_uring();
-    let tuned = io_uring::IoUring::builder()
-        .setup_coop_taskrun()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .clone();
+    let tuned = io_uring::IoUring::builder().setup_coop_taskrun().setup_single_issuer().setup_defer_taskrun().clone();
     let built = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .enable_timer()
         .with_entries(URING_ENTRIES)
@@ -115,7 +111,12 @@ pub struct DataPlane {
 
 impl DataPlane {
     /// Binds `host:port` once per shard and starts the shards.
-    pub fn start<P: RequestPlane>(fe: Arc<Frontend<P>>, host: &str, port: u16, shards: usize) -> Result<Self, ListenError> {
+    pub fn start<P: RequestPlane>(
+        fe: Arc<Frontend<P>>,
+        host: &str,
+        port: u16,
+        shards: usize,
+    ) -> Result<Self, ListenError> {
         let host_port = format!("{host}:{port}");
         let err = |source| ListenError { addr: host_port.clone(), source };
         let addr = std::net::ToSocketAddrs::to_socket_addrs(&host_port)

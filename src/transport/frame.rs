@@ -86,17 +86,7 @@ pub enum FrameKind {
 impl FrameKind {
     fn from_byte(b: u8) -> Option<Self> {
         use FrameKind::*;
-        [
-            Request,
-            Output,
-            Cancel,
-            Credit,
-            RecoverRequest,
-            RecoverChunk,
-            Error,
-        ]
-        .into_iter()
-        .find(|k| *k as u8 == b)
+        [Request, Output, Cancel, Credit, RecoverRequest, RecoverChunk, Error].into_iter().find(|k| *k as u8 == b)
     }
 }
 
@@ -121,29 +111,17 @@ pub struct RecoveryChunk {
 #[derive(Debug, Clone)]
 pub enum Frame {
     /// Frontend → worker: start a stream.
-    Request {
-        stream: StreamId,
-        request: GenerateRequest,
-    },
+    Request { stream: StreamId, request: GenerateRequest },
     /// Worker → frontend: the next output of a stream (`Finished`/`Error` end it).
-    Output {
-        stream: StreamId,
-        output: WorkerOutput,
-    },
+    Output { stream: StreamId, output: WorkerOutput },
     /// Frontend → worker: the client is gone; the worker answers `Finished { Cancelled }`.
     Cancel { stream: StreamId },
     /// Frontend → worker: the stream may send `outputs` more outputs (flow control).
     Credit { stream: StreamId, outputs: u32 },
     /// Frontend → worker: replay the KV events after `since_event_id`, or dump.
-    RecoverRequest {
-        stream: StreamId,
-        since_event_id: u64,
-    },
+    RecoverRequest { stream: StreamId, since_event_id: u64 },
     /// Worker → frontend: part of the answer to a `RecoverRequest`.
-    RecoverChunk {
-        stream: StreamId,
-        chunk: RecoveryChunk,
-    },
+    RecoverChunk { stream: StreamId, chunk: RecoveryChunk },
     /// Either way: the stream (or, on stream 0, the connection) failed; it ends here.
     Error { stream: StreamId, message: String },
 }
@@ -221,9 +199,7 @@ impl Frame {
 pub fn event_wire_len(e: &KvEvent) -> usize {
     EVENT_FIXED_BYTES
         + match &e.kind {
-            KvEventKind::Stored { parent, blocks } => {
-                1 + parent.map_or(0, |_| 8) + 4 + 16 * blocks.len()
-            }
+            KvEventKind::Stored { parent, blocks } => 1 + parent.map_or(0, |_| 8) + 4 + 16 * blocks.len(),
             KvEventKind::Removed { engine_hashes } => 4 + 8 * engine_hashes.len(),
             KvEventKind::Cleared => 0,
         }
@@ -254,37 +230,19 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
         return Ok(None);
     };
     let kind = FrameKind::from_byte(frame[4]).ok_or(FrameError::UnknownKind(frame[4]))?;
-    let mut c = Cursor {
-        b: &frame[5..],
-        kind,
-    };
+    let mut c = Cursor { b: &frame[5..], kind };
     let stream = StreamId(c.u64()?);
     let decoded = match kind {
-        FrameKind::Request => Frame::Request {
-            stream,
-            request: c.request()?,
-        },
-        FrameKind::Output => Frame::Output {
-            stream,
-            output: c.output()?,
-        },
+        FrameKind::Request => Frame::Request { stream, request: c.request()? },
+        FrameKind::Output => Frame::Output { stream, output: c.output()? },
         FrameKind::Cancel => Frame::Cancel { stream },
         FrameKind::Credit => match c.u32()? {
             0 => return Err(c.bad("zero credit")),
             outputs => Frame::Credit { stream, outputs },
         },
-        FrameKind::RecoverRequest => Frame::RecoverRequest {
-            stream,
-            since_event_id: c.u64()?,
-        },
-        FrameKind::RecoverChunk => Frame::RecoverChunk {
-            stream,
-            chunk: c.chunk()?,
-        },
-        FrameKind::Error => Frame::Error {
-            stream,
-            message: c.rest_utf8()?,
-        },
+        FrameKind::RecoverRequest => Frame::RecoverRequest { stream, since_event_id: c.u64()? },
+        FrameKind::RecoverChunk => Frame::RecoverChunk { stream, chunk: c.chunk()? },
+        FrameKind::Error => Frame::Error { stream, message: c.rest_utf8()? },
     };
     if !c.b.is_empty() {
         return Err(c.bad("trailing bytes"));
@@ -315,19 +273,8 @@ fn put_flag_u64(out: &mut BytesMut, v: Option<u64>) {
 }
 
 fn put_request(out: &mut BytesMut, r: &GenerateRequest) {
-    let GenerateRequest {
-        request_id,
-        token_ids,
-        sampling,
-        eos_token_ids,
-    } = r;
-    let SamplingParams {
-        max_tokens,
-        temperature,
-        top_p,
-        seed,
-        ignore_eos,
-    } = sampling;
+    let GenerateRequest { request_id, token_ids, sampling, eos_token_ids } = r;
+    let SamplingParams { max_tokens, temperature, top_p, seed, ignore_eos } = sampling;
     out.put_u64_le(*request_id);
     out.put_u32_le(*max_tokens);
     out.put_f32_le(*temperature);
@@ -364,12 +311,7 @@ fn put_output(out: &mut BytesMut, o: &WorkerOutput) {
 }
 
 fn put_chunk(out: &mut BytesMut, c: &RecoveryChunk) {
-    let RecoveryChunk {
-        kind,
-        last_event_id,
-        more,
-        events,
-    } = c;
+    let RecoveryChunk { kind, last_event_id, more, events } = c;
     out.put_u8(match kind {
         RecoveryKind::Replay => 0,
         RecoveryKind::Dump => 1,
@@ -378,12 +320,7 @@ fn put_chunk(out: &mut BytesMut, c: &RecoveryChunk) {
     out.put_u8(u8::from(*more));
     out.put_u32_le(events.len() as u32);
     for e in events {
-        let KvEvent {
-            worker,
-            event_id,
-            timestamp_us,
-            kind,
-        } = e;
+        let KvEvent { worker, event_id, timestamp_us, kind } = e;
         out.put_u64_le(worker.0);
         out.put_u64_le(*event_id);
         out.put_u64_le(*timestamp_us);
@@ -392,11 +329,7 @@ fn put_chunk(out: &mut BytesMut, c: &RecoveryChunk) {
                 out.put_u8(0);
                 put_flag_u64(out, parent.map(|p| p.0));
                 out.put_u32_le(blocks.len() as u32);
-                for StoredBlock {
-                    seq_hash,
-                    engine_hash,
-                } in blocks
-                {
+                for StoredBlock { seq_hash, engine_hash } in blocks {
                     out.put_u64_le(seq_hash.0);
                     out.put_u64_le(engine_hash.0);
                 }
@@ -419,10 +352,7 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn bad(&self, what: &'static str) -> FrameError {
-        FrameError::Malformed {
-            kind: self.kind,
-            what,
-        }
+        FrameError::Malformed { kind: self.kind, what }
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
@@ -480,18 +410,12 @@ impl<'a> Cursor<'a> {
     fn u32s(&mut self) -> Result<Vec<u32>, FrameError> {
         let n = self.count(4)?;
         let bytes = self.take(n * 4)?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
     fn rest_utf8(&mut self) -> Result<String, FrameError> {
         let rest = self.take(self.b.len())?;
-        let s = std::str::from_utf8(rest).map_err(|source| FrameError::Utf8 {
-            kind: self.kind,
-            source,
-        })?;
+        let s = std::str::from_utf8(rest).map_err(|source| FrameError::Utf8 { kind: self.kind, source })?;
         Ok(s.to_owned())
     }
 
@@ -504,26 +428,13 @@ impl<'a> Cursor<'a> {
         let ignore_eos = self.flag()?;
         let token_ids = self.u32s()?;
         let eos_token_ids = self.u32s()?;
-        let sampling = SamplingParams {
-            max_tokens,
-            temperature,
-            top_p,
-            seed,
-            ignore_eos,
-        };
-        Ok(GenerateRequest {
-            request_id,
-            token_ids,
-            sampling,
-            eos_token_ids,
-        })
+        let sampling = SamplingParams { max_tokens, temperature, top_p, seed, ignore_eos };
+        Ok(GenerateRequest { request_id, token_ids, sampling, eos_token_ids })
     }
 
     fn output(&mut self) -> Result<WorkerOutput, FrameError> {
         Ok(match self.u8()? {
-            0 => WorkerOutput::Started {
-                cached_tokens: self.u32()?,
-            },
+            0 => WorkerOutput::Started { cached_tokens: self.u32()? },
             1 => WorkerOutput::Tokens(self.u32s()?),
             2 => WorkerOutput::Finished {
                 reason: match self.u8()? {
@@ -533,9 +444,7 @@ impl<'a> Cursor<'a> {
                     _ => return Err(self.bad("unknown finish reason")),
                 },
             },
-            3 => WorkerOutput::Error {
-                message: self.rest_utf8()?,
-            },
+            3 => WorkerOutput::Error { message: self.rest_utf8()? },
             _ => return Err(self.bad("unknown output tag")),
         })
     }
@@ -553,12 +462,7 @@ impl<'a> Cursor<'a> {
         for _ in 0..n {
             events.push(self.event()?);
         }
-        Ok(RecoveryChunk {
-            kind,
-            last_event_id,
-            more,
-            events,
-        })
+        Ok(RecoveryChunk { kind, last_event_id, more, events })
     }
 
     fn event(&mut self) -> Result<KvEvent, FrameError> {
@@ -572,10 +476,7 @@ impl<'a> Cursor<'a> {
                 let mut blocks = Vec::with_capacity(n);
                 for _ in 0..n {
                     let seq_hash = SeqHash(self.u64()?);
-                    blocks.push(StoredBlock {
-                        seq_hash,
-                        engine_hash: EngineHash(self.u64()?),
-                    });
+                    blocks.push(StoredBlock { seq_hash, engine_hash: EngineHash(self.u64()?) });
                 }
                 KvEventKind::Stored { parent, blocks }
             }
@@ -590,12 +491,7 @@ impl<'a> Cursor<'a> {
             2 => KvEventKind::Cleared,
             _ => return Err(self.bad("unknown event kind")),
         };
-        Ok(KvEvent {
-            worker,
-            event_id,
-            timestamp_us,
-            kind,
-        })
+        Ok(KvEvent { worker, event_id, timestamp_us, kind })
     }
 }
 

@@ -53,17 +53,10 @@ impl InProcessRequestPlane {
 }
 
 impl RequestPlane for InProcessRequestPlane {
-    async fn generate(
-        &self,
-        worker: WorkerId,
-        request: GenerateRequest,
-    ) -> Result<ResponseStream, TransportError> {
+    async fn generate(&self, worker: WorkerId, request: GenerateRequest) -> Result<ResponseStream, TransportError> {
         let inbox = self.inboxes.load().get(&worker).cloned().ok_or(TransportError::WorkerGone(worker))?;
         let (reply, stream) = mpsc::channel(RESPONSE_STREAM_DEPTH);
-        inbox
-            .send(WorkItem { request, reply })
-            .await
-            .map_err(|_| TransportError::WorkerGone(worker))?;
+        inbox.send(WorkItem { request, reply }).await.map_err(|_| TransportError::WorkerGone(worker))?;
         Ok(stream)
     }
 }

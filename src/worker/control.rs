@@ -41,10 +41,7 @@ pub enum Recovery {
     /// by `Stored` events that rebuild every cached full block (parents before children, each
     /// `parent` correct), every event stamped `event_id == last_event_id`; live events resume
     /// at `last_event_id + 1`.
-    Dump {
-        events: Vec<KvEvent>,
-        last_event_id: u64,
-    },
+    Dump { events: Vec<KvEvent>, last_event_id: u64 },
 }
 
 /// The worker's task has ended (stopped, aborted or panicked); nothing more comes from it. A
@@ -61,7 +58,9 @@ pub enum ControlMsg {
         reply: oneshot::Sender<Recovery>,
     },
     /// Answered once the reset's events are published.
-    Reset { reply: oneshot::Sender<()> },
+    Reset {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// A cloneable handle that controls one worker (see the module doc).
@@ -84,11 +83,7 @@ impl WorkerControl {
 
     /// Every event after `since_event_id` if the worker still holds them, else a dump.
     pub async fn recover(&self, since_event_id: u64) -> Result<Recovery, WorkerGoneError> {
-        self.call(|reply| ControlMsg::Recover {
-            since_event_id,
-            reply,
-        })
-        .await
+        self.call(|reply| ControlMsg::Recover { since_event_id, reply }).await
     }
 
     /// Clears the cache: publishes `Cleared`, and returns once it is published. Blocks held by
@@ -99,10 +94,7 @@ impl WorkerControl {
         self.call(|reply| ControlMsg::Reset { reply }).await
     }
 
-    async fn call<T>(
-        &self,
-        msg: impl FnOnce(oneshot::Sender<T>) -> ControlMsg,
-    ) -> Result<T, WorkerGoneError> {
+    async fn call<T>(&self, msg: impl FnOnce(oneshot::Sender<T>) -> ControlMsg) -> Result<T, WorkerGoneError> {
         let gone = WorkerGoneError(self.worker);
         let (reply, answer) = oneshot::channel();
         self.tx.send(msg(reply)).await.map_err(|_| gone)?;

@@ -64,7 +64,8 @@ pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = (
     let page_size = args.model.page_size;
     let mut mocker = MockerConfig::from_args(&args.mocker, page_size)?;
     let source = ModelSource::parse(args.model.model_path.as_deref());
-    let pre = tokio::task::spawn_blocking(move || Preprocessor::load(&source)).await.expect("model loading panicked")?;
+    let pre =
+        tokio::task::spawn_blocking(move || Preprocessor::load(&source)).await.expect("model loading panicked")?;
     if let Some(cfg) = pre.model_config() {
         mocker = mocker.with_kv_bytes_per_token(cfg.kv_bytes_per_token())?;
     }
@@ -82,7 +83,8 @@ pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = (
     let handle = spawn_mocker(id, mocker.clone(), inbox, publisher, pre.sample_text_tokens());
 
     let bind: SocketAddr = (IpAddr::from([0, 0, 0, 0]), args.port).into();
-    let listener = tokio::net::TcpListener::bind(bind).await.map_err(|source| WorkerLaunchError::Bind { addr: bind, source })?;
+    let listener =
+        tokio::net::TcpListener::bind(bind).await.map_err(|source| WorkerLaunchError::Bind { addr: bind, source })?;
     let port = listener.local_addr().map_err(|source| WorkerLaunchError::Bind { addr: bind, source })?.port();
     let host = args.advertise_host.clone().unwrap_or_else(primary_host);
     let address = format!("{host}:{port}");

@@ -98,14 +98,7 @@ pub fn spawn_mocker(
     publisher: impl EventPublisher + Clone,
     output_tokens: Arc<[TokenId]>,
 ) -> WorkerHandle {
-    spawn_mocker_with_ring(
-        id,
-        config,
-        inbox,
-        publisher,
-        output_tokens,
-        EventRing::default(),
-    )
+    spawn_mocker_with_ring(id, config, inbox, publisher, output_tokens, EventRing::default())
 }
 
 /// [`spawn_mocker`] with a given replay ring (tests use small ones).
@@ -122,22 +115,10 @@ pub(crate) fn spawn_mocker_with_ring(
     let (load_tx, load) = watch::channel(sched.load());
     let (stop_tx, stop_rx) = oneshot::channel();
     let (control, control_rx) = WorkerControl::channel(id);
-    let io = EngineIo {
-        inbox,
-        stop: stop_rx,
-        control: control_rx,
-        publisher,
-        load: load_tx,
-    };
+    let io = EngineIo { inbox, stop: stop_rx, control: control_rx, publisher, load: load_tx };
     let engine = Engine::new(id, sched, config.speedup_ratio, ring, io);
     let task = tokio::spawn(engine.run());
-    WorkerHandle {
-        id,
-        load,
-        task: Some(task),
-        stop: Some(stop_tx),
-        control,
-    }
+    WorkerHandle { id, load, task: Some(task), stop: Some(stop_tx), control }
 }
 
 /// Logs the simulated KV capacity (bytes only when the model's size is known).

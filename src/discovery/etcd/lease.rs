@@ -152,15 +152,13 @@ impl Lease {
     /// One keep-alive stream: a refresh every TTL/3 until the stream breaks or the lease is gone.
     async fn session(&mut self, backoff: &mut Backoff, failing: &mut bool) -> SessionEnd {
         let period = self.period();
-        let (mut keeper, mut stream) =
-            match call("lease keep-alive", self.client.lease_keep_alive(self.id)).await {
-                Ok(pair) => pair,
-                Err(EtcdError::Request {
-                    source: etcd_client::Error::LeaseKeepAliveError(_),
-                    ..
-                }) => return SessionEnd::LeaseGone,
-                Err(e) => return SessionEnd::Broken(e),
-            };
+        let (mut keeper, mut stream) = match call("lease keep-alive", self.client.lease_keep_alive(self.id)).await {
+            Ok(pair) => pair,
+            Err(EtcdError::Request { source: etcd_client::Error::LeaseKeepAliveError(_), .. }) => {
+                return SessionEnd::LeaseGone
+            }
+            Err(e) => return SessionEnd::Broken(e),
+        };
         if std::mem::take(failing) {
             tracing::info!(key = %self.key, lease = self.id, "etcd keep-alive resumed");
         }
@@ -175,10 +173,7 @@ impl Lease {
                 Ok(Some(_)) => return SessionEnd::LeaseGone,
                 Ok(None) => {
                     let source = etcd_client::Error::LeaseKeepAliveError("stream closed".into());
-                    return SessionEnd::Broken(EtcdError::Request {
-                        op: "lease keep-alive",
-                        source,
-                    });
+                    return SessionEnd::Broken(EtcdError::Request { op: "lease keep-alive", source });
                 }
                 Err(e) => return SessionEnd::Broken(e),
             }

@@ -33,12 +33,7 @@ pub(super) async fn start(
 
 /// Applies one put; values that are not a `WorkerInfo` (or of another model: a prefix
 /// `/ns/workers/m/` also covers model `m/x`) are skipped.
-fn apply_put(
-    workers: &mut BTreeMap<String, WorkerInfo>,
-    model: Option<&str>,
-    key: &[u8],
-    value: &[u8],
-) {
+fn apply_put(workers: &mut BTreeMap<String, WorkerInfo>, model: Option<&str>, key: &[u8], value: &[u8]) {
     let key = String::from_utf8_lossy(key).into_owned();
     match serde_json::from_slice::<WorkerInfo>(value) {
         Ok(info) if model.is_none_or(|m| m == info.model) => {
@@ -128,18 +123,12 @@ impl Watcher {
     }
 
     /// Watches from `revision + 1`, publishing after every response, until something breaks.
-    async fn follow(
-        &mut self,
-        tx: &watch::Sender<WorkerSnapshot>,
-        revision: i64,
-        backoff: &mut Backoff,
-    ) -> WatchEnd {
+    async fn follow(&mut self, tx: &watch::Sender<WorkerSnapshot>, revision: i64, backoff: &mut Backoff) -> WatchEnd {
         let opts = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
-        let mut stream =
-            match call("watch", self.client.watch(self.prefix.clone(), Some(opts))).await {
-                Ok(s) => s,
-                Err(e) => return WatchEnd::Retry(e),
-            };
+        let mut stream = match call("watch", self.client.watch(self.prefix.clone(), Some(opts))).await {
+            Ok(s) => s,
+            Err(e) => return WatchEnd::Retry(e),
+        };
         loop {
             let resp = match stream.message().await {
                 Ok(Some(resp)) => resp,

@@ -34,9 +34,7 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::io::{put_frame, write_loop, FrameReader};
-use super::{
-    is_last, ConnError, CREDIT_BATCH, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW, WRITE_QUEUE_DEPTH,
-};
+use super::{is_last, ConnError, CREDIT_BATCH, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW, WRITE_QUEUE_DEPTH};
 use crate::protocol::{GenerateRequest, WorkerId, WorkerOutput};
 use crate::transport::frame::{Frame, StreamId};
 use crate::transport::{RequestPlane, ResponseStream, TransportError, RESPONSE_STREAM_DEPTH};
@@ -74,12 +72,7 @@ struct Shared {
 impl Default for TcpRequestPlane {
     fn default() -> Self {
         let id = NEXT_PLANE.fetch_add(1, Ordering::Relaxed);
-        Self {
-            shared: Arc::new(Shared {
-                id,
-                addrs: ArcSwap::default(),
-            }),
-        }
+        Self { shared: Arc::new(Shared { id, addrs: ArcSwap::default() }) }
     }
 }
 
@@ -109,9 +102,7 @@ impl TcpRequestPlane {
             // Rare (a dial): drop dead connections and those to workers no longer listed; a
             // dropped handle's connection closes once its open streams end.
             let addrs = self.shared.addrs.load();
-            conns.retain(|(plane, w), c| {
-                !c.is_down() && (*plane != self.shared.id || addrs.contains_key(w))
-            });
+            conns.retain(|(plane, w), c| !c.is_down() && (*plane != self.shared.id || addrs.contains_key(w)));
             let c = Connection::dial(addr);
             conns.insert(key, c.clone());
             (c, true)
@@ -121,10 +112,7 @@ impl TcpRequestPlane {
     fn forget(&self, worker: WorkerId, dead: &Connection) {
         CONNECTIONS.with_borrow_mut(|conns| {
             let key = (self.shared.id, worker);
-            if conns
-                .get(&key)
-                .is_some_and(|c| Arc::ptr_eq(&c.streams, &dead.streams))
-            {
+            if conns.get(&key).is_some_and(|c| Arc::ptr_eq(&c.streams, &dead.streams)) {
                 conns.remove(&key);
             }
         });
@@ -135,13 +123,7 @@ impl TcpRequestPlane {
         for _ in 0..CONNECT_ATTEMPTS {
             let (conn, fresh) = self.connection(worker, addr);
             let mut state = conn.state.clone();
-            let up = matches!(
-                state
-                    .wait_for(|s| *s != ConnState::Dialling)
-                    .await
-                    .map(|s| *s),
-                Ok(ConnState::Up)
-            );
+            let up = matches!(state.wait_for(|s| *s != ConnState::Dialling).await.map(|s| *s), Ok(ConnState::Up));
             if up {
                 return Some(conn);
             }
@@ -155,21 +137,12 @@ impl TcpRequestPlane {
 }
 
 impl RequestPlane for TcpRequestPlane {
-    async fn generate(
-        &self,
-        worker: WorkerId,
-        request: GenerateRequest,
-    ) -> Result<ResponseStream, TransportError> {
+    async fn generate(&self, worker: WorkerId, request: GenerateRequest) -> Result<ResponseStream, TransportError> {
         let gone = || TransportError::WorkerGone(worker);
         let addr = self.worker_address(worker).ok_or_else(gone)?;
         let conn = self.ready(worker, addr).await.ok_or_else(gone)?;
         // Waits while this connection has MAX_STREAMS_PER_CONNECTION streams open.
-        let permit = conn
-            .streams
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| gone())?;
+        let permit = conn.streams.clone().acquire_owned().await.map_err(|_| gone())?;
         let stream = StreamId(conn.next_stream.fetch_add(1, Ordering::Relaxed));
         let mut frame = BytesMut::new();
         if let Err(e) = (Frame::Request { stream, request }).encode(&mut frame) {
@@ -177,15 +150,8 @@ impl RequestPlane for TcpRequestPlane {
         }
         let (to_relay, from_reader) = mpsc::channel(STREAM_WINDOW as usize + 1);
         let (to_consumer, consumer) = mpsc::channel(RESPONSE_STREAM_DEPTH);
-        let slot = Slot {
-            tx: to_relay,
-            _permit: permit,
-        };
-        let open = Outgoing::Open {
-            stream,
-            slot,
-            frame: frame.freeze(),
-        };
+        let slot = Slot { tx: to_relay, _permit: permit };
+        let open = Outgoing::Open { stream, slot, frame: frame.freeze() };
         conn.tx.send(open).await.map_err(|_| gone())?;
         spawn(relay(stream, from_reader, to_consumer, conn.tx.clone()));
         Ok(consumer)
@@ -232,25 +198,13 @@ impl Connection {
         let (state_tx, state) = watch::channel(ConnState::Dialling);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_DEPTH);
         let streams = Arc::new(Semaphore::new(MAX_STREAMS_PER_CONNECTION));
-        let task = ConnTask {
-            rx,
-            down: DownOnDrop {
-                state: state_tx,
-                streams: streams.clone(),
-            },
-        };
+        let task = ConnTask { rx, down: DownOnDrop { state: state_tx, streams: streams.clone() } };
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(dial_tokio(addr, task));
         } else {
             monoio::spawn(dial_monoio(addr, task));
         }
-        Self {
-            addr,
-            state,
-            tx,
-            streams,
-            next_stream: Arc::new(AtomicU64::new(1)),
-        }
+        Self { addr, state, tx, streams, next_stream: Arc::new(AtomicU64::new(1)) }
     }
 
     fn is_down(&self) -> bool {
@@ -261,11 +215,7 @@ impl Connection {
 /// What a connection's writer is asked to send.
 enum Outgoing {
     /// A new stream: registered with the reader, then its `Request` frame written.
-    Open {
-        stream: StreamId,
-        slot: Slot,
-        frame: Bytes,
-    },
+    Open { stream: StreamId, slot: Slot, frame: Bytes },
     /// `Cancel` or `Credit`.
     Frame(Frame),
 }
@@ -339,11 +289,7 @@ impl ConnTask {
         let (register, registered) = mpsc::channel(MAX_STREAMS_PER_CONNECTION);
         let writer = write_loop(w, rx, move |m, buf| match m {
             // Registered before its request is written, so the reader knows it before any reply.
-            Outgoing::Open {
-                stream,
-                slot,
-                frame,
-            } => {
+            Outgoing::Open { stream, slot, frame } => {
                 if register.try_send((stream, slot)).is_ok() {
                     buf.extend_from_slice(&frame);
                 }
@@ -435,10 +381,7 @@ async fn relay(
         }
         uncredited += 1;
         if uncredited == CREDIT_BATCH {
-            let credit = Frame::Credit {
-                stream,
-                outputs: uncredited,
-            };
+            let credit = Frame::Credit { stream, outputs: uncredited };
             // A closed connection ends `from_reader` too; nothing to do here.
             let _ = conn.send(Outgoing::Frame(credit)).await;
             uncredited = 0;

@@ -21,10 +21,7 @@ pub(crate) struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) fn new(io: R) -> Self {
-        Self {
-            io,
-            buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
-        }
+        Self { io, buf: BytesMut::with_capacity(READ_CHUNK_BYTES) }
     }
 
     /// The next frame; `None` on a clean end of stream (between frames). Cancel-safe: bytes
@@ -84,10 +81,6 @@ pub(crate) fn put_frame(f: Frame, buf: &mut BytesMut) {
     if let Err(e) = f.encode(buf) {
         tracing::warn!(stream = f.stream().0, error = %e, "frame not sent");
         let message = format!("frame not sent: {e}");
-        let _ = Frame::Error {
-            stream: f.stream(),
-            message,
-        }
-        .encode(buf);
+        let _ = Frame::Error { stream: f.stream(), message }.encode(buf);
     }
 }

@@ -23,8 +23,8 @@ use crate::frontend::recovery::{RecoveryError, RecoverySource};
 use crate::kv::events::KvEvent;
 use crate::protocol::WorkerId;
 use crate::transport::frame::{
-    event_wire_len, Frame, FrameError, RecoveryChunk, RecoveryKind, StreamId, CHUNK_FIXED_BYTES,
-    HEADER_LEN, MAX_FRAME_BYTES,
+    event_wire_len, Frame, FrameError, RecoveryChunk, RecoveryKind, StreamId, CHUNK_FIXED_BYTES, HEADER_LEN,
+    MAX_FRAME_BYTES,
 };
 use crate::worker::engine::mocker::config::MAX_GPU_BLOCKS;
 use crate::worker::{Recovery, WorkerGoneError};
@@ -45,17 +45,9 @@ const _: () = assert!(MAX_GPU_BLOCKS as usize * 54 <= MAX_RECOVERY_BYTES);
 pub fn recovery_chunks(recovery: Recovery) -> Result<Vec<RecoveryChunk>, FrameError> {
     let (kind, last_event_id, events) = match recovery {
         Recovery::Replay(events) => (RecoveryKind::Replay, 0, events),
-        Recovery::Dump {
-            events,
-            last_event_id,
-        } => (RecoveryKind::Dump, last_event_id, events),
+        Recovery::Dump { events, last_event_id } => (RecoveryKind::Dump, last_event_id, events),
     };
-    let chunk = |events, more| RecoveryChunk {
-        kind,
-        last_event_id,
-        more,
-        events,
-    };
+    let chunk = |events, more| RecoveryChunk { kind, last_event_id, more, events };
     let mut chunks = Vec::new();
     let (mut current, mut bytes) = (Vec::new(), 0);
     for event in events {
@@ -86,22 +78,13 @@ pub struct RecoveryAssembler {
 impl RecoveryAssembler {
     /// Adds the next chunk; the whole recovery once the last one is in.
     pub fn push(&mut self, chunk: RecoveryChunk) -> Result<Option<Recovery>, ConnError> {
-        let RecoveryChunk {
-            kind,
-            last_event_id,
-            more,
-            events,
-        } = chunk;
+        let RecoveryChunk { kind, last_event_id, more, events } = chunk;
         if *self.head.get_or_insert((kind, last_event_id)) != (kind, last_event_id) {
-            return Err(ConnError::Protocol(
-                "recovery chunks disagree on their kind or last event",
-            ));
+            return Err(ConnError::Protocol("recovery chunks disagree on their kind or last event"));
         }
         self.bytes += events.iter().map(event_wire_len).sum::<usize>();
         if self.bytes > MAX_RECOVERY_BYTES {
-            return Err(ConnError::Protocol(
-                "recovery larger than MAX_RECOVERY_BYTES",
-            ));
+            return Err(ConnError::Protocol("recovery larger than MAX_RECOVERY_BYTES"));
         }
         self.events.extend(events);
         if more {
@@ -110,10 +93,7 @@ impl RecoveryAssembler {
         let events = std::mem::take(&mut self.events);
         Ok(Some(match kind {
             RecoveryKind::Replay => Recovery::Replay(events),
-            RecoveryKind::Dump => Recovery::Dump {
-                events,
-                last_event_id,
-            },
+            RecoveryKind::Dump => Recovery::Dump { events, last_event_id },
         }))
     }
 }
@@ -122,9 +102,7 @@ impl RecoverySource for TcpRequestPlane {
     /// A connection failure maps to [`RecoveryError::Gone`]: the worker is unreachable now;
     /// discovery decides whether it is gone for good.
     async fn recover(&self, worker: WorkerId, since: u64) -> Result<Recovery, RecoveryError> {
-        let addr = self
-            .worker_address(worker)
-            .ok_or(RecoveryError::Unknown(worker))?;
+        let addr = self.worker_address(worker).ok_or(RecoveryError::Unknown(worker))?;
         let failure = match tokio::time::timeout(RECOVER_TIMEOUT, recover_from(addr, since)).await {
             Ok(Ok(recovery)) => return Ok(recovery),
             Ok(Err(e)) => super::error_chain(&e),
@@ -144,11 +122,7 @@ async fn recover_from(addr: SocketAddr, since_event_id: u64) -> Result<Recovery,
     let (r, mut w) = stream.into_split();
     let id = StreamId(1);
     let mut buf = BytesMut::new();
-    Frame::RecoverRequest {
-        stream: id,
-        since_event_id,
-    }
-    .encode(&mut buf)?;
+    Frame::RecoverRequest { stream: id, since_event_id }.encode(&mut buf)?;
     w.write_all(&buf).await?;
     let mut reader = FrameReader::new(r);
     let mut assembler = RecoveryAssembler::default();
@@ -173,20 +147,13 @@ mod tests {
     use crate::kv::hash::SeqHash;
 
     fn stored(id: u64, blocks: usize) -> KvEvent {
-        let blocks = (0..blocks as u64)
-            .map(|i| StoredBlock {
-                seq_hash: SeqHash(i),
-                engine_hash: EngineHash(i),
-            })
-            .collect();
+        let blocks =
+            (0..blocks as u64).map(|i| StoredBlock { seq_hash: SeqHash(i), engine_hash: EngineHash(i) }).collect();
         KvEvent {
             worker: WorkerId(1),
             event_id: id,
             timestamp_us: 0,
-            kind: KvEventKind::Stored {
-                parent: None,
-                blocks,
-            },
+            kind: KvEventKind::Stored { parent: None, blocks },
         }
     }
 
@@ -204,13 +171,7 @@ mod tests {
 
     #[test]
     fn small_and_empty_recoveries_are_one_chunk() {
-        for r in [
-            Recovery::Replay(vec![]),
-            Recovery::Dump {
-                events: vec![stored(5, 3)],
-                last_event_id: 5,
-            },
-        ] {
+        for r in [Recovery::Replay(vec![]), Recovery::Dump { events: vec![stored(5, 3)], last_event_id: 5 }] {
             assert_eq!(round_trip(r.clone()), (1, r));
         }
     }
@@ -219,10 +180,7 @@ mod tests {
     fn a_large_dump_splits_between_events_and_reassembles() {
         // 40 events of ~64 KiB: several chunks, none over the bound.
         let events: Vec<_> = (0..40).map(|_| stored(9, 4096)).collect();
-        let r = Recovery::Dump {
-            events,
-            last_event_id: 9,
-        };
+        let r = Recovery::Dump { events, last_event_id: 9 };
         for c in recovery_chunks(r.clone()).unwrap() {
             assert!(c.events.iter().map(event_wire_len).sum::<usize>() <= RECOVERY_CHUNK_BYTES);
         }
@@ -242,16 +200,8 @@ mod tests {
     #[test]
     fn disagreeing_chunks_are_refused() {
         let mut a = RecoveryAssembler::default();
-        let c = |kind, more| RecoveryChunk {
-            kind,
-            last_event_id: 3,
-            more,
-            events: vec![],
-        };
+        let c = |kind, more| RecoveryChunk { kind, last_event_id: 3, more, events: vec![] };
         assert!(a.push(c(RecoveryKind::Dump, true)).unwrap().is_none());
-        assert!(matches!(
-            a.push(c(RecoveryKind::Replay, false)),
-            Err(ConnError::Protocol(_))
-        ));
+        assert!(matches!(a.push(c(RecoveryKind::Replay, false)), Err(ConnError::Protocol(_))));
     }
 }

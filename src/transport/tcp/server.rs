@@ -25,9 +25,7 @@ use tokio::task::JoinSet;
 
 use super::io::{put_frame, write_loop, FrameReader};
 use super::recover::recovery_chunks;
-use super::{
-    error_chain, is_last, ConnError, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW, WRITE_QUEUE_DEPTH,
-};
+use super::{error_chain, is_last, ConnError, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW, WRITE_QUEUE_DEPTH};
 use crate::protocol::{FinishReason, GenerateRequest, WorkerOutput};
 use crate::transport::frame::{Frame, StreamId};
 use crate::transport::{WorkItem, RESPONSE_STREAM_DEPTH};
@@ -78,17 +76,8 @@ async fn serve_connection(stream: TcpStream, worker: Arc<Worker>, shutdown: watc
     let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
     let (tx, rx) = mpsc::channel(WRITE_QUEUE_DEPTH);
-    let conn = Conn {
-        worker,
-        tx,
-        streams: HashMap::new(),
-        tasks: JoinSet::new(),
-        draining: false,
-    };
-    let (read, write) = tokio::join!(
-        conn.run(FrameReader::new(r), shutdown),
-        write_loop(w, rx, put_frame)
-    );
+    let conn = Conn { worker, tx, streams: HashMap::new(), tasks: JoinSet::new(), draining: false };
+    let (read, write) = tokio::join!(conn.run(FrameReader::new(r), shutdown), write_loop(w, rx, put_frame));
     if let Err(e) = read {
         tracing::debug!(error = %e, "request plane: connection closed");
     }
@@ -122,11 +111,7 @@ enum Job {
 impl Conn {
     /// Reads until the peer closes, a bad frame, or a drained shutdown. Dropping `self` at the
     /// end aborts what is left of the stream tasks (and so cancels their requests).
-    async fn run<R>(
-        mut self,
-        mut reader: FrameReader<R>,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> Result<(), ConnError>
+    async fn run<R>(mut self, mut reader: FrameReader<R>, mut shutdown: watch::Receiver<bool>) -> Result<(), ConnError>
     where
         R: tokio::io::AsyncRead + Unpin,
     {
@@ -160,10 +145,9 @@ impl Conn {
     async fn on_frame(&mut self, frame: Frame) -> Result<(), ConnError> {
         match frame {
             Frame::Request { stream, request } => self.open(stream, Job::Generate(request)).await,
-            Frame::RecoverRequest {
-                stream,
-                since_event_id,
-            } => self.open(stream, Job::Recover { since_event_id }).await,
+            Frame::RecoverRequest { stream, since_event_id } => {
+                self.open(stream, Job::Recover { since_event_id }).await
+            }
             Frame::Cancel { stream } => {
                 if let Some(s) = self.streams.remove(&stream) {
                     let _ = s.cancel.send(());
@@ -200,27 +184,15 @@ impl Conn {
         };
         if let Some(message) = refusal {
             let message = message.to_owned();
-            return self
-                .tx
-                .send(Frame::Error { stream, message })
-                .await
-                .map_err(|_| ConnError::Closed);
+            return self.tx.send(Frame::Error { stream, message }).await.map_err(|_| ConnError::Closed);
         }
         let (cancel, cancelled) = oneshot::channel();
         let credit = Arc::new(Semaphore::new(STREAM_WINDOW as usize));
-        self.streams.insert(
-            stream,
-            StreamCtl {
-                cancel,
-                credit: credit.clone(),
-            },
-        );
+        self.streams.insert(stream, StreamCtl { cancel, credit: credit.clone() });
         let (worker, tx) = (self.worker.clone(), self.tx.clone());
         self.tasks.spawn(async move {
             match job {
-                Job::Generate(request) => {
-                    run_stream(stream, request, &worker.inbox, tx, credit, cancelled).await
-                }
+                Job::Generate(request) => run_stream(stream, request, &worker.inbox, tx, credit, cancelled).await,
                 Job::Recover { since_event_id } => {
                     run_recover(stream, since_event_id, &worker.control, tx, cancelled).await
                 }
@@ -249,30 +221,13 @@ async fn run_stream(
     mut cancelled: oneshot::Receiver<()>,
 ) {
     let (reply, mut outputs) = mpsc::channel(RESPONSE_STREAM_DEPTH);
-    let end = forward(
-        stream,
-        WorkItem { request, reply },
-        inbox,
-        &mut outputs,
-        &tx,
-        &credit,
-        &mut cancelled,
-    )
-    .await;
+    let end = forward(stream, WorkItem { request, reply }, inbox, &mut outputs, &tx, &credit, &mut cancelled).await;
     // The engine sees the closed channel and frees the request before the frontend hears back.
     drop(outputs);
     let last = match end {
         End::Done => return,
-        End::Cancelled => Frame::Output {
-            stream,
-            output: WorkerOutput::Finished {
-                reason: FinishReason::Cancelled,
-            },
-        },
-        End::Failed(message) => Frame::Error {
-            stream,
-            message: message.to_owned(),
-        },
+        End::Cancelled => Frame::Output { stream, output: WorkerOutput::Finished { reason: FinishReason::Cancelled } },
+        End::Failed(message) => Frame::Error { stream, message: message.to_owned() },
     };
     let _ = tx.send(last).await;
 }
@@ -334,11 +289,7 @@ async fn run_recover(
     match chunks {
         Ok(chunks) => {
             for chunk in chunks {
-                if tx
-                    .send(Frame::RecoverChunk { stream, chunk })
-                    .await
-                    .is_err()
-                {
+                if tx.send(Frame::RecoverChunk { stream, chunk }).await.is_err() {
                     return;
                 }
             }

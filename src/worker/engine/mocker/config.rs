@@ -40,12 +40,7 @@ pub struct MockerArgs {
 
 impl Default for MockerArgs {
     fn default() -> Self {
-        Self {
-            num_gpu_blocks: 16384,
-            max_num_batched_tokens: 8192,
-            max_num_seqs: 256,
-            speedup_ratio: 1.0,
-        }
+        Self { num_gpu_blocks: 16384, max_num_batched_tokens: 8192, max_num_seqs: 256, speedup_ratio: 1.0 }
     }
 }
 
@@ -83,17 +78,11 @@ impl MockerConfig {
     /// Validates the flags against the deployment's page size.
     pub fn from_args(args: &MockerArgs, page_size: u32) -> Result<Self, MockerConfigError> {
         if page_size == 0 || page_size as usize > MAX_BLOCK_SIZE {
-            return Err(invalid(
-                "--page-size",
-                format!("{page_size} is not in 1..={MAX_BLOCK_SIZE}"),
-            ));
+            return Err(invalid("--page-size", format!("{page_size} is not in 1..={MAX_BLOCK_SIZE}")));
         }
         let blocks = args.num_gpu_blocks;
         if blocks == 0 || blocks > MAX_GPU_BLOCKS {
-            return Err(invalid(
-                "--num-gpu-blocks",
-                format!("{blocks} is not in 1..={MAX_GPU_BLOCKS}"),
-            ));
+            return Err(invalid("--num-gpu-blocks", format!("{blocks} is not in 1..={MAX_GPU_BLOCKS}")));
         }
         let tokens = blocks * page_size as u64;
         if tokens > MAX_CACHE_TOKENS {
@@ -107,17 +96,11 @@ impl MockerConfig {
         }
         let budget = args.max_num_batched_tokens;
         if budget == 0 || budget > MAX_BATCHED_TOKENS {
-            return Err(invalid(
-                "--max-num-batched-tokens",
-                format!("{budget} is not in 1..={MAX_BATCHED_TOKENS}"),
-            ));
+            return Err(invalid("--max-num-batched-tokens", format!("{budget} is not in 1..={MAX_BATCHED_TOKENS}")));
         }
         let seqs = args.max_num_seqs;
         if seqs == 0 || seqs > MAX_NUM_SEQS {
-            return Err(invalid(
-                "--max-num-seqs",
-                format!("{seqs} is not in 1..={MAX_NUM_SEQS}"),
-            ));
+            return Err(invalid("--max-num-seqs", format!("{seqs} is not in 1..={MAX_NUM_SEQS}")));
         }
         let s = args.speedup_ratio;
         if !s.is_finite() || s <= 0.0 || s > MAX_SPEEDUP_RATIO {
@@ -190,37 +173,16 @@ mod tests {
     fn each_bad_flag_is_named() {
         let ok = MockerArgs::default();
         assert_eq!(flag_of(MockerConfig::from_args(&ok, 0)), "--page-size");
-        let a = MockerArgs {
-            num_gpu_blocks: 0,
-            ..ok.clone()
-        };
+        let a = MockerArgs { num_gpu_blocks: 0, ..ok.clone() };
         assert_eq!(flag_of(MockerConfig::from_args(&a, 16)), "--num-gpu-blocks");
-        let a = MockerArgs {
-            num_gpu_blocks: MAX_GPU_BLOCKS,
-            ..ok.clone()
-        };
-        assert_eq!(
-            flag_of(MockerConfig::from_args(&a, 1024)),
-            "--num-gpu-blocks"
-        );
-        let a = MockerArgs {
-            max_num_batched_tokens: 0,
-            ..ok.clone()
-        };
-        assert_eq!(
-            flag_of(MockerConfig::from_args(&a, 16)),
-            "--max-num-batched-tokens"
-        );
-        let a = MockerArgs {
-            max_num_seqs: 0,
-            ..ok.clone()
-        };
+        let a = MockerArgs { num_gpu_blocks: MAX_GPU_BLOCKS, ..ok.clone() };
+        assert_eq!(flag_of(MockerConfig::from_args(&a, 1024)), "--num-gpu-blocks");
+        let a = MockerArgs { max_num_batched_tokens: 0, ..ok.clone() };
+        assert_eq!(flag_of(MockerConfig::from_args(&a, 16)), "--max-num-batched-tokens");
+        let a = MockerArgs { max_num_seqs: 0, ..ok.clone() };
         assert_eq!(flag_of(MockerConfig::from_args(&a, 16)), "--max-num-seqs");
         for s in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-            let a = MockerArgs {
-                speedup_ratio: s,
-                ..ok.clone()
-            };
+            let a = MockerArgs { speedup_ratio: s, ..ok.clone() };
             assert_eq!(flag_of(MockerConfig::from_args(&a, 16)), "--speedup-ratio");
         }
     }
@@ -233,19 +195,13 @@ mod tests {
         let c = c.with_kv_bytes_per_token(131_072).unwrap();
         assert_eq!(c.kv_bytes_per_block(), Some(16 * 131_072));
         assert_eq!(c.capacity_bytes(), Some(16384 * 16 * 131_072));
-        assert_eq!(
-            flag_of(c.clone().with_kv_bytes_per_token(0)),
-            "--model-path"
-        );
+        assert_eq!(flag_of(c.clone().with_kv_bytes_per_token(0)), "--model-path");
         assert_eq!(flag_of(c.with_kv_bytes_per_token(u64::MAX)), "--model-path");
     }
 
     #[test]
     fn message_says_what_to_change() {
-        let a = MockerArgs {
-            num_gpu_blocks: 0,
-            ..MockerArgs::default()
-        };
+        let a = MockerArgs { num_gpu_blocks: 0, ..MockerArgs::default() };
         let e = MockerConfig::from_args(&a, 16).unwrap_err().to_string();
         assert!(e.contains("--num-gpu-blocks") && e.contains("1..="), "{e}");
     }

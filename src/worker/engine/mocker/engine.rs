@@ -55,15 +55,8 @@ impl EventStamper {
     }
 
     fn stamp_as(&self, event_id: u64, kind: KvEventKind) -> KvEvent {
-        let timestamp_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
-        KvEvent {
-            worker: self.worker,
-            event_id,
-            timestamp_us,
-            kind,
-        }
+        let timestamp_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+        KvEvent { worker: self.worker, event_id, timestamp_us, kind }
     }
 }
 
@@ -101,20 +94,8 @@ pub struct Engine<P> {
 }
 
 impl<P: EventPublisher> Engine<P> {
-    pub fn new(
-        worker: WorkerId,
-        sched: Scheduler,
-        speedup_ratio: f64,
-        ring: EventRing,
-        io: EngineIo<P>,
-    ) -> Self {
-        let EngineIo {
-            inbox,
-            stop,
-            control,
-            publisher,
-            load,
-        } = io;
+    pub fn new(worker: WorkerId, sched: Scheduler, speedup_ratio: f64, ring: EventRing, io: EngineIo<P>) -> Self {
+        let EngineIo { inbox, stop, control, publisher, load } = io;
         Self {
             sched,
             speedup_ratio,
@@ -191,12 +172,7 @@ impl<P: EventPublisher> Engine<P> {
                 Err(mpsc::error::TryRecvError::Disconnected) => self.inbox_open = false,
             }
         }
-        if !self.stopping
-            && !matches!(
-                self.stop.try_recv(),
-                Err(oneshot::error::TryRecvError::Empty)
-            )
-        {
+        if !self.stopping && !matches!(self.stop.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
             self.begin_stop();
         }
         // Bounded so a flood of control requests cannot starve the steps.
@@ -215,10 +191,7 @@ impl<P: EventPublisher> Engine<P> {
         // and the answer agree even if that changes.
         self.publish().await;
         match msg {
-            ControlMsg::Recover {
-                since_event_id,
-                reply,
-            } => {
+            ControlMsg::Recover { since_event_id, reply } => {
                 let _ = reply.send(self.recovery(since_event_id));
             }
             ControlMsg::Reset { reply } => {
@@ -237,23 +210,15 @@ impl<P: EventPublisher> Engine<P> {
             return Recovery::Replay(events);
         }
         let last_event_id = self.ring.last_event_id();
-        let events = self
-            .sched
-            .cache()
-            .snapshot()
-            .into_iter()
-            .map(|k| self.stamper.stamp_as(last_event_id, k))
-            .collect();
+        let events =
+            self.sched.cache().snapshot().into_iter().map(|k| self.stamper.stamp_as(last_event_id, k)).collect();
         tracing::info!(
             worker = %self.stamper.worker,
             since,
             last_event_id,
             "replay not possible: dumping the KV cache"
         );
-        Recovery::Dump {
-            events,
-            last_event_id,
-        }
+        Recovery::Dump { events, last_event_id }
     }
 
     /// No new requests; those queued in the inbox are still received and served.
@@ -276,15 +241,11 @@ impl<P: EventPublisher> Engine<P> {
             }
             Err(Rejected::NothingToGenerate) => {
                 reply.start(0);
-                reply.finish(WorkerOutput::Finished {
-                    reason: FinishReason::Length,
-                });
+                reply.finish(WorkerOutput::Finished { reason: FinishReason::Length });
             }
             Err(e) => {
                 tracing::warn!(request_id, error = %e, "mocker refused a request");
-                reply.finish(WorkerOutput::Error {
-                    message: e.to_string(),
-                });
+                reply.finish(WorkerOutput::Error { message: e.to_string() });
             }
         }
         self.draining.push(reply);
@@ -372,10 +333,7 @@ impl<P: EventPublisher> Engine<P> {
 
 /// Resolves when any of `replies` can take a message (or is closed).
 fn any_writable(replies: &[Reply]) -> impl Future<Output = ()> {
-    let waits: Vec<_> = replies
-        .iter()
-        .map(|r| Box::pin(r.sender().reserve_owned()))
-        .collect();
+    let waits: Vec<_> = replies.iter().map(|r| Box::pin(r.sender().reserve_owned())).collect();
     async move {
         if !waits.is_empty() {
             // The permit is dropped at once: the capacity it proves is used by the next flush.

@@ -69,10 +69,7 @@ pub struct KvCache {
 impl KvCache {
     /// `salt` must be non-zero (so engine hashes differ from sequence hashes).
     pub fn new(page_size: usize, capacity: u64, salt: u64) -> Self {
-        assert!(
-            page_size > 0 && capacity > 0 && salt != 0,
-            "validated by MockerConfig"
-        );
+        assert!(page_size > 0 && capacity > 0 && salt != 0, "validated by MockerConfig");
         Self {
             page_size,
             capacity,
@@ -140,17 +137,12 @@ impl KvCache {
 
     /// Blocks `seq` holds (full + partial), or 0 if it holds none.
     pub fn held_by(&self, seq: SeqId) -> u64 {
-        self.seqs
-            .get(&seq)
-            .map_or(0, |s| s.full.len() as u64 + s.partial)
+        self.seqs.get(&seq).map_or(0, |s| s.full.len() as u64 + s.partial)
     }
 
     /// How many leading blocks of `hashes` are cached (no change is made).
     pub fn prefix_hits(&self, hashes: &[SeqHash]) -> usize {
-        hashes
-            .iter()
-            .take_while(|h| self.blocks.contains_key(h))
-            .count()
+        hashes.iter().take_while(|h| self.blocks.contains_key(h)).count()
     }
 
     /// Starts `seq` holding the cached blocks `hits` (a cached prefix, see [`Self::prefix_hits`])
@@ -161,42 +153,27 @@ impl KvCache {
         let hits_evictable = hits.iter().filter(|h| self.blocks[h].refs == 0).count() as u64;
         let available = self.available_blocks() - hits_evictable;
         if available < partial {
-            return Err(OutOfBlocks {
-                needed: partial,
-                available,
-            });
+            return Err(OutOfBlocks { needed: partial, available });
         }
         for &h in hits {
             self.acquire(h);
         }
         self.take_blocks(partial);
-        self.seqs.insert(
-            seq,
-            SeqBlocks {
-                full: hits.to_vec(),
-                partial,
-            },
-        );
+        self.seqs.insert(seq, SeqBlocks { full: hits.to_vec(), partial });
         Ok(())
     }
 
     /// Makes `seq` hold enough blocks for `tokens` tokens, evicting if needed. All or nothing.
     pub fn reserve(&mut self, seq: SeqId, tokens: usize) -> Result<(), OutOfBlocks> {
         let want = tokens.div_ceil(self.page_size) as u64;
-        let s = self
-            .seqs
-            .get(&seq)
-            .expect("reserve for an admitted sequence");
+        let s = self.seqs.get(&seq).expect("reserve for an admitted sequence");
         let need = want.saturating_sub(s.full.len() as u64 + s.partial);
         if need == 0 {
             return Ok(());
         }
         let available = self.available_blocks();
         if available < need {
-            return Err(OutOfBlocks {
-                needed: need,
-                available,
-            });
+            return Err(OutOfBlocks { needed: need, available });
         }
         self.take_blocks(need);
         self.seqs.get_mut(&seq).expect("checked above").partial += need;
@@ -206,15 +183,8 @@ impl KvCache {
     /// Records that `seq`'s full blocks are now `hashes` (all of them, in order): the new ones
     /// turn reserved partial blocks into cached full blocks, published as `Stored`.
     pub fn commit(&mut self, seq: SeqId, hashes: &[SeqHash]) {
-        let mut s = self
-            .seqs
-            .remove(&seq)
-            .expect("commit for an admitted sequence");
-        debug_assert_eq!(
-            &hashes[..s.full.len()],
-            &s.full[..],
-            "a sequence's prefix never changes"
-        );
+        let mut s = self.seqs.remove(&seq).expect("commit for an admitted sequence");
+        debug_assert_eq!(&hashes[..s.full.len()], &s.full[..], "a sequence's prefix never changes");
         for &h in &hashes[s.full.len()..] {
             assert!(s.partial > 0, "{seq:?} filled a block it did not reserve");
             s.partial -= 1;
@@ -223,11 +193,7 @@ impl KvCache {
             let new = match self.blocks.entry(h) {
                 Entry::Occupied(_) => false,
                 Entry::Vacant(v) => {
-                    v.insert(CachedBlock {
-                        refs: 1,
-                        parent,
-                        lru_tick: None,
-                    });
+                    v.insert(CachedBlock { refs: 1, parent, lru_tick: None });
                     true
                 }
             };
@@ -285,17 +251,13 @@ impl KvCache {
         // Sorted so the same cache always dumps the same events.
         children.values_mut().for_each(|v| v.sort_unstable());
         let mut out = vec![KvEventKind::Cleared];
-        let mut runs: Vec<(Option<SeqHash>, SeqHash)> = children
-            .get(&None)
-            .map_or_else(Vec::new, |r| r.iter().rev().map(|&h| (None, h)).collect());
+        let mut runs: Vec<(Option<SeqHash>, SeqHash)> =
+            children.get(&None).map_or_else(Vec::new, |r| r.iter().rev().map(|&h| (None, h)).collect());
         let mut dumped = 0;
         while let Some((parent, mut h)) = runs.pop() {
             let mut blocks = Vec::new();
             loop {
-                blocks.push(StoredBlock {
-                    seq_hash: h,
-                    engine_hash: self.engine_hash(h),
-                });
+                blocks.push(StoredBlock { seq_hash: h, engine_hash: self.engine_hash(h) });
                 let Some(kids) = children.get(&Some(h)) else {
                     break;
                 };
@@ -306,11 +268,7 @@ impl KvCache {
             dumped += blocks.len();
             out.push(KvEventKind::Stored { parent, blocks });
         }
-        assert_eq!(
-            dumped,
-            self.blocks.len(),
-            "every cached block's parent is cached"
-        );
+        assert_eq!(dumped, self.blocks.len(), "every cached block's parent is cached");
         out
     }
 
@@ -339,18 +297,13 @@ impl KvCache {
 
     fn evict(&mut self, n: u64) {
         for _ in 0..n {
-            let (_, h) = self
-                .lru
-                .pop_first()
-                .expect("callers checked available_blocks");
+            let (_, h) = self.lru.pop_first().expect("callers checked available_blocks");
             let b = self.blocks.remove(&h).expect("LRU entries are cached");
             debug_assert_eq!(b.refs, 0);
             let eh = self.engine_hash(h);
             match self.events.last_mut() {
                 Some(KvEventKind::Removed { engine_hashes }) => engine_hashes.push(eh),
-                _ => self.events.push(KvEventKind::Removed {
-                    engine_hashes: vec![eh],
-                }),
+                _ => self.events.push(KvEventKind::Removed { engine_hashes: vec![eh] }),
             }
         }
     }
@@ -358,22 +311,14 @@ impl KvCache {
     /// Appends to the previous `Stored` when this block continues its chain (one event per
     /// contiguous run of one sequence's blocks).
     fn push_stored(&mut self, parent: Option<SeqHash>, h: SeqHash) {
-        let block = StoredBlock {
-            seq_hash: h,
-            engine_hash: self.engine_hash(h),
-        };
-        if let (Some(p), Some(KvEventKind::Stored { blocks, .. })) =
-            (parent, self.events.last_mut())
-        {
+        let block = StoredBlock { seq_hash: h, engine_hash: self.engine_hash(h) };
+        if let (Some(p), Some(KvEventKind::Stored { blocks, .. })) = (parent, self.events.last_mut()) {
             if blocks.last().map(|b| b.seq_hash) == Some(p) {
                 blocks.push(block);
                 return;
             }
         }
-        self.events.push(KvEventKind::Stored {
-            parent,
-            blocks: vec![block],
-        });
+        self.events.push(KvEventKind::Stored { parent, blocks: vec![block] });
     }
 
     /// Checks the structure's invariants (tests and debug assertions).
@@ -385,31 +330,18 @@ impl KvCache {
                 *refs.entry(*h).or_default() += 1;
             }
         }
-        assert_eq!(
-            self.partial_blocks,
-            self.seqs.values().map(|s| s.partial).sum::<u64>()
-        );
+        assert_eq!(self.partial_blocks, self.seqs.values().map(|s| s.partial).sum::<u64>());
         for (h, b) in &self.blocks {
-            assert_eq!(
-                b.refs,
-                refs.get(h).copied().unwrap_or(0),
-                "refcount of {h:?}"
-            );
+            assert_eq!(b.refs, refs.get(h).copied().unwrap_or(0), "refcount of {h:?}");
             assert_eq!(b.lru_tick.is_some(), b.refs == 0);
             if let Some(t) = b.lru_tick {
                 assert_eq!(self.lru.get(&t), Some(h));
             }
             if let Some(p) = b.parent {
-                assert!(
-                    self.blocks.contains_key(&p),
-                    "{h:?} cached without its parent"
-                );
+                assert!(self.blocks.contains_key(&p), "{h:?} cached without its parent");
             }
         }
-        assert_eq!(
-            self.lru.len(),
-            self.blocks.values().filter(|b| b.refs == 0).count()
-        );
+        assert_eq!(self.lru.len(), self.blocks.values().filter(|b| b.refs == 0).count());
     }
 }
 

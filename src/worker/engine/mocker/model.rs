@@ -51,35 +51,23 @@ pub enum Sample {
 impl MockModel {
     /// `corpus` may be empty: a fixed ASCII-range corpus is used then.
     pub fn new(corpus: Arc<[TokenId]>) -> Self {
-        let corpus = if corpus.is_empty() {
-            FALLBACK_CORPUS.collect()
-        } else {
-            corpus
-        };
+        let corpus = if corpus.is_empty() { FALLBACK_CORPUS.collect() } else { corpus };
         Self { corpus }
     }
 
     /// Plans a generation for a prompt (`max_tokens` ≥ 1).
     pub fn start(&self, prompt: &[TokenId], sampling: &SamplingParams) -> Generation {
         let mut bytes = Vec::with_capacity(prompt.len() * 4);
-        prompt
-            .iter()
-            .for_each(|t| bytes.extend_from_slice(&t.to_le_bytes()));
+        prompt.iter().for_each(|t| bytes.extend_from_slice(&t.to_le_bytes()));
         let h = xxh3_64_with_seed(&bytes, sampling.seed.unwrap_or(UNSEEDED));
         let cursor = (h % self.corpus.len() as u64) as usize;
-        let eos_len =
-            MIN_EOS_TOKENS + ((h >> 32) % u64::from(MAX_EOS_TOKENS - MIN_EOS_TOKENS + 1)) as u32;
+        let eos_len = MIN_EOS_TOKENS + ((h >> 32) % u64::from(MAX_EOS_TOKENS - MIN_EOS_TOKENS + 1)) as u32;
         let (limit, reason) = if sampling.ignore_eos || eos_len >= sampling.max_tokens {
             (sampling.max_tokens, FinishReason::Length)
         } else {
             (eos_len, FinishReason::Eos)
         };
-        Generation {
-            cursor,
-            limit,
-            reason,
-            emitted: 0,
-        }
+        Generation { cursor, limit, reason, emitted: 0 }
     }
 
     /// The next sample of `g`; `None` once `g` has finished.
@@ -112,9 +100,7 @@ impl Generation {
     pub fn finished(&self, last: Sample) -> Option<FinishReason> {
         match last {
             Sample::Eos => Some(FinishReason::Eos),
-            Sample::Token(_)
-                if self.reason == FinishReason::Length && self.emitted >= self.limit =>
-            {
+            Sample::Token(_) if self.reason == FinishReason::Length && self.emitted >= self.limit => {
                 Some(FinishReason::Length)
             }
             Sample::Token(_) => None,
@@ -126,18 +112,11 @@ impl Generation {
 mod tests {
     use super::*;
 
-    fn run(
-        m: &MockModel,
-        prompt: &[TokenId],
-        s: &SamplingParams,
-        eos: &[TokenId],
-    ) -> (Vec<TokenId>, FinishReason) {
+    fn run(m: &MockModel, prompt: &[TokenId], s: &SamplingParams, eos: &[TokenId]) -> (Vec<TokenId>, FinishReason) {
         let mut g = m.start(prompt, s);
         let mut out = Vec::new();
         loop {
-            let x = m
-                .sample(&mut g, eos)
-                .expect("finished() ends the loop first");
+            let x = m.sample(&mut g, eos).expect("finished() ends the loop first");
             if let Sample::Token(t) = x {
                 out.push(t);
             }
@@ -154,18 +133,11 @@ mod tests {
     #[test]
     fn same_seed_and_prompt_same_tokens() {
         let m = MockModel::new(corpus());
-        let s = SamplingParams {
-            max_tokens: 600,
-            seed: Some(3),
-            ..Default::default()
-        };
+        let s = SamplingParams { max_tokens: 600, seed: Some(3), ..Default::default() };
         let a = run(&m, &[1, 2, 3], &s, &[]);
         assert_eq!(a, run(&m, &[1, 2, 3], &s, &[]));
         assert_ne!(a.0, run(&m, &[1, 2, 4], &s, &[]).0);
-        let other = SamplingParams {
-            seed: Some(4),
-            ..s.clone()
-        };
+        let other = SamplingParams { seed: Some(4), ..s.clone() };
         assert_ne!(a.0, run(&m, &[1, 2, 3], &other, &[]).0);
         // Consecutive corpus tokens.
         assert!(a.0.windows(2).all(|w| w[1] == (w[0] + 1) % 1000));
@@ -175,32 +147,19 @@ mod tests {
     fn eos_length_is_bounded_and_max_tokens_wins() {
         let m = MockModel::new(corpus());
         for p in 0..200u32 {
-            let s = SamplingParams {
-                max_tokens: 1000,
-                ..Default::default()
-            };
+            let s = SamplingParams { max_tokens: 1000, ..Default::default() };
             let (out, r) = run(&m, &[p], &s, &[]);
             assert_eq!(r, FinishReason::Eos);
             assert!((MIN_EOS_TOKENS..=MAX_EOS_TOKENS).contains(&(out.len() as u32)));
-            let s = SamplingParams {
-                max_tokens: 5,
-                ..Default::default()
-            };
-            assert_eq!(
-                run(&m, &[p], &s, &[]),
-                (out[..5].to_vec(), FinishReason::Length)
-            );
+            let s = SamplingParams { max_tokens: 5, ..Default::default() };
+            assert_eq!(run(&m, &[p], &s, &[]), (out[..5].to_vec(), FinishReason::Length));
         }
     }
 
     #[test]
     fn ignore_eos_generates_exactly_max_tokens_and_never_emits_eos() {
         let m = MockModel::new((0..10).collect());
-        let s = SamplingParams {
-            max_tokens: 700,
-            ignore_eos: true,
-            ..Default::default()
-        };
+        let s = SamplingParams { max_tokens: 700, ignore_eos: true, ..Default::default() };
         let (out, r) = run(&m, &[9], &s, &[3]);
         assert_eq!((out.len(), r), (700, FinishReason::Length));
         assert!(!out.contains(&3));

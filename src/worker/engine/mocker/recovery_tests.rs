@@ -14,9 +14,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
-use crate::events::{
-    self, EventPublisher, EventSubscriber, InProcessPublisher, InProcessSubscriber,
-};
+use crate::events::{self, EventPublisher, EventSubscriber, InProcessPublisher, InProcessSubscriber};
 use crate::kv::events::{KvEvent, KvEventKind};
 use crate::kv::hash::{BlockHasher, SeqHash};
 use crate::kv::index::{KvIndex, KvIndexWriter};
@@ -25,9 +23,7 @@ use crate::transport::WorkItem;
 use crate::worker::engine::mocker::ring::EventRing;
 use crate::worker::engine::mocker::test_util::{config, request, NaiveIndex};
 use crate::worker::engine::mocker::MockerConfig;
-use crate::worker::{
-    spawn_mocker_with_ring, Recovery, WorkerControl, WorkerGoneError, WorkerHandle,
-};
+use crate::worker::{spawn_mocker_with_ring, Recovery, WorkerControl, WorkerGoneError, WorkerHandle};
 
 const W: WorkerId = WorkerId(11);
 const PAGE: u32 = 4;
@@ -62,21 +58,10 @@ struct Harness {
 fn start(config: MockerConfig, ring: EventRing) -> Harness {
     let (tx, rx) = mpsc::channel(64);
     let (inner, events) = events::in_process();
-    let publisher = LossyPublisher {
-        inner,
-        log: Arc::default(),
-        dropping: Arc::default(),
-    };
+    let publisher = LossyPublisher { inner, log: Arc::default(), dropping: Arc::default() };
     let (log, dropping) = (publisher.log.clone(), publisher.dropping.clone());
     let worker = spawn_mocker_with_ring(W, config, rx, publisher, (0..500).collect(), ring);
-    Harness {
-        control: worker.control(),
-        worker,
-        inbox: tx,
-        events,
-        log,
-        dropping,
-    }
+    Harness { control: worker.control(), worker, inbox: tx, events, log, dropping }
 }
 
 impl Harness {
@@ -95,10 +80,7 @@ impl Harness {
 
     async fn send(&self, id: u64, p: Vec<TokenId>, max: u32) -> mpsc::Receiver<WorkerOutput> {
         let (reply, rx) = mpsc::channel(8);
-        let item = WorkItem {
-            request: request(id, p, max),
-            reply,
-        };
+        let item = WorkItem { request: request(id, p, max), reply };
         self.inbox.send(item).await.unwrap();
         rx
     }
@@ -196,16 +178,11 @@ impl Consumer {
             Recovery::Replay(events) => {
                 assert!(!events.is_empty(), "a gap was seen");
                 events.iter().for_each(|e| self.apply(e));
-                self.replayed_removals += events
-                    .iter()
-                    .filter(|e| matches!(e.kind, KvEventKind::Removed { .. }))
-                    .count();
+                self.replayed_removals +=
+                    events.iter().filter(|e| matches!(e.kind, KvEventKind::Removed { .. })).count();
                 self.replays += 1;
             }
-            Recovery::Dump {
-                events,
-                last_event_id,
-            } => {
+            Recovery::Dump { events, last_event_id } => {
                 assert!(self.real.is_none(), "the real index cannot take a dump yet");
                 assert_eq!(events[0].kind, KvEventKind::Cleared);
                 for e in &events {
@@ -231,10 +208,7 @@ impl Consumer {
         }
         for p in prompts {
             let hashes = hashes(p);
-            let want = hashes
-                .iter()
-                .take_while(|h| truth.cached.contains(h))
-                .count();
+            let want = hashes.iter().take_while(|h| truth.cached.contains(h)).count();
             assert_eq!(index.find_matches(&hashes).overlap(W) as usize, want);
         }
     }
@@ -296,11 +270,7 @@ async fn a_dump_recovers_a_consumer_whose_gap_left_the_ring() {
     let mut h = start(config(PAGE, 32, 8192, 8), EventRing::new(4, usize::MAX));
     let mut c = Consumer::new(false);
     lose_and_recover(&mut h, &mut c).await;
-    assert_eq!(
-        (c.replays, c.dumps),
-        (0, 1),
-        "one dump, then live events in order"
-    );
+    assert_eq!((c.replays, c.dumps), (0, 1), "one dump, then live events in order");
 }
 
 #[tokio::test]
@@ -323,21 +293,12 @@ async fn a_dump_is_the_exact_state_and_a_recent_id_replays() {
     };
     let ids: Vec<u64> = tail.iter().map(|e| e.event_id).collect();
     assert_eq!(ids, vec![last - 1, last]);
-    assert_eq!(
-        h.control.recover(last).await.unwrap(),
-        Recovery::Replay(vec![])
-    );
+    assert_eq!(h.control.recover(last).await.unwrap(), Recovery::Replay(vec![]));
 }
 
 #[tokio::test]
 async fn reset_clears_and_in_flight_requests_complete() {
-    let h = start(
-        MockerConfig {
-            speedup_ratio: 20.0,
-            ..config(PAGE, 256, 8192, 8)
-        },
-        EventRing::default(),
-    );
+    let h = start(MockerConfig { speedup_ratio: 20.0, ..config(PAGE, 256, 8192, 8) }, EventRing::default());
     let done = prompts(0, 1);
     h.run(&done, 8).await;
     let before = h.barrier().await;
@@ -373,10 +334,7 @@ async fn reset_clears_and_in_flight_requests_complete() {
     seq.extend(&out);
     let held: HashSet<SeqHash> = hashes(&seq).into_iter().collect();
     let at_reset = at_reset.expect("reset emits Cleared");
-    assert!(
-        !at_reset.is_empty() && at_reset.is_subset(&held),
-        "{at_reset:?}"
-    );
+    assert!(!at_reset.is_empty() && at_reset.is_subset(&held), "{at_reset:?}");
     assert!(hashes(&done[0]).iter().all(|h| !state.cached.contains(h)));
     // The last sampled token's KV is never computed: the cache ends one token short.
     let computed: HashSet<SeqHash> = hashes(&seq[..seq.len() - 1]).into_iter().collect();

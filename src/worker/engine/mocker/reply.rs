@@ -35,11 +35,7 @@ pub struct Reply {
 
 impl Reply {
     pub fn new(tx: mpsc::Sender<WorkerOutput>) -> Self {
-        Self {
-            tx,
-            pending: VecDeque::new(),
-            started: false,
-        }
+        Self { tx, pending: VecDeque::new(), started: false }
     }
 
     pub fn is_closed(&self) -> bool {
@@ -59,8 +55,7 @@ impl Reply {
     pub fn start(&mut self, cached_tokens: u32) {
         if !self.started {
             self.started = true;
-            self.pending
-                .push_back(WorkerOutput::Started { cached_tokens });
+            self.pending.push_back(WorkerOutput::Started { cached_tokens });
         }
     }
 
@@ -108,9 +103,7 @@ mod tests {
         assert_eq!(r.flush(), Flush::Blocked);
         r.token(2);
         r.token(3);
-        r.finish(WorkerOutput::Finished {
-            reason: FinishReason::Eos,
-        });
+        r.finish(WorkerOutput::Finished { reason: FinishReason::Eos });
         let mut got = Vec::new();
         while r.flush() == Flush::Blocked {
             got.push(rx.try_recv().unwrap());
@@ -121,9 +114,7 @@ mod tests {
             vec![
                 WorkerOutput::Started { cached_tokens: 16 },
                 WorkerOutput::Tokens(vec![1, 2, 3]),
-                WorkerOutput::Finished {
-                    reason: FinishReason::Eos
-                },
+                WorkerOutput::Finished { reason: FinishReason::Eos },
             ]
         );
         drop(rx);

@@ -39,28 +39,16 @@ impl EventRing {
     /// A ring of at most `max_events` events and `max_blocks` block ids (`max_events > 0`).
     pub fn new(max_events: usize, max_blocks: usize) -> Self {
         assert!(max_events > 0, "a ring keeps at least the newest event");
-        Self {
-            events: VecDeque::new(),
-            blocks: 0,
-            max_events,
-            max_blocks,
-            last_event_id: 0,
-        }
+        Self { events: VecDeque::new(), blocks: 0, max_events, max_blocks, last_event_id: 0 }
     }
 
     /// Records a published event; ids must be contiguous.
     pub fn push(&mut self, event: KvEvent) {
-        assert_eq!(
-            event.event_id,
-            self.last_event_id + 1,
-            "ring events are contiguous"
-        );
+        assert_eq!(event.event_id, self.last_event_id + 1, "ring events are contiguous");
         self.last_event_id = event.event_id;
         self.blocks += blocks_of(&event.kind);
         self.events.push_back(event);
-        while self.events.len() > 1
-            && (self.events.len() > self.max_events || self.blocks > self.max_blocks)
-        {
+        while self.events.len() > 1 && (self.events.len() > self.max_events || self.blocks > self.max_blocks) {
             let old = self.events.pop_front().expect("len > 1");
             self.blocks -= blocks_of(&old.kind);
         }
@@ -117,16 +105,9 @@ mod tests {
         let kind = if blocks == 0 {
             KvEventKind::Cleared
         } else {
-            KvEventKind::Removed {
-                engine_hashes: (0..blocks as u64).map(EngineHash).collect(),
-            }
+            KvEventKind::Removed { engine_hashes: (0..blocks as u64).map(EngineHash).collect() }
         };
-        KvEvent {
-            worker: WorkerId(1),
-            event_id: id,
-            timestamp_us: 1,
-            kind,
-        }
+        KvEvent { worker: WorkerId(1), event_id: id, timestamp_us: 1, kind }
     }
 
     fn ids(events: Option<Vec<KvEvent>>) -> Option<Vec<u64>> {
@@ -159,10 +140,7 @@ mod tests {
         }
         assert_eq!(r.len(), EVENT_RING_CAPACITY);
         let oldest = n - EVENT_RING_CAPACITY as u64 + 1;
-        assert_eq!(
-            r.since(oldest - 1).map(|v| v.len()),
-            Some(EVENT_RING_CAPACITY)
-        );
+        assert_eq!(r.since(oldest - 1).map(|v| v.len()), Some(EVENT_RING_CAPACITY));
         assert_eq!(ids(r.since(oldest - 2)), None);
     }
 
@@ -177,17 +155,9 @@ mod tests {
         assert_eq!(ids(r.since(5)), Some(vec![6]));
         assert_eq!(ids(r.since(4)), None);
         r.push(event(7, 0));
-        assert_eq!(
-            ids(r.since(6)),
-            Some(vec![7]),
-            "the oversized event goes next"
-        );
+        assert_eq!(ids(r.since(6)), Some(vec![7]), "the oversized event goes next");
         r.push(event(8, 0));
-        assert_eq!(
-            ids(r.since(6)),
-            Some(vec![7, 8]),
-            "a Cleared holds no blocks"
-        );
+        assert_eq!(ids(r.since(6)), Some(vec![7, 8]), "a Cleared holds no blocks");
     }
 
     #[test]

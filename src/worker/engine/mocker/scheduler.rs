@@ -39,11 +39,7 @@ pub enum Rejected {
         "prompt of {prompt} tokens plus max_tokens {max_tokens} exceeds this worker's KV cache of \
          {capacity} tokens; shorten the request or raise --num-gpu-blocks"
     )]
-    TooLong {
-        prompt: usize,
-        max_tokens: u32,
-        capacity: u64,
-    },
+    TooLong { prompt: usize, max_tokens: u32, capacity: u64 },
 }
 
 /// One sequence's share of a step.
@@ -122,19 +118,10 @@ impl Scheduler {
         }
         let capacity = self.cache.capacity() * self.cache.page_size() as u64;
         if prompt as u64 + u64::from(max_tokens) > capacity {
-            return Err(Rejected::TooLong {
-                prompt,
-                max_tokens,
-                capacity,
-            });
+            return Err(Rejected::TooLong { prompt, max_tokens, capacity });
         }
         let generation = self.model.start(&request.token_ids, &request.sampling);
-        let seq = Sequence::new(
-            &self.hasher,
-            request.token_ids,
-            generation,
-            request.eos_token_ids,
-        );
+        let seq = Sequence::new(&self.hasher, request.token_ids, generation, request.eos_token_ids);
         let id = SeqId(self.next_id);
         self.next_id += 1;
         self.seqs.insert(id, seq);
@@ -179,12 +166,7 @@ impl Scheduler {
     /// The engine's load; `prefill_tokens` counts tokens still to compute before each
     /// sequence's next sample (for a waiting one, before its cache hits are known).
     pub fn load(&self) -> LoadReport {
-        let prefill: usize = self
-            .seqs
-            .values()
-            .filter(|s| !s.is_decoding())
-            .map(Sequence::remaining)
-            .sum();
+        let prefill: usize = self.seqs.values().filter(|s| !s.is_decoding()).map(Sequence::remaining).sum();
         LoadReport {
             active_blocks: self.cache.active_blocks(),
             total_blocks: self.cache.capacity(),
@@ -243,11 +225,7 @@ impl Scheduler {
             let start = hits * page;
             let tokens = (seq.num_tokens() - start).min(*budget);
             let partial = ((start + tokens).div_ceil(page) - hits) as u64;
-            if self
-                .cache
-                .admit(id, &seq.hashes()[..hits], partial)
-                .is_err()
-            {
+            if self.cache.admit(id, &seq.hashes()[..hits], partial).is_err() {
                 break;
             }
             seq.computed = start;
@@ -262,10 +240,7 @@ impl Scheduler {
 
     fn preempt(&mut self, id: SeqId) {
         self.cache.free(id);
-        self.seqs
-            .get_mut(&id)
-            .expect("running sequences exist")
-            .computed = 0;
+        self.seqs.get_mut(&id).expect("running sequences exist").computed = 0;
         self.waiting.push_front(id);
         self.preemptions += 1;
         tracing::debug!(seq = id.0, "preempted: out of KV blocks, will recompute");
@@ -282,17 +257,12 @@ impl Scheduler {
             };
             seq.computed += e.tokens;
             debug_assert!(seq.computed <= seq.num_tokens());
-            self.cache.commit(
-                e.seq,
-                &seq.hashes()[..seq.computed / self.hasher.block_size()],
-            );
+            self.cache.commit(e.seq, &seq.hashes()[..seq.computed / self.hasher.block_size()]);
             if seq.remaining() > 0 {
                 continue; // a prefill chunk: no sample yet
             }
-            let sample = self
-                .model
-                .sample(&mut seq.generation, &seq.eos_ids)
-                .expect("running sequences are unfinished");
+            let sample =
+                self.model.sample(&mut seq.generation, &seq.eos_ids).expect("running sequences are unfinished");
             let token = match sample {
                 Sample::Token(t) => {
                     seq.push(&self.hasher, t);
@@ -302,12 +272,7 @@ impl Scheduler {
             };
             let finish = seq.generation.finished(sample);
             let cached_tokens = seq.cached_tokens.unwrap_or(0);
-            out.push(StepOutput {
-                seq: e.seq,
-                cached_tokens,
-                token,
-                finish,
-            });
+            out.push(StepOutput { seq: e.seq, cached_tokens, token, finish });
             if finish.is_some() {
                 finished.push(e.seq);
             }

@@ -25,22 +25,9 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    pub fn new(
-        hasher: &BlockHasher,
-        prompt: Vec<TokenId>,
-        generation: Generation,
-        eos_ids: Vec<TokenId>,
-    ) -> Self {
+    pub fn new(hasher: &BlockHasher, prompt: Vec<TokenId>, generation: Generation, eos_ids: Vec<TokenId>) -> Self {
         let hashes = hasher.seq_hashes(&prompt);
-        Self {
-            tokens: prompt,
-            hashes,
-            computed: 0,
-            generation,
-            eos_ids,
-            cached_tokens: None,
-            generated: 0,
-        }
+        Self { tokens: prompt, hashes, computed: 0, generation, eos_ids, cached_tokens: None, generated: 0 }
     }
 
     pub fn num_tokens(&self) -> usize {
@@ -69,8 +56,7 @@ impl Sequence {
         let page = hasher.block_size();
         if self.tokens.len() % page == 0 {
             let local = hasher.local_hash(&self.tokens[self.tokens.len() - page..]);
-            self.hashes
-                .push(BlockHasher::chain(self.hashes.last().copied(), local));
+            self.hashes.push(BlockHasher::chain(self.hashes.last().copied(), local));
         }
         debug_assert_eq!(self.hashes.len(), self.tokens.len() / page);
     }

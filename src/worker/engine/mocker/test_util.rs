@@ -27,20 +27,13 @@ impl NaiveIndex {
                     assert!(self.cached.insert(b.seq_hash), "Stored twice while cached");
                     self.by_engine.insert(b.engine_hash, b.seq_hash);
                     let known = *self.parents.entry(b.seq_hash).or_insert(parent);
-                    assert_eq!(
-                        known, parent,
-                        "{:?} announced with another parent",
-                        b.seq_hash
-                    );
+                    assert_eq!(known, parent, "{:?} announced with another parent", b.seq_hash);
                     parent = Some(b.seq_hash);
                 }
             }
             KvEventKind::Removed { engine_hashes } => {
                 for e in engine_hashes {
-                    let s = self
-                        .by_engine
-                        .remove(e)
-                        .expect("Removed an unknown engine hash");
+                    let s = self.by_engine.remove(e).expect("Removed an unknown engine hash");
                     assert!(self.cached.remove(&s));
                 }
             }
@@ -57,12 +50,7 @@ use crate::protocol::{GenerateRequest, SamplingParams, TokenId};
 use super::config::MockerConfig;
 
 /// A config with the given shape and a large speed-up.
-pub fn config(
-    page_size: u32,
-    num_gpu_blocks: u64,
-    max_num_batched_tokens: u32,
-    max_num_seqs: u32,
-) -> MockerConfig {
+pub fn config(page_size: u32, num_gpu_blocks: u64, max_num_batched_tokens: u32, max_num_seqs: u32) -> MockerConfig {
     MockerConfig {
         page_size,
         num_gpu_blocks,
@@ -78,12 +66,7 @@ pub fn request(id: u64, prompt: Vec<TokenId>, max_tokens: u32) -> GenerateReques
     GenerateRequest {
         request_id: id,
         token_ids: prompt,
-        sampling: SamplingParams {
-            max_tokens,
-            seed: Some(id),
-            ignore_eos: true,
-            ..Default::default()
-        },
+        sampling: SamplingParams { max_tokens, seed: Some(id), ignore_eos: true, ..Default::default() },
         eos_token_ids: vec![2],
     }
 }

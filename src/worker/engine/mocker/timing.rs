@@ -21,11 +21,7 @@ pub fn prefill_ms(tokens: u64) -> f64 {
 
 /// Milliseconds of one decode step with `usage` (0..=1, clamped) of the KV blocks in use.
 pub fn decode_ms(usage: f64) -> f64 {
-    let u = if usage.is_finite() {
-        usage.clamp(0.0, 1.0)
-    } else {
-        1.0
-    };
+    let u = if usage.is_finite() { usage.clamp(0.0, 1.0) } else { 1.0 };
     -25.74 * u * u + 54.01 * u + 5.74
 }
 
@@ -77,11 +73,7 @@ mod tests {
 
     #[test]
     fn mixed_step_is_the_sum_and_speedup_divides() {
-        let w = StepWork {
-            prefill_tokens: 512,
-            decode_seqs: 3,
-            kv_usage: 0.5,
-        };
+        let w = StepWork { prefill_tokens: 512, decode_seqs: 3, kv_usage: 0.5 };
         assert!((step_ms(&w) - (prefill_ms(512) + decode_ms(0.5))).abs() < 1e-9);
         let d1 = step_duration(&w, 1.0).as_secs_f64();
         let d10 = step_duration(&w, 10.0).as_secs_f64();
@@ -92,11 +84,6 @@ mod tests {
     #[test]
     fn prefill_cost_grows_with_uncached_tokens() {
         assert!(prefill_ms(4096) > prefill_ms(16));
-        assert!(
-            step_ms(&StepWork {
-                prefill_tokens: 1,
-                ..Default::default()
-            }) >= MIN_STEP_MS
-        );
+        assert!(step_ms(&StepWork { prefill_tokens: 1, ..Default::default() }) >= MIN_STEP_MS);
     }
 }

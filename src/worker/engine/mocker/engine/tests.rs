@@ -31,11 +31,7 @@ fn start(config: MockerConfig) -> Harness {
     // The corpus contains the eos id, which must never be emitted.
     let corpus: Arc<[TokenId]> = (0..500).collect();
     let worker = spawn_mocker(WorkerId(7), config, rx, publisher, corpus);
-    Harness {
-        worker,
-        inbox: tx,
-        events,
-    }
+    Harness { worker, inbox: tx, events }
 }
 
 async fn send(h: &Harness, r: GenerateRequest, depth: usize) -> mpsc::Receiver<WorkerOutput> {
@@ -54,20 +50,14 @@ struct Done {
 /// Reads a whole stream, checking its shape: Started, Tokens..., Finished.
 async fn collect(mut rx: mpsc::Receiver<WorkerOutput>) -> Done {
     let read = async {
-        let Some(WorkerOutput::Started { cached_tokens }) = rx.recv().await else {
-            panic!("no Started")
-        };
+        let Some(WorkerOutput::Started { cached_tokens }) = rx.recv().await else { panic!("no Started") };
         let mut tokens = Vec::new();
         loop {
             match rx.recv().await {
                 Some(WorkerOutput::Tokens(t)) => tokens.extend(t),
                 Some(WorkerOutput::Finished { reason }) => {
                     assert!(rx.recv().await.is_none(), "Finished is last");
-                    return Done {
-                        cached_tokens,
-                        tokens,
-                        finish: reason,
-                    };
+                    return Done { cached_tokens, tokens, finish: reason };
                 }
                 other => panic!("unexpected {other:?}"),
             }
@@ -80,20 +70,10 @@ async fn collect(mut rx: mpsc::Receiver<WorkerOutput>) -> Done {
 async fn second_request_reuses_the_cached_prefix() {
     let h = start(config(16, 1000, 8192, 64));
     let a: Vec<u32> = (1000..1040).collect();
-    assert_eq!(
-        collect(send(&h, request(1, a.clone(), 4), 8).await)
-            .await
-            .cached_tokens,
-        0
-    );
+    assert_eq!(collect(send(&h, request(1, a.clone(), 4), 8).await).await.cached_tokens, 0);
     let mut b = a[..35].to_vec();
     b.extend([9, 9, 9, 9]);
-    assert_eq!(
-        collect(send(&h, request(2, b, 4), 8).await)
-            .await
-            .cached_tokens,
-        32
-    );
+    assert_eq!(collect(send(&h, request(2, b, 4), 8).await).await.cached_tokens, 32);
 }
 
 #[tokio::test]
@@ -122,27 +102,19 @@ async fn refused_requests_get_an_error() {
     let h = start(config(4, 4, 64, 4));
     let mut rx = send(&h, request(1, vec![1; 100], 4), 8).await;
     let msg = timeout(LIMIT, rx.recv()).await.unwrap();
-    assert!(
-        matches!(msg, Some(WorkerOutput::Error { message }) if message.contains("--num-gpu-blocks"))
-    );
+    assert!(matches!(msg, Some(WorkerOutput::Error { message }) if message.contains("--num-gpu-blocks")));
 }
 
 #[tokio::test]
 async fn dropping_the_stream_cancels_and_frees_blocks() {
-    let mut h = start(MockerConfig {
-        speedup_ratio: 50.0,
-        ..config(16, 1000, 8192, 64)
-    });
+    let mut h = start(MockerConfig { speedup_ratio: 50.0, ..config(16, 1000, 8192, 64) });
     let mut rx = send(&h, request(1, (0..100).collect(), 5000), 8).await;
     for _ in 0..3 {
         timeout(LIMIT, rx.recv()).await.unwrap().unwrap();
     }
     assert!(h.worker.load.borrow().active_blocks > 0);
     drop(rx);
-    let idle = h
-        .worker
-        .load
-        .wait_for(|l| l.active_blocks == 0 && l.running_requests == 0);
+    let idle = h.worker.load.wait_for(|l| l.active_blocks == 0 && l.running_requests == 0);
     timeout(LIMIT, idle).await.unwrap().unwrap();
 }
 
@@ -174,18 +146,14 @@ async fn events_are_contiguous_and_consistent() {
     let mut h = start(config(4, 24, 64, 8));
     let mut streams = Vec::new();
     for i in 0..12u64 {
-        let prompt: Vec<u32> = (0..(8 + i as u32 * 2))
-            .map(|t| t % 5 + (i % 3) as u32)
-            .collect();
+        let prompt: Vec<u32> = (0..(8 + i as u32 * 2)).map(|t| t % 5 + (i % 3) as u32).collect();
         streams.push(send(&h, request(i, prompt, 12), 4).await);
     }
     for rx in streams {
         collect(rx).await;
     }
     drop(h.inbox);
-    timeout(LIMIT, h.worker.join())
-        .await
-        .expect("worker ends once its inbox is closed");
+    timeout(LIMIT, h.worker.join()).await.expect("worker ends once its inbox is closed");
     let (mut index, mut next_id, mut removed) = (NaiveIndex::default(), 1, 0);
     while let Some(batch) = h.events.next_batch().await {
         for e in batch {
@@ -213,24 +181,14 @@ async fn stop_drains_in_flight_requests() {
     assert_eq!(collect(rx).await.tokens.len(), 50);
     timeout(LIMIT, stopping).await.unwrap().unwrap();
     let (reply, _rx) = mpsc::channel(1);
-    assert!(h
-        .inbox
-        .send(WorkItem {
-            request: request(2, vec![1], 1),
-            reply
-        })
-        .await
-        .is_err());
+    assert!(h.inbox.send(WorkItem { request: request(2, vec![1], 1), reply }).await.is_err());
 }
 
 /// Time to the first output, measured from the send.
 async fn ttft(h: &Harness, r: GenerateRequest) -> (Duration, u32) {
     let t0 = Instant::now();
     let mut rx = send(h, r, RESPONSE_STREAM_DEPTH).await;
-    let Some(WorkerOutput::Started { cached_tokens }) = timeout(LIMIT, rx.recv()).await.unwrap()
-    else {
-        panic!()
-    };
+    let Some(WorkerOutput::Started { cached_tokens }) = timeout(LIMIT, rx.recv()).await.unwrap() else { panic!() };
     let took = t0.elapsed();
     collect_rest(rx).await;
     (took, cached_tokens)
@@ -243,31 +201,17 @@ async fn collect_rest(mut rx: mpsc::Receiver<WorkerOutput>) {
 #[tokio::test]
 async fn a_cached_prefix_shortens_time_to_first_token() {
     let (page, prompt_len) = (16u32, 4096u32);
-    let h = start(MockerConfig {
-        speedup_ratio: 1.0,
-        ..config(page, 2000, 8192, 64)
-    });
+    let h = start(MockerConfig { speedup_ratio: 1.0, ..config(page, 2000, 8192, 64) });
     let prompt: Vec<u32> = (0..prompt_len).map(|t| t % 1000).collect();
     let (cold, c0) = ttft(&h, request(1, prompt.clone(), 1)).await;
     let (warm, c1) = ttft(&h, request(2, prompt, 1)).await;
     // The cold step prefills the whole prompt; the warm one only the last block.
     assert_eq!((c0, c1), (0, prompt_len - page));
-    let ms = |t: u64| {
-        timing::step_duration(
-            &StepWork {
-                prefill_tokens: t,
-                ..Default::default()
-            },
-            1.0,
-        )
-    };
+    let ms = |t: u64| timing::step_duration(&StepWork { prefill_tokens: t, ..Default::default() }, 1.0);
     let (want_cold, want_warm) = (ms(prompt_len as u64), ms(page as u64));
     for (got, want) in [(cold, want_cold), (warm, want_warm)] {
         assert!(got >= want, "{got:?} < modeled {want:?}");
-        assert!(
-            got < want * 2 + Duration::from_millis(60),
-            "{got:?} far above modeled {want:?}"
-        );
+        assert!(got < want * 2 + Duration::from_millis(60), "{got:?} far above modeled {want:?}");
     }
     assert!(warm < cold, "warm {warm:?} vs cold {cold:?}");
 }

@@ -47,9 +47,7 @@ fn stores_once_and_shares_prefixes() {
     fill(&mut c, 1, &a);
     let evs = events(&mut c);
     assert_eq!(evs.len(), 1, "one Stored for one contiguous run: {evs:?}");
-    let KvEventKind::Stored { parent, blocks } = &evs[0] else {
-        panic!("{evs:?}")
-    };
+    let KvEventKind::Stored { parent, blocks } = &evs[0] else { panic!("{evs:?}") };
     assert_eq!(*parent, None);
     assert_eq!(blocks.iter().map(|b| b.seq_hash).collect::<Vec<_>>(), a);
     assert!(blocks.iter().all(|b| b.engine_hash.0 != b.seq_hash.0));
@@ -65,10 +63,7 @@ fn stores_once_and_shares_prefixes() {
         evs,
         vec![KvEventKind::Stored {
             parent: Some(a[1]),
-            blocks: vec![StoredBlock {
-                seq_hash: b[2],
-                engine_hash: c.engine_hash(b[2])
-            }],
+            blocks: vec![StoredBlock { seq_hash: b[2], engine_hash: c.engine_hash(b[2]) }],
         }]
     );
     assert_eq!(c.active_blocks(), 0);
@@ -89,13 +84,7 @@ fn evicts_lru_and_tails_before_prefixes() {
     assert_eq!(evs.len(), 1, "one Removed per allocation: {evs:?}");
     assert_eq!(removed(&evs, &c), vec![a[2], a[1], a[0], b[1]]);
     assert!(c.is_cached(b[0]));
-    assert_eq!(
-        c.reserve(SeqId(3), 6 * PAGE),
-        Err(OutOfBlocks {
-            needed: 2,
-            available: 1
-        })
-    );
+    assert_eq!(c.reserve(SeqId(3), 6 * PAGE), Err(OutOfBlocks { needed: 2, available: 1 }));
     c.check_invariants();
 }
 
@@ -105,13 +94,7 @@ fn a_hit_is_no_longer_evictable() {
     let a = chain(&(0..12).collect::<Vec<_>>());
     fill(&mut c, 1, &a);
     // Holding a0 and a1 leaves only a2 to evict: asking for 2 fails and changes nothing.
-    assert_eq!(
-        c.admit(SeqId(2), &a[..2], 2),
-        Err(OutOfBlocks {
-            needed: 2,
-            available: 1
-        })
-    );
+    assert_eq!(c.admit(SeqId(2), &a[..2], 2), Err(OutOfBlocks { needed: 2, available: 1 }));
     assert_eq!(c.evictable_blocks(), 3);
     c.admit(SeqId(2), &a[..2], 1).unwrap();
     assert_eq!(removed(&events(&mut c), &c), vec![a[2]]);
@@ -146,20 +129,9 @@ fn reset_keeps_and_republishes_held_blocks() {
     c.commit(SeqId(2), &held);
     events(&mut c);
     c.reset();
-    let stored: Vec<StoredBlock> = held
-        .iter()
-        .map(|&h| StoredBlock {
-            seq_hash: h,
-            engine_hash: c.engine_hash(h),
-        })
-        .collect();
-    let want = vec![
-        KvEventKind::Cleared,
-        KvEventKind::Stored {
-            parent: None,
-            blocks: stored,
-        },
-    ];
+    let stored: Vec<StoredBlock> =
+        held.iter().map(|&h| StoredBlock { seq_hash: h, engine_hash: c.engine_hash(h) }).collect();
+    let want = vec![KvEventKind::Cleared, KvEventKind::Stored { parent: None, blocks: stored }];
     assert_eq!(events(&mut c), want);
     assert_eq!(c.used_blocks(), 4, "3 held full blocks and 1 partial");
     c.check_invariants();
@@ -184,20 +156,14 @@ fn a_snapshot_rebuilds_a_branching_cache() {
     events(&mut c).iter().for_each(|e| stale.apply(e));
     stale.apply(&KvEventKind::Stored {
         parent: None,
-        blocks: vec![StoredBlock {
-            seq_hash: SeqHash(5),
-            engine_hash: EngineHash(6),
-        }],
+        blocks: vec![StoredBlock { seq_hash: SeqHash(5), engine_hash: EngineHash(6) }],
     });
     let snap = c.snapshot();
     // Cleared, the root's run (root + first tail), two more tails, the other root.
     assert_eq!(snap.len(), 5, "{snap:?}");
     snap.iter().for_each(|e| stale.apply(e));
     assert_eq!(stale.cached, c.cached_hashes().collect::<HashSet<_>>());
-    assert_eq!(
-        KvCache::new(PAGE, 4, SALT).snapshot(),
-        vec![KvEventKind::Cleared]
-    );
+    assert_eq!(KvCache::new(PAGE, 4, SALT).snapshot(), vec![KvEventKind::Cleared]);
 }
 
 #[test]
@@ -206,9 +172,7 @@ fn events_reproduce_the_cache_under_random_workload() {
     let mut c = KvCache::new(PAGE, 24, SALT);
     let mut index = NaiveIndex::default();
     // A few shared prefixes, each extended with random tails.
-    let roots: Vec<Vec<u32>> = (0..4)
-        .map(|r| (0..8).map(|i| r * 1000 + i).collect())
-        .collect();
+    let roots: Vec<Vec<u32>> = (0..4).map(|r| (0..8).map(|i| r * 1000 + i).collect()).collect();
     let mut live: Vec<(SeqId, Vec<SeqHash>)> = Vec::new();
     let mut resets = 0;
     for step in 0..4000u64 {

@@ -10,11 +10,7 @@ use crate::worker::engine::mocker::test_util::{config, request, NaiveIndex};
 const SALT: u64 = 0xabc;
 
 fn sched(page: u32, blocks: u64, budget: u32, seqs: u32) -> Scheduler {
-    Scheduler::new(
-        &config(page, blocks, budget, seqs),
-        SALT,
-        MockModel::new((100..1100).collect()),
-    )
+    Scheduler::new(&config(page, blocks, budget, seqs), SALT, MockModel::new((100..1100).collect()))
 }
 
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -32,10 +28,7 @@ fn run(s: &mut Scheduler, index: &mut NaiveIndex, outcomes: &mut BTreeMap<SeqId,
             return;
         }
         let plan = s.schedule();
-        assert!(
-            !plan.is_empty(),
-            "a non-idle scheduler always makes progress"
-        );
+        assert!(!plan.is_empty(), "a non-idle scheduler always makes progress");
         step(s, &plan, index, outcomes, &mut out);
     }
     panic!("did not finish");
@@ -61,24 +54,15 @@ fn step(
     s.cache_mut().drain_events(&mut evs);
     evs.iter().for_each(|e| index.apply(e));
     s.cache().check_invariants();
-    assert_eq!(
-        index.cached,
-        s.cache().cached_hashes().collect::<HashSet<SeqHash>>()
-    );
+    assert_eq!(index.cached, s.cache().cached_hashes().collect::<HashSet<SeqHash>>());
 }
 
 #[test]
 fn rejects_what_can_never_run() {
     let mut s = sched(4, 4, 64, 4);
     assert_eq!(s.add(request(1, vec![], 4)), Err(Rejected::EmptyPrompt));
-    assert_eq!(
-        s.add(request(1, vec![1], 0)),
-        Err(Rejected::NothingToGenerate)
-    );
-    assert!(matches!(
-        s.add(request(1, vec![1; 10], 7)),
-        Err(Rejected::TooLong { capacity: 16, .. })
-    ));
+    assert_eq!(s.add(request(1, vec![1], 0)), Err(Rejected::NothingToGenerate));
+    assert!(matches!(s.add(request(1, vec![1; 10], 7)), Err(Rejected::TooLong { capacity: 16, .. })));
     assert!(s.add(request(1, vec![1; 10], 6)).is_ok());
 }
 
@@ -126,9 +110,7 @@ fn prefix_reuse_reports_cached_full_blocks() {
 
 #[test]
 fn memory_pressure_preempts_and_every_request_completes_unchanged() {
-    let prompts: Vec<Vec<u32>> = (0..12u32)
-        .map(|i| (0..(5 + i * 2)).map(|t| t % 7 + i / 4).collect())
-        .collect();
+    let prompts: Vec<Vec<u32>> = (0..12u32).map(|i| (0..(5 + i * 2)).map(|t| t % 7 + i / 4).collect()).collect();
     let mut results = Vec::new();
     for blocks in [1000, 14] {
         let mut s = sched(4, blocks, 64, 8);
@@ -145,13 +127,8 @@ fn memory_pressure_preempts_and_every_request_completes_unchanged() {
     }
     assert_eq!(results[0].0, 0);
     assert!(results[1].0 > 0, "a 14-block cache must preempt");
-    let tokens =
-        |r: &BTreeMap<SeqId, Outcome>| r.values().map(|o| o.tokens.clone()).collect::<Vec<_>>();
-    assert_eq!(
-        tokens(&results[0].1),
-        tokens(&results[1].1),
-        "preemption does not change outputs"
-    );
+    let tokens = |r: &BTreeMap<SeqId, Outcome>| r.values().map(|o| o.tokens.clone()).collect::<Vec<_>>();
+    assert_eq!(tokens(&results[0].1), tokens(&results[1].1), "preemption does not change outputs");
 }
 
 #[test]
@@ -182,10 +159,7 @@ fn cancel_frees_blocks_which_stay_cached() {
     assert!(s.cancel(id));
     assert!(!s.cancel(id));
     assert_eq!(s.cache().active_blocks(), 0);
-    assert!(
-        s.cache().evictable_blocks() >= 5,
-        "prompt blocks stay cached"
-    );
+    assert!(s.cache().evictable_blocks() >= 5, "prompt blocks stay cached");
     assert!(s.is_idle());
 }
 
@@ -222,9 +196,5 @@ fn events_match_cache_under_random_workload_with_cancels_and_resets() {
     }
     // Whatever was admitted and not cancelled finishes.
     run(&mut s, &mut index, &mut outcomes);
-    assert!(
-        resets > 0 && s.preemptions() > 0,
-        "resets {resets}, preemptions {}",
-        s.preemptions()
-    );
+    assert!(resets > 0 && s.preemptions() > 0, "resets {resets}, preemptions {}", s.preemptions());
 }
