@@ -87,6 +87,8 @@ struct Args {
     runs: usize,
     partitions: usize,
     light_gap_us: u64,
+    /// Only apply the events with one writer this many times (for a profiler), then exit.
+    writer_only: usize,
 }
 
 fn args() -> Args {
@@ -95,6 +97,7 @@ fn args() -> Args {
         runs: 5,
         partitions: 2,
         light_gap_us: 50,
+        writer_only: 0,
     };
     let argv: Vec<String> = std::env::args().collect();
     for pair in argv.windows(2) {
@@ -104,6 +107,7 @@ fn args() -> Args {
             "--runs" => a.runs = v().max(1),
             "--partitions" => a.partitions = v(),
             "--light-gap-us" => a.light_gap_us = v() as u64,
+            "--writer-only" => a.writer_only = v(),
             _ => {}
         }
     }
@@ -220,9 +224,17 @@ fn workload(reqs: &[Request], capacity: usize) -> Workload {
 struct Run {
     elapsed: Duration,
     latencies_ns: Vec<u64>,
+    /// Time the reader and the writers spent waiting for each other (the window).
+    reader_wait: Duration,
+    writer_wait: Duration,
 }
 
-fn wait_until(cond: impl Fn() -> bool) {
+/// Waits for `cond`, returning how long that took (zero without a clock read if already true).
+fn wait_until(cond: impl Fn() -> bool) -> Duration {
+    if cond() {
+        return Duration::ZERO;
+    }
+    let start = Instant::now();
     let mut spins = 0u32;
     while !cond() {
         spins += 1;
@@ -232,6 +244,7 @@ fn wait_until(cond: impl Fn() -> bool) {
             std::thread::yield_now();
         }
     }
+    start.elapsed()
 }
 
 /// One saturated replay: a reader thread and one writer thread per event stream (a stream per
@@ -249,10 +262,10 @@ fn saturate(w: &Workload, lookup: &(dyn Fn(&[SeqHash]) + Sync), writers: Vec<(Kv
             .map(|(i, (mut writer, events))| {
                 scope.spawn(move || {
                     barrier.wait();
-                    let mut from = 0;
+                    let (mut from, mut waited) = (0, Duration::ZERO);
                     for k in 0..steps {
                         if k > WINDOW_STEPS {
-                            wait_until(|| read_done.load(Acquire) >= k - WINDOW_STEPS);
+                            waited += wait_until(|| read_done.load(Acquire) >= k - WINDOW_STEPS);
                         }
                         for e in &events[from..w.step_end[k]] {
                             writer.apply(e).expect("events in order");
@@ -260,16 +273,17 @@ fn saturate(w: &Workload, lookup: &(dyn Fn(&[SeqHash]) + Sync), writers: Vec<(Kv
                         from = w.step_end[k];
                         write_done[i].store(k + 1, Release);
                     }
-                    (writer, Instant::now())
+                    (writer, Instant::now(), waited)
                 })
             })
             .collect();
         barrier.wait();
         let start = Instant::now();
         let mut latencies_ns = Vec::with_capacity(steps);
+        let mut reader_wait = Duration::ZERO;
         for (k, prompt) in w.prompts.iter().enumerate() {
             if k > WINDOW_STEPS {
-                wait_until(|| write_done.iter().all(|d| d.load(Acquire) >= k - WINDOW_STEPS));
+                reader_wait += wait_until(|| write_done.iter().all(|d| d.load(Acquire) >= k - WINDOW_STEPS));
             }
             let t = Instant::now();
             lookup(black_box(prompt));
@@ -277,13 +291,14 @@ fn saturate(w: &Workload, lookup: &(dyn Fn(&[SeqHash]) + Sync), writers: Vec<(Kv
             read_done.store(k + 1, Release);
         }
         let mut end = Instant::now();
-        let mut done = Vec::new();
+        let (mut done, mut writer_wait) = (Vec::new(), Duration::ZERO);
         for h in handles {
-            let (writer, t) = h.join().expect("writer panicked");
+            let (writer, t, waited) = h.join().expect("writer panicked");
             end = end.max(t);
+            writer_wait = writer_wait.max(waited);
             done.push(writer);
         }
-        (Run { elapsed: end - start, latencies_ns }, done)
+        (Run { elapsed: end - start, latencies_ns, reader_wait, writer_wait }, done)
     })
 }
 
@@ -297,7 +312,7 @@ fn light(w: &Workload, gap: Duration) -> Vec<u64> {
         scope.spawn(|| {
             let mut from = 0;
             for k in 0..steps {
-                wait_until(|| read_done.load(Acquire) > k);
+                let _ = wait_until(|| read_done.load(Acquire) > k);
                 w.events[from..w.step_end[k]].iter().for_each(|e| writer.apply(e).expect("in order"));
                 from = w.step_end[k];
                 write_done.store(k + 1, Release);
@@ -306,7 +321,7 @@ fn light(w: &Workload, gap: Duration) -> Vec<u64> {
         let start = Instant::now();
         let mut latencies_ns = Vec::with_capacity(steps);
         for (k, prompt) in w.prompts.iter().enumerate() {
-            wait_until(|| write_done.load(Acquire) >= k);
+            let _ = wait_until(|| write_done.load(Acquire) >= k);
             let tick = start + gap * k as u32;
             while Instant::now() < tick {
                 std::hint::spin_loop();
@@ -333,7 +348,10 @@ fn block_ops(w: &Workload) -> usize {
 fn report(label: &str, w: &Workload, mut runs: Vec<Run>) {
     for (i, r) in runs.iter().enumerate() {
         let rate = block_ops(w) as f64 / r.elapsed.as_secs_f64();
-        println!("  {label} run {i}: {:.1} ms, {:.2} M block ops/s", r.elapsed.as_secs_f64() * 1e3, rate / 1e6);
+        let lookups: u64 = r.latencies_ns.iter().sum();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        println!("  {label} run {i}: {:.1} ms, {:.2} M block ops/s (reader: {:.1} ms in lookups, {:.1} ms waiting; writer waiting {:.1} ms)",
+            ms(r.elapsed), rate / 1e6, lookups as f64 / 1e6, ms(r.reader_wait), ms(r.writer_wait));
     }
     runs.sort_by_key(|r| r.elapsed);
     let median = runs.swap_remove(runs.len() / 2);
@@ -379,6 +397,15 @@ fn main() {
         reqs.len(), w.prompts.len(), WORKERS, REPLICAS, t.elapsed().as_secs_f64());
     println!("workload: {} lookup blocks + {} stored blocks = {} block ops; {} events ({} removed blocks)",
         w.lookup_blocks, w.stored_blocks, block_ops(&w), w.events.len(), w.removed_blocks);
+
+    if a.writer_only > 0 {
+        for _ in 0..a.writer_only {
+            let (_, writer) = KvIndex::new();
+            let t = writers_alone(vec![(writer, w.events.clone())]);
+            println!("single writer alone: {:.1} ms", t.as_secs_f64() * 1e3);
+        }
+        return;
+    }
 
     // Memory of the index alone: estimate vs a counting allocator, one thread.
     let before = LIVE_BYTES.load(Relaxed);

@@ -38,10 +38,7 @@ impl Directory {
                 AtomicU64::new(self.counts[from].load(Relaxed))
             })
             .collect();
-        Some(Directory {
-            ids: ids.into(),
-            counts,
-        })
+        Some(Directory { ids: ids.into(), counts })
     }
 
     /// A copy without `worker` (`None` if absent).
@@ -49,10 +46,7 @@ impl Directory {
         let at = self.ids.binary_search(&worker).ok()?;
         let keep = |i: &usize| *i != at;
         let ids = (0..self.ids.len()).filter(keep).map(|i| self.ids[i]).collect();
-        let counts = (0..self.ids.len())
-            .filter(keep)
-            .map(|i| AtomicU64::new(self.counts[i].load(Relaxed)))
-            .collect();
+        let counts = (0..self.ids.len()).filter(keep).map(|i| AtomicU64::new(self.counts[i].load(Relaxed))).collect();
         Some(Directory { ids, counts })
     }
 
@@ -70,9 +64,7 @@ impl Directory {
 
     /// `worker`'s count (0 if unknown).
     pub(super) fn get(&self, worker: WorkerId) -> u64 {
-        self.ids
-            .binary_search(&worker)
-            .map_or(0, |i| self.counts[i].load(Relaxed))
+        self.ids.binary_search(&worker).map_or(0, |i| self.counts[i].load(Relaxed))
     }
 
     /// The counts of `scores`' workers (sorted by id), 0 for unknown ones: a merge when the

@@ -33,11 +33,7 @@ impl BuildHasher for KeyedState {
 
     #[inline]
     fn build_hasher(&self) -> KeyedHasher {
-        KeyedHasher {
-            acc: self.k0,
-            k1: self.k1,
-            k2: self.k2,
-        }
+        KeyedHasher { acc: self.k0, k1: self.k1, k2: self.k2 }
     }
 }
 
@@ -81,12 +77,7 @@ mod tests {
     #[test]
     fn low_bit_collisions_are_spread() {
         let s = KeyedState::default();
-        let buckets: std::collections::HashSet<u64> =
-            (0..1024u64).map(|i| s.hash_one(i << 20) & 0xfff).collect();
-        assert!(
-            buckets.len() > 700,
-            "only {} distinct buckets",
-            buckets.len()
-        );
+        let buckets: std::collections::HashSet<u64> = (0..1024u64).map(|i| s.hash_one(i << 20) & 0xfff).collect();
+        assert!(buckets.len() > 700, "only {} distinct buckets", buckets.len());
     }
 }

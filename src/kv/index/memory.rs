@@ -75,11 +75,11 @@ pub(super) fn hashbrown_bytes<K, V>(capacity: usize) -> usize {
 /// The shared read side: block table, entries, spilled sets, per-worker counts.
 pub(super) fn read_side_bytes(index: &KvIndex) -> usize {
     use std::sync::atomic::Ordering::Relaxed;
-    let keys = index.keys.load(Relaxed);
-    let peak = index.peak_keys.load(Relaxed).max(keys);
+    let keys = index.counters.keys.load(Relaxed);
+    let peak = index.counters.peak_keys.load(Relaxed).max(keys);
     let workers = index.cached.load().len();
     papaya_bytes::<SeqHash, WorkerSet>(keys, peak)
-        + index.set_heap_bytes.load(Relaxed)
+        + index.counters.set_heap_bytes.load(Relaxed)
         + workers * size_of::<(WorkerId, u64)>()
 }
 

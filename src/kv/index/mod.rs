@@ -47,7 +47,12 @@
 //! side) are estimates computed from lengths and capacities, not allocator queries; the `memory`
 //! module says how. Measured on the Mooncake replay: see `perf/RESULTS.md`.
 //!
-//! ## Resizing
+//! ## Resizing and reclamation
+//!
+//! Retired sets are freed in batches of `RETIRE_BATCH` (papaya's `seize` collector): each
+//! batch costs one `membarrier`, an IPI to every core running a thread of the process, so the
+//! default batch of 32 made a writer beside a busy reader twice as slow and interrupted readers
+//! as often (see `RETIRE_BATCH`).
 //!
 //! Resizing is papaya's `Blocking` mode: the writer finishes a table migration in the write that
 //! starts it (a pause on the control plane, never on a reader). The default incremental mode
@@ -59,8 +64,11 @@
 //!
 //! [`ShardedIndex`] partitions the map by hash into N indexes, each with its own writer, and a
 //! lookup walks them by hash. It is a measured alternative, not what the frontend runs: on this
-//! 2-core machine one writer and lock-free readers is faster (numbers in the `sharded` module
-//! doc and `perf/RESULTS.md`), so the control plane keeps the single [`KvIndexWriter`].
+//! 2-core machine one writer beside a reader does more block operations per second than two
+//! partition writers beside a reader (the three threads share two cores, every event is split
+//! and every lookup pins two maps), and its lookups are faster (numbers in the `sharded` module
+//! doc and `perf/RESULTS.md`). So the control plane keeps the single [`KvIndexWriter`]; the
+//! layer pays only where writers have cores of their own.
 //!
 //! Bounds: entries are bounded by the workers' cache capacities (engines evict, and their
 //! removals reach the index); a departed worker's blocks are dropped by
@@ -84,6 +92,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use crossbeam_utils::CachePadded;
 use thiserror::Error;
 
 use directory::Directory;
@@ -91,7 +100,7 @@ use directory::Directory;
 use crate::kv::hash::SeqHash;
 use crate::protocol::WorkerId;
 
-pub use hasher::KeyedState;
+pub use hasher::{KeyedHasher, KeyedState};
 pub use sharded::{ShardedIndex, MAX_PARTITIONS};
 pub use worker_set::WorkerSet;
 pub use writer::KvIndexWriter;
@@ -99,6 +108,16 @@ pub use writer::KvIndexWriter;
 /// Removed workers whose late events are still refused: enough to cover events in flight when a
 /// lease expires, small enough to be a fixed few hundred KiB.
 pub const MAX_TOMBSTONES: usize = 4096;
+
+/// Retired entries the writer batches before reclaiming them. Each batch costs one process-wide
+/// memory barrier (seize's `membarrier`, an IPI to every core running one of our threads, i.e.
+/// to every reading shard). At seize's default of 32 those barriers took more than half the
+/// writer's time once a reader ran beside it (Mooncake replay under KVM: 3.3 M block ops/s, 9 M
+/// with 1,024) and interrupted the reader as often. 4,096 makes them rare enough that a lookup
+/// is delayed by one in well under 1% of cases (p99); the cost is up to 4,096 retired sets
+/// (~200 KiB plus spilled ids) awaiting reclamation, freed in one burst by the last thread to
+/// leave its guard.
+const RETIRE_BATCH: usize = 4096;
 
 /// Blocks looked up ahead of the walk: a lookup in a large index is a few dependent cache
 /// misses, and issuing several independent ones at once overlaps them. Costs at most this many
@@ -113,19 +132,11 @@ pub enum IndexError {
     /// them (or the frontend started after the worker: `expected == 1`). Recover from the worker
     /// (replay since `expected - 1`, or a dump), then re-apply the event.
     #[error("worker {worker}: event gap, expected id {expected}, got {got} (not applied)")]
-    Gap {
-        worker: WorkerId,
-        expected: u64,
-        got: u64,
-    },
+    Gap { worker: WorkerId, expected: u64, got: u64 },
     /// The event is not newer than the last one applied (a duplicate, a reordering, or already
     /// covered by a replay or dump); ignored.
     #[error("worker {worker}: stale event id {got}, last applied {last} (ignored)")]
-    Stale {
-        worker: WorkerId,
-        last: u64,
-        got: u64,
-    },
+    Stale { worker: WorkerId, last: u64, got: u64 },
     /// The worker was removed; its late events are ignored so it cannot reappear as a ghost.
     #[error("worker {worker}: event {got} after the worker was removed (ignored)")]
     RemovedWorker { worker: WorkerId, got: u64 },
@@ -165,8 +176,16 @@ pub struct KvIndex {
     /// Per-worker cached-block counts; swapped by the writer on join/leave, counts stored in
     /// place between swaps.
     cached: ArcSwap<Directory>,
-    // The counters below are written only by the writer (a load and a store, no read-modify-
-    // write: there is one writer), read by anyone.
+    /// On their own cache line: the writer stores them per block, and sharing a line with the
+    /// map's root (which every lookup reads) made the reader miss on every write.
+    counters: CachePadded<Counters>,
+}
+
+/// Written only by the writer (a load and a store, no read-modify-write: there is one writer),
+/// read by anyone.
+#[derive(Default)]
+struct Counters {
+    /// Block-holder pairs.
     entries: AtomicUsize,
     /// Keys in `blocks`, and the most it has held: papaya's table does not shrink until it is
     /// 1/8 full, so its size follows the peak, not the current length (memory accounting).
@@ -180,16 +199,21 @@ impl KvIndex {
     /// An empty index and its one writer.
     #[allow(clippy::new_ret_no_self)]
     pub fn new() -> (Arc<KvIndex>, KvIndexWriter) {
+        // papaya takes a `seize::Collector`, which it does not re-export: build the default one
+        // through the builder method's own signature, then set its batch size.
+        fn default_arg<B, C: Default>(_: fn(B, C) -> B) -> C {
+            C::default()
+        }
+        type Builder = papaya::HashMapBuilder<SeqHash, WorkerSet, KeyedState>;
+        let collector = default_arg(Builder::collector).batch_size(RETIRE_BATCH);
         let index = Arc::new(KvIndex {
             blocks: papaya::HashMap::builder()
                 .hasher(KeyedState::default())
                 .resize_mode(papaya::ResizeMode::Blocking)
+                .collector(collector)
                 .build(),
             cached: ArcSwap::from_pointee(Directory::default()),
-            entries: AtomicUsize::new(0),
-            keys: AtomicUsize::new(0),
-            peak_keys: AtomicUsize::new(0),
-            set_heap_bytes: AtomicUsize::new(0),
+            counters: CachePadded::default(),
         });
         let writer = KvIndexWriter::new(index.clone());
         (index, writer)
@@ -202,10 +226,7 @@ impl KvIndex {
         let scores = walk(seq, |s| blocks.get(s));
         drop(blocks);
         let cached_blocks = self.cached.load().counts_of(&scores);
-        OverlapScores {
-            scores,
-            cached_blocks,
-        }
+        OverlapScores { scores, cached_blocks }
     }
 
     /// Blocks `worker` holds, per the index (0 for an unknown worker).
@@ -215,7 +236,7 @@ impl KvIndex {
 
     /// Block-holder pairs in the index.
     pub fn num_entries(&self) -> usize {
-        self.entries.load(Relaxed)
+        self.counters.entries.load(Relaxed)
     }
 
     /// Distinct blocks in the index.
@@ -232,17 +253,15 @@ impl KvIndex {
 
     /// The holders of one block, ascending (empty if none). Allocates; for tests and debugging.
     pub fn holders(&self, seq: SeqHash) -> Vec<WorkerId> {
-        self.blocks
-            .pin()
-            .get(&seq)
-            .map_or_else(Vec::new, |s| s.as_slice().to_vec())
+        self.blocks.pin().get(&seq).map_or_else(Vec::new, |s| s.as_slice().to_vec())
     }
 }
 
 /// The overlap walk: every worker holding `seq[0]` with the number of leading blocks it holds,
 /// sorted by worker id (the first block's set order, so no sort). `get` resolves one block (one
-/// map, or a partition by hash). Cost: O(holders of the first block) to set up, then per block
-/// O(survivors + set) by merge, or O(set × log survivors) when the set is the smaller.
+/// map, or a partition by hash). Depths are written only when a worker drops out after block 1
+/// or survives to the end, so a hot first block held by every worker costs one pass over its
+/// set, and a run of blocks held by the same workers costs one slice compare per block.
 #[inline]
 fn walk<'a>(
     seq: &[SeqHash],
@@ -251,10 +270,11 @@ fn walk<'a>(
     let Some(first) = seq.first().and_then(&get) else {
         return Vec::new();
     };
-    // Every holder of the first block; its depth is raised as it survives further blocks.
+    // Every holder of the first block, at depth 1 until it is seen to hold more.
     let mut scores: Vec<(WorkerId, u32)> = first.as_slice().iter().map(|&w| (w, 1)).collect();
-    // Indices into `scores` of the workers that held every block so far (ascending).
-    let mut active: Vec<u32> = (0..scores.len() as u32).collect();
+    // Workers that held every block so far (ascending), and those dropping out at this block.
+    let mut active: Vec<WorkerId> = first.as_slice().to_vec();
+    let mut gone: Vec<WorkerId> = Vec::new();
     let mut depth = 1u32;
     'walk: for chunk in seq[1..].chunks(LOOKAHEAD_BLOCKS) {
         // Independent lookups first, so their cache misses overlap; then the dependent walk.
@@ -264,55 +284,98 @@ fn walk<'a>(
         }
         for set in &sets[..chunk.len()] {
             let Some(set) = set else { break 'walk };
-            retain_holders(&mut active, &scores, set.as_slice());
-            if active.is_empty() {
-                break 'walk;
+            let set = set.as_slice();
+            if active.as_slice() != set {
+                // Those dropping out hold exactly `depth` blocks (depth 1 is already recorded).
+                let track = depth > 1;
+                retain_holders(&mut active, set, track.then_some(&mut gone));
+                if track {
+                    set_depth(&mut scores, &gone, depth);
+                    gone.clear();
+                }
+                if active.is_empty() {
+                    return scores;
+                }
             }
             depth += 1;
-            // Survivors reach `depth`; dropped workers keep the depth they had reached.
-            for &i in &active {
-                scores[i as usize].1 = depth;
-            }
         }
+    }
+    if depth > 1 {
+        set_depth(&mut scores, &active, depth);
     }
     scores
 }
 
-/// Keeps the `active` workers (indices into `scores`, ascending) that are in `set` (ascending).
+/// Keeps the `active` workers that are in `set` (both ascending), pushing the others to `gone`.
 #[inline]
-fn retain_holders(active: &mut Vec<u32>, scores: &[(WorkerId, u32)], set: &[WorkerId]) {
-    let id = |i: &u32| scores[*i as usize].0;
-    if active.len() == set.len() && active.iter().map(id).eq(set.iter().copied()) {
-        // The common case: the same workers hold this block as the previous one.
-        return;
-    }
+fn retain_holders(active: &mut Vec<WorkerId>, set: &[WorkerId], mut gone: Option<&mut Vec<WorkerId>>) {
+    let mut out = |w: &[WorkerId]| {
+        if let Some(g) = gone.as_deref_mut() {
+            g.extend_from_slice(w);
+        }
+    };
     if set.len() * 8 < active.len() {
-        // A small set against many survivors (a hot first block): search the survivors.
-        let mut kept = Vec::with_capacity(set.len());
-        let mut lo = 0;
+        // A small set against many survivors (a hot first block): search the survivors, and
+        // compact the kept ones in place (the write index never passes the read index).
+        let (mut kept, mut lo) = (0, 0);
         for w in set {
-            match active[lo..].binary_search_by_key(w, id) {
+            match active[lo..].binary_search(w) {
                 Ok(at) => {
-                    kept.push(active[lo + at]);
+                    out(&active[lo..lo + at]);
+                    active[kept] = *w;
+                    kept += 1;
                     lo += at + 1;
                 }
-                Err(at) => lo += at,
+                Err(at) => {
+                    out(&active[lo..lo + at]);
+                    lo += at;
+                }
             }
         }
-        *active = kept;
+        out(&active[lo..]);
+        active.truncate(kept);
         return;
     }
+    let mut keep = |w: &WorkerId, held: bool| {
+        if !held {
+            out(std::slice::from_ref(w));
+        }
+        held
+    };
     if active.len() * 8 < set.len() {
         // Few survivors against a large set: binary search each.
-        active.retain(|i| set.binary_search(&id(i)).is_ok());
+        active.retain(|w| keep(w, set.binary_search(w).is_ok()));
         return;
     }
     let mut j = 0;
-    active.retain(|i| {
-        let w = id(i);
-        while j < set.len() && set[j] < w {
+    active.retain(|w| {
+        while j < set.len() && set[j] < *w {
             j += 1;
         }
-        j < set.len() && set[j] == w
+        keep(w, j < set.len() && set[j] == *w)
     });
+}
+
+/// Sets the depth of `ids` (ascending, all present in `scores`) to `depth`.
+#[inline]
+fn set_depth(scores: &mut [(WorkerId, u32)], ids: &[WorkerId], depth: u32) {
+    if ids.len() * 8 < scores.len() {
+        let mut lo = 0;
+        for w in ids {
+            if let Ok(at) = scores[lo..].binary_search_by_key(w, |s| s.0) {
+                scores[lo + at].1 = depth;
+                lo += at + 1;
+            }
+        }
+        return;
+    }
+    let mut j = 0;
+    for w in ids {
+        while scores[j].0 < *w {
+            j += 1;
+        }
+        debug_assert_eq!(scores[j].0, *w);
+        scores[j].1 = depth;
+        j += 1;
+    }
 }

@@ -35,9 +35,7 @@ impl Model {
     }
 
     fn held(&self, worker: WorkerId) -> HashSet<SeqHash> {
-        self.workers
-            .get(&worker)
-            .map_or_else(HashSet::new, |m| m.values().copied().collect())
+        self.workers.get(&worker).map_or_else(HashSet::new, |m| m.values().copied().collect())
     }
 
     fn find_matches(&self, q: &[SeqHash]) -> Vec<(WorkerId, u32)> {
@@ -86,12 +84,8 @@ const ENGINE_IDS: u8 = 24;
 /// Three chains: 1 shares 3 leading blocks with 0, 2 shares 1 with 0.
 fn chains() -> [Vec<SeqHash>; 3] {
     let c0: Vec<_> = (0..CHAIN_LEN as u64).map(|i| s(100 + i)).collect();
-    let c1 = (0..CHAIN_LEN as u64)
-        .map(|i| if i < 3 { c0[i as usize] } else { s(200 + i) })
-        .collect();
-    let c2 = (0..CHAIN_LEN as u64)
-        .map(|i| if i < 1 { c0[i as usize] } else { s(300 + i) })
-        .collect();
+    let c1 = (0..CHAIN_LEN as u64).map(|i| if i < 3 { c0[i as usize] } else { s(200 + i) }).collect();
+    let c2 = (0..CHAIN_LEN as u64).map(|i| if i < 1 { c0[i as usize] } else { s(300 + i) }).collect();
     [c0, c1, c2]
 }
 
@@ -152,12 +146,7 @@ impl Harness {
     fn send(&mut self, slot: u8, kind: KvEventKind) {
         let worker = self.worker(slot);
         let log = &mut self.log[slot as usize];
-        let event = KvEvent {
-            worker,
-            event_id: log.len() as u64 + 1,
-            timestamp_us: 0,
-            kind,
-        };
+        let event = KvEvent { worker, event_id: log.len() as u64 + 1, timestamp_us: 0, kind };
         log.push(event.clone());
         let (lose, dump) = &mut self.lose[slot as usize];
         if *lose > 0 {
@@ -173,10 +162,7 @@ impl Harness {
                 self.recover(slot, dump);
                 self.recoveries += 1;
                 // Covered by the recovery, which answered up to the worker's latest id.
-                assert!(matches!(
-                    self.writer.apply(&event),
-                    Err(IndexError::Stale { .. })
-                ));
+                assert!(matches!(self.writer.apply(&event), Err(IndexError::Stale { .. })));
             }
             Err(e) => panic!("unexpected {e}"),
         }
@@ -192,27 +178,11 @@ impl Harness {
                 .get(&worker)
                 .into_iter()
                 .flatten()
-                .map(|(&engine_hash, &seq_hash)| StoredBlock {
-                    seq_hash,
-                    engine_hash,
-                })
+                .map(|(&engine_hash, &seq_hash)| StoredBlock { seq_hash, engine_hash })
                 .collect();
             let events = [
-                KvEvent {
-                    worker,
-                    event_id: last,
-                    timestamp_us: 0,
-                    kind: KvEventKind::Cleared,
-                },
-                KvEvent {
-                    worker,
-                    event_id: last,
-                    timestamp_us: 0,
-                    kind: KvEventKind::Stored {
-                        parent: None,
-                        blocks,
-                    },
-                },
+                KvEvent { worker, event_id: last, timestamp_us: 0, kind: KvEventKind::Cleared },
+                KvEvent { worker, event_id: last, timestamp_us: 0, kind: KvEventKind::Stored { parent: None, blocks } },
             ];
             self.writer.apply_dump(worker, &events, last);
         } else {
@@ -224,20 +194,12 @@ impl Harness {
 
     fn run(&mut self, op: Op, chains: &[Vec<SeqHash>; 3]) {
         match op {
-            Op::Store {
-                slot,
-                chain,
-                start,
-                engine_ids,
-            } => {
+            Op::Store { slot, chain, start, engine_ids } => {
                 let seqs = &chains[chain as usize][start as usize..];
                 let blocks: Vec<_> = seqs
                     .iter()
                     .zip(&engine_ids)
-                    .map(|(&seq_hash, &e)| StoredBlock {
-                        seq_hash,
-                        engine_hash: EngineHash(e as u64),
-                    })
+                    .map(|(&seq_hash, &e)| StoredBlock { seq_hash, engine_hash: EngineHash(e as u64) })
                     .collect();
                 let parent = None;
                 self.send(slot, KvEventKind::Stored { parent, blocks });
@@ -267,25 +229,12 @@ impl Harness {
                 model.workers.insert(worker, m);
             }
         }
-        let mixed: Vec<SeqHash> = chains[0][..2]
-            .iter()
-            .chain(&chains[2][2..])
-            .copied()
-            .collect();
+        let mixed: Vec<SeqHash> = chains[0][..2].iter().chain(&chains[2][2..]).copied().collect();
         for q in chains.iter().chain([&mixed]) {
             for len in [1, 3, CHAIN_LEN] {
                 let got = self.index.find_matches(&q[..len]);
-                assert_eq!(
-                    got.scores,
-                    model.find_matches(&q[..len]),
-                    "query {:?}",
-                    &q[..len]
-                );
-                let want_cached: Vec<u64> = got
-                    .scores
-                    .iter()
-                    .map(|(w, _)| model.held(*w).len() as u64)
-                    .collect();
+                assert_eq!(got.scores, model.find_matches(&q[..len]), "query {:?}", &q[..len]);
+                let want_cached: Vec<u64> = got.scores.iter().map(|(w, _)| model.held(*w).len() as u64).collect();
                 assert_eq!(got.cached_blocks, want_cached);
             }
         }
@@ -330,4 +279,3 @@ fn harness_recovers_by_replay_and_dump() {
         assert_eq!(h.recoveries, 1);
     }
 }
-

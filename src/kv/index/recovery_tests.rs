@@ -5,26 +5,17 @@ use super::*;
 use crate::kv::events::{EngineHash, KvEvent, KvEventKind};
 
 fn removed(seqs: &[u64]) -> KvEventKind {
-    KvEventKind::Removed {
-        engine_hashes: seqs.iter().map(|&x| EngineHash(x + 1000)).collect(),
-    }
+    KvEventKind::Removed { engine_hashes: seqs.iter().map(|&x| EngineHash(x + 1000)).collect() }
 }
 
 /// A worker's events 1..=6, in which order matters: block 2 is removed then stored again, block
 /// 3 stored then removed.
 fn history() -> Vec<KvEvent> {
-    [
-        stored(&[1, 2]),
-        stored(&[3]),
-        removed(&[2]),
-        stored(&[2, 4]),
-        removed(&[3]),
-        stored(&[5]),
-    ]
-    .into_iter()
-    .enumerate()
-    .map(|(i, kind)| ev(7, i as u64 + 1, kind))
-    .collect()
+    [stored(&[1, 2]), stored(&[3]), removed(&[2]), stored(&[2, 4]), removed(&[3]), stored(&[5])]
+        .into_iter()
+        .enumerate()
+        .map(|(i, kind)| ev(7, i as u64 + 1, kind))
+        .collect()
 }
 
 /// The same lookups, counts and holders as an index fed every event in order.
@@ -54,11 +45,7 @@ fn a_gap_followed_by_a_replay_gives_exactly_the_workers_state() {
     writer.apply(&h[0]).unwrap();
     writer.apply(&h[1]).unwrap();
     // Events 3 and 4 are lost; 5 reveals the gap and is not applied.
-    let gap = Err(IndexError::Gap {
-        worker: w(7),
-        expected: 3,
-        got: 5,
-    });
+    let gap = Err(IndexError::Gap { worker: w(7), expected: 3, got: 5 });
     assert_eq!(writer.check_gap(&h[4]), Some(3));
     assert_eq!(writer.apply(&h[4]), gap);
     assert_eq!(writer.last_event_id(w(7)), Some(2));
@@ -79,14 +66,7 @@ fn a_replay_with_a_hole_stops_there() {
     let (index, mut writer) = KvIndex::new();
     writer.apply(&h[0]).unwrap();
     let hole = writer.apply_replay(w(7), &[h[1].clone(), h[3].clone()]);
-    assert_eq!(
-        hole,
-        Err(IndexError::Gap {
-            worker: w(7),
-            expected: 3,
-            got: 4
-        })
-    );
+    assert_eq!(hole, Err(IndexError::Gap { worker: w(7), expected: 3, got: 4 }));
     assert_eq!(writer.last_event_id(w(7)), Some(2));
     assert_same(&index, &truth(&h[..2]));
 }
@@ -99,14 +79,7 @@ fn a_worker_first_seen_mid_stream_is_a_gap_from_one() {
     assert_eq!(writer.check_gap(&h[0]), None);
     assert_eq!(writer.check_gap(&h[3]), Some(1));
     let gap = writer.apply(&h[3]);
-    assert_eq!(
-        gap,
-        Err(IndexError::Gap {
-            worker: w(7),
-            expected: 1,
-            got: 4
-        })
-    );
+    assert_eq!(gap, Err(IndexError::Gap { worker: w(7), expected: 1, got: 4 }));
     // Pure: nothing recorded for the worker.
     assert_eq!(writer.last_event_id(w(7)), None);
     assert_eq!(index.num_entries(), 0);
@@ -120,12 +93,8 @@ fn a_dump_over_stale_state_gives_exactly_the_dumped_state() {
     let (index, mut writer) = KvIndex::new();
     h[..3].iter().for_each(|e| writer.apply(e).unwrap());
     writer.apply(&ev(8, 1, stored(&[1, 9]))).unwrap(); // another worker, untouched by the dump
-    // The worker's state at id 9: blocks 1, 4 and 6 (2 and 3 evicted since); ids all 9.
-    let dump = [
-        ev(7, 9, KvEventKind::Cleared),
-        ev(7, 9, stored(&[1])),
-        ev(7, 9, stored(&[4, 6])),
-    ];
+                                                       // The worker's state at id 9: blocks 1, 4 and 6 (2 and 3 evicted since); ids all 9.
+    let dump = [ev(7, 9, KvEventKind::Cleared), ev(7, 9, stored(&[1])), ev(7, 9, stored(&[4, 6]))];
     writer.apply_dump(w(7), &dump, 9);
     assert_eq!(writer.last_event_id(w(7)), Some(9));
     let want = truth(&[ev(7, 1, stored(&[1, 4, 6])), ev(8, 1, stored(&[1, 9]))]);
@@ -167,18 +136,13 @@ fn blocks_named_by_several_engine_hashes_stay_until_the_last_name_goes() {
     let (index, mut writer) = KvIndex::new();
     let named = |e: u64| KvEventKind::Stored {
         parent: None,
-        blocks: vec![crate::kv::events::StoredBlock {
-            seq_hash: s(1),
-            engine_hash: EngineHash(e),
-        }],
+        blocks: vec![crate::kv::events::StoredBlock { seq_hash: s(1), engine_hash: EngineHash(e) }],
     };
     for (id, e) in [(1, 10), (2, 11), (3, 12)] {
         writer.apply(&ev(1, id, named(e))).unwrap();
     }
     assert_eq!((index.num_entries(), index.cached_blocks(w(1))), (1, 1));
-    let gone = |e: u64| KvEventKind::Removed {
-        engine_hashes: vec![EngineHash(e)],
-    };
+    let gone = |e: u64| KvEventKind::Removed { engine_hashes: vec![EngineHash(e)] };
     writer.apply(&ev(1, 4, gone(11))).unwrap();
     writer.apply(&ev(1, 5, gone(10))).unwrap();
     assert_eq!(index.holders(s(1)), vec![w(1)]);
@@ -211,12 +175,12 @@ fn memory_grows_with_pairs_and_is_sane_per_pair() {
     // Entry + table slot share + two map entries: tens of bytes, not hundreds.
     assert!((16..=160).contains(&per_pair), "{per_pair} bytes per pair");
     assert!(index.memory_bytes() < last);
-    assert!(index.set_heap_bytes.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert!(index.counters.set_heap_bytes.load(std::sync::atomic::Ordering::Relaxed) > 0);
     // Dropping every worker returns the sets' heap bytes exactly.
     for worker in 0..32 {
         writer.remove_worker(w(worker));
     }
-    assert_eq!(index.set_heap_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(index.counters.set_heap_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
     assert_eq!(index.num_entries(), 0);
     assert!(writer.memory_bytes() < last);
 }

@@ -45,9 +45,7 @@ impl ShardedIndex {
             "partitions {partitions} out of range 1..={MAX_PARTITIONS}"
         );
         let (parts, writers): (Vec<_>, Vec<_>) = (0..partitions).map(|_| KvIndex::new()).unzip();
-        let index = ShardedIndex {
-            parts: parts.into(),
-        };
+        let index = ShardedIndex { parts: parts.into() };
         (Arc::new(index), writers)
     }
 
@@ -64,24 +62,13 @@ impl ShardedIndex {
     /// Each partition's part of `event` (index = partition): its own stored blocks, every
     /// removal and clear. Every part keeps the event's id.
     pub fn split(&self, event: &KvEvent) -> Vec<KvEvent> {
-        let part = |kind| KvEvent {
-            worker: event.worker,
-            event_id: event.event_id,
-            timestamp_us: event.timestamp_us,
-            kind,
-        };
+        let part =
+            |kind| KvEvent { worker: event.worker, event_id: event.event_id, timestamp_us: event.timestamp_us, kind };
         match &event.kind {
             KvEventKind::Stored { parent, blocks } => (0..self.parts.len())
                 .map(|p| {
-                    let own = blocks
-                        .iter()
-                        .filter(|b| self.partition_of(b.seq_hash) == p)
-                        .copied()
-                        .collect();
-                    part(KvEventKind::Stored {
-                        parent: *parent,
-                        blocks: own,
-                    })
+                    let own = blocks.iter().filter(|b| self.partition_of(b.seq_hash) == p).copied().collect();
+                    part(KvEventKind::Stored { parent: *parent, blocks: own })
                 })
                 .collect(),
             kind => (0..self.parts.len()).map(|_| part(kind.clone())).collect(),
@@ -99,10 +86,7 @@ impl ShardedIndex {
                 *sum += n;
             }
         }
-        OverlapScores {
-            scores,
-            cached_blocks,
-        }
+        OverlapScores { scores, cached_blocks }
     }
 
     /// Blocks `worker` holds across the partitions.
@@ -137,9 +121,8 @@ mod tests {
     fn partitions_agree_with_the_single_index() {
         let (single, mut writer) = KvIndex::new();
         let (sharded, mut writers) = ShardedIndex::new(3);
-        let chains: Vec<Vec<SeqHash>> = (0..3u64)
-            .map(|c| (0..40).map(|i| SeqHash(mix(if i < 10 { i } else { c * 1000 + i }))).collect())
-            .collect();
+        let chains: Vec<Vec<SeqHash>> =
+            (0..3u64).map(|c| (0..40).map(|i| SeqHash(mix(if i < 10 { i } else { c * 1000 + i }))).collect()).collect();
         let mut ids = [0u64; 6];
         let mut rng = 7u64;
         for step in 0..600u64 {
@@ -150,37 +133,26 @@ mod tests {
             let range = &chain[a.min(b)..=a.max(b)];
             let kind = match (rng >> 32) % 10 {
                 0 => KvEventKind::Cleared,
-                1..=3 => KvEventKind::Removed {
-                    engine_hashes: range.iter().map(|s| EngineHash(s.0 ^ w as u64)).collect(),
-                },
+                1..=3 => {
+                    KvEventKind::Removed { engine_hashes: range.iter().map(|s| EngineHash(s.0 ^ w as u64)).collect() }
+                }
                 _ => KvEventKind::Stored {
                     parent: None,
                     blocks: range
                         .iter()
-                        .map(|&s| StoredBlock {
-                            seq_hash: s,
-                            engine_hash: EngineHash(s.0 ^ w as u64),
-                        })
+                        .map(|&s| StoredBlock { seq_hash: s, engine_hash: EngineHash(s.0 ^ w as u64) })
                         .collect(),
                 },
             };
             ids[w] += 1;
-            let event = KvEvent {
-                worker: WorkerId(w as u64),
-                event_id: ids[w],
-                timestamp_us: 0,
-                kind,
-            };
+            let event = KvEvent { worker: WorkerId(w as u64), event_id: ids[w], timestamp_us: 0, kind };
             writer.apply(&event).unwrap();
             for (part, wr) in sharded.split(&event).iter().zip(&mut writers) {
                 wr.apply(part).unwrap();
             }
             for chain in &chains {
                 for len in [1, 7, 40] {
-                    assert_eq!(
-                        sharded.find_matches(&chain[..len]),
-                        single.find_matches(&chain[..len])
-                    );
+                    assert_eq!(sharded.find_matches(&chain[..len]), single.find_matches(&chain[..len]));
                 }
             }
         }

@@ -17,26 +17,12 @@ pub(super) fn s(n: u64) -> SeqHash {
 
 /// Blocks `seqs` with engine hashes `seq + 1000`.
 pub(super) fn stored(seqs: &[u64]) -> KvEventKind {
-    let blocks = seqs
-        .iter()
-        .map(|&x| StoredBlock {
-            seq_hash: s(x),
-            engine_hash: EngineHash(x + 1000),
-        })
-        .collect();
-    KvEventKind::Stored {
-        parent: None,
-        blocks,
-    }
+    let blocks = seqs.iter().map(|&x| StoredBlock { seq_hash: s(x), engine_hash: EngineHash(x + 1000) }).collect();
+    KvEventKind::Stored { parent: None, blocks }
 }
 
 pub(super) fn ev(worker: u64, event_id: u64, kind: KvEventKind) -> KvEvent {
-    KvEvent {
-        worker: w(worker),
-        event_id,
-        timestamp_us: 0,
-        kind,
-    }
+    KvEvent { worker: w(worker), event_id, timestamp_us: 0, kind }
 }
 
 #[test]
@@ -75,9 +61,7 @@ fn removal_clear_and_worker_removal() {
     let (index, mut writer) = KvIndex::new();
     writer.apply(&ev(1, 1, stored(&[1, 2, 3]))).unwrap();
     writer.apply(&ev(2, 1, stored(&[1, 2, 3]))).unwrap();
-    let removed = KvEventKind::Removed {
-        engine_hashes: vec![EngineHash(1002), EngineHash(77)],
-    };
+    let removed = KvEventKind::Removed { engine_hashes: vec![EngineHash(1002), EngineHash(77)] };
     writer.apply(&ev(1, 2, removed)).unwrap();
     assert_eq!(writer.unknown_removals(), 1);
     let q = [s(1), s(2), s(3)];
@@ -90,13 +74,7 @@ fn removal_clear_and_worker_removal() {
     assert_eq!((index.num_entries(), index.num_blocks()), (0, 0));
     // A removed worker's late events are refused rather than resurrecting it.
     let late = writer.apply(&ev(1, 3, stored(&[1])));
-    assert_eq!(
-        late,
-        Err(IndexError::RemovedWorker {
-            worker: w(1),
-            got: 3
-        })
-    );
+    assert_eq!(late, Err(IndexError::RemovedWorker { worker: w(1), got: 3 }));
     assert_eq!(index.num_entries(), 0);
 }
 
@@ -105,27 +83,13 @@ fn event_ids_gap_is_refused_stale_is_ignored() {
     let (index, mut writer) = KvIndex::new();
     writer.apply(&ev(1, 1, stored(&[1]))).unwrap();
     let gap = writer.apply(&ev(1, 5, stored(&[1, 2])));
-    assert_eq!(
-        gap,
-        Err(IndexError::Gap {
-            worker: w(1),
-            expected: 2,
-            got: 5
-        })
-    );
+    assert_eq!(gap, Err(IndexError::Gap { worker: w(1), expected: 2, got: 5 }));
     // Not applied: the worker still holds only block 1, and its last id is still 1.
     assert_eq!(index.find_matches(&[s(1), s(2)]).scores, vec![(w(1), 1)]);
     assert_eq!(writer.last_event_id(w(1)), Some(1));
     writer.apply(&ev(1, 2, stored(&[2]))).unwrap();
     let stale = writer.apply(&ev(1, 2, KvEventKind::Cleared));
-    assert_eq!(
-        stale,
-        Err(IndexError::Stale {
-            worker: w(1),
-            last: 2,
-            got: 2
-        })
-    );
+    assert_eq!(stale, Err(IndexError::Stale { worker: w(1), last: 2, got: 2 }));
     assert_eq!(index.cached_blocks(w(1)), 2);
     writer.apply(&ev(1, 3, KvEventKind::Cleared)).unwrap();
     assert_eq!(index.cached_blocks(w(1)), 0);
@@ -137,37 +101,15 @@ fn engine_hashes_are_reference_counted_per_block() {
     let two_names = KvEventKind::Stored {
         parent: None,
         blocks: vec![
-            StoredBlock {
-                seq_hash: s(1),
-                engine_hash: EngineHash(10),
-            },
-            StoredBlock {
-                seq_hash: s(1),
-                engine_hash: EngineHash(11),
-            },
+            StoredBlock { seq_hash: s(1), engine_hash: EngineHash(10) },
+            StoredBlock { seq_hash: s(1), engine_hash: EngineHash(11) },
         ],
     };
     writer.apply(&ev(1, 1, two_names)).unwrap();
     assert_eq!(index.num_entries(), 1);
-    writer
-        .apply(&ev(
-            1,
-            2,
-            KvEventKind::Removed {
-                engine_hashes: vec![EngineHash(10)],
-            },
-        ))
-        .unwrap();
+    writer.apply(&ev(1, 2, KvEventKind::Removed { engine_hashes: vec![EngineHash(10)] })).unwrap();
     assert_eq!(index.holders(s(1)), vec![w(1)]);
-    writer
-        .apply(&ev(
-            1,
-            3,
-            KvEventKind::Removed {
-                engine_hashes: vec![EngineHash(11)],
-            },
-        ))
-        .unwrap();
+    writer.apply(&ev(1, 3, KvEventKind::Removed { engine_hashes: vec![EngineHash(11)] })).unwrap();
     assert!(index.holders(s(1)).is_empty());
 }
 
@@ -215,15 +157,11 @@ fn readers_never_see_invalid_sets() {
             rng ^= rng >> 7;
             rng ^= rng << 17;
             let start = rng % BLOCKS;
-            let seqs: Vec<u64> = (start..BLOCKS.min(start + 64))
-                .filter(|&b| allowed(b, worker))
-                .collect();
+            let seqs: Vec<u64> = (start..BLOCKS.min(start + 64)).filter(|&b| allowed(b, worker)).collect();
             let kind = match round % 10 {
                 9 if worker == round % WORKERS => KvEventKind::Cleared,
                 r if r % 2 == 0 => stored(&seqs),
-                _ => KvEventKind::Removed {
-                    engine_hashes: seqs.iter().map(|&x| EngineHash(x + 1000)).collect(),
-                },
+                _ => KvEventKind::Removed { engine_hashes: seqs.iter().map(|&x| EngineHash(x + 1000)).collect() },
             };
             ids[worker as usize] += 1;
             let _ = writer.apply(&ev(worker, ids[worker as usize], kind));
@@ -270,4 +208,28 @@ fn hot_first_block_walk_matches_naive_counts() {
         let counts: Vec<u64> = (0..WORKERS).map(|x| held[x as usize].len() as u64).collect();
         assert_eq!(got.cached_blocks, counts);
     }
+}
+
+/// Blocks 0 and 1 held by 100 workers, block 2 by five of them, block 3 by two: the small-set
+/// path records depth 2 for the 95 that drop out at block 2.
+#[test]
+fn many_drop_out_after_a_shared_prefix() {
+    let (index, mut writer) = KvIndex::new();
+    for worker in 0..100u64 {
+        let held: &[u64] = match worker {
+            10 | 20 => &[0, 1, 2, 3],
+            30 | 40 | 50 => &[0, 1, 2],
+            _ => &[0, 1],
+        };
+        writer.apply(&ev(worker, 1, stored(held))).unwrap();
+    }
+    let m = index.find_matches(&[s(0), s(1), s(2), s(3), s(4)]);
+    let want: Vec<(WorkerId, u32)> = (0..100)
+        .map(|x| match x {
+            10 | 20 => (w(x), 4),
+            30 | 40 | 50 => (w(x), 3),
+            _ => (w(x), 2),
+        })
+        .collect();
+    assert_eq!(m.scores, want);
 }

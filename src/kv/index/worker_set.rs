@@ -37,10 +37,7 @@ impl WorkerSet {
             for (slot, &w) in ids.iter_mut().zip(parts.iter().flat_map(|p| p.iter())) {
                 *slot = w;
             }
-            WorkerSet::Inline {
-                len: len as u8,
-                ids,
-            }
+            WorkerSet::Inline { len: len as u8, ids }
         } else {
             let mut v = Vec::with_capacity(len);
             parts.iter().for_each(|p| v.extend_from_slice(p));
@@ -105,10 +102,7 @@ mod tests {
             s = s.with(WorkerId(w)).unwrap();
         }
         assert!(s.with(WorkerId(7)).is_none());
-        assert_eq!(
-            s.as_slice().iter().map(|w| w.0).collect::<Vec<_>>(),
-            [1, 2, 3, 5, 7, 8, 9]
-        );
+        assert_eq!(s.as_slice().iter().map(|w| w.0).collect::<Vec<_>>(), [1, 2, 3, 5, 7, 8, 9]);
         assert!(matches!(s, WorkerSet::Heap(_)));
         for w in [1, 9, 5] {
             s = s.without(WorkerId(w)).unwrap();

@@ -154,11 +154,7 @@ impl KvIndexWriter {
         if let Some(mut state) = self.workers.remove(&worker) {
             let index = &*self.index;
             let blocks = index.blocks.pin();
-            let w = Writing {
-                index,
-                blocks: &blocks,
-                worker,
-            };
+            let w = Writing { index, blocks: &blocks, worker };
             w.clear(&mut state);
         }
         if let Some(dir) = self.directory.without(worker) {
@@ -189,11 +185,7 @@ impl KvIndexWriter {
         }
         if got > last + 1 {
             let expected = last + 1;
-            return Err(IndexError::Gap {
-                worker,
-                expected,
-                got,
-            });
+            return Err(IndexError::Gap { worker, expected, got });
         }
         Ok(())
     }
@@ -216,11 +208,7 @@ impl KvIndexWriter {
         let state = self.workers.get_mut(&worker).expect("created above");
         // One pin per event (entering the map's reclamation epoch is not free).
         let blocks = index.blocks.pin();
-        let w = Writing {
-            index,
-            blocks: &blocks,
-            worker,
-        };
+        let w = Writing { index, blocks: &blocks, worker };
         match kind {
             KvEventKind::Stored { parent: _, blocks } => w.store(state, blocks),
             KvEventKind::Removed { engine_hashes } => {
@@ -279,7 +267,7 @@ impl Writing<'_> {
             }
             self.unpublish(*seq);
         }
-        sub(&self.index.entries, state.held as usize);
+        sub(&self.index.counters.entries, state.held as usize);
         state.held = 0;
         state.engine_to_seq.clear();
         state.extra_names.clear();
@@ -291,9 +279,7 @@ impl Writing<'_> {
         let (index, worker) = (self.index, self.worker);
         let added = self.blocks.compute(seq, |entry| match entry {
             None => Operation::Insert(WorkerSet::one(worker)),
-            Some((_, set)) => set
-                .with(worker)
-                .map_or(Operation::Abort(()), Operation::Insert),
+            Some((_, set)) => set.with(worker).map_or(Operation::Abort(()), Operation::Insert),
         });
         match added {
             Compute::Aborted(()) => {
@@ -301,15 +287,15 @@ impl Writing<'_> {
                 return;
             }
             Compute::Inserted(..) => {
-                let keys = add(&index.keys, 1);
-                if keys > index.peak_keys.load(Relaxed) {
-                    index.peak_keys.store(keys, Relaxed);
+                let keys = add(&index.counters.keys, 1);
+                if keys > index.counters.peak_keys.load(Relaxed) {
+                    index.counters.peak_keys.store(keys, Relaxed);
                 }
             }
             Compute::Updated { old, new } => track_heap(index, old.1, Some(new.1)),
             Compute::Removed(..) => unreachable!("acquire never removes"),
         }
-        add(&index.entries, 1);
+        add(&index.counters.entries, 1);
         state.held += 1;
     }
 
@@ -325,25 +311,23 @@ impl Writing<'_> {
             }
         }
         self.unpublish(seq);
-        sub(&self.index.entries, 1);
+        sub(&self.index.counters.entries, 1);
         state.held -= 1;
     }
 
     /// Removes the worker from the set of `seq` (the key goes when the set would be empty).
     fn unpublish(&self, seq: SeqHash) {
         let (index, worker) = (self.index, self.worker);
-        let removed = self.blocks.compute(seq, |entry| {
-            match entry.and_then(|(_, set)| set.without(worker)) {
-                None => Operation::Abort(()),
-                Some(rest) if rest.is_empty() => Operation::Remove,
-                Some(rest) => Operation::Insert(rest),
-            }
+        let removed = self.blocks.compute(seq, |entry| match entry.and_then(|(_, set)| set.without(worker)) {
+            None => Operation::Abort(()),
+            Some(rest) if rest.is_empty() => Operation::Remove,
+            Some(rest) => Operation::Insert(rest),
         });
         match removed {
             Compute::Updated { old, new } => track_heap(index, old.1, Some(new.1)),
             Compute::Removed(_, old) => {
                 track_heap(index, old, None);
-                sub(&index.keys, 1);
+                sub(&index.counters.keys, 1);
             }
             Compute::Aborted(()) => debug_assert!(false, "{worker} did not hold {seq:?}"),
             Compute::Inserted(..) => unreachable!("unpublish never inserts"),
@@ -355,8 +339,8 @@ impl Writing<'_> {
 fn track_heap(index: &KvIndex, old: &WorkerSet, new: Option<&WorkerSet>) {
     let (was, now) = (old.heap_bytes(), new.map_or(0, WorkerSet::heap_bytes));
     if now != was {
-        add(&index.set_heap_bytes, now);
-        sub(&index.set_heap_bytes, was);
+        add(&index.counters.set_heap_bytes, now);
+        sub(&index.counters.set_heap_bytes, was);
     }
 }
 
