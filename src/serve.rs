@@ -112,6 +112,7 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
             max_num_seqs: mocker.max_num_seqs,
             max_num_batched_tokens: mocker.max_num_batched_tokens,
             address: None,
+            transfer_address: None,
         }));
         worker_ids.push(id);
         tracing::info!(worker = %id, "started mocker worker");

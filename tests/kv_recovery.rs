@@ -81,6 +81,7 @@ async fn run_case(
         max_num_seqs: 256,
         max_num_batched_tokens: 8192,
         address: None,
+        transfer_address: None,
     });
 
     // Prompts sharing prefixes, enough of them to evict when the cache is small.

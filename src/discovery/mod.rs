@@ -29,6 +29,9 @@ pub struct WorkerInfo {
     pub max_num_batched_tokens: u32,
     /// Request-plane address (None in-process).
     pub address: Option<String>,
+    /// KV transfer-plane address for disaggregated serving (None until this worker has one).
+    #[serde(default)]
+    pub transfer_address: Option<String>,
 }
 
 /// The live workers, as one immutable snapshot.

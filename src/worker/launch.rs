@@ -102,6 +102,7 @@ pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = (
         max_num_seqs: mocker.max_num_seqs,
         max_num_batched_tokens: mocker.max_num_batched_tokens,
         address: Some(address.clone()),
+        transfer_address: None,
     };
     let registration = etcd.register(info, Duration::from_secs(args.lease_ttl)).await?;
     println!("kvgate worker {id} serving {model} ({role:?}) at {address}");

@@ -178,6 +178,7 @@ mod tests {
             max_num_seqs: 8,
             max_num_batched_tokens: 2048,
             address: None,
+            transfer_address: None,
         })
         .unwrap()
     }
