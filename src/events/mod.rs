@@ -1,9 +1,11 @@
 //! The KV event plane: workers publish batches of [`KvEvent`]s; the frontend consumes them into
 //! its index.
 //!
-//! Invariant: bounded ([`EVENT_QUEUE_DEPTH`] batches); a publisher waits when the consumer is
-//! behind rather than dropping (dropping would need the replay path of the mocker issue). The
-//! in-process implementation is a bounded channel; NATS implements the same seam.
+//! Invariant: bounded ([`EVENT_QUEUE_DEPTH`] batches). In process, a publisher waits when the
+//! consumer is behind; over NATS, batches can be lost (a restart, a slow consumer), and the
+//! frontend's control plane recovers them by event-id gap checks and replay/dump requests
+//! (`frontend::control`). The in-process implementation is a bounded channel; NATS implements
+//! the same seam.
 
 pub mod nats;
 
