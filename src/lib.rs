@@ -49,5 +49,6 @@ pub mod protocol;
 pub mod router;
 pub mod runtime;
 pub mod serve;
+pub mod transfer;
 pub mod transport;
 pub mod worker;
