@@ -76,6 +76,21 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Token ids that end generation (the model's eos ids), unless `ignore_eos`.
     pub eos_token_ids: Vec<TokenId>,
+    /// This request's leg of a disaggregated request; `None` for a whole (aggregated) request.
+    pub disagg: Option<DisaggLeg>,
+}
+
+/// One leg of a disaggregated request. The frontend sends both legs at once, paired by a
+/// bootstrap `room` id unique among the requests in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DisaggLeg {
+    /// Compute the prompt (and sample the first token), push its KV blocks and the first token
+    /// to the decode worker's transfer address, report `Transferred`, then `Finished`. No
+    /// `Tokens` are streamed on this leg.
+    Prefill { room: u64, decode_worker: WorkerId, transfer_address: String },
+    /// Wait for the room's KV blocks from the prefill worker, then stream the first token and
+    /// generate from there without computing the prompt.
+    Decode { room: u64, prefill_worker: WorkerId },
 }
 
 /// Why a worker stopped generating.
@@ -93,8 +108,12 @@ pub enum FinishReason {
 /// One message of a worker's response stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WorkerOutput {
-    /// Sent once, before any token: how many prompt tokens were already cached on the worker.
-    Started { cached_tokens: u32 },
+    /// Sent once, before any token: how many prompt tokens were already cached on the worker,
+    /// and how many it computed itself (0 on a decode leg: it received them; the rest of the
+    /// prompt was cached or received).
+    Started { cached_tokens: u32, computed_tokens: u32 },
+    /// A prefill leg pushed its KV blocks to the decode worker (before its `Finished`).
+    Transferred { blocks: u32, bytes: u64, micros: u64 },
     /// Newly generated tokens, in order (usually one per decode step).
     Tokens(Vec<TokenId>),
     /// The last message of a successful stream.

@@ -1,6 +1,8 @@
 //! `kvgate serve`: the frontend and N mocker workers in one process, wired through the
 //! in-process discovery, event plane and request plane (the same seams etcd, NATS and TCP
-//! implement in the distributed build).
+//! implement in the distributed build). With `--prefill-workers` / `--decode-workers` the
+//! workers are disaggregated; their KV moves over loopback TCP (or, with
+//! `--disaggregation-transfer-backend in-process`, by memory copy).
 //!
 //! Threads: one per data-plane shard (monoio), one control-plane thread (tokio: discovery and
 //! the KV index writer), one engine thread (tokio: the simulated workers). [`Server`] owns them
@@ -24,7 +26,7 @@ use crate::router::RouterConfig;
 use crate::runtime;
 use crate::transport::InProcessRequestPlane;
 use crate::worker::engine::mocker::{MockerConfig, MockerConfigError};
-use crate::worker::{spawn_mocker, WorkerHandle};
+use crate::worker::{spawn_mocker_disagg, transfer, WorkerHandle};
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -38,14 +40,18 @@ pub enum ServeError {
     Listen(#[from] runtime::ListenError),
     #[error("could not start a runtime thread: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error("could not start the KV transfer plane: {0}")]
+    Transfer(#[source] std::io::Error),
 }
 
 /// A running embedded deployment.
 pub struct Server {
     /// The address the HTTP endpoint listens on (the real port when started with port 0).
     pub addr: SocketAddr,
-    /// The embedded workers' ids, in start order.
+    /// The embedded workers' ids, in start order: aggregated, then prefill, then decode.
     pub worker_ids: Vec<WorkerId>,
+    /// Each worker's role, in the order of `worker_ids`.
+    pub worker_roles: Vec<WorkerRole>,
     /// The name clients use for the served model.
     pub model_name: String,
     data_plane: runtime::DataPlane,
@@ -80,7 +86,7 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
         temperature: args.router.router_temperature,
         block_size: page_size,
     };
-    let limits = HttpLimits { max_body_bytes: args.http.max_body_bytes, migration_limit: args.router.migration_limit };
+    let limits = HttpLimits { max_body_bytes: args.http.max_body_bytes, migration_limit: args.router.migration_limit, disagg: args.router.disagg_policy() };
     let fe = Arc::new(Frontend::new(plane.clone(), index, router_config, limits, shards));
     fe.add_model(&model_name, preprocessor.clone(), page_size);
 
@@ -90,15 +96,22 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
 
     let engine_rt = runtime::tokio_runtime("kvgate-engine", 1).map_err(ServeError::Runtime)?;
     let output_tokens = preprocessor.sample_text_tokens();
-    let mut workers = Vec::with_capacity(args.workers);
-    let mut registrations = Vec::with_capacity(args.workers);
-    let mut worker_ids = Vec::with_capacity(args.workers);
-    for _ in 0..args.workers {
+    let roles: Vec<WorkerRole> = std::iter::repeat_n(WorkerRole::Aggregated, args.aggregated_workers())
+        .chain(std::iter::repeat_n(WorkerRole::Prefill, args.prefill_workers))
+        .chain(std::iter::repeat_n(WorkerRole::Decode, args.decode_workers))
+        .collect();
+    let bytes_per_block = mocker.kv_bytes_per_block().unwrap_or(0);
+    let mut workers = Vec::with_capacity(roles.len());
+    let mut registrations = Vec::with_capacity(roles.len());
+    let mut worker_ids = Vec::with_capacity(roles.len());
+    for &role in &roles {
         let id = WorkerId(rand::random::<u64>() >> 1);
         let inbox = plane.attach(id);
-        let handle = {
+        let (handle, transfer_address) = {
             let _ctx = engine_rt.enter();
-            spawn_mocker(id, mocker.clone(), inbox, publisher.clone(), output_tokens.clone())
+            let setup = transfer::setup(role, &args.transfer, bytes_per_block).map_err(ServeError::Transfer)?;
+            let h = spawn_mocker_disagg(id, mocker.clone(), inbox, publisher.clone(), output_tokens.clone(), setup.io);
+            (h, setup.address)
         };
         recovery.insert(handle.control());
         workers.push(handle);
@@ -106,31 +119,32 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
             id,
             model: model_name.clone(),
             model_path: args.model.model_path.clone(),
-            role: WorkerRole::Aggregated,
+            role,
             page_size,
             kv_capacity_blocks: mocker.num_gpu_blocks,
             max_num_seqs: mocker.max_num_seqs,
             max_num_batched_tokens: mocker.max_num_batched_tokens,
             address: None,
-            transfer_address: None,
+            transfer_address,
         }));
         worker_ids.push(id);
-        tracing::info!(worker = %id, "started mocker worker");
+        tracing::info!(worker = %id, ?role, "started mocker worker");
     }
     // The control plane publishes the worker set asynchronously; wait until shards can see it
     // so the first request does not get a spurious 503.
     let model = fe.model(&model_name).expect("model was just added");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while model.workers.load().candidates.len() < args.workers && std::time::Instant::now() < deadline {
+    while model.workers.load().len() < roles.len() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
 
     let data_plane = runtime::DataPlane::start(fe, &args.http.http_host, args.http.http_port, shards)?;
     let addr = data_plane.addr;
-    tracing::info!(%addr, model = %model_name, source = %preprocessor.source_description(), workers = args.workers, shards, "kvgate serving");
+    tracing::info!(%addr, model = %model_name, source = %preprocessor.source_description(), workers = roles.len(), prefill_workers = args.prefill_workers, decode_workers = args.decode_workers, shards, "kvgate serving");
     Ok(Server {
         addr,
         worker_ids,
+        worker_roles: roles,
         model_name,
         data_plane,
         registrations,
@@ -147,6 +161,7 @@ impl Server {
     pub fn kill_worker(&mut self, id: WorkerId) {
         if let Some(i) = self.worker_ids.iter().position(|w| *w == id) {
             self.worker_ids.remove(i);
+            self.worker_roles.remove(i);
             drop(self.workers.remove(i));
             drop(self.registrations.remove(i));
             self.plane.detach(id);

@@ -58,7 +58,7 @@ async fn run_case(
         plane.clone(),
         index.clone(),
         cfg,
-        HttpLimits { max_body_bytes: 1 << 20, migration_limit: 0 },
+        HttpLimits { max_body_bytes: 1 << 20, migration_limit: 0, disagg: Default::default() },
         1,
     ));
     let recovery = Arc::new(InProcessRecovery::new());
@@ -97,6 +97,7 @@ async fn run_case(
             token_ids: p.clone(),
             sampling: SamplingParams { max_tokens: 20, ignore_eos: true, ..SamplingParams::default() },
             eos_token_ids: vec![],
+            disagg: None,
         };
         let mut rx = plane.generate(id, req).await.unwrap();
         while let Some(out) = rx.recv().await {
@@ -128,6 +129,7 @@ async fn run_case(
             token_ids: prompts[0].clone(),
             sampling: SamplingParams { max_tokens: 2, ignore_eos: true, ..SamplingParams::default() },
             eos_token_ids: vec![],
+            disagg: None,
         };
         let mut rx = plane.generate(id, req).await.unwrap();
         while rx.recv().await.is_some() {}

@@ -50,8 +50,8 @@ fn wait_live(port: u16) {
     panic!("kvgate did not start listening on {port}");
 }
 
-#[test]
-fn official_openai_python_client_works_unchanged() {
+/// Runs the client script against `kvgate serve` started with `extra` arguments.
+fn run_client(extra: &[&str], mode: &str) {
     let py = venv_python();
     let dir = common::qwen_dir();
     let port = free_port();
@@ -59,6 +59,7 @@ fn official_openai_python_client_works_unchanged() {
         Command::new(env!("CARGO_BIN_EXE_kvgate"))
             .args(["serve", "--http-host", "127.0.0.1", "--http-port", &port.to_string(), "--speedup-ratio", "100"])
             .args(["--model-path", dir.to_str().unwrap(), "--served-model-name", "Qwen/Qwen3-0.6B"])
+            .args(extra)
             .stdout(Stdio::null())
             .spawn()
             .expect("kvgate binary starts"),
@@ -69,10 +70,21 @@ fn official_openai_python_client_works_unchanged() {
         .arg(script)
         .arg(format!("http://127.0.0.1:{port}/v1"))
         .arg("Qwen/Qwen3-0.6B")
+        .arg(mode)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "python client failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
+}
+
+#[test]
+fn official_openai_python_client_works_unchanged() {
+    run_client(&[], "aggregated");
+}
+
+#[test]
+fn official_openai_python_client_works_against_disaggregated_serving() {
+    run_client(&["--prefill-workers", "2", "--decode-workers", "2"], "disagg");
 }

@@ -58,7 +58,7 @@ fn plane_for(workers: &[(WorkerId, SocketAddr)]) -> TcpRequestPlane {
 fn request(i: u64, max_tokens: u32) -> GenerateRequest {
     let sampling = SamplingParams { max_tokens, ignore_eos: true, seed: Some(i), ..SamplingParams::default() };
     let token_ids = (0..64).map(|t| (i as u32) * 1000 + t).collect();
-    GenerateRequest { request_id: i, token_ids, sampling, eos_token_ids: vec![] }
+    GenerateRequest { request_id: i, token_ids, sampling, eos_token_ids: vec![], disagg: None }
 }
 
 /// Every output of a stream, up to and including its last.
@@ -188,7 +188,7 @@ async fn shutdown_drains_open_streams_and_refuses_new_ones() {
     let refused =
         within("a refused stream", async { collect(plane.generate(w.id, request(2, 8)).await.unwrap()).await }).await;
     assert!(matches!(&refused[..], [WorkerOutput::Error { .. }]), "{refused:?}");
-    let mut rest = vec![WorkerOutput::Started { cached_tokens: 0 }];
+    let mut rest = vec![WorkerOutput::Started { cached_tokens: 0, computed_tokens: 0 }];
     rest.extend(within("the draining stream", collect(s)).await);
     assert_complete(&rest, 2000);
     within("serve_worker to return", w.server).await.unwrap();

@@ -88,6 +88,11 @@ pub struct WorkerArgs {
     /// Request-plane port (0: an ephemeral port, advertised through etcd).
     #[arg(long, default_value_t = 0)]
     pub port: u16,
+    /// Port of a decode worker's KV transfer listener (0: any free port; advertised in etcd).
+    #[arg(long, default_value_t = 0)]
+    pub transfer_port: u16,
+    #[command(flatten)]
+    pub transfer: TransferArgs,
     /// Lease TTL in seconds: a worker that dies leaves discovery within this time.
     #[arg(long, default_value_t = 10)]
     pub lease_ttl: u64,
@@ -133,6 +138,54 @@ pub struct RouterArgs {
     /// when its worker fails; 0 gives the client an error instead.
     #[arg(long, default_value_t = 3)]
     pub migration_limit: u32,
+    /// Refuse (503) requests for a model with no prefill workers instead of serving them
+    /// aggregated on its decode (or aggregated) workers.
+    #[arg(long)]
+    pub enforce_disagg: bool,
+    /// Conditional disaggregation: a request with fewer prompt tokens than this not yet cached
+    /// on its decode worker is prefilled on that decode worker (no transfer). 0: never.
+    #[arg(long, default_value_t = 0)]
+    pub disagg_min_uncached_tokens: u32,
+    /// Conditional disaggregation: a request whose decode worker already holds at least this
+    /// share of its prompt (0..=1) is prefilled there. Default 1.0: only a fully cached prompt;
+    /// above 1: never.
+    #[arg(long, default_value_t = 1.0)]
+    pub disagg_local_cached_ratio: f64,
+}
+
+/// The KV transfer plane of disaggregated serving (prefill and decode workers).
+#[derive(Args, Debug, Clone)]
+pub struct TransferArgs {
+    /// How prefill workers push KV blocks to decode workers.
+    #[arg(long, value_enum, default_value_t = TransferBackend::Tcp)]
+    pub disaggregation_transfer_backend: TransferBackend,
+    /// Seconds a decode worker waits for a prompt's KV (and a prefill worker for its transfer to
+    /// be acknowledged) before failing the request.
+    #[arg(long, default_value_t = 30.0)]
+    pub disagg_transfer_timeout_s: f64,
+}
+
+/// `--disaggregation-transfer-backend`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferBackend {
+    /// TCP to the decode worker's transfer address (page-aligned buffers, vectored writes).
+    Tcp,
+    /// A memory copy between workers of one process (`kvgate serve` only).
+    InProcess,
+}
+
+impl TransferArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let t = self.disagg_transfer_timeout_s;
+        if !t.is_finite() || !(0.1..=3600.0).contains(&t) {
+            return Err(invalid("--disagg-transfer-timeout-s", format!("{t} is not in 0.1..=3600")));
+        }
+        Ok(())
+    }
+
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.disagg_transfer_timeout_s)
+    }
 }
 
 /// The model being served.
@@ -159,9 +212,18 @@ pub struct ServeArgs {
     pub router: RouterArgs,
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Number of simulated engine workers started in this process.
-    #[arg(long, default_value_t = 2)]
-    pub workers: usize,
+    /// Number of aggregated simulated engine workers started in this process (default 2, or 0
+    /// when --prefill-workers / --decode-workers are given).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Prefill workers (disaggregated serving; needs --decode-workers).
+    #[arg(long, default_value_t = 0)]
+    pub prefill_workers: usize,
+    /// Decode workers (disaggregated serving).
+    #[arg(long, default_value_t = 0)]
+    pub decode_workers: usize,
+    #[command(flatten)]
+    pub transfer: TransferArgs,
     /// The engine the workers run (only the `mocker` simulation for now).
     #[arg(long, default_value = "mocker", value_parser = ["mocker"])]
     pub engine: String,
@@ -203,6 +265,15 @@ impl HttpArgs {
 }
 
 impl RouterArgs {
+    /// The disaggregation settings the frontend applies.
+    pub fn disagg_policy(&self) -> crate::frontend::DisaggPolicy {
+        crate::frontend::DisaggPolicy {
+            enforce: self.enforce_disagg,
+            min_uncached_tokens: self.disagg_min_uncached_tokens,
+            local_cached_ratio: self.disagg_local_cached_ratio,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let w = self.kv_overlap_score_weight;
         if !w.is_finite() || w < 0.0 {
@@ -214,6 +285,10 @@ impl RouterArgs {
         }
         if self.migration_limit > 16 {
             return Err(invalid("--migration-limit", format!("{} is more than 16", self.migration_limit)));
+        }
+        let r = self.disagg_local_cached_ratio;
+        if !r.is_finite() || r < 0.0 {
+            return Err(invalid("--disagg-local-cached-ratio", format!("{r} must be a finite number >= 0")));
         }
         Ok(())
     }
@@ -244,10 +319,21 @@ impl ServeArgs {
         self.http.validate()?;
         self.router.validate()?;
         self.model.validate()?;
-        if self.workers == 0 || self.workers > 1024 {
-            return Err(invalid("--workers", format!("{} is not in 1..=1024", self.workers)));
+        self.transfer.validate()?;
+        if self.prefill_workers > 0 && self.decode_workers == 0 {
+            return Err(invalid("--prefill-workers", "prefill workers need decode workers: add --decode-workers N"));
+        }
+        let total = self.aggregated_workers() + self.prefill_workers + self.decode_workers;
+        if total == 0 || total > 1024 {
+            return Err(invalid("--workers", format!("{total} workers in all is not in 1..=1024")));
         }
         Ok(())
+    }
+
+    /// Aggregated workers to start.
+    pub fn aggregated_workers(&self) -> usize {
+        let disagg = self.prefill_workers + self.decode_workers > 0;
+        self.workers.unwrap_or(if disagg { 0 } else { 2 })
     }
 }
 
@@ -286,6 +372,13 @@ impl WorkerArgs {
         if self.lease_ttl < 1 {
             return Err(invalid("--lease-ttl", "must be at least 1 second"));
         }
+        self.transfer.validate()?;
+        if self.transfer.disaggregation_transfer_backend == TransferBackend::InProcess {
+            return Err(invalid(
+                "--disaggregation-transfer-backend",
+                "in-process only works inside `kvgate serve`; workers on their own use tcp",
+            ));
+        }
         Ok(())
     }
 }
@@ -309,7 +402,7 @@ mod tests {
         assert_eq!(s.http.http_port, 8000);
         assert_eq!(s.model.page_size, 16);
         assert_eq!(s.router.router_mode, RouterMode::Kv);
-        assert_eq!(s.workers, 2);
+        assert_eq!(s.aggregated_workers(), 2);
         assert_eq!(s.model.served_name(), "kvgate-mock");
         s.validate().unwrap();
     }
@@ -324,5 +417,19 @@ mod tests {
         let s = parse(&["--router-mode", "round-robin", "--shards", "3"]);
         assert_eq!(s.router.router_mode, RouterMode::RoundRobin);
         assert_eq!(s.http.shard_count(), 3);
+    }
+
+    #[test]
+    fn disaggregated_topology_flags() {
+        let s = parse(&["--prefill-workers", "2", "--decode-workers", "2"]);
+        s.validate().unwrap();
+        assert_eq!((s.aggregated_workers(), s.prefill_workers, s.decode_workers), (0, 2, 2));
+        assert_eq!(s.transfer.disaggregation_transfer_backend, TransferBackend::Tcp);
+        let e = parse(&["--prefill-workers", "2"]).validate().unwrap_err();
+        assert_eq!(e.flag, "--prefill-workers");
+        let e = parse(&["--workers", "0"]).validate().unwrap_err();
+        assert_eq!(e.flag, "--workers");
+        let e = parse(&["--disagg-transfer-timeout-s", "0"]).validate().unwrap_err();
+        assert_eq!(e.flag, "--disagg-transfer-timeout-s");
     }
 }

@@ -21,14 +21,71 @@ use crate::kv::hash::BlockHasher;
 use crate::kv::index::KvIndex;
 use crate::metrics::{Metrics, WorkerGauge};
 use crate::preprocess::Preprocessor;
-use crate::protocol::WorkerId;
+use crate::protocol::{WorkerId, WorkerRole};
 use crate::router::{Candidate, Router, RouterConfig, WorkerLoad};
 
 /// The live workers of one model, replaced whole when discovery changes.
 #[derive(Default)]
 pub struct WorkerGroup {
+    /// Workers that serve whole requests: aggregated workers, and decode workers (which
+    /// prefill locally when there is no prefill worker, or conditional disaggregation says so).
     pub candidates: Vec<Candidate>,
+    /// Prefill workers (disaggregated serving).
+    pub prefill: Vec<Candidate>,
+    /// Decode workers (disaggregated serving); also in `candidates`.
+    pub decode: Vec<Candidate>,
+    /// Decode workers' KV transfer addresses.
+    pub transfer_addresses: HashMap<WorkerId, Arc<str>>,
     pub infos: Vec<WorkerInfo>,
+}
+
+impl WorkerGroup {
+    /// Live workers in all.
+    pub fn len(&self) -> usize {
+        self.infos.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.infos.is_empty()
+    }
+
+    /// Whether requests run disaggregated: the model has prefill and decode workers.
+    pub fn disaggregated(&self) -> bool {
+        !self.prefill.is_empty() && !self.decode.is_empty()
+    }
+
+    /// Every worker with its load cell and role (metrics).
+    pub fn all(&self) -> impl Iterator<Item = &Candidate> {
+        self.candidates.iter().chain(self.prefill.iter())
+    }
+}
+
+/// When and how requests of a model with prefill workers run disaggregated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DisaggPolicy {
+    /// No prefill workers: refuse (503) instead of serving aggregated.
+    pub enforce: bool,
+    /// Prefill on the decode worker when fewer prompt tokens than this are uncached there.
+    pub min_uncached_tokens: u32,
+    /// ... or when it holds at least this share of the prompt (above 1: never).
+    pub local_cached_ratio: f64,
+}
+
+impl Default for DisaggPolicy {
+    fn default() -> Self {
+        Self { enforce: false, min_uncached_tokens: 0, local_cached_ratio: 1.0 }
+    }
+}
+
+impl DisaggPolicy {
+    /// Whether a prompt of `prompt_tokens` with `cached_tokens` already on the decode worker
+    /// is prefilled there.
+    pub fn prefill_locally(&self, prompt_tokens: u32, cached_tokens: u32) -> bool {
+        let uncached = prompt_tokens.saturating_sub(cached_tokens);
+        uncached < self.min_uncached_tokens
+            || (self.local_cached_ratio <= 1.0
+                && f64::from(cached_tokens) >= self.local_cached_ratio * f64::from(prompt_tokens))
+    }
 }
 
 /// One served model.
@@ -37,6 +94,8 @@ pub struct ModelState {
     pub preprocessor: Arc<Preprocessor>,
     pub hasher: BlockHasher,
     pub router: Router,
+    /// Picks decode workers of disaggregated requests: by load alone (overlap weight 0).
+    pub decode_router: Router,
     pub workers: ArcSwap<WorkerGroup>,
     /// Unix seconds when the model was first served (`/v1/models`).
     pub created: u64,
@@ -48,6 +107,7 @@ pub struct HttpLimits {
     pub max_body_bytes: usize,
     /// How many times a request may move to another worker when its worker fails.
     pub migration_limit: u32,
+    pub disagg: DisaggPolicy,
 }
 
 /// A worker the request plane could not reach is left out of routing for this long (or until
@@ -109,7 +169,8 @@ impl<P> Frontend<P> {
             name: name.to_string(),
             preprocessor,
             hasher: BlockHasher::new(page_size as usize),
-            router: Router::new(config, self.index.clone()),
+            router: Router::new(config.clone(), self.index.clone()),
+            decode_router: Router::new(RouterConfig { overlap_weight: 0.0, ..config }, self.index.clone()),
             workers: ArcSwap::from_pointee(WorkerGroup::default()),
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -142,13 +203,20 @@ impl<P> Frontend<P> {
             let old = model.workers.load();
             let mut group = WorkerGroup::default();
             for info in snapshot.iter().filter(|w| w.model == model.name) {
-                let load = old
-                    .candidates
-                    .iter()
-                    .find(|c| c.id == info.id)
-                    .map(|c| c.load.clone())
-                    .unwrap_or_else(WorkerLoad::new);
-                group.candidates.push(Candidate { id: info.id, load });
+                let load =
+                    old.all().find(|c| c.id == info.id).map(|c| c.load.clone()).unwrap_or_else(WorkerLoad::new);
+                let c = Candidate { id: info.id, load };
+                match info.role {
+                    WorkerRole::Aggregated => group.candidates.push(c),
+                    WorkerRole::Prefill => group.prefill.push(c),
+                    WorkerRole::Decode => {
+                        group.decode.push(c.clone());
+                        group.candidates.push(c);
+                        if let Some(a) = &info.transfer_address {
+                            group.transfer_addresses.insert(info.id, Arc::from(a.as_str()));
+                        }
+                    }
+                }
                 group.infos.push(info.clone());
             }
             model.workers.store(Arc::new(group));
@@ -159,7 +227,7 @@ impl<P> Frontend<P> {
     pub fn render_metrics(&self) -> String {
         let mut gauges = Vec::new();
         for m in self.models() {
-            for c in m.workers.load().candidates.iter() {
+            for c in m.workers.load().all() {
                 gauges.push(WorkerGauge {
                     model: m.name.clone(),
                     worker: c.id.to_string(),

@@ -37,6 +37,8 @@ pub enum ApiError {
     PromptTooLong { prompt: usize, limit: usize },
     #[error("no worker is serving model `{0}`")]
     NoWorkers(String),
+    #[error("model `{0}` has no {1} worker available and the frontend runs with --enforce-disagg")]
+    DisaggUnavailable(String, &'static str),
     #[error("worker unavailable: {0}")]
     Transport(#[source] TransportError),
     #[error("the worker failed: {0}")]
@@ -58,7 +60,7 @@ impl ApiError {
             ModelNotFound(_) | NotFound { .. } => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            NoWorkers(_) | Transport(_) | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            NoWorkers(_) | DisaggUnavailable(..) | Transport(_) | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Worker(_) => StatusCode::BAD_GATEWAY,
         }
     }
@@ -148,5 +150,6 @@ mod tests {
         assert!(v["error"]["message"].as_str().unwrap().contains('x'));
         assert_eq!(ApiError::BodyTooLarge { limit: 1 }.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(ApiError::NoWorkers("m".into()).status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(ApiError::DisaggUnavailable("m".into(), "prefill").status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -8,6 +8,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::dispatch::Dispatch;
+
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Limited};
@@ -15,16 +17,22 @@ use hyper::body::Incoming;
 
 use super::body::{json_response, Body};
 use super::error::ApiError;
-use super::stream::{GenEvent, Generation, Migrate, MigrateFuture, SseBody};
+use super::stream::{GenEvent, Generation, Legs, SseBody};
 use super::{InflightGuard, ShardCtx};
 use crate::frontend::{Frontend, ModelState};
 use crate::openai::{ChatCompletionRequest, ChunkWriter, CompletionRequest, Prompt, ResponseKind, Validated};
-use crate::protocol::{GenerateRequest, SamplingParams, TokenId, WorkerId};
-use crate::router::{Candidate, LoadGuard, RouteDecision, RouteRequest};
-use crate::transport::{RequestPlane, ResponseStream};
+use crate::protocol::TokenId;
+use crate::transport::RequestPlane;
 
-/// The header naming the worker that served a response.
+/// The header naming the worker that served a response (its decode worker when disaggregated).
 pub const WORKER_HEADER: &str = "x-kvgate-worker";
+/// Disaggregated models: the worker that computed the prompt (the decode worker itself when it
+/// prefilled locally).
+pub const PREFILL_WORKER_HEADER: &str = "x-kvgate-prefill-worker";
+/// Disaggregated models: the worker that generated the tokens.
+pub const DECODE_WORKER_HEADER: &str = "x-kvgate-decode-worker";
+/// Disaggregated models: `remote` (KV transferred from a prefill worker) or `local`.
+pub const DISAGG_HEADER: &str = "x-kvgate-disagg";
 
 /// An oversized body is read and discarded up to this many bytes before the 413 goes out, so
 /// a client still sending it reads the error instead of a reset; past this, the connection
@@ -109,116 +117,6 @@ fn check_ids(ids: Vec<TokenId>, vocab: usize) -> Result<Vec<TokenId>, ApiError> 
     }
 }
 
-fn route(
-    shard: &ShardCtx,
-    model: &ModelState,
-    prompt: &[TokenId],
-    exclude: impl Fn(WorkerId) -> bool,
-    request_id: u64,
-) -> Result<RouteDecision, ApiError> {
-    let mut seq = shard.seq_scratch.borrow_mut();
-    model.hasher.seq_hashes_into(prompt, &mut seq);
-    let group = model.workers.load();
-    let filtered: Vec<Candidate>;
-    let candidates = if !group.candidates.iter().any(|c| exclude(c.id)) {
-        &group.candidates[..]
-    } else {
-        filtered = group.candidates.iter().filter(|c| !exclude(c.id)).cloned().collect();
-        &filtered[..]
-    };
-    if candidates.is_empty() {
-        return Err(ApiError::NoWorkers(model.name.clone()));
-    }
-    let req = RouteRequest { seq_hashes: &seq[..], prompt_tokens: prompt.len() as u32, candidates, shard: shard.id };
-    let decision =
-        model.router.select(req, &mut *shard.rng.borrow_mut()).map_err(|_| ApiError::NoWorkers(model.name.clone()))?;
-    if tracing::enabled!(tracing::Level::DEBUG) {
-        let block = model.hasher.block_size();
-        let hit = (decision.overlap_blocks as usize * block) as f64 / prompt.len() as f64;
-        let scores: Vec<String> = decision
-            .scores
-            .iter()
-            .map(|s| format!("{}:overlap={} cost={:.3} cached={}", s.worker, s.overlap_blocks, s.cost, s.cached_blocks))
-            .collect();
-        tracing::debug!(
-            request = format_args!("{request_id:x}"),
-            model = %model.name,
-            prompt_tokens = prompt.len(),
-            prompt_blocks = seq.len(),
-            chosen = %decision.worker,
-            overlap_blocks = decision.overlap_blocks,
-            cache_hit_rate = format_args!("{hit:.3}"),
-            workers = %scores.join(" "),
-            "route"
-        );
-    }
-    Ok(decision)
-}
-
-/// Everything needed to send (or re-send) one request to a worker.
-struct Dispatch<P> {
-    fe: Arc<Frontend<P>>,
-    shard: Rc<ShardCtx>,
-    model: Arc<ModelState>,
-    prompt: Rc<[TokenId]>,
-    sampling: SamplingParams,
-    request_id: u64,
-    /// Workers that failed this request; never chosen again for it.
-    failed: RefCell<Vec<WorkerId>>,
-}
-
-impl<P: RequestPlane> Dispatch<P> {
-    /// Routes `prompt` and sends it, trying another worker (up to `attempts` in all) when the
-    /// chosen one is unreachable.
-    async fn send(
-        &self,
-        prompt: &[TokenId],
-        max_tokens: u32,
-        attempts: u32,
-    ) -> Result<(ResponseStream, LoadGuard, WorkerId), ApiError> {
-        let mut left = attempts.max(1);
-        loop {
-            let decision = {
-                let failed = self.failed.borrow();
-                let exclude = |w| failed.contains(&w) || self.fe.is_down(w);
-                route(&self.shard, &self.model, prompt, exclude, self.request_id)?
-            };
-            let worker = decision.worker;
-            let req = GenerateRequest {
-                request_id: self.request_id,
-                token_ids: prompt.to_vec(),
-                sampling: SamplingParams { max_tokens, ..self.sampling.clone() },
-                eos_token_ids: self.model.preprocessor.eos_token_ids().to_vec(),
-            };
-            match self.fe.plane.generate(worker, req).await {
-                Ok(rx) => return Ok((rx, decision.guard, worker)),
-                Err(e) => {
-                    left -= 1;
-                    self.failed.borrow_mut().push(worker);
-                    self.fe.mark_down(worker);
-                    if left == 0 {
-                        return Err(ApiError::Transport(e));
-                    }
-                    tracing::warn!(request = format_args!("{:x}", self.request_id), worker = %worker, error = %e, "worker unreachable; trying another");
-                }
-            }
-        }
-    }
-}
-
-impl<P: RequestPlane> Migrate for Dispatch<P> {
-    fn migrate(self: Rc<Self>, generated: Vec<TokenId>, failed: WorkerId) -> MigrateFuture {
-        Box::pin(async move {
-            self.failed.borrow_mut().push(failed);
-            let mut tokens = Vec::with_capacity(self.prompt.len() + generated.len());
-            tokens.extend_from_slice(&self.prompt);
-            tokens.extend_from_slice(&generated);
-            let remaining = self.sampling.max_tokens.saturating_sub(generated.len() as u32).max(1);
-            self.send(&tokens, remaining, 1).await.map_err(|e| e.to_string())
-        })
-    }
-}
-
 /// Handles one generate request end to end.
 pub async fn handle<P: RequestPlane>(
     fe: &Arc<Frontend<P>>,
@@ -244,15 +142,15 @@ pub async fn handle<P: RequestPlane>(
         request_id,
         failed: RefCell::new(Vec::new()),
     });
-    let (rx, guard, worker) =
-        dispatch.send(&dispatch.prompt.clone(), dispatch.sampling.max_tokens, migration_limit + 1).await?;
+    let sent = dispatch.send(&dispatch.prompt.clone(), dispatch.sampling.max_tokens, migration_limit + 1).await?;
     m.routing_overhead.observe(arrived.elapsed());
+    let worker = sent.worker;
+    let headers = legs_headers(worker, &sent.legs);
     let decoder = p.model.preprocessor.decoder();
     let mut gen = Generation::new(
-        rx,
+        sent,
         decoder,
         p.validated.stop.clone(),
-        guard,
         prompt_tokens,
         arrived,
         fe.metrics.clone(),
@@ -279,8 +177,30 @@ pub async fn handle<P: RequestPlane>(
         };
         json_response(writer.full_response(&text, reason, gen.usage()))
     };
-    if let Ok(v) = HeaderValue::from_str(&worker.to_string()) {
-        resp.headers_mut().insert(WORKER_HEADER, v);
+    for (name, value) in headers {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
+        }
     }
     Ok(resp)
+}
+
+/// The response headers naming the workers of a request.
+fn legs_headers(worker: crate::protocol::WorkerId, legs: &Legs) -> Vec<(&'static str, String)> {
+    let w = worker.to_string();
+    match legs {
+        Legs::Whole => vec![(WORKER_HEADER, w)],
+        Legs::Local => vec![
+            (WORKER_HEADER, w.clone()),
+            (PREFILL_WORKER_HEADER, w.clone()),
+            (DECODE_WORKER_HEADER, w),
+            (DISAGG_HEADER, "local".into()),
+        ],
+        Legs::Remote(leg) => vec![
+            (WORKER_HEADER, w.clone()),
+            (PREFILL_WORKER_HEADER, leg.worker.to_string()),
+            (DECODE_WORKER_HEADER, w),
+            (DISAGG_HEADER, "remote".into()),
+        ],
+    }
 }

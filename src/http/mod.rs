@@ -2,7 +2,8 @@
 //!
 //! - [`server`]: per-shard accept loop; hyper HTTP/1.1 over monoio-compat.
 //! - [`routes`]: path dispatch and the small routes (`/health`, `/live`, `/v1/models`, `/metrics`).
-//! - [`generate`]: `/v1/chat/completions` and `/v1/completions`: parse, preprocess, route, send.
+//! - [`generate`]: `/v1/chat/completions` and `/v1/completions`: parse, preprocess, respond.
+//! - [`dispatch`]: routing and sending to workers: aggregated or disaggregated legs, retries.
 //! - [`stream`]: a worker's token stream → text deltas (detokenize, stop strings, accounting)
 //!   and the SSE body.
 //! - [`error`]: [`error::ApiError`], the one mapping from failure to HTTP status.
@@ -11,6 +12,7 @@
 //! ([`ShardCtx`]) is `!Sync` and never leaves its thread.
 
 pub mod body;
+pub mod dispatch;
 pub mod error;
 pub mod generate;
 pub mod routes;

@@ -66,7 +66,7 @@ fn health<P>(fe: &Frontend<P>) -> Response<Body> {
                 .iter()
                 .map(|w| json!({"id": w.id.to_string(), "role": w.role, "page_size": w.page_size, "kv_capacity_blocks": w.kv_capacity_blocks}))
                 .collect();
-            json!({"model": m.name, "workers": workers})
+            json!({"model": m.name, "disaggregated": g.disaggregated(), "workers": workers})
         })
         .collect();
     let body = json!({"status": if healthy { "healthy" } else { "unhealthy" }, "models": models});

@@ -36,8 +36,36 @@ pub enum GenEvent {
     Failed(String),
 }
 
-/// The future of a migration: a new stream on another worker, its booking, and its id.
-pub type MigrateFuture = Pin<Box<dyn Future<Output = Result<(ResponseStream, LoadGuard, WorkerId), String>>>>;
+/// The prefill leg of a disaggregated request, running beside its decode stream.
+pub struct PrefillLeg {
+    pub rx: ResponseStream,
+    /// The prefill worker's booking, released when the leg ends.
+    pub guard: LoadGuard,
+    pub worker: WorkerId,
+}
+
+/// How a request was split over workers.
+pub enum Legs {
+    /// One worker computes the prompt and generates (aggregated).
+    Whole,
+    /// A decode worker of a disaggregated model prefills itself (conditional disaggregation, or
+    /// no prefill worker left).
+    Local,
+    /// A prefill worker computes the prompt and pushes its KV to the decode worker.
+    Remote(PrefillLeg),
+}
+
+/// A request sent: the stream its tokens come from, that worker's booking and id, and how it
+/// was split.
+pub struct Dispatched {
+    pub rx: ResponseStream,
+    pub guard: LoadGuard,
+    pub worker: WorkerId,
+    pub legs: Legs,
+}
+
+/// The future of a migration: the request sent again, to other workers.
+pub type MigrateFuture = Pin<Box<dyn Future<Output = Result<Dispatched, String>>>>;
 
 /// Re-sends a request whose worker failed mid-stream: the prompt plus the tokens generated so
 /// far, to another worker, for the tokens still owed.
@@ -58,6 +86,10 @@ struct Migration {
 /// One request's generation, driven by polling.
 pub struct Generation {
     rx: ResponseStream,
+    /// The running prefill leg of a disaggregated request (until it finishes).
+    prefill: Option<PrefillLeg>,
+    /// The current dispatch is disaggregated with a remote prefill.
+    remote: bool,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
     guard: LoadGuard,
@@ -75,17 +107,23 @@ pub struct Generation {
 impl Generation {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        rx: ResponseStream,
+        sent: Dispatched,
         decoder: IncrementalDecoder,
         stops: Vec<String>,
-        guard: LoadGuard,
         prompt_tokens: u32,
         arrived: Instant,
         metrics: Arc<Metrics>,
         inflight: InflightGuard,
     ) -> Self {
+        let Dispatched { rx, guard, legs, .. } = sent;
+        let (prefill, remote) = match legs {
+            Legs::Remote(leg) => (Some(leg), true),
+            Legs::Whole | Legs::Local => (None, false),
+        };
         Self {
             rx,
+            prefill,
+            remote,
             decoder,
             stop: StopMatcher::new(stops),
             guard,
@@ -106,15 +144,19 @@ impl Generation {
         self.migration = Some(Migration { dispatch, worker, left: limit, generated: Vec::new(), pending: None });
     }
 
-    /// On a worker failure: start a migration if one is allowed (true), else false.
-    fn try_migrate(&mut self, reason: &str) -> bool {
+    /// On a worker failure (`failed`, or the decode/whole worker when `None`): start a
+    /// migration if one is allowed (true), else false. The other legs are cancelled.
+    fn try_migrate(&mut self, reason: &str, failed: Option<WorkerId>) -> bool {
         let Some(m) = self.migration.as_mut() else { return false };
         if m.left == 0 || m.generated.len() as u64 >= u64::from(u32::MAX) {
             return false;
         }
         m.left -= 1;
-        tracing::warn!(worker = %m.worker, generated = m.generated.len(), migrations_left = m.left, reason, "worker failed mid-stream; migrating the request");
-        m.pending = Some(m.dispatch.clone().migrate(m.generated.clone(), m.worker));
+        let failed = failed.unwrap_or(m.worker);
+        tracing::warn!(worker = %failed, generated = m.generated.len(), migrations_left = m.left, reason, "worker failed mid-stream; migrating the request");
+        self.rx.close();
+        self.prefill = None;
+        m.pending = Some(m.dispatch.clone().migrate(m.generated.clone(), failed));
         self.shard_metrics().migrations.fetch_add(1, Relaxed);
         true
     }
@@ -130,6 +172,7 @@ impl Generation {
     fn fail(&mut self, message: String) -> GenEvent {
         self.ended = true;
         self.rx.close();
+        self.prefill = None;
         self.shard_metrics().requests_server_error.fetch_add(1, Relaxed);
         GenEvent::Failed(message)
     }
@@ -137,6 +180,7 @@ impl Generation {
     fn finish(&mut self, reason: &'static str) {
         self.pending_finish = Some(reason);
         self.rx.close();
+        self.prefill = None;
         let m = self.shard_metrics();
         m.prompt_tokens.fetch_add(self.usage.prompt_tokens as u64, Relaxed);
         m.cached_tokens.fetch_add(self.usage.cached_tokens as u64, Relaxed);
@@ -183,6 +227,62 @@ impl Generation {
         Ok((!emit.is_empty()).then_some(emit))
     }
 
+    /// After a migration the first dispatch's figure stands: it is what the client's prompt
+    /// found cached.
+    fn record_cached(&mut self, cached_tokens: u32) {
+        if self.migration.as_ref().is_none_or(|m| m.generated.is_empty()) {
+            self.usage.cached_tokens = cached_tokens.min(self.usage.prompt_tokens);
+        }
+    }
+
+    /// Takes what the prefill leg reported; `Some` when it failed before the decode leg got its
+    /// KV (the request must be re-sent or failed).
+    fn poll_prefill(&mut self, cx: &mut Context<'_>) -> Option<(String, WorkerId)> {
+        loop {
+            let leg = self.prefill.as_mut()?;
+            let worker = leg.worker;
+            let Poll::Ready(msg) = leg.rx.poll_recv(cx) else { return None };
+            match msg {
+                Some(WorkerOutput::Started { cached_tokens, computed_tokens }) => {
+                    leg.guard.prefill_done();
+                    let m = self.shard_metrics();
+                    m.prompt_tokens_computed_prefill.fetch_add(u64::from(computed_tokens), Relaxed);
+                    self.record_cached(cached_tokens);
+                }
+                Some(WorkerOutput::Transferred { blocks, bytes, micros }) => {
+                    let m = self.shard_metrics();
+                    m.kv_transfers.fetch_add(1, Relaxed);
+                    m.kv_transfer_blocks.fetch_add(u64::from(blocks), Relaxed);
+                    m.kv_transfer_bytes.fetch_add(bytes, Relaxed);
+                    m.kv_transfer_micros.fetch_add(micros, Relaxed);
+                    let gbps = if micros == 0 { 0.0 } else { bytes as f64 / micros as f64 / 1e3 };
+                    tracing::debug!(
+                        prefill_worker = %worker,
+                        blocks,
+                        bytes,
+                        secs = format_args!("{:.6}", micros as f64 / 1e6),
+                        gbps = format_args!("{gbps:.2}"),
+                        "kv transfer"
+                    );
+                }
+                Some(WorkerOutput::Tokens(_)) => {}
+                Some(WorkerOutput::Finished { .. }) => {
+                    self.prefill = None;
+                    return None;
+                }
+                Some(WorkerOutput::Error { message }) => {
+                    self.prefill = None;
+                    return (!self.started).then(|| (format!("the prefill worker failed: {message}"), worker));
+                }
+                None => {
+                    self.prefill = None;
+                    let message = "the prefill worker's stream ended before its KV transfer finished".to_string();
+                    return (!self.started).then_some((message, worker));
+                }
+            }
+        }
+    }
+
     /// The next event; `Poll::Pending` while the worker has nothing new.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<GenEvent> {
         loop {
@@ -195,13 +295,17 @@ impl Generation {
             }
             if let Some(pending) = self.migration.as_mut().and_then(|m| m.pending.as_mut()) {
                 match ready!(pending.as_mut().poll(cx)) {
-                    Ok((rx, guard, worker)) => {
+                    Ok(sent) => {
                         let m = self.migration.as_mut().expect("migrating");
                         m.pending = None;
-                        m.worker = worker;
-                        tracing::info!(worker = %worker, "request migrated");
-                        self.rx = rx;
-                        self.guard = guard;
+                        m.worker = sent.worker;
+                        tracing::info!(worker = %sent.worker, "request migrated");
+                        self.rx = sent.rx;
+                        self.guard = sent.guard;
+                        (self.prefill, self.remote) = match sent.legs {
+                            Legs::Remote(leg) => (Some(leg), true),
+                            Legs::Whole | Legs::Local => (None, false),
+                        };
                         self.started = false;
                         continue;
                     }
@@ -213,16 +317,26 @@ impl Generation {
                     }
                 }
             }
+            if let Some(failure) = self.poll_prefill(cx) {
+                let (message, worker) = failure;
+                if self.try_migrate(&message, Some(worker)) {
+                    continue;
+                }
+                return Poll::Ready(self.fail(message));
+            }
             let step = match ready!(self.rx.poll_recv(cx)) {
                 None => Err("the worker's stream ended before the response finished".to_string()),
-                Some(WorkerOutput::Started { cached_tokens }) => {
-                    // After a migration the first worker's figure stands: it is what the
-                    // client's prompt found cached.
-                    if self.migration.as_ref().is_none_or(|m| m.generated.is_empty()) {
-                        self.usage.cached_tokens = cached_tokens.min(self.usage.prompt_tokens);
+                Some(WorkerOutput::Started { cached_tokens, computed_tokens }) => {
+                    let m = self.shard_metrics();
+                    if self.remote {
+                        m.prompt_tokens_computed_decode.fetch_add(u64::from(computed_tokens), Relaxed);
+                    } else {
+                        m.prompt_tokens_computed_aggregated.fetch_add(u64::from(computed_tokens), Relaxed);
+                        self.record_cached(cached_tokens);
                     }
                     Ok(None)
                 }
+                Some(WorkerOutput::Transferred { .. }) => Ok(None),
                 Some(WorkerOutput::Tokens(ids)) => self.on_tokens(&ids),
                 Some(WorkerOutput::Finished { reason }) => self.on_finished(reason),
                 Some(WorkerOutput::Error { message }) => Err(message),
@@ -230,7 +344,7 @@ impl Generation {
             match step {
                 Ok(Some(text)) => return Poll::Ready(GenEvent::Text(text)),
                 Ok(None) => continue,
-                Err(message) if self.pending_finish.is_none() && self.try_migrate(&message) => continue,
+                Err(message) if self.pending_finish.is_none() && self.try_migrate(&message, None) => continue,
                 Err(message) => return Poll::Ready(self.fail(message)),
             }
         }

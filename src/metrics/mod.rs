@@ -50,6 +50,19 @@ pub struct ShardMetrics {
     pub e2e: Histogram,
     /// Preprocessing (template + tokenize + hash) and worker selection, per request.
     pub routing_overhead: Histogram,
+    /// Disaggregated requests prefilled on a prefill worker (KV transferred).
+    pub disagg_remote: AtomicU64,
+    /// Disaggregated requests prefilled on their decode worker (conditional disaggregation).
+    pub disagg_local: AtomicU64,
+    /// KV transfers reported by prefill workers, their payload bytes and their time.
+    pub kv_transfers: AtomicU64,
+    pub kv_transfer_bytes: AtomicU64,
+    pub kv_transfer_micros: AtomicU64,
+    pub kv_transfer_blocks: AtomicU64,
+    /// Prompt tokens computed by the workers themselves, by the leg that computed them.
+    pub prompt_tokens_computed_prefill: AtomicU64,
+    pub prompt_tokens_computed_decode: AtomicU64,
+    pub prompt_tokens_computed_aggregated: AtomicU64,
 }
 
 /// Counters of the control plane (KV event application).
@@ -101,7 +114,48 @@ impl Metrics {
     /// Prometheus text exposition of everything.
     pub fn render(&self, workers: &[WorkerGauge], index_entries: u64) -> String {
         let mut out = String::with_capacity(8192);
-        let counters: [(&str, &str, u64); 8] = [
+        let counters: [(&str, &str, u64); 17] = [
+            (
+                "kvgate_disagg_remote_prefill_total",
+                "Disaggregated requests prefilled on a prefill worker, their KV transferred.",
+                self.sum(|s| &s.disagg_remote),
+            ),
+            (
+                "kvgate_disagg_local_prefill_total",
+                "Disaggregated requests prefilled on their decode worker (conditional disaggregation).",
+                self.sum(|s| &s.disagg_local),
+            ),
+            ("kvgate_kv_transfers_total", "KV transfers from prefill to decode workers.", self.sum(|s| &s.kv_transfers)),
+            (
+                "kvgate_kv_transfer_bytes_total",
+                "KV bytes moved from prefill to decode workers.",
+                self.sum(|s| &s.kv_transfer_bytes),
+            ),
+            (
+                "kvgate_kv_transfer_blocks_total",
+                "KV blocks moved from prefill to decode workers.",
+                self.sum(|s| &s.kv_transfer_blocks),
+            ),
+            (
+                "kvgate_kv_transfer_microseconds_total",
+                "Time spent in KV transfers, as the prefill workers measured it (send to acknowledgement).",
+                self.sum(|s| &s.kv_transfer_micros),
+            ),
+            (
+                "kvgate_prefill_prompt_tokens_computed_total",
+                "Prompt tokens computed by prefill workers.",
+                self.sum(|s| &s.prompt_tokens_computed_prefill),
+            ),
+            (
+                "kvgate_decode_prompt_tokens_computed_total",
+                "Prompt tokens decode workers computed themselves for remotely prefilled requests (0 when every prompt's KV was received).",
+                self.sum(|s| &s.prompt_tokens_computed_decode),
+            ),
+            (
+                "kvgate_aggregated_prompt_tokens_computed_total",
+                "Prompt tokens computed by workers serving whole requests (aggregated, or local prefill on a decode worker).",
+                self.sum(|s| &s.prompt_tokens_computed_aggregated),
+            ),
             (
                 "kvgate_migrations_total",
                 "Streams moved to another worker after theirs failed.",
@@ -134,6 +188,9 @@ impl Metrics {
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
+        let (bytes, micros) = (self.sum(|s| &s.kv_transfer_bytes), self.sum(|s| &s.kv_transfer_micros));
+        let gbps = if micros == 0 { 0.0 } else { bytes as f64 / micros as f64 / 1e3 };
+        let _ = writeln!(out, "# HELP kvgate_kv_transfer_gbps Mean KV transfer throughput since start (GB/s, payload bytes over transfer time).\n# TYPE kvgate_kv_transfer_gbps gauge\nkvgate_kv_transfer_gbps {gbps}");
         let prompt = self.sum(|s| &s.prompt_tokens);
         let hit = if prompt == 0 { 0.0 } else { self.sum(|s| &s.cached_tokens) as f64 / prompt as f64 };
         let _ = writeln!(out, "# HELP kvgate_kv_hit_rate Cached prompt tokens / prompt tokens since start.\n# TYPE kvgate_kv_hit_rate gauge\nkvgate_kv_hit_rate {hit}");

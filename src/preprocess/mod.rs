@@ -64,7 +64,9 @@ impl Preprocessor {
         }
     }
 
-    /// The byte-level model built into kvgate: no files, no network, ChatML template.
+    /// The byte-level model built into kvgate: no files, no network, ChatML template. Its KV
+    /// is sized like Qwen3-0.6B's (28 layers × 8 KV heads × 128 dims, bf16: 114,688 bytes per
+    /// token), so simulated capacities and KV transfers have realistic bytes.
     pub fn builtin() -> Self {
         use tokenizer::{BUILTIN_ENDOFTEXT_ID, BUILTIN_IM_END_ID, BUILTIN_SPECIALS};
         let tokenizer = tokenizer::builtin_tokenizer();
@@ -76,7 +78,13 @@ impl Preprocessor {
             tokenizer,
             Some(template),
             vec![BUILTIN_IM_END_ID, BUILTIN_ENDOFTEXT_ID],
-            None,
+            Some(ModelConfig {
+                num_hidden_layers: 28,
+                num_key_value_heads: 8,
+                head_dim: 128,
+                dtype_bytes: 2,
+                max_position_embeddings: None,
+            }),
         )
     }
 
@@ -336,7 +344,7 @@ pub(crate) mod tests {
         let p = Preprocessor::load(&ModelSource::Builtin).unwrap();
         assert_eq!(p.eos_token_ids(), [258, 256]);
         assert_eq!(p.vocab_size(), 259);
-        assert!(p.model_config().is_none());
+        assert_eq!(p.model_config().unwrap().kv_bytes_per_token(), 114_688);
         for s in ["", "plain ascii", "héllo 世界 🎉", "emoji 👩‍👩‍👧 and CJK 漢字かなカナ한국어", "<|im_end|> as text"]
         {
             let ids = p.encode(s, false).unwrap();

@@ -89,6 +89,13 @@ pub struct TransferConfig {
     pub max_transfer_bytes: u64,
 }
 
+impl TransferConfig {
+    /// Defaults: 30 s per transfer, transfers up to 64 GiB (a 128k-token prompt of a large model).
+    pub fn new(bytes_per_block: u64) -> Self {
+        Self { bytes_per_block, timeout: Duration::from_secs(30), max_transfer_bytes: 64 << 30 }
+    }
+}
+
 /// The sending side (prefill worker). Cheap to clone; clones share the arena and connections.
 #[derive(Clone)]
 pub struct TransferSender {

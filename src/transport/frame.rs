@@ -9,9 +9,11 @@
 //!
 //! Payloads (integers little-endian; `flag` is a byte 0 or 1; `n×T` is a u32 count then items):
 //! - `Request`: request_id u64, max_tokens u32, temperature f32, top_p f32, seed flag (+ u64),
-//!   ignore_eos flag, n×u32 prompt ids, n×u32 eos ids.
-//! - `Output`: tag u8, then 0 `Started` cached_tokens u32 | 1 `Tokens` n×u32 | 2 `Finished`
-//!   reason u8 (0 eos, 1 length, 2 cancelled) | 3 `Error` UTF-8 message to the end.
+//!   ignore_eos flag, n×u32 prompt ids, n×u32 eos ids, disagg u8 (0 none | 1 prefill: room u64,
+//!   decode worker u64, UTF-8 transfer address to the end | 2 decode: room u64, prefill worker u64).
+//! - `Output`: tag u8, then 0 `Started` cached_tokens u32, computed_tokens u32 | 1 `Tokens`
+//!   n×u32 | 2 `Finished` reason u8 (0 eos, 1 length, 2 cancelled) | 3 `Error` UTF-8 message to
+//!   the end | 4 `Transferred` blocks u32, bytes u64, micros u64.
 //! - `Cancel`: empty. `Credit`: outputs u32 (> 0). `RecoverRequest`: since_event_id u64.
 //! - `RecoverChunk`: kind u8 (0 replay, 1 dump), last_event_id u64, more flag, n×event; an
 //!   event is worker u64, event_id u64, timestamp_us u64, tag u8, then 0 `Stored` parent flag
@@ -37,7 +39,7 @@ use thiserror::Error;
 
 use crate::kv::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
 use crate::kv::hash::SeqHash;
-use crate::protocol::{FinishReason, GenerateRequest, SamplingParams, WorkerOutput};
+use crate::protocol::{DisaggLeg, FinishReason, GenerateRequest, SamplingParams, WorkerId, WorkerOutput};
 
 /// The largest frame, length field included: an 8M-token prompt or a 1M-block replay event fits
 /// (a step stores at most `MAX_BATCHED_TOKENS` blocks); a peer that claims more is cut off, and
@@ -273,7 +275,7 @@ fn put_flag_u64(out: &mut BytesMut, v: Option<u64>) {
 }
 
 fn put_request(out: &mut BytesMut, r: &GenerateRequest) {
-    let GenerateRequest { request_id, token_ids, sampling, eos_token_ids } = r;
+    let GenerateRequest { request_id, token_ids, sampling, eos_token_ids, disagg } = r;
     let SamplingParams { max_tokens, temperature, top_p, seed, ignore_eos } = sampling;
     out.put_u64_le(*request_id);
     out.put_u32_le(*max_tokens);
@@ -283,13 +285,34 @@ fn put_request(out: &mut BytesMut, r: &GenerateRequest) {
     out.put_u8(u8::from(*ignore_eos));
     put_u32s(out, token_ids);
     put_u32s(out, eos_token_ids);
+    match disagg {
+        None => out.put_u8(0),
+        Some(DisaggLeg::Prefill { room, decode_worker, transfer_address }) => {
+            out.put_u8(1);
+            out.put_u64_le(*room);
+            out.put_u64_le(decode_worker.0);
+            out.put_slice(transfer_address.as_bytes());
+        }
+        Some(DisaggLeg::Decode { room, prefill_worker }) => {
+            out.put_u8(2);
+            out.put_u64_le(*room);
+            out.put_u64_le(prefill_worker.0);
+        }
+    }
 }
 
 fn put_output(out: &mut BytesMut, o: &WorkerOutput) {
     match o {
-        WorkerOutput::Started { cached_tokens } => {
+        WorkerOutput::Started { cached_tokens, computed_tokens } => {
             out.put_u8(0);
             out.put_u32_le(*cached_tokens);
+            out.put_u32_le(*computed_tokens);
+        }
+        WorkerOutput::Transferred { blocks, bytes, micros } => {
+            out.put_u8(4);
+            out.put_u32_le(*blocks);
+            out.put_u64_le(*bytes);
+            out.put_u64_le(*micros);
         }
         WorkerOutput::Tokens(ids) => {
             out.put_u8(1);
@@ -428,13 +451,23 @@ impl<'a> Cursor<'a> {
         let ignore_eos = self.flag()?;
         let token_ids = self.u32s()?;
         let eos_token_ids = self.u32s()?;
+        let disagg = match self.u8()? {
+            0 => None,
+            1 => Some(DisaggLeg::Prefill {
+                room: self.u64()?,
+                decode_worker: WorkerId(self.u64()?),
+                transfer_address: self.rest_utf8()?,
+            }),
+            2 => Some(DisaggLeg::Decode { room: self.u64()?, prefill_worker: WorkerId(self.u64()?) }),
+            _ => return Err(self.bad("unknown disaggregation leg")),
+        };
         let sampling = SamplingParams { max_tokens, temperature, top_p, seed, ignore_eos };
-        Ok(GenerateRequest { request_id, token_ids, sampling, eos_token_ids })
+        Ok(GenerateRequest { request_id, token_ids, sampling, eos_token_ids, disagg })
     }
 
     fn output(&mut self) -> Result<WorkerOutput, FrameError> {
         Ok(match self.u8()? {
-            0 => WorkerOutput::Started { cached_tokens: self.u32()? },
+            0 => WorkerOutput::Started { cached_tokens: self.u32()?, computed_tokens: self.u32()? },
             1 => WorkerOutput::Tokens(self.u32s()?),
             2 => WorkerOutput::Finished {
                 reason: match self.u8()? {
@@ -445,6 +478,7 @@ impl<'a> Cursor<'a> {
                 },
             },
             3 => WorkerOutput::Error { message: self.rest_utf8()? },
+            4 => WorkerOutput::Transferred { blocks: self.u32()?, bytes: self.u64()?, micros: self.u64()? },
             _ => return Err(self.bad("unknown output tag")),
         })
     }

@@ -1,7 +1,7 @@
 //! `kvgate worker`: one engine worker of a distributed deployment.
 //!
-//! Start-up order: load the model's tokenizer (for readable mock output) and sizing, start the
-//! engine, serve the request plane on an ephemeral (or given) port, connect the KV event plane
+//! Start-up order: load the model's tokenizer (for readable mock output) and sizing, set up the
+//! KV transfer plane (a decode worker listens on its transfer port), start the engine, serve the request plane on an ephemeral (or given) port, connect the KV event plane
 //! (NATS), and only then register in etcd, so the frontend never routes to a worker that cannot
 //! answer yet. Shutdown reverses it: revoke the lease (leave routing at once), drain the
 //! request plane, stop the engine.
@@ -21,7 +21,7 @@ use crate::protocol::{WorkerId, WorkerRole};
 use crate::transport::tcp::serve_worker;
 use crate::transport::WORKER_QUEUE_DEPTH;
 use crate::worker::engine::mocker::{MockerConfig, MockerConfigError};
-use crate::worker::spawn_mocker;
+use crate::worker::{spawn_mocker_disagg, transfer};
 
 #[derive(Debug, Error)]
 pub enum WorkerLaunchError {
@@ -80,13 +80,18 @@ pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = (
     let nats_client = nats::connect(&args.cluster.nats_server, &format!("kvgate-worker-{id}")).await?;
     let publisher = NatsPublisher::new(nats_client, &args.cluster.namespace, &model);
     let (inbox_tx, inbox) = tokio::sync::mpsc::channel(WORKER_QUEUE_DEPTH);
-    let handle = spawn_mocker(id, mocker.clone(), inbox, publisher, pre.sample_text_tokens());
+    let host = args.advertise_host.clone().unwrap_or_else(primary_host);
+    let transfer_bind: SocketAddr = (IpAddr::from([0, 0, 0, 0]), args.transfer_port).into();
+    let bytes_per_block = mocker.kv_bytes_per_block().unwrap_or(0);
+    let setup = transfer::setup_tcp(role, bytes_per_block, args.transfer.timeout(), transfer_bind, &host)
+        .map_err(|source| WorkerLaunchError::Bind { addr: transfer_bind, source })?;
+    let transfer_address = setup.address;
+    let handle = spawn_mocker_disagg(id, mocker.clone(), inbox, publisher, pre.sample_text_tokens(), setup.io);
 
     let bind: SocketAddr = (IpAddr::from([0, 0, 0, 0]), args.port).into();
     let listener =
         tokio::net::TcpListener::bind(bind).await.map_err(|source| WorkerLaunchError::Bind { addr: bind, source })?;
     let port = listener.local_addr().map_err(|source| WorkerLaunchError::Bind { addr: bind, source })?.port();
-    let host = args.advertise_host.clone().unwrap_or_else(primary_host);
     let address = format!("{host}:{port}");
     let (stop_tx, stop_rx) = watch::channel(false);
     let plane = tokio::spawn(serve_worker(listener, inbox_tx, handle.control(), stop_rx));
@@ -102,11 +107,14 @@ pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = (
         max_num_seqs: mocker.max_num_seqs,
         max_num_batched_tokens: mocker.max_num_batched_tokens,
         address: Some(address.clone()),
-        transfer_address: None,
+        transfer_address: transfer_address.clone(),
     };
     let registration = etcd.register(info, Duration::from_secs(args.lease_ttl)).await?;
+    if let Some(t) = &transfer_address {
+        println!("kvgate worker {id} receives KV transfers at {t}");
+    }
     println!("kvgate worker {id} serving {model} ({role:?}) at {address}");
-    tracing::info!(worker = %id, %model, ?role, %address, "worker registered");
+    tracing::info!(worker = %id, %model, ?role, %address, transfer_address = ?transfer_address, "worker registered");
 
     shutdown.await;
     tracing::info!(worker = %id, "shutting down: revoking the lease, draining requests");

@@ -11,6 +11,7 @@
 pub mod control;
 pub mod engine;
 pub mod launch;
+pub mod transfer;
 
 use std::sync::Arc;
 
@@ -28,6 +29,7 @@ use engine::mocker::scheduler::Scheduler;
 
 pub use control::{Recovery, WorkerControl, WorkerGoneError, CONTROL_QUEUE_DEPTH};
 pub use engine::mocker::ring::{EVENT_RING_CAPACITY, EVENT_RING_MAX_BLOCKS};
+pub use engine::mocker::disagg::DisaggIo;
 pub use engine::mocker::{MockerArgs, MockerConfig, MockerConfigError};
 
 /// A running worker task. Dropping it aborts the task; call [`stop`](Self::stop) to drain.
@@ -98,7 +100,20 @@ pub fn spawn_mocker(
     publisher: impl EventPublisher + Clone,
     output_tokens: Arc<[TokenId]>,
 ) -> WorkerHandle {
-    spawn_mocker_with_ring(id, config, inbox, publisher, output_tokens, EventRing::default())
+    spawn_mocker_with_ring(id, config, inbox, publisher, output_tokens, EventRing::default(), DisaggIo::default())
+}
+
+/// [`spawn_mocker`] for a disaggregated role: a prefill worker gets a transfer sender, a decode
+/// worker the arrivals of its transfer receiver.
+pub fn spawn_mocker_disagg(
+    id: WorkerId,
+    config: MockerConfig,
+    inbox: mpsc::Receiver<WorkItem>,
+    publisher: impl EventPublisher + Clone,
+    output_tokens: Arc<[TokenId]>,
+    disagg: DisaggIo,
+) -> WorkerHandle {
+    spawn_mocker_with_ring(id, config, inbox, publisher, output_tokens, EventRing::default(), disagg)
 }
 
 /// [`spawn_mocker`] with a given replay ring (tests use small ones).
@@ -109,13 +124,14 @@ pub(crate) fn spawn_mocker_with_ring(
     publisher: impl EventPublisher + Clone,
     output_tokens: Arc<[TokenId]>,
     ring: EventRing,
+    disagg: DisaggIo,
 ) -> WorkerHandle {
     log_capacity(id, &config);
     let sched = Scheduler::new(&config, engine_salt(id), MockModel::new(output_tokens));
     let (load_tx, load) = watch::channel(sched.load());
     let (stop_tx, stop_rx) = oneshot::channel();
     let (control, control_rx) = WorkerControl::channel(id);
-    let io = EngineIo { inbox, stop: stop_rx, control: control_rx, publisher, load: load_tx };
+    let io = EngineIo { inbox, stop: stop_rx, control: control_rx, publisher, load: load_tx, disagg };
     let engine = Engine::new(id, sched, config.speedup_ratio, ring, io);
     let task = tokio::spawn(engine.run());
     WorkerHandle { id, load, task: Some(task), stop: Some(stop_tx), control }

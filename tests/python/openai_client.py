@@ -1,12 +1,16 @@
 """The official OpenAI Python client against a running kvgate, unchanged.
 
-Usage: python openai_client.py BASE_URL MODEL
+Usage: python openai_client.py BASE_URL MODEL [disagg]
+
+With `disagg`, the deployment must be disaggregated: every response names its prefill and its
+decode worker (different workers: the KV moved between them).
 """
 import sys
 
 from openai import OpenAI
 
 base, model = sys.argv[1], sys.argv[2]
+disagg = len(sys.argv) > 3 and sys.argv[3] == "disagg"
 client = OpenAI(base_url=base, api_key="unused")
 messages = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -34,6 +38,14 @@ assert parts, "no content streamed"
 assert finish in ("stop", "length"), finish
 assert usage is not None and usage.prompt_tokens == 15, usage
 print("streaming:", repr("".join(parts)), usage)
+
+if disagg:
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=8)
+    prefill, decode = raw.headers.get("x-kvgate-prefill-worker"), raw.headers.get("x-kvgate-decode-worker")
+    assert prefill and decode and prefill != decode, dict(raw.headers)
+    assert raw.headers.get("x-kvgate-disagg") == "remote", dict(raw.headers)
+    assert raw.parse().choices[0].message.content
+    print("disaggregated: prefill", prefill, "decode", decode)
 
 c = client.completions.create(model=model, prompt="The capital of France is", max_tokens=5, extra_body={"ignore_eos": True})
 assert c.usage.completion_tokens == 5, c.usage

@@ -11,7 +11,8 @@ fn event(kind: KvEventKind) -> KvEvent {
 fn samples() -> Vec<Frame> {
     let s = StreamId(0x0102_0304_0506_0708);
     let sampling = SamplingParams { max_tokens: 5, temperature: 0.5, top_p: 0.9, seed: Some(3), ignore_eos: true };
-    let request = GenerateRequest { request_id: 42, token_ids: vec![1, 2, 3], sampling, eos_token_ids: vec![0] };
+    let request =
+        GenerateRequest { request_id: 42, token_ids: vec![1, 2, 3], sampling, eos_token_ids: vec![0], disagg: None };
     let stored = KvEventKind::Stored {
         parent: Some(SeqHash(5)),
         blocks: vec![StoredBlock { seq_hash: SeqHash(6), engine_hash: EngineHash(7) }],
@@ -25,8 +26,27 @@ fn samples() -> Vec<Frame> {
     let chunk = RecoveryChunk { kind: RecoveryKind::Dump, last_event_id: 9, more: true, events };
     vec![
         Frame::Request { stream: s, request: request.clone() },
-        Frame::Request { stream: s, request: GenerateRequest { sampling: SamplingParams::default(), ..request } },
-        Frame::Output { stream: s, output: WorkerOutput::Started { cached_tokens: 16 } },
+        Frame::Request { stream: s, request: GenerateRequest { sampling: SamplingParams::default(), ..request.clone() } },
+        Frame::Request {
+            stream: s,
+            request: GenerateRequest {
+                disagg: Some(DisaggLeg::Prefill {
+                    room: u64::MAX - 1,
+                    decode_worker: WorkerId(5),
+                    transfer_address: "10.0.0.2:4500".into(),
+                }),
+                ..request.clone()
+            },
+        },
+        Frame::Request {
+            stream: s,
+            request: GenerateRequest {
+                disagg: Some(DisaggLeg::Decode { room: 7, prefill_worker: WorkerId(u64::MAX) }),
+                ..request
+            },
+        },
+        Frame::Output { stream: s, output: WorkerOutput::Started { cached_tokens: 16, computed_tokens: 4 } },
+        Frame::Output { stream: s, output: WorkerOutput::Transferred { blocks: 3, bytes: 5_505_024, micros: 917 } },
         Frame::Output { stream: s, output: WorkerOutput::Tokens(vec![9, 8, 7]) },
         Frame::Output { stream: s, output: WorkerOutput::Tokens(vec![]) },
         Frame::Output { stream: s, output: WorkerOutput::Finished { reason: FinishReason::Cancelled } },

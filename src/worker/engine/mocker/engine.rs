@@ -17,17 +17,21 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::events::EventPublisher;
 use crate::kv::events::{KvEvent, KvEventKind};
-use crate::protocol::{FinishReason, LoadReport, WorkerId, WorkerOutput};
+use crate::protocol::{DisaggLeg, FinishReason, GenerateRequest, LoadReport, WorkerId, WorkerOutput};
+use crate::transfer::{Arrival, TransferSender};
 use crate::transport::WorkItem;
 use crate::worker::control::{ControlMsg, Recovery, CONTROL_QUEUE_DEPTH};
 
+use super::disagg::{self, DisaggIo, Matched, PrefillLeg, Rooms, MAX_CONCURRENT_TRANSFERS};
 use super::kv_cache::SeqId;
 use super::reply::{Flush, Reply};
 use super::ring::EventRing;
@@ -68,6 +72,20 @@ pub struct EngineIo<P> {
     pub control: mpsc::Receiver<ControlMsg>,
     pub publisher: P,
     pub load: watch::Sender<LoadReport>,
+    pub disagg: DisaggIo,
+}
+
+/// The engine's disaggregation state (see [`disagg`]).
+struct Disagg {
+    sender: Option<TransferSender>,
+    permits: Arc<Semaphore>,
+    arrivals: Option<mpsc::Receiver<Arrival>>,
+    bytes_per_block: u64,
+    /// Prefill legs the scheduler holds.
+    legs: HashMap<SeqId, PrefillLeg>,
+    rooms: Rooms,
+    /// Running transfer tasks (aborted if the engine task is).
+    tasks: JoinSet<()>,
 }
 
 /// One worker's engine and the channels it serves.
@@ -91,11 +109,21 @@ pub struct Engine<P> {
     load: watch::Sender<LoadReport>,
     deadline: Instant,
     outputs: Vec<StepOutput>,
+    disagg: Disagg,
 }
 
 impl<P: EventPublisher> Engine<P> {
     pub fn new(worker: WorkerId, sched: Scheduler, speedup_ratio: f64, ring: EventRing, io: EngineIo<P>) -> Self {
-        let EngineIo { inbox, stop, control, publisher, load } = io;
+        let EngineIo { inbox, stop, control, publisher, load, disagg } = io;
+        let disagg = Disagg {
+            sender: disagg.sender,
+            permits: Arc::new(Semaphore::new(MAX_CONCURRENT_TRANSFERS)),
+            arrivals: disagg.arrivals,
+            bytes_per_block: disagg.bytes_per_block,
+            legs: HashMap::new(),
+            rooms: Rooms::new(disagg.timeout),
+            tasks: JoinSet::new(),
+        };
         Self {
             sched,
             speedup_ratio,
@@ -113,6 +141,7 @@ impl<P: EventPublisher> Engine<P> {
             load,
             deadline: Instant::now(),
             outputs: Vec::new(),
+            disagg,
         }
     }
 
@@ -132,7 +161,10 @@ impl<P: EventPublisher> Engine<P> {
             self.flush_all();
             self.publish().await;
             self.report();
+            while self.disagg.tasks.try_join_next().is_some() {}
         }
+        // A stopping prefill worker finishes the transfers it started.
+        while self.disagg.tasks.join_next().await.is_some() {}
         tracing::debug!(worker = %self.stamper.worker, "mocker worker stopped");
     }
 
@@ -142,13 +174,27 @@ impl<P: EventPublisher> Engine<P> {
         let mut waited = false;
         while self.sched.is_idle() {
             self.report();
-            if !self.inbox_open && self.draining.is_empty() {
+            if !self.inbox_open && self.draining.is_empty() && self.disagg.rooms.no_waiting() {
                 return false;
             }
             waited = true;
             let room = self.draining.len() < MAX_INFLIGHT_REQUESTS;
             let writable = any_writable(&self.draining);
+            let expiry = self.disagg.rooms.next_deadline();
+            let arrivals = self.disagg.arrivals.as_mut();
+            let has_arrivals = arrivals.is_some();
+            let arrival = async move {
+                match arrivals {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                a = arrival, if has_arrivals => match a {
+                    Some(a) => self.on_arrival(a),
+                    None => self.disagg.arrivals = None,
+                },
+                () = sleep_until_opt(expiry), if expiry.is_some() => self.expire_rooms(),
                 item = self.inbox.recv(), if self.inbox_open && room => match item {
                     Some(item) => self.accept(item),
                     None => self.inbox_open = false,
@@ -171,6 +217,12 @@ impl<P: EventPublisher> Engine<P> {
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => self.inbox_open = false,
             }
+        }
+        while let Some(a) = self.disagg.arrivals.as_mut().and_then(|rx| rx.try_recv().ok()) {
+            self.on_arrival(a);
+        }
+        if self.disagg.rooms.next_deadline().is_some_and(|d| d <= Instant::now()) {
+            self.expire_rooms();
         }
         if !self.stopping && !matches!(self.stop.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
             self.begin_stop();
@@ -228,19 +280,112 @@ impl<P: EventPublisher> Engine<P> {
     }
 
     fn accept(&mut self, item: WorkItem) {
-        let WorkItem { request, reply } = item;
+        let WorkItem { mut request, reply } = item;
         if reply.is_closed() {
             return;
         }
+        let reply = Reply::new(reply);
+        match request.disagg.take() {
+            None => self.add(request, reply, None),
+            Some(DisaggLeg::Prefill { room, decode_worker, transfer_address }) => {
+                if self.disagg.sender.is_none() {
+                    return self.refuse(reply, "this worker is not a prefill worker (no KV transfer sender)");
+                }
+                let leg = PrefillLeg {
+                    room,
+                    request_id: request.request_id,
+                    decode_worker,
+                    transfer_address,
+                    prompt_tokens: request.token_ids.len(),
+                };
+                // The prefill leg computes the prompt and samples the first token only.
+                request.sampling.max_tokens = 1;
+                self.add(request, reply, Some(leg));
+            }
+            Some(DisaggLeg::Decode { room, .. }) => {
+                if self.disagg.arrivals.is_none() {
+                    return self.refuse(reply, "this worker is not a decode worker (no KV transfer receiver)");
+                }
+                match self.disagg.rooms.wait(room, request, reply) {
+                    Ok(Some(m)) => self.import(m),
+                    Ok(None) => {}
+                    Err(reply) => self.draining.push(reply),
+                }
+            }
+        }
+    }
+
+    fn refuse(&mut self, mut reply: Reply, message: &str) {
+        reply.finish(WorkerOutput::Error { message: message.to_string() });
+        self.draining.push(reply);
+    }
+
+    fn on_arrival(&mut self, a: Arrival) {
+        tracing::debug!(
+            room = format_args!("{:x}", a.header.room),
+            request = format_args!("{:x}", a.header.request_id),
+            blocks = a.stats.blocks,
+            bytes = a.stats.bytes,
+            secs = format_args!("{:.6}", a.stats.elapsed.as_secs_f64()),
+            gbps = format_args!("{:.2}", a.stats.gbps()),
+            "kv transfer received"
+        );
+        if let Some(m) = self.disagg.rooms.land(a) {
+            self.import(m);
+        }
+    }
+
+    fn expire_rooms(&mut self) {
+        let expired = self.disagg.rooms.expire(Instant::now());
+        self.draining.extend(expired);
+    }
+
+    /// Starts a decode leg whose KV landed: its first token goes out at once.
+    fn import(&mut self, m: Matched) {
+        let Matched { request, mut reply, arrival } = m;
+        if reply.is_closed() {
+            return;
+        }
+        match self.sched.add_imported(request) {
+            Ok(imported) => {
+                if imported.token != arrival.header.first_token {
+                    tracing::debug!(ours = ?imported.token, theirs = ?arrival.header.first_token, "first token differs from the prefill worker's");
+                }
+                reply.start(0, 0);
+                if let Some(t) = imported.token {
+                    reply.token(t);
+                }
+                match (imported.seq, imported.finish) {
+                    (Some(seq), _) => {
+                        reply.flush();
+                        self.replies.insert(seq, reply);
+                    }
+                    (None, reason) => {
+                        reply.finish(WorkerOutput::Finished { reason: reason.unwrap_or(FinishReason::Length) });
+                        self.draining.push(reply);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "mocker refused an imported request");
+                reply.finish(WorkerOutput::Error { message: e.to_string() });
+                self.draining.push(reply);
+            }
+        }
+    }
+
+    fn add(&mut self, request: GenerateRequest, mut reply: Reply, leg: Option<PrefillLeg>) {
         let request_id = request.request_id;
-        let mut reply = Reply::new(reply);
         match self.sched.add(request) {
             Ok(seq) => {
                 self.replies.insert(seq, reply);
+                if let Some(leg) = leg {
+                    self.disagg.legs.insert(seq, leg);
+                }
                 return;
             }
             Err(Rejected::NothingToGenerate) => {
-                reply.start(0);
+                reply.start(0, 0);
                 reply.finish(WorkerOutput::Finished { reason: FinishReason::Length });
             }
             Err(e) => {
@@ -262,6 +407,15 @@ impl<P: EventPublisher> Engine<P> {
             !closed
         });
         self.draining.retain(|r| !r.is_closed());
+        self.disagg.rooms.drop_cancelled();
+        self.forget_dropped_legs();
+    }
+
+    fn forget_dropped_legs(&mut self) {
+        if !self.disagg.legs.is_empty() {
+            let replies = &self.replies;
+            self.disagg.legs.retain(|seq, _| replies.contains_key(seq));
+        }
     }
 
     async fn wait_step(&mut self, plan: &StepPlan) {
@@ -279,11 +433,19 @@ impl<P: EventPublisher> Engine<P> {
 
     /// Queues the step's outputs on their replies; finished requests move to `draining`.
     fn deliver(&mut self) {
-        for o in &self.outputs {
+        let outputs = std::mem::take(&mut self.outputs);
+        for o in &outputs {
+            if let Some(leg) = self.disagg.legs.get(&o.seq) {
+                if o.finish.is_some() {
+                    let leg = leg.clone();
+                    self.start_transfer(o, leg);
+                }
+                continue;
+            }
             let Some(reply) = self.replies.get_mut(&o.seq) else {
                 continue;
             };
-            reply.start(o.cached_tokens);
+            reply.start(o.cached_tokens, o.computed_tokens);
             if let Some(t) = o.token {
                 reply.token(t);
             }
@@ -293,6 +455,19 @@ impl<P: EventPublisher> Engine<P> {
                 self.draining.push(reply);
             }
         }
+        self.outputs = outputs;
+    }
+
+    /// A prefill leg sampled its first token: its transfer task takes over its stream.
+    fn start_transfer(&mut self, o: &StepOutput, leg: PrefillLeg) {
+        self.disagg.legs.remove(&o.seq);
+        let Some(reply) = self.replies.remove(&o.seq) else { return };
+        let Some(sender) = self.disagg.sender.clone() else { return };
+        let page = self.sched.cache().page_size();
+        let header = disagg::header(&leg, page, self.disagg.bytes_per_block, o.token);
+        let started = WorkerOutput::Started { cached_tokens: o.cached_tokens, computed_tokens: o.computed_tokens };
+        let permits = self.disagg.permits.clone();
+        disagg::spawn_transfer(&mut self.disagg.tasks, sender, permits, leg, header, reply.sender(), started);
     }
 
     /// Sends what every reply has pending; a closed reply cancels its request.
@@ -306,6 +481,7 @@ impl<P: EventPublisher> Engine<P> {
             true
         });
         self.draining.retain_mut(|r| r.flush() == Flush::Blocked);
+        self.forget_dropped_legs();
     }
 
     async fn publish(&mut self) {
@@ -328,6 +504,13 @@ impl<P: EventPublisher> Engine<P> {
             *cur = now;
             changed
         });
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -10,12 +10,14 @@
 //! - [`timing`]: how long a step takes.
 //! - [`reply`]: one request's non-blocking reply stream.
 //! - [`ring`]: the recent KV events kept for replay.
+//! - [`disagg`]: prefill legs that push their KV, decode legs that wait for it.
 //! - [`engine`]: the worker task: intake, step loop, replies, event publishing, load reports.
 //!
 //! Concurrency: all engine state is owned by one tokio task per worker ([`engine`]); nothing is
 //! shared but the immutable corpus (`Arc`) and the channels.
 
 pub mod config;
+pub mod disagg;
 pub mod engine;
 pub mod kv_cache;
 pub mod model;

@@ -60,7 +60,7 @@ fn start(config: MockerConfig, ring: EventRing) -> Harness {
     let (inner, events) = events::in_process();
     let publisher = LossyPublisher { inner, log: Arc::default(), dropping: Arc::default() };
     let (log, dropping) = (publisher.log.clone(), publisher.dropping.clone());
-    let worker = spawn_mocker_with_ring(W, config, rx, publisher, (0..500).collect(), ring);
+    let worker = spawn_mocker_with_ring(W, config, rx, publisher, (0..500).collect(), ring, Default::default());
     Harness { control: worker.control(), worker, inbox: tx, events, log, dropping }
 }
 

@@ -52,10 +52,10 @@ impl Reply {
     }
 
     /// Queues `Started` unless it was already queued.
-    pub fn start(&mut self, cached_tokens: u32) {
+    pub fn start(&mut self, cached_tokens: u32, computed_tokens: u32) {
         if !self.started {
             self.started = true;
-            self.pending.push_back(WorkerOutput::Started { cached_tokens });
+            self.pending.push_back(WorkerOutput::Started { cached_tokens, computed_tokens });
         }
     }
 
@@ -98,7 +98,7 @@ mod tests {
     fn a_full_channel_coalesces_tokens_and_keeps_order() {
         let (tx, mut rx) = mpsc::channel(1);
         let mut r = Reply::new(tx);
-        r.start(16);
+        r.start(16, 4);
         r.token(1);
         assert_eq!(r.flush(), Flush::Blocked);
         r.token(2);
@@ -112,7 +112,7 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                WorkerOutput::Started { cached_tokens: 16 },
+                WorkerOutput::Started { cached_tokens: 16, computed_tokens: 4 },
                 WorkerOutput::Tokens(vec![1, 2, 3]),
                 WorkerOutput::Finished { reason: FinishReason::Eos },
             ]

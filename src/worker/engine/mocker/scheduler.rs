@@ -42,6 +42,16 @@ pub enum Rejected {
     TooLong { prompt: usize, max_tokens: u32, capacity: u64 },
 }
 
+/// What [`Scheduler::add_imported`] made of an imported prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Imported {
+    /// The queued sequence; `None` when the first token already finished the request.
+    pub seq: Option<SeqId>,
+    /// The first token (sampled by the prefill worker; `None` is end of sequence).
+    pub token: Option<TokenId>,
+    pub finish: Option<FinishReason>,
+}
+
 /// One sequence's share of a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlannedSeq {
@@ -69,6 +79,8 @@ pub struct StepOutput {
     pub seq: SeqId,
     /// Prompt tokens served from the cache at its first admission.
     pub cached_tokens: u32,
+    /// Prompt tokens computed by this worker at its first admission (0 when imported).
+    pub computed_tokens: u32,
     /// The generated token (`None` when end-of-sequence was sampled).
     pub token: Option<TokenId>,
     pub finish: Option<FinishReason>,
@@ -108,6 +120,13 @@ impl Scheduler {
 
     /// Queues a request (its prompt is hashed once here).
     pub fn add(&mut self, request: GenerateRequest) -> Result<SeqId, Rejected> {
+        self.check(&request)?;
+        let generation = self.model.start(&request.token_ids, &request.sampling);
+        let seq = Sequence::new(&self.hasher, request.token_ids, generation, request.eos_token_ids);
+        Ok(self.queue(seq, false))
+    }
+
+    fn check(&self, request: &GenerateRequest) -> Result<(), Rejected> {
         let prompt = request.token_ids.len();
         let max_tokens = request.sampling.max_tokens;
         if prompt == 0 {
@@ -120,13 +139,46 @@ impl Scheduler {
         if prompt as u64 + u64::from(max_tokens) > capacity {
             return Err(Rejected::TooLong { prompt, max_tokens, capacity });
         }
-        let generation = self.model.start(&request.token_ids, &request.sampling);
-        let seq = Sequence::new(&self.hasher, request.token_ids, generation, request.eos_token_ids);
+        Ok(())
+    }
+
+    fn queue(&mut self, seq: Sequence, front: bool) -> SeqId {
         let id = SeqId(self.next_id);
         self.next_id += 1;
         self.seqs.insert(id, seq);
-        self.waiting.push_back(id);
-        Ok(id)
+        if front {
+            self.waiting.push_front(id);
+        } else {
+            self.waiting.push_back(id);
+        }
+        id
+    }
+
+    /// Queues a disaggregated decode whose prompt KV arrived from a prefill worker: the first
+    /// token was sampled there, so the sequence starts decoding (its prompt is admitted as
+    /// computed, not recomputed). Returns the first token (`None`: end of sequence) and whether
+    /// the request is already finished, in which case nothing is queued (`SeqId` is `None`).
+    pub fn add_imported(&mut self, request: GenerateRequest) -> Result<Imported, Rejected> {
+        self.check(&request)?;
+        let mut generation = self.model.start(&request.token_ids, &request.sampling);
+        let first = self.model.sample(&mut generation, &request.eos_token_ids).expect("a new generation samples");
+        let finish = generation.finished(first);
+        let token = match first {
+            Sample::Token(t) => Some(t),
+            Sample::Eos => None,
+        };
+        if finish.is_some() {
+            return Ok(Imported { seq: None, token, finish });
+        }
+        let prompt = request.token_ids.len();
+        let mut seq = Sequence::new(&self.hasher, request.token_ids, generation, request.eos_token_ids);
+        if let Some(t) = token {
+            seq.push(&self.hasher, t);
+        }
+        seq.imported = Some(prompt);
+        seq.cached_tokens = Some(0);
+        // Ahead of queued prompts: its KV is here, and holding it waiting wastes the transfer.
+        Ok(Imported { seq: Some(self.queue(seq, true)), token, finish })
     }
 
     /// Drops a sequence wherever it is; its blocks stay cached (evictable). False if unknown.
@@ -222,7 +274,8 @@ impl Scheduler {
             // At least one token is computed, so a fully cached prompt still yields a sample.
             let max_hits = (seq.num_tokens() - 1) / page;
             let hits = self.cache.prefix_hits(&seq.hashes()[..max_hits]);
-            let start = hits * page;
+            // An imported prompt's KV is all here: only the tokens after it are computed.
+            let start = seq.imported.map_or(hits * page, |n| n.max(hits * page));
             let tokens = (seq.num_tokens() - start).min(*budget);
             let partial = ((start + tokens).div_ceil(page) - hits) as u64;
             if self.cache.admit(id, &seq.hashes()[..hits], partial).is_err() {
@@ -240,7 +293,9 @@ impl Scheduler {
 
     fn preempt(&mut self, id: SeqId) {
         self.cache.free(id);
-        self.seqs.get_mut(&id).expect("running sequences exist").computed = 0;
+        let seq = self.seqs.get_mut(&id).expect("running sequences exist");
+        seq.computed = 0;
+        seq.imported = None;
         self.waiting.push_front(id);
         self.preemptions += 1;
         tracing::debug!(seq = id.0, "preempted: out of KV blocks, will recompute");
@@ -272,7 +327,8 @@ impl Scheduler {
             };
             let finish = seq.generation.finished(sample);
             let cached_tokens = seq.cached_tokens.unwrap_or(0);
-            out.push(StepOutput { seq: e.seq, cached_tokens, token, finish });
+            let computed_tokens = if seq.imported.is_some() { 0 } else { seq.computed_prompt_tokens() };
+            out.push(StepOutput { seq: e.seq, cached_tokens, computed_tokens, token, finish });
             if finish.is_some() {
                 finished.push(e.seq);
             }

@@ -21,13 +21,37 @@ pub struct Sequence {
     pub eos_ids: Vec<TokenId>,
     /// Prompt tokens served from the cache at the first admission (reported in `Started`).
     pub cached_tokens: Option<u32>,
+    /// Tokens whose KV arrived from a prefill worker (disaggregated decode): admitted as computed.
+    /// Cleared by preemption (the recomputation is local).
+    pub imported: Option<usize>,
+    prompt_len: usize,
     generated: u32,
 }
 
 impl Sequence {
     pub fn new(hasher: &BlockHasher, prompt: Vec<TokenId>, generation: Generation, eos_ids: Vec<TokenId>) -> Self {
         let hashes = hasher.seq_hashes(&prompt);
-        Self { tokens: prompt, hashes, computed: 0, generation, eos_ids, cached_tokens: None, generated: 0 }
+        let prompt_len = prompt.len();
+        Self {
+            tokens: prompt,
+            hashes,
+            computed: 0,
+            generation,
+            eos_ids,
+            cached_tokens: None,
+            imported: None,
+            prompt_len,
+            generated: 0,
+        }
+    }
+
+    /// Prompt tokens this worker computed itself at the first admission (0 for an imported
+    /// prompt), once admitted.
+    pub fn computed_prompt_tokens(&self) -> u32 {
+        match self.cached_tokens {
+            Some(c) => (self.prompt_len as u32).saturating_sub(c),
+            None => 0,
+        }
     }
 
     pub fn num_tokens(&self) -> usize {

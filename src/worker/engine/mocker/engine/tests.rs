@@ -50,7 +50,7 @@ struct Done {
 /// Reads a whole stream, checking its shape: Started, Tokens..., Finished.
 async fn collect(mut rx: mpsc::Receiver<WorkerOutput>) -> Done {
     let read = async {
-        let Some(WorkerOutput::Started { cached_tokens }) = rx.recv().await else { panic!("no Started") };
+        let Some(WorkerOutput::Started { cached_tokens, .. }) = rx.recv().await else { panic!("no Started") };
         let mut tokens = Vec::new();
         loop {
             match rx.recv().await {
@@ -188,7 +188,7 @@ async fn stop_drains_in_flight_requests() {
 async fn ttft(h: &Harness, r: GenerateRequest) -> (Duration, u32) {
     let t0 = Instant::now();
     let mut rx = send(h, r, RESPONSE_STREAM_DEPTH).await;
-    let Some(WorkerOutput::Started { cached_tokens }) = timeout(LIMIT, rx.recv()).await.unwrap() else { panic!() };
+    let Some(WorkerOutput::Started { cached_tokens, .. }) = timeout(LIMIT, rx.recv()).await.unwrap() else { panic!() };
     let took = t0.elapsed();
     collect_rest(rx).await;
     (took, cached_tokens)

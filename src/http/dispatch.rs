@@ -1,0 +1,227 @@
+//! Sending a request to workers: routing, disaggregation, retries on unreachable workers.
+//!
+//! A model with prefill and decode workers runs disaggregated: the decode worker is chosen by
+//! load alone (its router has overlap weight 0), then — unless conditional disaggregation keeps
+//! the prefill on it ([`DisaggPolicy`](crate::frontend::DisaggPolicy)) — the prefill worker by
+//! KV cost among prefill workers. Both legs go out at once with one bootstrap room id: the
+//! decode leg first (it waits for the KV), then the prefill leg (which pushes it). Otherwise
+//! the request goes whole to one worker (aggregated workers, plus decode workers, which
+//! prefill locally), unless `--enforce-disagg`.
+//!
+//! Invariants: every [`Dispatched`] holds a booking ([`LoadGuard`]) for each leg it started;
+//! a leg that cannot be sent drops the other (cancelling it on its worker). A worker that
+//! could not be reached is never chosen again for the request and leaves routing for a while.
+//! Concurrency: runs on the request's shard; routing decisions are synchronous (the shard's
+//! scratch buffers are borrowed only between awaits).
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use rand::Rng;
+
+use super::error::ApiError;
+use super::stream::{Dispatched, Legs, Migrate, MigrateFuture, PrefillLeg};
+use super::ShardCtx;
+use crate::frontend::{Frontend, ModelState, WorkerGroup};
+use crate::kv::SeqHash;
+use crate::protocol::{DisaggLeg, GenerateRequest, SamplingParams, TokenId, WorkerId};
+use crate::router::{Candidate, RouteDecision, RouteRequest, Router};
+use crate::transport::RequestPlane;
+
+/// Picks a worker among `candidates` with `router`, logging the decision at debug level.
+#[allow(clippy::too_many_arguments)]
+fn route_among(
+    shard: &ShardCtx,
+    model: &ModelState,
+    router: &Router,
+    candidates: &[Candidate],
+    seq: &[SeqHash],
+    prompt_tokens: usize,
+    request_id: u64,
+    leg: &'static str,
+) -> Result<RouteDecision, ApiError> {
+    let req = RouteRequest { seq_hashes: seq, prompt_tokens: prompt_tokens as u32, candidates, shard: shard.id };
+    let decision =
+        router.select(req, &mut *shard.rng.borrow_mut()).map_err(|_| ApiError::NoWorkers(model.name.clone()))?;
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let block = model.hasher.block_size();
+        let hit = (decision.overlap_blocks as usize * block) as f64 / prompt_tokens.max(1) as f64;
+        let scores: Vec<String> = decision
+            .scores
+            .iter()
+            .map(|s| format!("{}:overlap={} cost={:.3} cached={}", s.worker, s.overlap_blocks, s.cost, s.cached_blocks))
+            .collect();
+        tracing::debug!(
+            request = format_args!("{request_id:x}"),
+            model = %model.name,
+            leg,
+            prompt_tokens,
+            prompt_blocks = seq.len(),
+            chosen = %decision.worker,
+            overlap_blocks = decision.overlap_blocks,
+            cache_hit_rate = format_args!("{hit:.3}"),
+            workers = %scores.join(" "),
+            "route"
+        );
+    }
+    Ok(decision)
+}
+
+/// What to send where.
+enum Plan {
+    /// The whole request to one worker (`local`: a decode worker prefilling itself).
+    Whole { decision: RouteDecision, local: bool },
+    /// Prefill and decode legs.
+    Split { prefill: RouteDecision, decode: RouteDecision, transfer_address: Arc<str> },
+}
+
+/// Everything needed to send (or re-send) one request to workers.
+pub struct Dispatch<P> {
+    pub fe: Arc<Frontend<P>>,
+    pub shard: Rc<ShardCtx>,
+    pub model: Arc<ModelState>,
+    pub prompt: Rc<[TokenId]>,
+    pub sampling: SamplingParams,
+    pub request_id: u64,
+    /// Workers that failed this request; never chosen again for it.
+    pub failed: RefCell<Vec<WorkerId>>,
+}
+
+impl<P: RequestPlane> Dispatch<P> {
+    fn filter(&self, workers: &[Candidate]) -> Vec<Candidate> {
+        let failed = self.failed.borrow();
+        workers.iter().filter(|c| !failed.contains(&c.id) && !self.fe.is_down(c.id)).cloned().collect()
+    }
+
+    /// Decides where `prompt` goes (synchronous: no await while the scratch is borrowed).
+    fn plan(&self, prompt: &[TokenId]) -> Result<Plan, ApiError> {
+        let group: Arc<WorkerGroup> = self.model.workers.load_full();
+        let policy = &self.fe.limits.disagg;
+        let mut seq = self.shard.seq_scratch.borrow_mut();
+        self.model.hasher.seq_hashes_into(prompt, &mut seq);
+        let (prefill, decode) = (self.filter(&group.prefill), self.filter(&group.decode));
+        if !prefill.is_empty() && !decode.is_empty() {
+            let (model, id) = (&self.model, self.request_id);
+            let d = route_among(&self.shard, model, &model.decode_router, &decode, &seq, prompt.len(), id, "decode")?;
+            let transfer_address = group.transfer_addresses.get(&d.worker).cloned();
+            let mut local = false;
+            if policy.min_uncached_tokens > 0 || policy.local_cached_ratio <= 1.0 {
+                let cached = self.fe.index.find_matches(&seq).overlap(d.worker) as usize * model.hasher.block_size();
+                local = policy.prefill_locally(prompt.len() as u32, cached.min(prompt.len()) as u32);
+            }
+            let Some(transfer_address) = transfer_address.filter(|_| !local) else {
+                if !local {
+                    tracing::warn!(worker = %d.worker, "decode worker has no transfer address; prefilling on it");
+                }
+                return Ok(Plan::Whole { decision: d, local: true });
+            };
+            let p = route_among(&self.shard, model, &model.router, &prefill, &seq, prompt.len(), id, "prefill")?;
+            return Ok(Plan::Split { prefill: p, decode: d, transfer_address });
+        }
+        if policy.enforce {
+            let missing = if prefill.is_empty() { "prefill" } else { "decode" };
+            return Err(ApiError::DisaggUnavailable(self.model.name.clone(), missing));
+        }
+        let whole = self.filter(&group.candidates);
+        if whole.is_empty() {
+            return Err(ApiError::NoWorkers(self.model.name.clone()));
+        }
+        let decision =
+            route_among(&self.shard, &self.model, &self.model.router, &whole, &seq, prompt.len(), self.request_id, "whole")?;
+        let local = group.decode.iter().any(|c| c.id == decision.worker);
+        Ok(Plan::Whole { decision, local })
+    }
+
+    fn request(&self, prompt: &[TokenId], max_tokens: u32, disagg: Option<DisaggLeg>) -> GenerateRequest {
+        GenerateRequest {
+            request_id: self.request_id,
+            token_ids: prompt.to_vec(),
+            sampling: SamplingParams { max_tokens, ..self.sampling.clone() },
+            eos_token_ids: self.model.preprocessor.eos_token_ids().to_vec(),
+            disagg,
+        }
+    }
+
+    /// A worker could not be reached: never again for this request, and out of routing for now.
+    fn unreachable(&self, worker: WorkerId, left: &mut u32, e: impl std::fmt::Display) -> bool {
+        *left -= 1;
+        self.failed.borrow_mut().push(worker);
+        self.fe.mark_down(worker);
+        if *left > 0 {
+            tracing::warn!(request = format_args!("{:x}", self.request_id), worker = %worker, error = %e, "worker unreachable; trying another");
+        }
+        *left > 0
+    }
+
+    /// Routes `prompt` and sends it, trying other workers (up to `attempts` in all) when a
+    /// chosen one is unreachable.
+    pub async fn send(&self, prompt: &[TokenId], max_tokens: u32, attempts: u32) -> Result<Dispatched, ApiError> {
+        let mut left = attempts.max(1);
+        let m = self.fe.metrics.shard(self.shard.id);
+        loop {
+            match self.plan(prompt)? {
+                Plan::Whole { decision, local } => {
+                    let worker = decision.worker;
+                    match self.fe.plane.generate(worker, self.request(prompt, max_tokens, None)).await {
+                        Ok(rx) => {
+                            if local {
+                                m.disagg_local.fetch_add(1, Relaxed);
+                            }
+                            let legs = if local { Legs::Local } else { Legs::Whole };
+                            return Ok(Dispatched { rx, guard: decision.guard, worker, legs });
+                        }
+                        Err(e) if self.unreachable(worker, &mut left, &e) => continue,
+                        Err(e) => return Err(ApiError::Transport(e)),
+                    }
+                }
+                Plan::Split { prefill, decode, transfer_address } => {
+                    let room: u64 = self.shard.rng.borrow_mut().random();
+                    let (p, d) = (prefill.worker, decode.worker);
+                    let decode_leg = DisaggLeg::Decode { room, prefill_worker: p };
+                    let rx = match self.fe.plane.generate(d, self.request(prompt, max_tokens, Some(decode_leg))).await {
+                        Ok(rx) => rx,
+                        Err(e) if self.unreachable(d, &mut left, &e) => continue,
+                        Err(e) => return Err(ApiError::Transport(e)),
+                    };
+                    let transfer_address = transfer_address.to_string();
+                    let prefill_leg = DisaggLeg::Prefill { room, decode_worker: d, transfer_address };
+                    // Dropping `rx` on failure cancels the decode leg.
+                    let prefill_rx =
+                        match self.fe.plane.generate(p, self.request(prompt, max_tokens, Some(prefill_leg))).await {
+                            Ok(rx) => rx,
+                            Err(e) if self.unreachable(p, &mut left, &e) => continue,
+                            Err(e) => return Err(ApiError::Transport(e)),
+                        };
+                    tracing::debug!(
+                        request = format_args!("{:x}", self.request_id),
+                        room = format_args!("{room:x}"),
+                        prefill_worker = %p,
+                        decode_worker = %d,
+                        "disaggregated: both legs sent"
+                    );
+                    m.disagg_remote.fetch_add(1, Relaxed);
+                    // The decode worker computes no prompt: only its decode blocks stay booked.
+                    let mut guard = decode.guard;
+                    guard.prefill_done();
+                    let leg = PrefillLeg { rx: prefill_rx, guard: prefill.guard, worker: p };
+                    return Ok(Dispatched { rx, guard, worker: d, legs: Legs::Remote(leg) });
+                }
+            }
+        }
+    }
+}
+
+impl<P: RequestPlane> Migrate for Dispatch<P> {
+    fn migrate(self: Rc<Self>, generated: Vec<TokenId>, failed: WorkerId) -> MigrateFuture {
+        Box::pin(async move {
+            self.failed.borrow_mut().push(failed);
+            let mut tokens = Vec::with_capacity(self.prompt.len() + generated.len());
+            tokens.extend_from_slice(&self.prompt);
+            tokens.extend_from_slice(&generated);
+            let remaining = self.sampling.max_tokens.saturating_sub(generated.len() as u32).max(1);
+            self.send(&tokens, remaining, 1).await.map_err(|e| e.to_string())
+        })
+    }
+}
