@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,24 +14,6 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn venv_python() -> PathBuf {
-    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
-    let py = venv.join("bin/python");
-    let ready = venv.join(".ready");
-    if !ready.exists() {
-        let ok = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().map(|s| s.success()).unwrap_or(false);
-        assert!(ok, "python3 -m venv failed (Debian: apt-get install python3-venv)");
-        let ok = Command::new(&py)
-            .args(["-m", "pip", "install", "-q", "openai>=1.40"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "pip install openai failed (PyPI must be reachable for this test)");
-        std::fs::write(&ready, b"").unwrap();
-    }
-    py
 }
 
 fn free_port() -> u16 {
@@ -52,7 +33,7 @@ fn wait_live(port: u16) {
 
 /// Runs the client script against `kvgate serve` started with `extra` arguments.
 fn run_client(extra: &[&str], mode: &str) {
-    let py = venv_python();
+    let py = common::openai_venv_python();
     let dir = common::qwen_dir();
     let port = free_port();
     let _server = KillOnDrop(
@@ -65,18 +46,7 @@ fn run_client(extra: &[&str], mode: &str) {
             .expect("kvgate binary starts"),
     );
     wait_live(port);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_client.py");
-    let out = Command::new(py)
-        .arg(script)
-        .arg(format!("http://127.0.0.1:{port}/v1"))
-        .arg("Qwen/Qwen3-0.6B")
-        .arg(mode)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "python client failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
+    common::run_openai_client(&py, &format!("http://127.0.0.1:{port}/v1"), "Qwen/Qwen3-0.6B", mode);
 }
 
 #[test]

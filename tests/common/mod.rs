@@ -97,3 +97,36 @@ pub async fn wait_for_index(client: &reqwest::Client, base: &str, n: u64) {
     }
     panic!("the KV index never reached {n} entries");
 }
+
+/// A virtual environment under the target directory with the official `openai` client from
+/// PyPI (created once, reused by later runs; serialized within a test binary).
+pub fn openai_venv_python() -> PathBuf {
+    static VENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = VENV.lock().unwrap_or_else(|e| e.into_inner());
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
+    let py = venv.join("bin/python");
+    let ready = venv.join(".ready");
+    if !ready.exists() {
+        let ok = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().map(|s| s.success()).unwrap_or(false);
+        assert!(ok, "python3 -m venv failed (Debian: apt-get install python3-venv)");
+        let ok = Command::new(&py)
+            .args(["-m", "pip", "install", "-q", "openai>=1.40"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "pip install openai failed (PyPI must be reachable for this test)");
+        std::fs::write(&ready, b"").unwrap();
+    }
+    py
+}
+
+/// Runs `tests/python/openai_client.py` (the official client, unchanged) against `base_url`
+/// (ending in `/v1`); `mode` is `aggregated` or `disagg`.
+pub fn run_openai_client(py: &std::path::Path, base_url: &str, model: &str, mode: &str) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_client.py");
+    let out = Command::new(py).arg(script).arg(base_url).arg(model).arg(mode).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "python client failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
+}

@@ -218,3 +218,68 @@ pub fn header(leg: &PrefillLeg, page_size: usize, bytes_per_block: u64, first_to
         first_token,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transfer::TransferStats;
+    use crate::worker::engine::mocker::test_util::request;
+
+    fn arrival(room: u64) -> Arrival {
+        let header = TransferHeader { room, request_id: 1, num_blocks: 2, bytes_per_block: 8, first_token: Some(5) };
+        Arrival { header, stats: TransferStats { blocks: 2, bytes: 16, elapsed: Duration::from_micros(3) } }
+    }
+
+    fn reply() -> (Reply, mpsc::Receiver<WorkerOutput>) {
+        let (tx, rx) = mpsc::channel(4);
+        (Reply::new(tx), rx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn legs_and_transfers_meet_in_either_order_once() {
+        let mut rooms = Rooms::new(Duration::from_secs(5));
+        let (r, _rx) = reply();
+        assert!(rooms.wait(1, request(1, vec![1, 2, 3], 4), r).unwrap().is_none());
+        let m = rooms.land(arrival(1)).expect("the waiting leg claims its transfer");
+        assert_eq!(m.arrival.header.room, 1);
+        assert!(rooms.no_waiting());
+
+        assert!(rooms.land(arrival(2)).is_none());
+        let (r, _rx2) = reply();
+        let m = rooms.wait(2, request(2, vec![1], 4), r).unwrap().expect("the landed transfer is claimed");
+        assert_eq!(m.request.request_id, 2);
+        // Claimed once: a second leg for room 2 now waits for a new transfer.
+        let (r, _rx3) = reply();
+        assert!(rooms.wait(2, request(3, vec![1], 4), r).unwrap().is_none());
+        let (r, mut rx4) = reply();
+        let mut refused = rooms.wait(2, request(4, vec![1], 4), r).err().expect("a room in use is refused");
+        refused.flush();
+        assert!(matches!(rx4.try_recv(), Ok(WorkerOutput::Error { message }) if message.contains("in use")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_legs_time_out_with_an_error_and_stale_transfers_are_dropped() {
+        let mut rooms = Rooms::new(Duration::from_secs(5));
+        let (r, mut rx) = reply();
+        assert!(rooms.wait(7, request(1, vec![1], 4), r).unwrap().is_none());
+        assert!(rooms.land(arrival(8)).is_none());
+        assert!(rooms.expire(Instant::now()).is_empty());
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(rooms.next_deadline().map(|d| d <= Instant::now()), Some(true));
+        let mut expired = rooms.expire(Instant::now());
+        assert_eq!(expired.len(), 1);
+        expired[0].flush();
+        assert!(matches!(rx.try_recv(), Ok(WorkerOutput::Error { message }) if message.contains("did not arrive")));
+        assert!(rooms.no_waiting() && rooms.next_deadline().is_none(), "the unclaimed transfer was dropped too");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_leg_stops_waiting() {
+        let mut rooms = Rooms::new(Duration::from_secs(5));
+        let (r, rx) = reply();
+        assert!(rooms.wait(3, request(1, vec![1], 4), r).unwrap().is_none());
+        drop(rx);
+        rooms.drop_cancelled();
+        assert!(rooms.no_waiting());
+    }
+}
