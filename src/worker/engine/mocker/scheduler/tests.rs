@@ -198,3 +198,41 @@ fn events_match_cache_under_random_workload_with_cancels_and_resets() {
     run(&mut s, &mut index, &mut outcomes);
     assert!(resets > 0 && s.preemptions() > 0, "resets {resets}, preemptions {}", s.preemptions());
 }
+
+#[test]
+fn an_imported_prompt_is_not_recomputed_and_generates_what_an_aggregated_run_does() {
+    let prompt: Vec<TokenId> = (0..40).collect();
+    // Aggregated reference.
+    let mut agg = sched(16, 64, 256, 8);
+    let mut index = NaiveIndex::default();
+    let mut outcomes = BTreeMap::new();
+    let id = agg.add(request(1, prompt.clone(), 12)).unwrap();
+    run(&mut agg, &mut index, &mut outcomes);
+    let reference = outcomes[&id].tokens.clone();
+
+    // Disaggregated decode: the first token comes with the import, no step prefills the prompt.
+    let mut s = sched(16, 64, 256, 8);
+    let mut index = NaiveIndex::default();
+    let imported = s.add_imported(request(1, prompt.clone(), 12)).unwrap();
+    assert_eq!((imported.token, imported.finish), (Some(reference[0]), None));
+    let seq = imported.seq.expect("queued");
+    let plan = s.schedule();
+    assert_eq!(plan.work.prefill_tokens, 0, "the prompt's KV was received: {plan:?}");
+    assert_eq!(plan.entries, vec![PlannedSeq { seq, tokens: 1 }]);
+    let mut outcomes = BTreeMap::new();
+    let mut out = Vec::new();
+    step(&mut s, &plan, &mut index, &mut outcomes, &mut out);
+    assert_eq!(out[0].computed_tokens, 0);
+    // The prompt's two full blocks are now cached (and published) on the decode worker.
+    let hashes = BlockHasher::new(16).seq_hashes(&prompt);
+    assert!(hashes.iter().all(|h| index.cached.contains(h)), "imported blocks were stored");
+    run(&mut s, &mut index, &mut outcomes);
+    let mut tokens = vec![reference[0]];
+    tokens.extend(&outcomes[&seq].tokens);
+    assert_eq!(tokens, reference);
+
+    // max_tokens 1: the imported first token ends the request; nothing is queued.
+    let done = s.add_imported(request(2, prompt, 1)).unwrap();
+    assert_eq!((done.seq, done.finish), (None, Some(FinishReason::Length)));
+    assert!(s.is_idle());
+}
