@@ -17,6 +17,7 @@ const PAGE: u64 = 16;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 const DISAGG: &[&str] = &["--prefill-workers", "2", "--decode-workers", "2", "--speedup-ratio", "50"];
+const DISAGG_SLOW: &[&str] = &["--prefill-workers", "2", "--decode-workers", "2", "--speedup-ratio", "10"];
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(CLIENT_TIMEOUT).build().unwrap()
@@ -186,7 +187,7 @@ async fn without_prefill_workers_requests_fall_back_or_get_503_when_enforced() {
 /// Streams `n` requests, `concurrency` at a time, killing `victim` once `kill_after` have
 /// started; every request must end (completed or a clear error) well within the timeout.
 async fn load_with_a_kill(role: kvgate::protocol::WorkerRole) {
-    let mut s = serve(&args(&["--speedup-ratio", "10"]));
+    let mut s = serve(DISAGG_SLOW);
     let base = base_url(&s);
     let c = client();
     let victim =
@@ -227,6 +228,8 @@ async fn load_with_a_kill(role: kvgate::protocol::WorkerRole) {
     }
     // Migration re-sends the failed requests to the surviving workers.
     assert_eq!((ok, failed), (24, 0), "{ok} completed, {failed} failed after killing a {role:?} worker");
+    let survivors = s.worker_ids.len();
+    assert_eq!(survivors, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -371,6 +371,7 @@ COLS = [
     ("system CPU ms/req", lambda r: r["side_by_side"]["system_cpu_ms_per_request"]),
     ("TTFT p50 ms", lambda r: r["ttft_ms"]["p50"]),
     ("TTFT p99 ms", lambda r: r["ttft_ms"]["p99"]),
+    ("E2E p50 ms", lambda r: r["e2e_ms"]["p50"]),
     ("TPOT p50 ms", lambda r: r["tpot_ms"]["p50"]),
     ("hit rate %", lambda r: 100 * r["kv_hit_rate"]),
     ("errors", lambda r: sum(r["errors"].values())),
@@ -378,10 +379,13 @@ COLS = [
     ("load 1m", lambda r: r["side_by_side"]["loadavg_1m_end"]),
 ]
 # kvgate / other: for throughput and hit rate above 1 is better for kvgate, for CPU and TTFT below 1.
-RATIO_COLS = ["req/s", "out tok/s", "frontend CPU ms/req", "system CPU ms/req", "TTFT p50 ms", "TTFT p99 ms", "hit rate %"]
+RATIO_COLS = ["req/s", "out tok/s", "frontend CPU ms/req", "system CPU ms/req", "TTFT p50 ms", "TTFT p99 ms", "E2E p50 ms",
+              "hit rate %"]
 
 
 def fmt(x):
+    if isinstance(x, int):
+        return str(x)
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:.2f}" if abs(x) < 10 else f"{x:.1f}"
 
 

@@ -111,7 +111,7 @@ pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = (
     };
     let registration = etcd.register(info, Duration::from_secs(args.lease_ttl)).await?;
     if let Some(t) = &transfer_address {
-        println!("kvgate worker {id} receives KV transfers at {t}");
+        println!("KV transfers for worker {id} at {t}");
     }
     println!("kvgate worker {id} serving {model} ({role:?}) at {address}");
     tracing::info!(worker = %id, %model, ?role, %address, transfer_address = ?transfer_address, "worker registered");

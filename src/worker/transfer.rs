@@ -37,9 +37,22 @@ pub fn setup(role: WorkerRole, args: &TransferArgs, bytes_per_block: u64) -> std
 
 /// The in-process backend: transfers are memory copies between workers of this process.
 fn setup_in_process(role: WorkerRole, bytes_per_block: u64, timeout: Duration) -> std::io::Result<TransferSetup> {
-    // Wired once the transfer plane's in-process backend lands.
-    let _ = (role, bytes_per_block, timeout);
-    Err(std::io::Error::other("the in-process transfer backend is not available yet"))
+    let mut config = TransferConfig::new(bytes_per_block);
+    config.timeout = timeout;
+    let mut io = DisaggIo { bytes_per_block, timeout, ..DisaggIo::default() };
+    let mut address = None;
+    match role {
+        WorkerRole::Aggregated => {}
+        WorkerRole::Prefill => io.sender = Some(TransferSender::new(config)),
+        WorkerRole::Decode => {
+            let (tx, rx) = mpsc::channel(ARRIVALS_DEPTH);
+            let guard = transfer::bind_in_process(config, tx);
+            address = Some(guard.address().to_string());
+            io.arrivals = Some(rx);
+            io.in_process = Some(guard);
+        }
+    }
+    Ok(TransferSetup { io, address })
 }
 
 /// Sets up the transfer plane of a worker of `role` (TCP). A decode worker listens on `bind`

@@ -27,6 +27,20 @@ fn samples() -> Vec<Frame> {
     vec![
         Frame::Request { stream: s, request: request.clone() },
         Frame::Request { stream: s, request: GenerateRequest { sampling: SamplingParams::default(), ..request.clone() } },
+        Frame::Output { stream: s, output: WorkerOutput::Started { cached_tokens: 16, computed_tokens: 4 } },
+        Frame::Output { stream: s, output: WorkerOutput::Tokens(vec![9, 8, 7]) },
+        Frame::Output { stream: s, output: WorkerOutput::Tokens(vec![]) },
+        Frame::Output { stream: s, output: WorkerOutput::Finished { reason: FinishReason::Cancelled } },
+        Frame::Output { stream: s, output: WorkerOutput::Error { message: "boom ✗".into() } },
+        Frame::Cancel { stream: s },
+        Frame::Credit { stream: s, outputs: 16 },
+        Frame::RecoverRequest { stream: s, since_event_id: 77 },
+        Frame::RecoverChunk { stream: s, chunk },
+        Frame::RecoverChunk {
+            stream: s,
+            chunk: RecoveryChunk { kind: RecoveryKind::Replay, last_event_id: 0, more: false, events: vec![] },
+        },
+        Frame::Error { stream: StreamId::CONNECTION, message: "bad".into() },
         Frame::Request {
             stream: s,
             request: GenerateRequest {
@@ -45,21 +59,7 @@ fn samples() -> Vec<Frame> {
                 ..request
             },
         },
-        Frame::Output { stream: s, output: WorkerOutput::Started { cached_tokens: 16, computed_tokens: 4 } },
         Frame::Output { stream: s, output: WorkerOutput::Transferred { blocks: 3, bytes: 5_505_024, micros: 917 } },
-        Frame::Output { stream: s, output: WorkerOutput::Tokens(vec![9, 8, 7]) },
-        Frame::Output { stream: s, output: WorkerOutput::Tokens(vec![]) },
-        Frame::Output { stream: s, output: WorkerOutput::Finished { reason: FinishReason::Cancelled } },
-        Frame::Output { stream: s, output: WorkerOutput::Error { message: "boom ✗".into() } },
-        Frame::Cancel { stream: s },
-        Frame::Credit { stream: s, outputs: 16 },
-        Frame::RecoverRequest { stream: s, since_event_id: 77 },
-        Frame::RecoverChunk { stream: s, chunk },
-        Frame::RecoverChunk {
-            stream: s,
-            chunk: RecoveryChunk { kind: RecoveryKind::Replay, last_event_id: 0, more: false, events: vec![] },
-        },
-        Frame::Error { stream: StreamId::CONNECTION, message: "bad".into() },
     ]
 }
 
@@ -75,7 +75,12 @@ fn bytes_of(f: &Frame) -> Vec<u8> {
 
 /// Frames whose payload runs "to the end" (a message): a shorter payload is still valid.
 fn ends_with_message(f: &Frame) -> bool {
-    matches!(f, Frame::Error { .. } | Frame::Output { output: WorkerOutput::Error { .. }, .. })
+    matches!(
+        f,
+        Frame::Error { .. }
+            | Frame::Output { output: WorkerOutput::Error { .. }, .. }
+            | Frame::Request { request: GenerateRequest { disagg: Some(DisaggLeg::Prefill { .. }), .. }, .. }
+    )
 }
 
 #[test]
@@ -168,7 +173,10 @@ fn malformed_payloads_are_typed_errors() {
     bad(patch(&s[0], HEADER_LEN + 30, &u32::MAX.to_le_bytes()), "count exceeds the frame");
     bad(patch(&s[8], HEADER_LEN, &[0; 4]), "zero credit");
     bad(patch(&s[5], HEADER_LEN + 1, &[3]), "unknown finish reason");
-    bad(patch(&s[2], HEADER_LEN, &[4]), "unknown output tag");
+    bad(patch(&s[2], HEADER_LEN, &[9]), "unknown output tag");
+    // The disaggregation leg tag is the request's last field before the leg's payload.
+    let plain = bytes_of(&s[0]);
+    bad(patch(&s[0], plain.len() - 1, &[3]), "unknown disaggregation leg");
     let mut long = bytes_of(&s[7]);
     long.push(0);
     long[..4].copy_from_slice(&10u32.to_le_bytes());

@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::protocol::{FinishReason, GenerateRequest, TokenId, WorkerId, WorkerOutput};
-use crate::transfer::{Arrival, TransferHeader, TransferSender};
+use crate::transfer::{Arrival, InProcessReceiverGuard, TransferHeader, TransferSender};
 
 use super::reply::Reply;
 
@@ -47,6 +47,8 @@ pub struct DisaggIo {
     pub bytes_per_block: u64,
     /// How long either side of a room waits for the other.
     pub timeout: Duration,
+    /// Decode role, in-process backend: keeps the receiver registered while the worker lives.
+    pub in_process: Option<InProcessReceiverGuard>,
 }
 
 /// A prefill leg between its admission and its transfer.

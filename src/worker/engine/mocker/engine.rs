@@ -86,6 +86,8 @@ struct Disagg {
     rooms: Rooms,
     /// Running transfer tasks (aborted if the engine task is).
     tasks: JoinSet<()>,
+    /// Unregisters the in-process receiver when the engine ends.
+    _in_process: Option<crate::transfer::InProcessReceiverGuard>,
 }
 
 /// One worker's engine and the channels it serves.
@@ -123,6 +125,7 @@ impl<P: EventPublisher> Engine<P> {
             legs: HashMap::new(),
             rooms: Rooms::new(disagg.timeout),
             tasks: JoinSet::new(),
+            _in_process: disagg.in_process,
         };
         Self {
             sched,
