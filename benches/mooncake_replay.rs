@@ -33,10 +33,7 @@ use kvgate::kv::index::{KvIndex, KvIndexWriter, ShardedIndex};
 use kvgate::protocol::WorkerId;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-const TRACE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/data/mooncake/conversation_trace.jsonl"
-);
+const TRACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/mooncake/conversation_trace.jsonl");
 const BLOCK_TOKENS: usize = 512;
 const WORKERS: usize = 256;
 const REPLICAS: usize = 4;
@@ -92,13 +89,7 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args {
-        capacity: 0,
-        runs: 5,
-        partitions: 2,
-        light_gap_us: 50,
-        writer_only: 0,
-    };
+    let mut a = Args { capacity: 0, runs: 5, partitions: 2, light_gap_us: 50, writer_only: 0 };
     let argv: Vec<String> = std::env::args().collect();
     for pair in argv.windows(2) {
         let v = || pair[1].parse::<usize>().expect("a number");
@@ -136,8 +127,7 @@ impl Engine {
     fn serve(&mut self, seq: &[SeqHash]) -> Vec<KvEventKind> {
         let salt = self.salt;
         let eh = move |s: SeqHash| EngineHash(s.0 ^ salt);
-        let (held, missing): (Vec<SeqHash>, Vec<SeqHash>) =
-            seq.iter().partition(|s| self.last_use.contains_key(s));
+        let (held, missing): (Vec<SeqHash>, Vec<SeqHash>) = seq.iter().partition(|s| self.last_use.contains_key(s));
         // Held blocks of this prompt become most recent, the first block last (leaf first out).
         held.iter().rev().for_each(|&s| self.touch(s));
         let missing_n = missing.len();
@@ -145,7 +135,9 @@ impl Engine {
         if self.capacity > 0 && self.last_use.len() + missing_n > self.capacity {
             let n = self.last_use.len() + missing_n - self.capacity;
             let evicted: Vec<SeqHash> = (0..n).filter_map(|_| self.by_tick.pop_first()).map(|(_, s)| s).collect();
-            evicted.iter().for_each(|s| { self.last_use.remove(s); });
+            evicted.iter().for_each(|s| {
+                self.last_use.remove(s);
+            });
             let engine_hashes = evicted.iter().map(|&s| eh(s)).collect();
             events.push(KvEventKind::Removed { engine_hashes });
         }
@@ -193,9 +185,21 @@ fn workload(reqs: &[Request], capacity: usize) -> Workload {
         })
         .collect();
     let mut next_id = vec![0u64; WORKERS * REPLICAS];
-    let mut w = Workload { prompts: Vec::new(), events: Vec::new(), step_end: Vec::new(), lookup_blocks: 0, stored_blocks: 0, removed_blocks: 0 };
+    let mut w = Workload {
+        prompts: Vec::new(),
+        events: Vec::new(),
+        step_end: Vec::new(),
+        lookup_blocks: 0,
+        stored_blocks: 0,
+        removed_blocks: 0,
+    };
     for r in reqs {
-        let tokens: Vec<u32> = r.hash_ids.iter().flat_map(|&id| std::iter::repeat_n(id as u32, BLOCK_TOKENS)).take(r.input_length).collect();
+        let tokens: Vec<u32> = r
+            .hash_ids
+            .iter()
+            .flat_map(|&id| std::iter::repeat_n(id as u32, BLOCK_TOKENS))
+            .take(r.input_length)
+            .collect();
         let seq: std::sync::Arc<[SeqHash]> = hasher.seq_hashes(&tokens).into();
         let base = rng.random_range(0..WORKERS);
         let kinds = engines[base].serve(&seq);
@@ -249,10 +253,15 @@ fn wait_until(cond: impl Fn() -> bool) -> Duration {
 
 /// One saturated replay: a reader thread and one writer thread per event stream (a stream per
 /// partition; every stream has one part per event, so `step_end` indexes all of them).
-fn saturate(w: &Workload, lookup: &(dyn Fn(&[SeqHash]) + Sync), writers: Vec<(KvIndexWriter, Vec<KvEvent>)>) -> (Run, Vec<KvIndexWriter>) {
+fn saturate(
+    w: &Workload,
+    lookup: &(dyn Fn(&[SeqHash]) + Sync),
+    writers: Vec<(KvIndexWriter, Vec<KvEvent>)>,
+) -> (Run, Vec<KvIndexWriter>) {
     let steps = w.prompts.len();
     let read_done = CachePadded::new(AtomicUsize::new(0));
-    let write_done: Vec<CachePadded<AtomicUsize>> = writers.iter().map(|_| CachePadded::new(AtomicUsize::new(0))).collect();
+    let write_done: Vec<CachePadded<AtomicUsize>> =
+        writers.iter().map(|_| CachePadded::new(AtomicUsize::new(0))).collect();
     let barrier = Barrier::new(writers.len() + 1);
     let (read_done, write_done, barrier) = (&read_done, &write_done, &barrier);
     std::thread::scope(|scope| {
@@ -356,8 +365,13 @@ fn report(label: &str, w: &Workload, mut runs: Vec<Run>) {
     runs.sort_by_key(|r| r.elapsed);
     let median = runs.swap_remove(runs.len() / 2);
     let secs = median.elapsed.as_secs_f64();
-    println!("{label}: median {:.2} M block ops/s ({:.2} M lookup blocks/s + {:.2} M stored blocks/s), {:.0} events/s",
-        block_ops(w) as f64 / secs / 1e6, w.lookup_blocks as f64 / secs / 1e6, w.stored_blocks as f64 / secs / 1e6, w.events.len() as f64 / secs);
+    println!(
+        "{label}: median {:.2} M block ops/s ({:.2} M lookup blocks/s + {:.2} M stored blocks/s), {:.0} events/s",
+        block_ops(w) as f64 / secs / 1e6,
+        w.lookup_blocks as f64 / secs / 1e6,
+        w.stored_blocks as f64 / secs / 1e6,
+        w.events.len() as f64 / secs
+    );
     println!("{label}: lookup latency at saturation (median run): {}", percentiles(median.latencies_ns));
 }
 
@@ -392,11 +406,24 @@ fn main() {
     let reqs: Vec<Request> = text.lines().map(|l| serde_json::from_str(l).expect("a trace line")).collect();
     let t = Instant::now();
     let w = workload(&reqs, a.capacity);
-    let cap = if a.capacity > 0 { format!("{} blocks per worker", a.capacity) } else { "unbounded (no eviction)".into() };
-    println!("mooncake_replay: {} requests → {} steps ({} workers × {} replicas), capacity {cap}; generated in {:.1} s",
-        reqs.len(), w.prompts.len(), WORKERS, REPLICAS, t.elapsed().as_secs_f64());
-    println!("workload: {} lookup blocks + {} stored blocks = {} block ops; {} events ({} removed blocks)",
-        w.lookup_blocks, w.stored_blocks, block_ops(&w), w.events.len(), w.removed_blocks);
+    let cap =
+        if a.capacity > 0 { format!("{} blocks per worker", a.capacity) } else { "unbounded (no eviction)".into() };
+    println!(
+        "mooncake_replay: {} requests → {} steps ({} workers × {} replicas), capacity {cap}; generated in {:.1} s",
+        reqs.len(),
+        w.prompts.len(),
+        WORKERS,
+        REPLICAS,
+        t.elapsed().as_secs_f64()
+    );
+    println!(
+        "workload: {} lookup blocks + {} stored blocks = {} block ops; {} events ({} removed blocks)",
+        w.lookup_blocks,
+        w.stored_blocks,
+        block_ops(&w),
+        w.events.len(),
+        w.removed_blocks
+    );
 
     if a.writer_only > 0 {
         for _ in 0..a.writer_only {
@@ -427,14 +454,27 @@ fn main() {
         (lookup, vec![(writer, w.events.clone())])
     };
     let alone = writers_alone(single().1);
-    println!("single writer alone: {:.1} ms, {:.2} M stored blocks/s", alone.as_secs_f64() * 1e3, w.stored_blocks as f64 / alone.as_secs_f64() / 1e6);
-    let runs = (0..a.runs).map(|_| { let (lookup, writers) = single(); saturate(&w, &lookup, writers).0 }).collect();
+    println!(
+        "single writer alone: {:.1} ms, {:.2} M stored blocks/s",
+        alone.as_secs_f64() * 1e3,
+        w.stored_blocks as f64 / alone.as_secs_f64() / 1e6
+    );
+    let runs = (0..a.runs)
+        .map(|_| {
+            let (lookup, writers) = single();
+            saturate(&w, &lookup, writers).0
+        })
+        .collect();
     report("single writer + reader", &w, runs);
 
     if a.partitions > 1 {
         let n = a.partitions;
         let alone = writers_alone(sharded_streams(&w, n).1);
-        println!("{n} partition writers alone: {:.1} ms, {:.2} M stored blocks/s", alone.as_secs_f64() * 1e3, w.stored_blocks as f64 / alone.as_secs_f64() / 1e6);
+        println!(
+            "{n} partition writers alone: {:.1} ms, {:.2} M stored blocks/s",
+            alone.as_secs_f64() * 1e3,
+            w.stored_blocks as f64 / alone.as_secs_f64() / 1e6
+        );
         let runs = (0..a.runs)
             .map(|_| {
                 let (index, streams) = sharded_streams(&w, n);

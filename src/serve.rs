@@ -86,7 +86,11 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
         temperature: args.router.router_temperature,
         block_size: page_size,
     };
-    let limits = HttpLimits { max_body_bytes: args.http.max_body_bytes, migration_limit: args.router.migration_limit, disagg: args.router.disagg_policy() };
+    let limits = HttpLimits {
+        max_body_bytes: args.http.max_body_bytes,
+        migration_limit: args.router.migration_limit,
+        disagg: args.router.disagg_policy(),
+    };
     let fe = Arc::new(Frontend::new(plane.clone(), index, router_config, limits, shards));
     fe.add_model(&model_name, preprocessor.clone(), page_size);
 

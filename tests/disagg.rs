@@ -109,8 +109,7 @@ async fn the_second_turn_goes_to_the_prefill_worker_holding_the_first() {
     let base = base_url(&s);
     let c = client();
     for tag in ["north", "south", "east"] {
-        let mut messages =
-            json!([{"role": "system", "content": system_prompt(tag)}, {"role": "user", "content": "When is the 8:15?"}]);
+        let mut messages = json!([{"role": "system", "content": system_prompt(tag)}, {"role": "user", "content": "When is the 8:15?"}]);
         let first = chat(&c, &base, &messages, 16).await;
         assert_eq!(first.status, 200, "{}", first.body);
         let p1 = first.header("x-kvgate-prefill-worker");
@@ -197,7 +196,8 @@ async fn load_with_a_kill(role: kvgate::protocol::WorkerRole) {
         let (c, base) = (c.clone(), base.clone());
         tasks.push(tokio::spawn(async move {
             let prompt = format!("{} request {i}: tell me about the timetable.", system_prompt(&i.to_string()));
-            let body = json!({"model": "kvgate-mock", "prompt": prompt, "max_tokens": 64, "ignore_eos": true, "stream": true});
+            let body =
+                json!({"model": "kvgate-mock", "prompt": prompt, "max_tokens": 64, "ignore_eos": true, "stream": true});
             let started = std::time::Instant::now();
             let r = c.post(format!("{base}/v1/completions")).json(&body).send().await.map_err(|e| e.to_string())?;
             let status = r.status().as_u16();
@@ -240,4 +240,19 @@ async fn killing_a_prefill_worker_under_load_loses_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_decode_worker_under_load_loses_no_request() {
     load_with_a_kill(kvgate::protocol::WorkerRole::Decode).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_process_transfer_backend_moves_the_same_bytes() {
+    let s = serve(&args(&["--disaggregation-transfer-backend", "in-process"]));
+    let base = base_url(&s);
+    let c = client();
+    let messages = json!([{"role": "system", "content": system_prompt("inproc")}, {"role": "user", "content": "Hi"}]);
+    let r = chat(&c, &base, &messages, 8).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-kvgate-disagg"), "remote");
+    let prompt = r.body["usage"]["prompt_tokens"].as_u64().unwrap();
+    let bytes = metric(&c, &base, "kvgate_kv_transfer_bytes_total").await as u64;
+    assert_eq!(bytes, prompt.div_ceil(PAGE) * PAGE * KV_BYTES_PER_TOKEN);
+    assert_eq!(metric(&c, &base, "kvgate_decode_prompt_tokens_computed_total").await, 0.0);
 }

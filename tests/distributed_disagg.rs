@@ -118,8 +118,7 @@ async fn two_replicas_disaggregated_across_processes() {
 
     // Multi-turn: turn 2 goes to the prefill worker that computed (and holds) turn 1.
     for tag in ["north", "south", "east"] {
-        let mut messages =
-            json!([{"role": "system", "content": system_prompt(tag)}, {"role": "user", "content": "When is the 8:15?"}]);
+        let mut messages = json!([{"role": "system", "content": system_prompt(tag)}, {"role": "user", "content": "When is the 8:15?"}]);
         let first = chat(&c, &base, &messages).await;
         assert_eq!(first.status, 200, "{}", first.body);
         assert!(prefill_ids.contains(&first.prefill.as_str()), "{} is not a prefill worker", first.prefill);

@@ -136,7 +136,11 @@ pub fn start(args: &FrontendArgs) -> Result<FrontendServer, FrontendLaunchError>
         temperature: args.router.router_temperature,
         block_size: args.page_size,
     };
-    let limits = HttpLimits { max_body_bytes: args.http.max_body_bytes, migration_limit: args.router.migration_limit, disagg: args.router.disagg_policy() };
+    let limits = HttpLimits {
+        max_body_bytes: args.http.max_body_bytes,
+        migration_limit: args.router.migration_limit,
+        disagg: args.router.disagg_policy(),
+    };
     let fe = Arc::new(Frontend::new(plane.clone(), index, router_config, limits, shards));
 
     let cluster = args.cluster.clone();

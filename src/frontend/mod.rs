@@ -203,8 +203,7 @@ impl<P> Frontend<P> {
             let old = model.workers.load();
             let mut group = WorkerGroup::default();
             for info in snapshot.iter().filter(|w| w.model == model.name) {
-                let load =
-                    old.all().find(|c| c.id == info.id).map(|c| c.load.clone()).unwrap_or_else(WorkerLoad::new);
+                let load = old.all().find(|c| c.id == info.id).map(|c| c.load.clone()).unwrap_or_else(WorkerLoad::new);
                 let c = Candidate { id: info.id, load };
                 match info.role {
                     WorkerRole::Aggregated => group.candidates.push(c),

@@ -128,8 +128,16 @@ impl<P: RequestPlane> Dispatch<P> {
         if whole.is_empty() {
             return Err(ApiError::NoWorkers(self.model.name.clone()));
         }
-        let decision =
-            route_among(&self.shard, &self.model, &self.model.router, &whole, &seq, prompt.len(), self.request_id, "whole")?;
+        let decision = route_among(
+            &self.shard,
+            &self.model,
+            &self.model.router,
+            &whole,
+            &seq,
+            prompt.len(),
+            self.request_id,
+            "whole",
+        )?;
         let local = group.decode.iter().any(|c| c.id == decision.worker);
         Ok(Plan::Whole { decision, local })
     }

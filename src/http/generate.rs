@@ -147,15 +147,8 @@ pub async fn handle<P: RequestPlane>(
     let worker = sent.worker;
     let headers = legs_headers(worker, &sent.legs);
     let decoder = p.model.preprocessor.decoder();
-    let mut gen = Generation::new(
-        sent,
-        decoder,
-        p.validated.stop.clone(),
-        prompt_tokens,
-        arrived,
-        fe.metrics.clone(),
-        inflight,
-    );
+    let mut gen =
+        Generation::new(sent, decoder, p.validated.stop.clone(), prompt_tokens, arrived, fe.metrics.clone(), inflight);
     if migration_limit > 0 {
         gen.enable_migration(dispatch, worker, migration_limit);
     }

@@ -28,8 +28,8 @@ use engine::mocker::ring::EventRing;
 use engine::mocker::scheduler::Scheduler;
 
 pub use control::{Recovery, WorkerControl, WorkerGoneError, CONTROL_QUEUE_DEPTH};
-pub use engine::mocker::ring::{EVENT_RING_CAPACITY, EVENT_RING_MAX_BLOCKS};
 pub use engine::mocker::disagg::DisaggIo;
+pub use engine::mocker::ring::{EVENT_RING_CAPACITY, EVENT_RING_MAX_BLOCKS};
 pub use engine::mocker::{MockerArgs, MockerConfig, MockerConfigError};
 
 /// A running worker task. Dropping it aborts the task; call [`stop`](Self::stop) to drain.

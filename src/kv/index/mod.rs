@@ -263,10 +263,7 @@ impl KvIndex {
 /// or survives to the end, so a hot first block held by every worker costs one pass over its
 /// set, and a run of blocks held by the same workers costs one slice compare per block.
 #[inline]
-fn walk<'a>(
-    seq: &[SeqHash],
-    get: impl Fn(&SeqHash) -> Option<&'a WorkerSet>,
-) -> Vec<(WorkerId, u32)> {
+fn walk<'a>(seq: &[SeqHash], get: impl Fn(&SeqHash) -> Option<&'a WorkerSet>) -> Vec<(WorkerId, u32)> {
     let Some(first) = seq.first().and_then(&get) else {
         return Vec::new();
     };

@@ -26,7 +26,10 @@ fn samples() -> Vec<Frame> {
     let chunk = RecoveryChunk { kind: RecoveryKind::Dump, last_event_id: 9, more: true, events };
     vec![
         Frame::Request { stream: s, request: request.clone() },
-        Frame::Request { stream: s, request: GenerateRequest { sampling: SamplingParams::default(), ..request.clone() } },
+        Frame::Request {
+            stream: s,
+            request: GenerateRequest { sampling: SamplingParams::default(), ..request.clone() },
+        },
         Frame::Output { stream: s, output: WorkerOutput::Started { cached_tokens: 16, computed_tokens: 4 } },
         Frame::Output { stream: s, output: WorkerOutput::Tokens(vec![9, 8, 7]) },
         Frame::Output { stream: s, output: WorkerOutput::Tokens(vec![]) },

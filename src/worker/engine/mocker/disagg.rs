@@ -195,7 +195,10 @@ pub fn spawn_transfer(
                     "kv transfer sent"
                 );
                 let micros = stats.elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
-                if tx.send(WorkerOutput::Transferred { blocks: stats.blocks, bytes: stats.bytes, micros }).await.is_err()
+                if tx
+                    .send(WorkerOutput::Transferred { blocks: stats.blocks, bytes: stats.bytes, micros })
+                    .await
+                    .is_err()
                 {
                     return;
                 }
@@ -211,7 +214,12 @@ pub fn spawn_transfer(
 }
 
 /// The header of a prefill leg's transfer.
-pub fn header(leg: &PrefillLeg, page_size: usize, bytes_per_block: u64, first_token: Option<TokenId>) -> TransferHeader {
+pub fn header(
+    leg: &PrefillLeg,
+    page_size: usize,
+    bytes_per_block: u64,
+    first_token: Option<TokenId>,
+) -> TransferHeader {
     TransferHeader {
         room: leg.room,
         request_id: leg.request_id,
