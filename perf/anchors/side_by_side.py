@@ -41,6 +41,11 @@ Usage:
     perf/anchors/side_by_side.py                                  # kvgate, dynamo, sglang
     perf/anchors/side_by_side.py --systems kvgate,kvgate-serve,dynamo,sglang --nice -10
     perf/anchors/side_by_side.py --systems kvgate,dynamo --runs saturation,mooncake
+    perf/anchors/side_by_side.py --report-from target/perf-anchors/side_by_side.json  # tables again
+
+Results go to --out-dir (default target/perf-anchors): side_by_side.md (the report),
+side_by_side.json (every bench summary plus the per-process CPU), and per system and run the
+logs of every process, bench.json and requests.jsonl.
 
 Dynamo and the SGLang router are Python packages installed in virtual environments (see
 perf/anchors/README.md); --dynamo-python and --sglang-python name their interpreters. etcd
@@ -460,7 +465,12 @@ def main():
     p.add_argument("--log-level", default="warn", help="log level of every system (per-request INFO lines cost CPU)")
     p.add_argument("--nice", type=int, default=0, help="niceness of every process (negative, as root, shields from builds)")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "target/perf-anchors"))
+    p.add_argument("--report-from", metavar="JSON", help="only print the tables of an earlier run's side_by_side.json")
     a = p.parse_args()
+    if a.report_from:
+        with open(a.report_from) as f:
+            print(tables(json.load(f)))
+        return
     a.out_dir = os.path.abspath(a.out_dir)
     os.makedirs(a.out_dir, exist_ok=True)
     systems = a.systems.split(",")
