@@ -14,6 +14,7 @@
 //! | [`discovery`] | which workers exist (trait seam; in-process implementation) |
 //! | [`events`] | the KV event plane (trait seam; in-process implementation) |
 //! | [`transport`] | the request plane to workers (trait seam; in-process implementation) |
+//! | [`transfer`] | the KV transfer plane of disaggregated serving (TCP; in-process backend) |
 //! | [`worker`] | the worker runtime and its engines (the `mocker`) |
 //! | [`frontend`] | the frontend's shared state: models, workers, index, and the control plane |
 //! | [`metrics`] | per-shard counters merged on scrape; every metric name in one file |
@@ -33,6 +34,10 @@
 //! 5. The request plane ([`transport`]) sends token ids to the worker; the worker streams token
 //!    ids back; the shard detokenizes incrementally, applies stop strings, and writes SSE chunks
 //!    (or one JSON body).
+//!    With prefill and decode workers ([`http::dispatch`]), the decode worker is picked by
+//!    load, the prefill worker by KV cost, and both legs go out with one bootstrap room: the
+//!    prefill worker pushes the prompt's KV over the [`transfer`] plane and the decode worker
+//!    streams from the first token.
 //! 6. Meanwhile workers publish KV events ([`events`]); the control plane applies them to the
 //!    index, which every shard reads without locks.
 

@@ -8,7 +8,7 @@
 //! the request goes whole to one worker (aggregated workers, plus decode workers, which
 //! prefill locally), unless `--enforce-disagg`.
 //!
-//! Invariants: every [`Dispatched`] holds a booking ([`LoadGuard`]) for each leg it started;
+//! Invariants: every [`Dispatched`] holds a booking ([`LoadGuard`](crate::router::LoadGuard)) for each leg it started;
 //! a leg that cannot be sent drops the other (cancelling it on its worker). A worker that
 //! could not be reached is never chosen again for the request and leaves routing for a while.
 //! Concurrency: runs on the request's shard; routing decisions are synchronous (the shard's
