@@ -128,6 +128,9 @@ async fn pooled_connection_is_reused_and_a_closed_one_replaced() {
         assert_eq!(sender.idle_connections(&addr), 1);
         assert_eq!(arrivals.recv().await.unwrap().header.room, room);
     }
+    // Another sender's connection is beyond the receiver's limit: closed on accept.
+    let refused = TransferSender::new(config(4096)).send(&addr, header(3, 4, 4096)).await;
+    assert!(matches!(refused, Err(TransferError::Io { .. })), "{refused:?}");
     // The receiver closes idle connections; the sender notices and connects afresh.
     let idle = TransferConfig { idle_timeout: Duration::from_millis(100), ..config(4096) };
     let (addr, mut arrivals, _rx) = receiver(idle).await;
