@@ -87,10 +87,12 @@ pub enum DisaggLeg {
     /// Compute the prompt (and sample the first token), push its KV blocks and the first token
     /// to the decode worker's transfer address, report `Transferred`, then `Finished`. No
     /// `Tokens` are streamed on this leg.
-    Prefill { room: u64, decode_worker: WorkerId, transfer_address: String },
+    /// The first `skip_blocks` full blocks are not sent: the decode worker holds them already.
+    Prefill { room: u64, decode_worker: WorkerId, skip_blocks: u32, transfer_address: String },
     /// Wait for the room's KV blocks from the prefill worker, then stream the first token and
-    /// generate from there without computing the prompt.
-    Decode { room: u64, prefill_worker: WorkerId },
+    /// generate from there without computing the prompt. The first `skip_blocks` blocks come
+    /// from the worker's own cache (if they were evicted meanwhile, it recomputes them).
+    Decode { room: u64, prefill_worker: WorkerId, skip_blocks: u32 },
 }
 
 /// Why a worker stopped generating.

@@ -256,3 +256,24 @@ async fn the_in_process_transfer_backend_moves_the_same_bytes() {
     assert_eq!(bytes, prompt.div_ceil(PAGE) * PAGE * KV_BYTES_PER_TOKEN);
     assert_eq!(metric(&c, &base, "kvgate_decode_prompt_tokens_computed_total").await, 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_the_decode_worker_holds_are_not_sent_again() {
+    let s = serve(&["--prefill-workers", "1", "--decode-workers", "1", "--speedup-ratio", "50"]);
+    let base = base_url(&s);
+    let c = client();
+    let ask = |q: &str| json!([{"role": "system", "content": system_prompt("reuse")}, {"role": "user", "content": q}]);
+    let first = chat(&c, &base, &ask("When is the 8:15?"), 8).await;
+    let sent_first = metric(&c, &base, "kvgate_kv_transfer_blocks_total").await as u64;
+    let prompt1 = first.body["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(sent_first, prompt1.div_ceil(PAGE));
+    // The decode worker's KV events (the imported blocks) reach the index.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = chat(&c, &base, &ask("And the 9:40?"), 8).await;
+    assert_eq!(second.status, 200, "{}", second.body);
+    assert_eq!(second.header("x-kvgate-disagg"), "remote");
+    let prompt2 = second.body["usage"]["prompt_tokens"].as_u64().unwrap();
+    let sent_second = metric(&c, &base, "kvgate_kv_transfer_blocks_total").await as u64 - sent_first;
+    assert!(sent_second <= prompt2.div_ceil(PAGE) - 8, "sent {sent_second} blocks of a {prompt2}-token prompt");
+    assert_eq!(metric(&c, &base, "kvgate_decode_prompt_tokens_computed_total").await, 0.0);
+}

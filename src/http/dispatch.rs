@@ -74,7 +74,7 @@ enum Plan {
     /// The whole request to one worker (`local`: a decode worker prefilling itself).
     Whole { decision: RouteDecision, local: bool },
     /// Prefill and decode legs.
-    Split { prefill: RouteDecision, decode: RouteDecision, transfer_address: Arc<str> },
+    Split { prefill: RouteDecision, decode: RouteDecision, transfer_address: Arc<str>, skip_blocks: u32 },
 }
 
 /// Everything needed to send (or re-send) one request to workers.
@@ -106,11 +106,10 @@ impl<P: RequestPlane> Dispatch<P> {
             let (model, id) = (&self.model, self.request_id);
             let d = route_among(&self.shard, model, &model.decode_router, &decode, &seq, prompt.len(), id, "decode")?;
             let transfer_address = group.transfer_addresses.get(&d.worker).cloned();
-            let mut local = false;
-            if policy.min_uncached_tokens > 0 || policy.local_cached_ratio <= 1.0 {
-                let cached = self.fe.index.find_matches(&seq).overlap(d.worker) as usize * model.hasher.block_size();
-                local = policy.prefill_locally(prompt.len() as u32, cached.min(prompt.len()) as u32);
-            }
+            // Blocks the decode worker holds already are not sent again.
+            let skip_blocks = self.fe.index.find_matches(&seq).overlap(d.worker);
+            let cached = (skip_blocks as usize * model.hasher.block_size()).min(prompt.len());
+            let local = policy.prefill_locally(prompt.len() as u32, cached as u32);
             let Some(transfer_address) = transfer_address.filter(|_| !local) else {
                 if !local {
                     tracing::warn!(worker = %d.worker, "decode worker has no transfer address; prefilling on it");
@@ -118,7 +117,7 @@ impl<P: RequestPlane> Dispatch<P> {
                 return Ok(Plan::Whole { decision: d, local: true });
             };
             let p = route_among(&self.shard, model, &model.router, &prefill, &seq, prompt.len(), id, "prefill")?;
-            return Ok(Plan::Split { prefill: p, decode: d, transfer_address });
+            return Ok(Plan::Split { prefill: p, decode: d, transfer_address, skip_blocks });
         }
         if policy.enforce {
             let missing = if prefill.is_empty() { "prefill" } else { "decode" };
@@ -184,17 +183,17 @@ impl<P: RequestPlane> Dispatch<P> {
                         Err(e) => return Err(ApiError::Transport(e)),
                     }
                 }
-                Plan::Split { prefill, decode, transfer_address } => {
+                Plan::Split { prefill, decode, transfer_address, skip_blocks } => {
                     let room: u64 = self.shard.rng.borrow_mut().random();
                     let (p, d) = (prefill.worker, decode.worker);
-                    let decode_leg = DisaggLeg::Decode { room, prefill_worker: p };
+                    let decode_leg = DisaggLeg::Decode { room, prefill_worker: p, skip_blocks };
                     let rx = match self.fe.plane.generate(d, self.request(prompt, max_tokens, Some(decode_leg))).await {
                         Ok(rx) => rx,
                         Err(e) if self.unreachable(d, &mut left, &e) => continue,
                         Err(e) => return Err(ApiError::Transport(e)),
                     };
                     let transfer_address = transfer_address.to_string();
-                    let prefill_leg = DisaggLeg::Prefill { room, decode_worker: d, transfer_address };
+                    let prefill_leg = DisaggLeg::Prefill { room, decode_worker: d, skip_blocks, transfer_address };
                     // Dropping `rx` on failure cancels the decode leg.
                     let prefill_rx =
                         match self.fe.plane.generate(p, self.request(prompt, max_tokens, Some(prefill_leg))).await {
@@ -207,6 +206,7 @@ impl<P: RequestPlane> Dispatch<P> {
                         room = format_args!("{room:x}"),
                         prefill_worker = %p,
                         decode_worker = %d,
+                        skip_blocks,
                         "disaggregated: both legs sent"
                     );
                     m.disagg_remote.fetch_add(1, Relaxed);

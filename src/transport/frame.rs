@@ -10,7 +10,8 @@
 //! Payloads (integers little-endian; `flag` is a byte 0 or 1; `n×T` is a u32 count then items):
 //! - `Request`: request_id u64, max_tokens u32, temperature f32, top_p f32, seed flag (+ u64),
 //!   ignore_eos flag, n×u32 prompt ids, n×u32 eos ids, disagg u8 (0 none | 1 prefill: room u64,
-//!   decode worker u64, UTF-8 transfer address to the end | 2 decode: room u64, prefill worker u64).
+//!   decode worker u64, skip_blocks u32, UTF-8 transfer address to the end | 2 decode: room u64,
+//!   prefill worker u64, skip_blocks u32).
 //! - `Output`: tag u8, then 0 `Started` cached_tokens u32, computed_tokens u32 | 1 `Tokens`
 //!   n×u32 | 2 `Finished` reason u8 (0 eos, 1 length, 2 cancelled) | 3 `Error` UTF-8 message to
 //!   the end | 4 `Transferred` blocks u32, bytes u64, micros u64.
@@ -287,16 +288,18 @@ fn put_request(out: &mut BytesMut, r: &GenerateRequest) {
     put_u32s(out, eos_token_ids);
     match disagg {
         None => out.put_u8(0),
-        Some(DisaggLeg::Prefill { room, decode_worker, transfer_address }) => {
+        Some(DisaggLeg::Prefill { room, decode_worker, skip_blocks, transfer_address }) => {
             out.put_u8(1);
             out.put_u64_le(*room);
             out.put_u64_le(decode_worker.0);
+            out.put_u32_le(*skip_blocks);
             out.put_slice(transfer_address.as_bytes());
         }
-        Some(DisaggLeg::Decode { room, prefill_worker }) => {
+        Some(DisaggLeg::Decode { room, prefill_worker, skip_blocks }) => {
             out.put_u8(2);
             out.put_u64_le(*room);
             out.put_u64_le(prefill_worker.0);
+            out.put_u32_le(*skip_blocks);
         }
     }
 }
@@ -456,9 +459,14 @@ impl<'a> Cursor<'a> {
             1 => Some(DisaggLeg::Prefill {
                 room: self.u64()?,
                 decode_worker: WorkerId(self.u64()?),
+                skip_blocks: self.u32()?,
                 transfer_address: self.rest_utf8()?,
             }),
-            2 => Some(DisaggLeg::Decode { room: self.u64()?, prefill_worker: WorkerId(self.u64()?) }),
+            2 => Some(DisaggLeg::Decode {
+                room: self.u64()?,
+                prefill_worker: WorkerId(self.u64()?),
+                skip_blocks: self.u32()?,
+            }),
             _ => return Err(self.bad("unknown disaggregation leg")),
         };
         let sampling = SamplingParams { max_tokens, temperature, top_p, seed, ignore_eos };

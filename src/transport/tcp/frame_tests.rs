@@ -50,6 +50,7 @@ fn samples() -> Vec<Frame> {
                 disagg: Some(DisaggLeg::Prefill {
                     room: u64::MAX - 1,
                     decode_worker: WorkerId(5),
+                    skip_blocks: 3,
                     transfer_address: "10.0.0.2:4500".into(),
                 }),
                 ..request.clone()
@@ -58,7 +59,7 @@ fn samples() -> Vec<Frame> {
         Frame::Request {
             stream: s,
             request: GenerateRequest {
-                disagg: Some(DisaggLeg::Decode { room: 7, prefill_worker: WorkerId(u64::MAX) }),
+                disagg: Some(DisaggLeg::Decode { room: 7, prefill_worker: WorkerId(u64::MAX), skip_blocks: 0 }),
                 ..request
             },
         },

@@ -55,6 +55,8 @@ pub struct DisaggIo {
 #[derive(Debug, Clone)]
 pub struct PrefillLeg {
     pub room: u64,
+    /// Leading full blocks the decode worker holds already (not sent).
+    pub skip_blocks: u32,
     pub request_id: u64,
     pub decode_worker: WorkerId,
     pub transfer_address: String,
@@ -63,12 +65,14 @@ pub struct PrefillLeg {
 
 /// A decode leg matched with its transfer: import it.
 pub struct Matched {
+    pub skip_blocks: u32,
     pub request: GenerateRequest,
     pub reply: Reply,
     pub arrival: Arrival,
 }
 
 struct Waiting {
+    skip_blocks: u32,
     request: GenerateRequest,
     reply: Reply,
     deadline: Instant,
@@ -93,15 +97,21 @@ impl Rooms {
 
     /// A decode leg arrived: matched at once if its KV already landed, else it waits. A second
     /// leg for a room already waiting is refused (returned with an error queued).
-    pub fn wait(&mut self, room: u64, request: GenerateRequest, mut reply: Reply) -> Result<Option<Matched>, Reply> {
+    pub fn wait(
+        &mut self,
+        room: u64,
+        skip_blocks: u32,
+        request: GenerateRequest,
+        mut reply: Reply,
+    ) -> Result<Option<Matched>, Reply> {
         if let Some((arrival, _)) = self.landed.remove(&room) {
-            return Ok(Some(Matched { request, reply, arrival }));
+            return Ok(Some(Matched { skip_blocks, request, reply, arrival }));
         }
         if self.waiting.contains_key(&room) {
             reply.finish(WorkerOutput::Error { message: format!("bootstrap room {room:x} is already in use") });
             return Err(reply);
         }
-        self.waiting.insert(room, Waiting { request, reply, deadline: Instant::now() + self.timeout });
+        self.waiting.insert(room, Waiting { skip_blocks, request, reply, deadline: Instant::now() + self.timeout });
         Ok(None)
     }
 
@@ -109,7 +119,7 @@ impl Rooms {
     pub fn land(&mut self, arrival: Arrival) -> Option<Matched> {
         let room = arrival.header.room;
         if let Some(w) = self.waiting.remove(&room) {
-            return Some(Matched { request: w.request, reply: w.reply, arrival });
+            return Some(Matched { skip_blocks: w.skip_blocks, request: w.request, reply: w.reply, arrival });
         }
         if self.landed.len() >= MAX_UNCLAIMED_TRANSFERS {
             if let Some(oldest) = self.landed.iter().min_by_key(|(_, (_, t))| *t).map(|(r, _)| *r) {
@@ -223,7 +233,7 @@ pub fn header(
     TransferHeader {
         room: leg.room,
         request_id: leg.request_id,
-        num_blocks: leg.prompt_tokens.div_ceil(page_size) as u32,
+        num_blocks: (leg.prompt_tokens.div_ceil(page_size) as u32).saturating_sub(leg.skip_blocks),
         bytes_per_block,
         first_token,
     }
@@ -249,20 +259,20 @@ mod tests {
     async fn legs_and_transfers_meet_in_either_order_once() {
         let mut rooms = Rooms::new(Duration::from_secs(5));
         let (r, _rx) = reply();
-        assert!(rooms.wait(1, request(1, vec![1, 2, 3], 4), r).unwrap().is_none());
+        assert!(rooms.wait(1, 0, request(1, vec![1, 2, 3], 4), r).unwrap().is_none());
         let m = rooms.land(arrival(1)).expect("the waiting leg claims its transfer");
         assert_eq!(m.arrival.header.room, 1);
         assert!(rooms.no_waiting());
 
         assert!(rooms.land(arrival(2)).is_none());
         let (r, _rx2) = reply();
-        let m = rooms.wait(2, request(2, vec![1], 4), r).unwrap().expect("the landed transfer is claimed");
+        let m = rooms.wait(2, 0, request(2, vec![1], 4), r).unwrap().expect("the landed transfer is claimed");
         assert_eq!(m.request.request_id, 2);
         // Claimed once: a second leg for room 2 now waits for a new transfer.
         let (r, _rx3) = reply();
-        assert!(rooms.wait(2, request(3, vec![1], 4), r).unwrap().is_none());
+        assert!(rooms.wait(2, 0, request(3, vec![1], 4), r).unwrap().is_none());
         let (r, mut rx4) = reply();
-        let mut refused = rooms.wait(2, request(4, vec![1], 4), r).err().expect("a room in use is refused");
+        let mut refused = rooms.wait(2, 0, request(4, vec![1], 4), r).err().expect("a room in use is refused");
         refused.flush();
         assert!(matches!(rx4.try_recv(), Ok(WorkerOutput::Error { message }) if message.contains("in use")));
     }
@@ -271,7 +281,7 @@ mod tests {
     async fn waiting_legs_time_out_with_an_error_and_stale_transfers_are_dropped() {
         let mut rooms = Rooms::new(Duration::from_secs(5));
         let (r, mut rx) = reply();
-        assert!(rooms.wait(7, request(1, vec![1], 4), r).unwrap().is_none());
+        assert!(rooms.wait(7, 0, request(1, vec![1], 4), r).unwrap().is_none());
         assert!(rooms.land(arrival(8)).is_none());
         assert!(rooms.expire(Instant::now()).is_empty());
         tokio::time::advance(Duration::from_secs(6)).await;
@@ -287,7 +297,7 @@ mod tests {
     async fn a_cancelled_leg_stops_waiting() {
         let mut rooms = Rooms::new(Duration::from_secs(5));
         let (r, rx) = reply();
-        assert!(rooms.wait(3, request(1, vec![1], 4), r).unwrap().is_none());
+        assert!(rooms.wait(3, 0, request(1, vec![1], 4), r).unwrap().is_none());
         drop(rx);
         rooms.drop_cancelled();
         assert!(rooms.no_waiting());

@@ -290,12 +290,13 @@ impl<P: EventPublisher> Engine<P> {
         let reply = Reply::new(reply);
         match request.disagg.take() {
             None => self.add(request, reply, None),
-            Some(DisaggLeg::Prefill { room, decode_worker, transfer_address }) => {
+            Some(DisaggLeg::Prefill { room, decode_worker, skip_blocks, transfer_address }) => {
                 if self.disagg.sender.is_none() {
                     return self.refuse(reply, "this worker is not a prefill worker (no KV transfer sender)");
                 }
                 let leg = PrefillLeg {
                     room,
+                    skip_blocks,
                     request_id: request.request_id,
                     decode_worker,
                     transfer_address,
@@ -305,11 +306,11 @@ impl<P: EventPublisher> Engine<P> {
                 request.sampling.max_tokens = 1;
                 self.add(request, reply, Some(leg));
             }
-            Some(DisaggLeg::Decode { room, .. }) => {
+            Some(DisaggLeg::Decode { room, skip_blocks, .. }) => {
                 if self.disagg.arrivals.is_none() {
                     return self.refuse(reply, "this worker is not a decode worker (no KV transfer receiver)");
                 }
-                match self.disagg.rooms.wait(room, request, reply) {
+                match self.disagg.rooms.wait(room, skip_blocks, request, reply) {
                     Ok(Some(m)) => self.import(m),
                     Ok(None) => {}
                     Err(reply) => self.draining.push(reply),
@@ -345,11 +346,22 @@ impl<P: EventPublisher> Engine<P> {
 
     /// Starts a decode leg whose KV landed: its first token goes out at once.
     fn import(&mut self, m: Matched) {
-        let Matched { request, mut reply, arrival } = m;
+        let Matched { skip_blocks, request, mut reply, arrival } = m;
         if reply.is_closed() {
             return;
         }
-        match self.sched.add_imported(request) {
+        let page = self.sched.cache().page_size();
+        let expected = (request.token_ids.len().div_ceil(page) as u32).saturating_sub(skip_blocks);
+        if arrival.header.num_blocks != expected {
+            let message = format!(
+                "the KV transfer carried {} blocks; this prompt needs {expected} after the {skip_blocks} cached ones",
+                arrival.header.num_blocks
+            );
+            reply.finish(WorkerOutput::Error { message });
+            self.draining.push(reply);
+            return;
+        }
+        match self.sched.add_imported(request, skip_blocks as usize * page) {
             Ok(imported) => {
                 if imported.token != arrival.header.first_token {
                     tracing::debug!(ours = ?imported.token, theirs = ?arrival.header.first_token, "first token differs from the prefill worker's");

@@ -158,7 +158,8 @@ impl Scheduler {
     /// token was sampled there, so the sequence starts decoding (its prompt is admitted as
     /// computed, not recomputed). Returns the first token (`None`: end of sequence) and whether
     /// the request is already finished, in which case nothing is queued (`SeqId` is `None`).
-    pub fn add_imported(&mut self, request: GenerateRequest) -> Result<Imported, Rejected> {
+    /// `skip_tokens` leading prompt tokens were not sent: they must be in this worker's cache.
+    pub fn add_imported(&mut self, request: GenerateRequest, skip_tokens: usize) -> Result<Imported, Rejected> {
         self.check(&request)?;
         let mut generation = self.model.start(&request.token_ids, &request.sampling);
         let first = self.model.sample(&mut generation, &request.eos_token_ids).expect("a new generation samples");
@@ -175,7 +176,7 @@ impl Scheduler {
         if let Some(t) = token {
             seq.push(&self.hasher, t);
         }
-        seq.imported = Some(prompt);
+        seq.imported = Some(skip_tokens.min(prompt)..prompt);
         seq.cached_tokens = Some(0);
         // Ahead of queued prompts: its KV is here, and holding it waiting wastes the transfer.
         Ok(Imported { seq: Some(self.queue(seq, true)), token, finish })
@@ -274,8 +275,21 @@ impl Scheduler {
             // At least one token is computed, so a fully cached prompt still yields a sample.
             let max_hits = (seq.num_tokens() - 1) / page;
             let hits = self.cache.prefix_hits(&seq.hashes()[..max_hits]);
-            // An imported prompt's KV is all here: only the tokens after it are computed.
-            let start = seq.imported.map_or(hits * page, |n| n.max(hits * page));
+            // An imported prompt's KV is all here (received, or cached before the received
+            // range): only the tokens after it are computed.
+            let start = match seq.imported.clone() {
+                Some(r) if hits * page >= r.start => r.end.max(hits * page),
+                Some(r) => {
+                    tracing::warn!(
+                        recompute = r.end - hits * page,
+                        "the cached prefix of an imported prompt was evicted: recomputing it locally"
+                    );
+                    seq.imported = None;
+                    seq.cached_tokens = Some((hits * page) as u32);
+                    hits * page
+                }
+                None => hits * page,
+            };
             let tokens = (seq.num_tokens() - start).min(*budget);
             let partial = ((start + tokens).div_ceil(page) - hits) as u64;
             if self.cache.admit(id, &seq.hashes()[..hits], partial).is_err() {

@@ -21,9 +21,10 @@ pub struct Sequence {
     pub eos_ids: Vec<TokenId>,
     /// Prompt tokens served from the cache at the first admission (reported in `Started`).
     pub cached_tokens: Option<u32>,
-    /// Tokens whose KV arrived from a prefill worker (disaggregated decode): admitted as computed.
-    /// Cleared by preemption (the recomputation is local).
-    pub imported: Option<usize>,
+    /// Prompt tokens whose KV arrived from a prefill worker (disaggregated decode), admitted as
+    /// computed; the tokens before the range must be in this worker's cache. Cleared by
+    /// preemption, or when that prefix was evicted (the recomputation is then local).
+    pub imported: Option<std::ops::Range<usize>>,
     prompt_len: usize,
     generated: u32,
 }

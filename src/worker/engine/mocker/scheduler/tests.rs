@@ -213,7 +213,7 @@ fn an_imported_prompt_is_not_recomputed_and_generates_what_an_aggregated_run_doe
     // Disaggregated decode: the first token comes with the import, no step prefills the prompt.
     let mut s = sched(16, 64, 256, 8);
     let mut index = NaiveIndex::default();
-    let imported = s.add_imported(request(1, prompt.clone(), 12)).unwrap();
+    let imported = s.add_imported(request(1, prompt.clone(), 12), 0).unwrap();
     assert_eq!((imported.token, imported.finish), (Some(reference[0]), None));
     let seq = imported.seq.expect("queued");
     let plan = s.schedule();
@@ -232,7 +232,30 @@ fn an_imported_prompt_is_not_recomputed_and_generates_what_an_aggregated_run_doe
     assert_eq!(tokens, reference);
 
     // max_tokens 1: the imported first token ends the request; nothing is queued.
-    let done = s.add_imported(request(2, prompt, 1)).unwrap();
+    let done = s.add_imported(request(2, prompt, 1), 0).unwrap();
     assert_eq!((done.seq, done.finish), (None, Some(FinishReason::Length)));
     assert!(s.is_idle());
+}
+
+#[test]
+fn an_import_that_skips_cached_blocks_uses_them_and_recomputes_them_if_evicted() {
+    let first: Vec<TokenId> = (0..40).collect();
+    let mut second = first.clone();
+    second.extend(500..530);
+    let mut s = sched(16, 64, 256, 8);
+    let (mut index, mut outcomes) = (NaiveIndex::default(), BTreeMap::new());
+    s.add_imported(request(1, first.clone(), 4), 0).unwrap();
+    run(&mut s, &mut index, &mut outcomes);
+    // Turn 2 skips turn 1's two full blocks: they are in this cache, nothing is prefilled.
+    let seq = s.add_imported(request(2, second.clone(), 4), 32).unwrap().seq.unwrap();
+    let plan = s.schedule();
+    assert_eq!((plan.work.prefill_tokens, plan.entries.clone()), (0, vec![PlannedSeq { seq, tokens: 1 }]));
+    run(&mut s, &mut index, &mut outcomes);
+
+    // A fresh worker never held them: the skipped prefix is recomputed locally.
+    let mut cold = sched(16, 64, 256, 8);
+    let seq = cold.add_imported(request(3, second.clone(), 4), 32).unwrap().seq.unwrap();
+    let plan = cold.schedule();
+    assert_eq!(plan.entries, vec![PlannedSeq { seq, tokens: second.len() + 1 }]);
+    assert_eq!(plan.work.prefill_tokens, second.len() as u64 + 1);
 }
