@@ -98,7 +98,9 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
     let control_rt = runtime::tokio_runtime("kvgate-control", 1).map_err(ServeError::Runtime)?;
     control_rt.spawn(control::run(fe.clone(), writer, discovery.subscribe(), subscriber, recovery.clone()));
 
-    let engine_rt = runtime::tokio_runtime("kvgate-engine", 1).map_err(ServeError::Runtime)?;
+    // Disaggregated workers copy real KV bytes: a second thread lets transfers overlap steps.
+    let engine_threads = if args.prefill_workers + args.decode_workers > 0 { 2 } else { 1 };
+    let engine_rt = runtime::tokio_runtime("kvgate-engine", engine_threads).map_err(ServeError::Runtime)?;
     let output_tokens = preprocessor.sample_text_tokens();
     let roles: Vec<WorkerRole> = std::iter::repeat_n(WorkerRole::Aggregated, args.aggregated_workers())
         .chain(std::iter::repeat_n(WorkerRole::Prefill, args.prefill_workers))
