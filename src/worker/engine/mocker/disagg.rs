@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use crate::protocol::{FinishReason, GenerateRequest, TokenId, WorkerId, WorkerOutput};
 use crate::transfer::{Arrival, InProcessReceiverGuard, TransferHeader, TransferSender};
 
+use super::kv_cache::SeqId;
 use super::reply::Reply;
 
 /// Transfers one prefill worker runs at once; the rest wait (their blocks stay cached).
@@ -175,10 +176,27 @@ impl Rooms {
     }
 }
 
+/// Hands a prefill leg's blocks back to the engine when its transfer ends, however it ends.
+pub struct Release {
+    pub tx: mpsc::Sender<SeqId>,
+    pub seq: SeqId,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        if self.tx.try_send(self.seq).is_err() && !self.tx.is_closed() {
+            tracing::error!(seq = self.seq.0, "release queue full: a transferred prefill keeps its blocks");
+        }
+    }
+}
+
 /// Pushes a finished prefill leg's KV to its decode worker and reports on the leg's stream.
-/// The task lives in the engine's `tasks`: it ends with the worker.
+/// The task lives in the engine's `tasks`: it ends with the worker. Its blocks stay held until
+/// the transfer ends (`release`).
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_transfer(
     tasks: &mut JoinSet<()>,
+    release: Release,
     sender: TransferSender,
     permits: Arc<Semaphore>,
     leg: PrefillLeg,
@@ -187,6 +205,7 @@ pub fn spawn_transfer(
     started: WorkerOutput,
 ) {
     tasks.spawn(async move {
+        let _release = release;
         let Ok(_permit) = permits.acquire_owned().await else { return };
         // The frontend cancelled the request (its decode leg failed): nothing to move.
         if tx.is_closed() || tx.send(started).await.is_err() {

@@ -31,7 +31,7 @@ use crate::transfer::{Arrival, TransferSender};
 use crate::transport::WorkItem;
 use crate::worker::control::{ControlMsg, Recovery, CONTROL_QUEUE_DEPTH};
 
-use super::disagg::{self, DisaggIo, Matched, PrefillLeg, Rooms, MAX_CONCURRENT_TRANSFERS};
+use super::disagg::{self, DisaggIo, Matched, PrefillLeg, Release, Rooms, MAX_CONCURRENT_TRANSFERS};
 use super::kv_cache::SeqId;
 use super::reply::{Flush, Reply};
 use super::ring::EventRing;
@@ -88,6 +88,9 @@ struct Disagg {
     tasks: JoinSet<()>,
     /// Unregisters the in-process receiver when the engine ends.
     _in_process: Option<crate::transfer::InProcessReceiverGuard>,
+    /// Prefill legs whose transfer ended: their blocks can be freed.
+    released_tx: mpsc::Sender<SeqId>,
+    released: mpsc::Receiver<SeqId>,
 }
 
 /// One worker's engine and the channels it serves.
@@ -117,6 +120,7 @@ pub struct Engine<P> {
 impl<P: EventPublisher> Engine<P> {
     pub fn new(worker: WorkerId, sched: Scheduler, speedup_ratio: f64, ring: EventRing, io: EngineIo<P>) -> Self {
         let EngineIo { inbox, stop, control, publisher, load, disagg } = io;
+        let (released_tx, released) = mpsc::channel(MAX_INFLIGHT_REQUESTS);
         let disagg = Disagg {
             sender: disagg.sender,
             permits: Arc::new(Semaphore::new(MAX_CONCURRENT_TRANSFERS)),
@@ -126,6 +130,8 @@ impl<P: EventPublisher> Engine<P> {
             rooms: Rooms::new(disagg.timeout),
             tasks: JoinSet::new(),
             _in_process: disagg.in_process,
+            released_tx,
+            released,
         };
         Self {
             sched,
@@ -153,8 +159,14 @@ impl<P: EventPublisher> Engine<P> {
         while self.intake().await {
             self.drop_cancelled();
             let plan = self.sched.schedule();
-            // A scheduler holding sequences always plans something (see its invariants).
-            debug_assert!(!plan.is_empty() || self.sched.is_idle());
+            // A scheduler holding sequences always plans something (see its invariants), unless
+            // blocks held for transfers are in the way: wait for one to end.
+            debug_assert!(!plan.is_empty() || self.sched.is_idle() || self.sched.held() > 0);
+            if plan.is_empty() && !self.sched.is_idle() && self.sched.held() > 0 {
+                if let Some(seq) = self.disagg.released.recv().await {
+                    self.sched.release(seq);
+                }
+            }
             if !plan.is_empty() {
                 self.wait_step(&plan).await;
                 self.outputs.clear();
@@ -193,6 +205,7 @@ impl<P: EventPublisher> Engine<P> {
                 }
             };
             tokio::select! {
+                Some(seq) = self.disagg.released.recv(), if self.sched.held() > 0 => self.sched.release(seq),
                 a = arrival, if has_arrivals => match a {
                     Some(a) => self.on_arrival(a),
                     None => self.disagg.arrivals = None,
@@ -220,6 +233,9 @@ impl<P: EventPublisher> Engine<P> {
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => self.inbox_open = false,
             }
+        }
+        while let Ok(seq) = self.disagg.released.try_recv() {
+            self.sched.release(seq);
         }
         while let Some(a) = self.disagg.arrivals.as_mut().and_then(|rx| rx.try_recv().ok()) {
             self.on_arrival(a);
@@ -396,6 +412,7 @@ impl<P: EventPublisher> Engine<P> {
                 self.replies.insert(seq, reply);
                 if let Some(leg) = leg {
                     self.disagg.legs.insert(seq, leg);
+                    self.sched.hold_on_finish(seq);
                 }
                 return;
             }
@@ -476,13 +493,16 @@ impl<P: EventPublisher> Engine<P> {
     /// A prefill leg sampled its first token: its transfer task takes over its stream.
     fn start_transfer(&mut self, o: &StepOutput, leg: PrefillLeg) {
         self.disagg.legs.remove(&o.seq);
-        let Some(reply) = self.replies.remove(&o.seq) else { return };
-        let Some(sender) = self.disagg.sender.clone() else { return };
+        let release = Release { tx: self.disagg.released_tx.clone(), seq: o.seq };
+        let (Some(reply), Some(sender)) = (self.replies.remove(&o.seq), self.disagg.sender.clone()) else {
+            return; // `release` drops here: the blocks are freed on the next intake
+        };
         let page = self.sched.cache().page_size();
         let header = disagg::header(&leg, page, self.disagg.bytes_per_block, o.token);
         let started = WorkerOutput::Started { cached_tokens: o.cached_tokens, computed_tokens: o.computed_tokens };
         let permits = self.disagg.permits.clone();
-        disagg::spawn_transfer(&mut self.disagg.tasks, sender, permits, leg, header, reply.sender(), started);
+        let tasks = &mut self.disagg.tasks;
+        disagg::spawn_transfer(tasks, release, sender, permits, leg, header, reply.sender(), started);
     }
 
     /// Sends what every reply has pending; a closed reply cancels its request.

@@ -11,7 +11,8 @@
 //! sequence whose tokens are all computed.
 //!
 //! Invariants: every sequence is in exactly one of `waiting` / `running`; only running ones hold
-//! blocks; a request is never lost (it finishes, is cancelled, or is rejected at [`Scheduler::add`]
+//! blocks, besides finished ones kept by [`Scheduler::hold_on_finish`] (a prefill leg's KV while
+//! it is transferred) until [`Scheduler::release`]; a request is never lost (it finishes, is cancelled, or is rejected at [`Scheduler::add`]
 //! because it could never fit). A sequence alone always fits (`prompt + max_tokens ≤ capacity`),
 //! so preemption always makes progress. Concurrency: owned by one worker task; no locks.
 
@@ -98,6 +99,11 @@ pub struct Scheduler {
     running: Vec<SeqId>,
     next_id: u64,
     preemptions: u64,
+    /// Sequences whose blocks outlive their finish until [`Scheduler::release`] (prefill legs:
+    /// their KV is being transferred).
+    hold: std::collections::HashSet<SeqId>,
+    /// Finished sequences still holding their blocks.
+    held: usize,
 }
 
 impl Scheduler {
@@ -115,6 +121,8 @@ impl Scheduler {
             running: Vec::new(),
             next_id: 0,
             preemptions: 0,
+            hold: Default::default(),
+            held: 0,
         }
     }
 
@@ -182,8 +190,26 @@ impl Scheduler {
         Ok(Imported { seq: Some(self.queue(seq, true)), token, finish })
     }
 
+    /// Keeps `id`'s blocks held after it finishes, until [`Self::release`].
+    pub fn hold_on_finish(&mut self, id: SeqId) {
+        self.hold.insert(id);
+    }
+
+    /// Frees the blocks of a finished sequence kept by [`Self::hold_on_finish`] (they stay
+    /// cached, evictable).
+    pub fn release(&mut self, id: SeqId) {
+        self.cache.free(id);
+        self.held = self.held.saturating_sub(1);
+    }
+
+    /// Finished sequences whose blocks are still held.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
     /// Drops a sequence wherever it is; its blocks stay cached (evictable). False if unknown.
     pub fn cancel(&mut self, id: SeqId) -> bool {
+        self.hold.remove(&id);
         if self.seqs.remove(&id).is_none() {
             return false;
         }
@@ -348,7 +374,14 @@ impl Scheduler {
             }
         }
         for id in finished {
-            self.cancel(id);
+            if self.hold.remove(&id) {
+                // Out of the scheduler, its blocks still referenced until released.
+                self.seqs.remove(&id);
+                self.running.retain(|s| *s != id);
+                self.held += 1;
+            } else {
+                self.cancel(id);
+            }
         }
     }
 }

@@ -259,3 +259,21 @@ fn an_import_that_skips_cached_blocks_uses_them_and_recomputes_them_if_evicted()
     assert_eq!(plan.entries, vec![PlannedSeq { seq, tokens: second.len() + 1 }]);
     assert_eq!(plan.work.prefill_tokens, second.len() as u64 + 1);
 }
+
+#[test]
+fn a_held_sequence_keeps_its_blocks_until_released() {
+    let mut s = sched(16, 8, 256, 8);
+    let (mut index, mut outcomes) = (NaiveIndex::default(), BTreeMap::new());
+    let id = s.add(request(1, (0..40).collect(), 1)).unwrap();
+    s.hold_on_finish(id);
+    run(&mut s, &mut index, &mut outcomes);
+    assert!(s.is_idle() && s.held() == 1);
+    assert_eq!(s.cache().held_by(id), 3, "prompt blocks stay referenced while transferred");
+    assert_eq!(s.load().active_blocks, 3);
+    s.release(id);
+    assert_eq!((s.held(), s.cache().held_by(id), s.load().active_blocks), (0, 0, 0));
+    // Still cached (evictable): the next identical prompt hits.
+    let again = s.add(request(2, (0..40).collect(), 1)).unwrap();
+    run(&mut s, &mut index, &mut outcomes);
+    assert_eq!(outcomes[&again].cached_tokens, 32);
+}
