@@ -5,7 +5,8 @@
 //!   samples the first token. Instead of streaming that token, the engine hands the request to a
 //!   transfer task ([`spawn_transfer`]) that pushes the prompt's KV blocks and the first token
 //!   to the decode worker over the transfer plane, then reports `Started`, `Transferred` and
-//!   `Finished` (or `Error`) on the leg's stream.
+//!   `Finished` (or `Error`) on the leg's stream. The leg's blocks stay held (not evictable)
+//!   until the transfer ends, as a real engine's KV must while it is read.
 //! - A decode leg waits in [`Rooms`] until the transfer of its room lands (transfers may land
 //!   before their decode leg: they wait too). Then the engine imports the prompt as computed
 //!   and streams from the first token on. Either side that waits longer than the transfer
