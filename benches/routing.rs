@@ -43,6 +43,7 @@ fn select(c: &mut Criterion) {
                     prompt_tokens: PROMPT_BLOCKS as u32 * BLOCK,
                     candidates: &candidates,
                     shard: 0,
+                    overlaps: None,
                 };
                 black_box(router.select(req, &mut rng).unwrap().worker)
             })

@@ -14,6 +14,7 @@
 //! Concurrency: runs on the request's shard; routing decisions are synchronous (the shard's
 //! scratch buffers are borrowed only between awaits).
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -24,13 +25,15 @@ use rand::Rng;
 use super::error::ApiError;
 use super::stream::{Dispatched, Legs, Migrate, MigrateFuture, PrefillLeg};
 use super::ShardCtx;
-use crate::frontend::{Frontend, ModelState, WorkerGroup};
+use crate::frontend::{Frontend, ModelState};
+use crate::kv::index::OverlapScores;
 use crate::kv::SeqHash;
 use crate::protocol::{DisaggLeg, GenerateRequest, SamplingParams, TokenId, WorkerId};
 use crate::router::{Candidate, RouteDecision, RouteRequest, Router};
 use crate::transport::RequestPlane;
 
 /// Picks a worker among `candidates` with `router`, logging the decision at debug level.
+/// `overlaps`: the index lookup of `seq`, if already made.
 #[allow(clippy::too_many_arguments)]
 fn route_among(
     shard: &ShardCtx,
@@ -38,11 +41,13 @@ fn route_among(
     router: &Router,
     candidates: &[Candidate],
     seq: &[SeqHash],
+    overlaps: Option<&OverlapScores>,
     prompt_tokens: usize,
     request_id: u64,
     leg: &'static str,
 ) -> Result<RouteDecision, ApiError> {
-    let req = RouteRequest { seq_hashes: seq, prompt_tokens: prompt_tokens as u32, candidates, shard: shard.id };
+    let req =
+        RouteRequest { seq_hashes: seq, prompt_tokens: prompt_tokens as u32, candidates, shard: shard.id, overlaps };
     let decision =
         router.select(req, &mut *shard.rng.borrow_mut()).map_err(|_| ApiError::NoWorkers(model.name.clone()))?;
     if tracing::enabled!(tracing::Level::DEBUG) {
@@ -90,24 +95,34 @@ pub struct Dispatch<P> {
 }
 
 impl<P: RequestPlane> Dispatch<P> {
-    fn filter(&self, workers: &[Candidate]) -> Vec<Candidate> {
+    /// `workers` without those that failed this request or are down: borrowed (no allocation)
+    /// in the usual case where none is excluded.
+    fn filter<'a>(&self, workers: &'a [Candidate]) -> Cow<'a, [Candidate]> {
         let failed = self.failed.borrow();
-        workers.iter().filter(|c| !failed.contains(&c.id) && !self.fe.is_down(c.id)).cloned().collect()
+        let keep = |c: &Candidate| !failed.contains(&c.id) && !self.fe.is_down(c.id);
+        if workers.iter().all(keep) {
+            Cow::Borrowed(workers)
+        } else {
+            Cow::Owned(workers.iter().filter(|c| keep(c)).cloned().collect())
+        }
     }
 
     /// Decides where `prompt` goes (synchronous: no await while the scratch is borrowed).
     fn plan(&self, prompt: &[TokenId]) -> Result<Plan, ApiError> {
-        let group: Arc<WorkerGroup> = self.model.workers.load_full();
+        let group = self.model.workers.load();
         let policy = &self.fe.limits.disagg;
         let mut seq = self.shard.seq_scratch.borrow_mut();
         self.model.hasher.seq_hashes_into(prompt, &mut seq);
         let (prefill, decode) = (self.filter(&group.prefill), self.filter(&group.decode));
         if !prefill.is_empty() && !decode.is_empty() {
             let (model, id) = (&self.model, self.request_id);
-            let d = route_among(&self.shard, model, &model.decode_router, &decode, &seq, prompt.len(), id, "decode")?;
+            let d =
+                route_among(&self.shard, model, &model.decode_router, &decode, &seq, None, prompt.len(), id, "decode")?;
             let transfer_address = group.transfer_addresses.get(&d.worker).cloned();
-            // Blocks the decode worker holds already are not sent again.
-            let skip_blocks = self.fe.index.find_matches(&seq).overlap(d.worker);
+            // One index lookup serves both: blocks the decode worker holds already are not sent
+            // again, and the prefill worker is chosen by its overlap.
+            let overlaps = self.fe.index.find_matches(&seq);
+            let skip_blocks = overlaps.overlap(d.worker);
             let cached = (skip_blocks as usize * model.hasher.block_size()).min(prompt.len());
             let local = policy.prefill_locally(prompt.len() as u32, cached as u32);
             let Some(transfer_address) = transfer_address.filter(|_| !local) else {
@@ -116,7 +131,17 @@ impl<P: RequestPlane> Dispatch<P> {
                 }
                 return Ok(Plan::Whole { decision: d, local: true });
             };
-            let p = route_among(&self.shard, model, &model.router, &prefill, &seq, prompt.len(), id, "prefill")?;
+            let p = route_among(
+                &self.shard,
+                model,
+                &model.router,
+                &prefill,
+                &seq,
+                Some(&overlaps),
+                prompt.len(),
+                id,
+                "prefill",
+            )?;
             return Ok(Plan::Split { prefill: p, decode: d, transfer_address, skip_blocks });
         }
         if policy.enforce {
@@ -133,6 +158,7 @@ impl<P: RequestPlane> Dispatch<P> {
             &self.model.router,
             &whole,
             &seq,
+            None,
             prompt.len(),
             self.request_id,
             "whole",

@@ -93,6 +93,9 @@ pub struct RouteRequest<'a> {
     pub candidates: &'a [Candidate],
     /// The calling shard, `< MAX_SHARDS`: the load slot it books into.
     pub shard: usize,
+    /// The KV index lookup of `seq_hashes`, when the caller already made it (the router then
+    /// does not look up again); `None`: the router looks up itself if its policy needs it.
+    pub overlaps: Option<&'a OverlapScores>,
 }
 
 /// The chosen worker and its booking.
@@ -158,7 +161,14 @@ impl Router {
     fn score(&self, req: &RouteRequest<'_>) -> Vec<WorkerScore> {
         let RouterConfig { overlap_weight: w, block_size: b, .. } = self.config;
         let use_index = w > 0.0;
-        let overlaps = if use_index { self.index.find_matches(req.seq_hashes) } else { OverlapScores::default() };
+        let looked_up;
+        let overlaps = match req.overlaps {
+            Some(o) if use_index => o,
+            _ => {
+                looked_up = if use_index { self.index.find_matches(req.seq_hashes) } else { OverlapScores::default() };
+                &looked_up
+            }
+        };
         req.candidates
             .iter()
             .map(|c| {

@@ -28,7 +28,7 @@ fn store(writer: &mut KvIndexWriter, worker: u64, event_id: u64, seq: &[SeqHash]
 }
 
 fn req<'a>(seq: &'a [SeqHash], cands: &'a [Candidate]) -> RouteRequest<'a> {
-    RouteRequest { seq_hashes: seq, prompt_tokens: seq.len() as u32 * B, candidates: cands, shard: 0 }
+    RouteRequest { seq_hashes: seq, prompt_tokens: seq.len() as u32 * B, candidates: cands, shard: 0, overlaps: None }
 }
 
 #[test]
