@@ -115,7 +115,8 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
         let inbox = plane.attach(id);
         let (handle, transfer_address) = {
             let _ctx = engine_rt.enter();
-            let setup = transfer::setup(role, &args.transfer, bytes_per_block).map_err(ServeError::Transfer)?;
+            let setup =
+                transfer::setup_embedded(role, &args.transfer, bytes_per_block).map_err(ServeError::Transfer)?;
             let h = spawn_mocker_disagg(id, mocker.clone(), inbox, publisher.clone(), output_tokens.clone(), setup.io);
             (h, setup.address)
         };

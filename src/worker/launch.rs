@@ -83,7 +83,8 @@ pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = (
     let host = args.advertise_host.clone().unwrap_or_else(primary_host);
     let transfer_bind: SocketAddr = (IpAddr::from([0, 0, 0, 0]), args.transfer_port).into();
     let bytes_per_block = mocker.kv_bytes_per_block().unwrap_or(0);
-    let setup = transfer::setup_tcp(role, bytes_per_block, args.transfer.timeout(), transfer_bind, &host)
+    let listen = transfer::Listen::Tcp { bind: transfer_bind, advertise_host: &host };
+    let setup = transfer::setup(role, bytes_per_block, args.transfer.timeout(), listen)
         .map_err(|source| WorkerLaunchError::Bind { addr: transfer_bind, source })?;
     let transfer_address = setup.address;
     let handle = spawn_mocker_disagg(id, mocker.clone(), inbox, publisher, pre.sample_text_tokens(), setup.io);

@@ -24,45 +24,33 @@ pub struct TransferSetup {
     pub address: Option<String>,
 }
 
+/// Where a decode worker receives transfers.
+pub enum Listen<'a> {
+    /// TCP on `bind`, advertised as `advertise_host` with the bound port.
+    Tcp { bind: SocketAddr, advertise_host: &'a str },
+    /// An `inproc://` address of this process (`kvgate serve` only).
+    InProcess,
+}
+
 /// Sets up the transfer plane of an embedded (`kvgate serve`) worker: loopback TCP on an
 /// ephemeral port, or the in-process backend.
-pub fn setup(role: WorkerRole, args: &TransferArgs, bytes_per_block: u64) -> std::io::Result<TransferSetup> {
-    match args.disaggregation_transfer_backend {
+pub fn setup_embedded(role: WorkerRole, args: &TransferArgs, bytes_per_block: u64) -> std::io::Result<TransferSetup> {
+    let listen = match args.disaggregation_transfer_backend {
         TransferBackend::Tcp => {
-            setup_tcp(role, bytes_per_block, args.timeout(), SocketAddr::from(([127, 0, 0, 1], 0)), "127.0.0.1")
+            Listen::Tcp { bind: SocketAddr::from(([127, 0, 0, 1], 0)), advertise_host: "127.0.0.1" }
         }
-        TransferBackend::InProcess => setup_in_process(role, bytes_per_block, args.timeout()),
-    }
+        TransferBackend::InProcess => Listen::InProcess,
+    };
+    setup(role, bytes_per_block, args.timeout(), listen)
 }
 
-/// The in-process backend: transfers are memory copies between workers of this process.
-fn setup_in_process(role: WorkerRole, bytes_per_block: u64, timeout: Duration) -> std::io::Result<TransferSetup> {
-    let mut config = TransferConfig::new(bytes_per_block);
-    config.timeout = timeout;
-    let mut io = DisaggIo { bytes_per_block, timeout, ..DisaggIo::default() };
-    let mut address = None;
-    match role {
-        WorkerRole::Aggregated => {}
-        WorkerRole::Prefill => io.sender = Some(TransferSender::new(config)),
-        WorkerRole::Decode => {
-            let (tx, rx) = mpsc::channel(ARRIVALS_DEPTH);
-            let guard = transfer::bind_in_process(config, tx);
-            address = Some(guard.address().to_string());
-            io.arrivals = Some(rx);
-            io.in_process = Some(guard);
-        }
-    }
-    Ok(TransferSetup { io, address })
-}
-
-/// Sets up the transfer plane of a worker of `role` (TCP). A decode worker listens on `bind`
-/// and advertises `advertise_host` with the bound port. Must run inside a tokio runtime.
-pub fn setup_tcp(
+/// Sets up the transfer plane of a worker of `role`; a decode worker starts receiving as
+/// `listen` says. Must run inside a tokio runtime.
+pub fn setup(
     role: WorkerRole,
     bytes_per_block: u64,
     timeout: Duration,
-    bind: SocketAddr,
-    advertise_host: &str,
+    listen: Listen<'_>,
 ) -> std::io::Result<TransferSetup> {
     let mut config = TransferConfig::new(bytes_per_block);
     config.timeout = timeout;
@@ -72,14 +60,23 @@ pub fn setup_tcp(
         WorkerRole::Aggregated => {}
         WorkerRole::Prefill => io.sender = Some(TransferSender::new(config)),
         WorkerRole::Decode => {
-            let std_listener = std::net::TcpListener::bind(bind)?;
-            std_listener.set_nonblocking(true)?;
-            let port = std_listener.local_addr()?.port();
-            let listener = tokio::net::TcpListener::from_std(std_listener)?;
             let (tx, rx) = mpsc::channel(ARRIVALS_DEPTH);
-            drop(transfer::spawn_receiver(listener, config, tx));
             io.arrivals = Some(rx);
-            address = Some(format!("{advertise_host}:{port}"));
+            match listen {
+                Listen::Tcp { bind, advertise_host } => {
+                    let std_listener = std::net::TcpListener::bind(bind)?;
+                    std_listener.set_nonblocking(true)?;
+                    let port = std_listener.local_addr()?.port();
+                    let listener = tokio::net::TcpListener::from_std(std_listener)?;
+                    drop(transfer::spawn_receiver(listener, config, tx));
+                    address = Some(format!("{advertise_host}:{port}"));
+                }
+                Listen::InProcess => {
+                    let guard = transfer::bind_in_process(config, tx);
+                    address = Some(guard.address().to_string());
+                    io.in_process = Some(guard);
+                }
+            }
         }
     }
     Ok(TransferSetup { io, address })
