@@ -90,6 +90,10 @@ pub struct Generation {
     prefill: Option<PrefillLeg>,
     /// The current dispatch is disaggregated with a remote prefill.
     remote: bool,
+    /// Its prefill leg's `Started` (the cached tokens for the usage) has been read.
+    prefill_reported: bool,
+    /// The request migrated after tokens were streamed: `usage.cached_tokens` is final.
+    cached_frozen: bool,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
     guard: LoadGuard,
@@ -124,6 +128,8 @@ impl Generation {
             rx,
             prefill,
             remote,
+            prefill_reported: false,
+            cached_frozen: false,
             decoder,
             stop: StopMatcher::new(stops),
             guard,
@@ -152,6 +158,7 @@ impl Generation {
             return false;
         }
         m.left -= 1;
+        self.cached_frozen |= !m.generated.is_empty();
         let failed = failed.unwrap_or(m.worker);
         tracing::warn!(worker = %failed, generated = m.generated.len(), migrations_left = m.left, reason, "worker failed mid-stream; migrating the request");
         self.rx.close();
@@ -177,9 +184,24 @@ impl Generation {
         GenEvent::Failed(message)
     }
 
+    /// The decode (or whole) stream ended; the event goes out once the usage is complete.
     fn finish(&mut self, reason: &'static str) {
         self.pending_finish = Some(reason);
         self.rx.close();
+    }
+
+    /// The prefill leg's report (cached tokens) is still owed. It was sent before the KV moved,
+    /// so the decode stream cannot end long before it arrives; a leg that fails or ends is no
+    /// longer waited for.
+    fn awaiting_prefill_report(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.prefill.is_some() && !self.prefill_reported {
+            let _ = self.poll_prefill(cx);
+        }
+        self.prefill.is_some() && !self.prefill_reported
+    }
+
+    fn account_finished(&mut self) {
+        self.ended = true;
         self.prefill = None;
         let m = self.shard_metrics();
         m.prompt_tokens.fetch_add(self.usage.prompt_tokens as u64, Relaxed);
@@ -227,10 +249,11 @@ impl Generation {
         Ok((!emit.is_empty()).then_some(emit))
     }
 
-    /// After a migration the first dispatch's figure stands: it is what the client's prompt
-    /// found cached.
+    /// After a migration mid-stream the earlier figure stands: it is what the client's prompt
+    /// found cached. (Not "no token seen yet": a prefill leg's report may arrive after the
+    /// decode worker's first tokens, which travel on another connection.)
     fn record_cached(&mut self, cached_tokens: u32) {
-        if self.migration.as_ref().is_none_or(|m| m.generated.is_empty()) {
+        if !self.cached_frozen {
             self.usage.cached_tokens = cached_tokens.min(self.usage.prompt_tokens);
         }
     }
@@ -245,6 +268,7 @@ impl Generation {
             match msg {
                 Some(WorkerOutput::Started { cached_tokens, computed_tokens }) => {
                     leg.guard.prefill_done();
+                    self.prefill_reported = true;
                     let m = self.shard_metrics();
                     m.prompt_tokens_computed_prefill.fetch_add(u64::from(computed_tokens), Relaxed);
                     self.record_cached(cached_tokens);
@@ -286,8 +310,12 @@ impl Generation {
     /// The next event; `Poll::Pending` while the worker has nothing new.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<GenEvent> {
         loop {
-            if let Some(reason) = self.pending_finish.take() {
-                self.ended = true;
+            if let Some(reason) = self.pending_finish {
+                if self.awaiting_prefill_report(cx) {
+                    return Poll::Pending;
+                }
+                self.pending_finish = None;
+                self.account_finished();
                 return Poll::Ready(GenEvent::Finished(reason));
             }
             if self.ended {
@@ -302,6 +330,7 @@ impl Generation {
                         tracing::info!(worker = %sent.worker, "request migrated");
                         self.rx = sent.rx;
                         self.guard = sent.guard;
+                        self.prefill_reported = false;
                         (self.prefill, self.remote) = match sent.legs {
                             Legs::Remote(leg) => (Some(leg), true),
                             Legs::Whole | Legs::Local => (None, false),
