@@ -214,16 +214,7 @@ pub fn spawn_transfer(
         }
         let last = match sender.send(&leg.transfer_address, header).await {
             Ok(stats) => {
-                tracing::debug!(
-                    request = format_args!("{:x}", leg.request_id),
-                    room = format_args!("{:x}", leg.room),
-                    decode_worker = %leg.decode_worker,
-                    blocks = stats.blocks,
-                    bytes = stats.bytes,
-                    secs = format_args!("{:.6}", stats.elapsed.as_secs_f64()),
-                    gbps = format_args!("{:.2}", stats.gbps()),
-                    "kv transfer sent"
-                );
+                // The transfer plane logs each transfer (room, request, bytes, seconds, GB/s).
                 let micros = stats.elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
                 if tx
                     .send(WorkerOutput::Transferred { blocks: stats.blocks, bytes: stats.bytes, micros })

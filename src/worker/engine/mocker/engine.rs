@@ -7,13 +7,16 @@
 //! the step's KV events in one batch (keeping them in the [`EventRing`]) and updates the load
 //! report. Control requests ([`ControlMsg`]) are answered between steps and while idle (the idle
 //! wait selects on them too), always after the previous step's events are published, so the
-//! cache, the ring and the live stream agree on the last event id.
+//! cache, the ring and the live stream agree on the last event id. Disaggregated legs
+//! ([`disagg`](super::disagg)): landed KV transfers and finished transfers' block releases are
+//! taken between steps and while idle; when only blocks held for transfers stand in the way
+//! of the next step, the loop waits for a release.
 //!
-//! Concurrency: this task owns all engine state (scheduler, cache, replies, ring); nothing is
-//! locked. It reaches the outside only by bounded channels: the inbox (bounded by the
+//! Concurrency: this task owns all engine state (scheduler, cache, replies, ring, rooms);
+//! nothing is locked. It reaches the outside only by bounded channels: the inbox (bounded by the
 //! transport), the control channel, each reply channel (`try_send` only, see
-//! [`reply`](super::reply)), the event publisher (awaited once per step) and a `watch` for
-//! load. Live event ids are contiguous per worker from 1; a dump's events reuse the last id.
+//! [`reply`](super::reply)), the event publisher (awaited once per step), a `watch` for load,
+//! the transfer arrivals and releases; transfer tasks run in its `JoinSet`. Live event ids are contiguous per worker from 1; a dump's events reuse the last id.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -340,16 +343,8 @@ impl<P: EventPublisher> Engine<P> {
         self.draining.push(reply);
     }
 
+    /// A transfer landed (the transfer plane logged it).
     fn on_arrival(&mut self, a: Arrival) {
-        tracing::debug!(
-            room = format_args!("{:x}", a.header.room),
-            request = format_args!("{:x}", a.header.request_id),
-            blocks = a.stats.blocks,
-            bytes = a.stats.bytes,
-            secs = format_args!("{:.6}", a.stats.elapsed.as_secs_f64()),
-            gbps = format_args!("{:.2}", a.stats.gbps()),
-            "kv transfer received"
-        );
         if let Some(m) = self.disagg.rooms.land(a) {
             self.import(m);
         }
