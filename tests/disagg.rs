@@ -50,26 +50,13 @@ async fn chat(c: &reqwest::Client, base: &str, messages: &Value, max_tokens: u32
     Reply { status, headers, body }
 }
 
-async fn metric(c: &reqwest::Client, base: &str, name: &str) -> f64 {
-    let text = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-    let prefix = format!("{name} ");
-    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
-}
-
-fn system_prompt(tag: &str) -> String {
-    format!(
-        "[{tag}] You are the operations assistant of a regional rail company. Answer briefly, quote the \
-         timetable section you rely on, never guess platform numbers, and say so plainly when a connection \
-         is not guaranteed. Delays over ten minutes must be reported to the control room at once."
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_legs_are_named_and_the_kv_bytes_match_the_model_size() {
     let s = serve(DISAGG);
     let base = base_url(&s);
     let c = client();
-    let messages = json!([{"role": "system", "content": system_prompt("bytes")}, {"role": "user", "content": "Hi"}]);
+    let messages =
+        json!([{"role": "system", "content": common::rail_system_prompt("bytes")}, {"role": "user", "content": "Hi"}]);
     let body = json!({"model": "kvgate-mock", "messages": messages, "max_tokens": 24, "ignore_eos": true,
         "stream": true, "stream_options": {"include_usage": true}});
     let r = c.post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap();
@@ -93,14 +80,17 @@ async fn both_legs_are_named_and_the_kv_bytes_match_the_model_size() {
 
     // One transfer of every prompt block, whole pages of the model's KV size.
     let blocks = prompt.div_ceil(PAGE);
-    assert_eq!(metric(&c, &base, "kvgate_kv_transfers_total").await, 1.0);
-    assert_eq!(metric(&c, &base, "kvgate_kv_transfer_blocks_total").await as u64, blocks);
-    assert_eq!(metric(&c, &base, "kvgate_kv_transfer_bytes_total").await as u64, blocks * PAGE * KV_BYTES_PER_TOKEN);
-    assert!(metric(&c, &base, "kvgate_kv_transfer_gbps").await > 0.0);
+    assert_eq!(common::metric(&c, &base, "kvgate_kv_transfers_total").await, 1.0);
+    assert_eq!(common::metric(&c, &base, "kvgate_kv_transfer_blocks_total").await as u64, blocks);
+    assert_eq!(
+        common::metric(&c, &base, "kvgate_kv_transfer_bytes_total").await as u64,
+        blocks * PAGE * KV_BYTES_PER_TOKEN
+    );
+    assert!(common::metric(&c, &base, "kvgate_kv_transfer_gbps").await > 0.0);
     // The prefill worker computed the prompt; the decode worker none of it.
-    assert_eq!(metric(&c, &base, "kvgate_prefill_prompt_tokens_computed_total").await as u64, prompt);
-    assert_eq!(metric(&c, &base, "kvgate_decode_prompt_tokens_computed_total").await, 0.0);
-    assert_eq!(metric(&c, &base, "kvgate_disagg_remote_prefill_total").await, 1.0);
+    assert_eq!(common::metric(&c, &base, "kvgate_prefill_prompt_tokens_computed_total").await as u64, prompt);
+    assert_eq!(common::metric(&c, &base, "kvgate_decode_prompt_tokens_computed_total").await, 0.0);
+    assert_eq!(common::metric(&c, &base, "kvgate_disagg_remote_prefill_total").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +99,7 @@ async fn the_second_turn_goes_to_the_prefill_worker_holding_the_first() {
     let base = base_url(&s);
     let c = client();
     for tag in ["north", "south", "east"] {
-        let mut messages = json!([{"role": "system", "content": system_prompt(tag)}, {"role": "user", "content": "When is the 8:15?"}]);
+        let mut messages = json!([{"role": "system", "content": common::rail_system_prompt(tag)}, {"role": "user", "content": "When is the 8:15?"}]);
         let first = chat(&c, &base, &messages, 16).await;
         assert_eq!(first.status, 200, "{}", first.body);
         let p1 = first.header("x-kvgate-prefill-worker");
@@ -127,7 +117,7 @@ async fn the_second_turn_goes_to_the_prefill_worker_holding_the_first() {
         let prompt1 = first.body["usage"]["prompt_tokens"].as_u64().unwrap();
         assert!(cached >= prompt1 / PAGE * PAGE - PAGE, "turn 2 found {cached} of turn 1's {prompt1} tokens cached");
     }
-    assert_eq!(metric(&c, &base, "kvgate_decode_prompt_tokens_computed_total").await, 0.0);
+    assert_eq!(common::metric(&c, &base, "kvgate_decode_prompt_tokens_computed_total").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,8 +129,8 @@ async fn conditional_disaggregation_prefills_short_uncached_prompts_on_the_decod
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.header("x-kvgate-disagg"), "local");
     assert_eq!(r.header("x-kvgate-prefill-worker"), r.header("x-kvgate-decode-worker"));
-    assert_eq!(metric(&c, &base, "kvgate_kv_transfers_total").await, 0.0);
-    assert_eq!(metric(&c, &base, "kvgate_disagg_local_prefill_total").await, 1.0);
+    assert_eq!(common::metric(&c, &base, "kvgate_kv_transfers_total").await, 0.0);
+    assert_eq!(common::metric(&c, &base, "kvgate_disagg_local_prefill_total").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,7 +185,8 @@ async fn load_with_a_kill(role: kvgate::protocol::WorkerRole) {
     for i in 0..24 {
         let (c, base) = (c.clone(), base.clone());
         tasks.push(tokio::spawn(async move {
-            let prompt = format!("{} request {i}: tell me about the timetable.", system_prompt(&i.to_string()));
+            let prompt =
+                format!("{} request {i}: tell me about the timetable.", common::rail_system_prompt(&i.to_string()));
             let body =
                 json!({"model": "kvgate-mock", "prompt": prompt, "max_tokens": 64, "ignore_eos": true, "stream": true});
             let started = std::time::Instant::now();
@@ -247,14 +238,15 @@ async fn the_in_process_transfer_backend_moves_the_same_bytes() {
     let s = serve(&args(&["--disaggregation-transfer-backend", "in-process"]));
     let base = base_url(&s);
     let c = client();
-    let messages = json!([{"role": "system", "content": system_prompt("inproc")}, {"role": "user", "content": "Hi"}]);
+    let messages =
+        json!([{"role": "system", "content": common::rail_system_prompt("inproc")}, {"role": "user", "content": "Hi"}]);
     let r = chat(&c, &base, &messages, 8).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.header("x-kvgate-disagg"), "remote");
     let prompt = r.body["usage"]["prompt_tokens"].as_u64().unwrap();
-    let bytes = metric(&c, &base, "kvgate_kv_transfer_bytes_total").await as u64;
+    let bytes = common::metric(&c, &base, "kvgate_kv_transfer_bytes_total").await as u64;
     assert_eq!(bytes, prompt.div_ceil(PAGE) * PAGE * KV_BYTES_PER_TOKEN);
-    assert_eq!(metric(&c, &base, "kvgate_decode_prompt_tokens_computed_total").await, 0.0);
+    assert_eq!(common::metric(&c, &base, "kvgate_decode_prompt_tokens_computed_total").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,9 +254,9 @@ async fn blocks_the_decode_worker_holds_are_not_sent_again() {
     let s = serve(&["--prefill-workers", "1", "--decode-workers", "1", "--speedup-ratio", "50"]);
     let base = base_url(&s);
     let c = client();
-    let ask = |q: &str| json!([{"role": "system", "content": system_prompt("reuse")}, {"role": "user", "content": q}]);
+    let ask = |q: &str| json!([{"role": "system", "content": common::rail_system_prompt("reuse")}, {"role": "user", "content": q}]);
     let first = chat(&c, &base, &ask("When is the 8:15?"), 8).await;
-    let sent_first = metric(&c, &base, "kvgate_kv_transfer_blocks_total").await as u64;
+    let sent_first = common::metric(&c, &base, "kvgate_kv_transfer_blocks_total").await as u64;
     let prompt1 = first.body["usage"]["prompt_tokens"].as_u64().unwrap();
     assert_eq!(sent_first, prompt1.div_ceil(PAGE));
     // The decode worker's KV events (the imported blocks) reach the index.
@@ -273,7 +265,7 @@ async fn blocks_the_decode_worker_holds_are_not_sent_again() {
     assert_eq!(second.status, 200, "{}", second.body);
     assert_eq!(second.header("x-kvgate-disagg"), "remote");
     let prompt2 = second.body["usage"]["prompt_tokens"].as_u64().unwrap();
-    let sent_second = metric(&c, &base, "kvgate_kv_transfer_blocks_total").await as u64 - sent_first;
+    let sent_second = common::metric(&c, &base, "kvgate_kv_transfer_blocks_total").await as u64 - sent_first;
     assert!(sent_second <= prompt2.div_ceil(PAGE) - 8, "sent {sent_second} blocks of a {prompt2}-token prompt");
-    assert_eq!(metric(&c, &base, "kvgate_decode_prompt_tokens_computed_total").await, 0.0);
+    assert_eq!(common::metric(&c, &base, "kvgate_decode_prompt_tokens_computed_total").await, 0.0);
 }

@@ -127,18 +127,11 @@ async fn chat(c: &reqwest::Client, base: &str, model: &str, messages: Value, max
     r
 }
 
-/// One metric's value from the frontend's `/metrics` (0 when absent).
-async fn metric(c: &reqwest::Client, base: &str, name: &str) -> f64 {
-    let text = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-    let prefix = format!("{name} ");
-    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
-}
-
 /// Waits until the frontend's KV index holds at least `n` block-holder pairs.
 async fn wait_index(c: &reqwest::Client, base: &str, n: u64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
-        let have = metric(c, base, "kvgate_kv_index_entries").await as u64;
+        let have = common::metric(c, base, "kvgate_kv_index_entries").await as u64;
         if have >= n {
             return;
         }
@@ -253,7 +246,7 @@ async fn four_workers_serve_through_the_frontend_and_are_listed_in_etcd() {
 async fn check_prefix_routing(c: &reqwest::Client, base: &str, tag: &str, followers: usize) -> String {
     let system = format!("[{tag}] {LONG_PREFIX}");
     let msgs = |q: &str| json!([{"role": "system", "content": system}, {"role": "user", "content": q}]);
-    let before = metric(c, base, "kvgate_kv_index_entries").await as u64;
+    let before = common::metric(c, base, "kvgate_kv_index_entries").await as u64;
     let first = chat(c, base, "kvgate-mock", msgs("Is the 7:42 on time?"), 4).await;
     let blocks = first.prompt_tokens() / 16;
     assert!(blocks >= 10, "the shared prefix should span many blocks, not {blocks}");
@@ -272,7 +265,7 @@ async fn shared_prefix_requests_go_to_the_worker_that_cached_it() {
     let c = http();
     let w = check_prefix_routing(&c, cluster.base(), "prefix", 4).await;
     assert!(cluster.worker_ids().contains(&w));
-    let hit = metric(&c, cluster.base(), "kvgate_cached_prompt_tokens_total").await;
+    let hit = common::metric(&c, cluster.base(), "kvgate_cached_prompt_tokens_total").await;
     assert!(hit > 0.0, "the frontend's metrics should count the cached prompt tokens");
 }
 
@@ -319,7 +312,7 @@ async fn killed_worker_stream_migrates_and_the_worker_leaves_discovery() {
     assert_eq!(s.finish_reasons, ["length"], "exactly one finish_reason");
     let usage = s.usage.expect("a usage chunk");
     assert_eq!(usage["completion_tokens"].as_u64(), Some(max_tokens), "{usage}");
-    assert!(metric(&c, &base, "kvgate_migrations_total").await >= 1.0, "the stream should have migrated");
+    assert!(common::metric(&c, &base, "kvgate_migrations_total").await >= 1.0, "the stream should have migrated");
 
     for h in after {
         let r = h.await.unwrap().expect("request after the kill got no response");
@@ -366,14 +359,14 @@ async fn routing_recovers(c: &reqwest::Client, base: &str, tag: u32) -> Duration
         prompt.extend([32 + k % 90, 33 + k / 90 % 90, 10]);
         json!({"model": "kvgate-mock", "prompt": prompt, "max_tokens": 4, "ignore_eos": true})
     };
-    let before = metric(c, base, "kvgate_kv_index_entries").await as u64;
+    let before = common::metric(c, base, "kvgate_kv_index_entries").await as u64;
     let mut k = 0;
     loop {
         let r = post(c, base, "/v1/completions", &request(k)).await.unwrap();
         assert_eq!(r.status, 200, "{}", r.body);
         k += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
-        if metric(c, base, "kvgate_kv_index_entries").await as u64 >= before + PREFIX_BLOCKS as u64 {
+        if common::metric(c, base, "kvgate_kv_index_entries").await as u64 >= before + PREFIX_BLOCKS as u64 {
             break;
         }
         assert!(

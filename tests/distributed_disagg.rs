@@ -87,20 +87,6 @@ async fn chat(c: &reqwest::Client, base: &str, messages: &Value) -> Reply {
     Reply { status, prefill, decode, body }
 }
 
-async fn metric(c: &reqwest::Client, base: &str, name: &str) -> f64 {
-    let text = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-    let prefix = format!("{name} ");
-    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
-}
-
-fn system_prompt(tag: &str) -> String {
-    format!(
-        "[{tag}] You are the operations assistant of a regional rail company. Answer briefly, quote the \
-         timetable section you rely on, never guess platform numbers, and say so plainly when a connection \
-         is not guaranteed. Delays over ten minutes must be reported to the control room at once."
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_disaggregated_across_processes() {
     let cluster = Cluster::start();
@@ -118,7 +104,7 @@ async fn two_replicas_disaggregated_across_processes() {
 
     // Multi-turn: turn 2 goes to the prefill worker that computed (and holds) turn 1.
     for tag in ["north", "south", "east"] {
-        let mut messages = json!([{"role": "system", "content": system_prompt(tag)}, {"role": "user", "content": "When is the 8:15?"}]);
+        let mut messages = json!([{"role": "system", "content": common::rail_system_prompt(tag)}, {"role": "user", "content": "When is the 8:15?"}]);
         let first = chat(&c, &base, &messages).await;
         assert_eq!(first.status, 200, "{}", first.body);
         assert!(prefill_ids.contains(&first.prefill.as_str()), "{} is not a prefill worker", first.prefill);
@@ -136,10 +122,10 @@ async fn two_replicas_disaggregated_across_processes() {
         assert!(cached >= 48, "turn 2 found only {cached} tokens cached");
     }
     // Qwen3-0.6B: 114,688 bytes per token, whole 16-token pages.
-    let blocks = metric(&c, &base, "kvgate_kv_transfer_blocks_total").await as u64;
+    let blocks = common::metric(&c, &base, "kvgate_kv_transfer_blocks_total").await as u64;
     assert!(blocks > 0);
-    assert_eq!(metric(&c, &base, "kvgate_kv_transfer_bytes_total").await as u64, blocks * 16 * 114_688);
-    assert_eq!(metric(&c, &base, "kvgate_decode_prompt_tokens_computed_total").await, 0.0);
+    assert_eq!(common::metric(&c, &base, "kvgate_kv_transfer_bytes_total").await as u64, blocks * 16 * 114_688);
+    assert_eq!(common::metric(&c, &base, "kvgate_decode_prompt_tokens_computed_total").await, 0.0);
     assert!(cluster.frontend.proc.output().contains("leg=\"prefill\""), "no prefill routing line in the debug log");
 }
 
@@ -153,7 +139,8 @@ async fn kill_under_load(victim_is_prefill: bool) {
     for i in 0..24 {
         let (c, base) = (c.clone(), base.clone());
         tasks.push(tokio::spawn(async move {
-            let prompt = format!("{} Request {i}: summarise the timetable rules.", system_prompt(&i.to_string()));
+            let prompt =
+                format!("{} Request {i}: summarise the timetable rules.", common::rail_system_prompt(&i.to_string()));
             let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 48, "ignore_eos": true, "stream": true});
             let started = Instant::now();
             let r = c.post(format!("{base}/v1/completions")).json(&body).send().await.map_err(|e| e.to_string())?;
@@ -187,7 +174,7 @@ async fn kill_under_load(victim_is_prefill: bool) {
     }
     assert!(ok >= 22, "only {ok} of 24 completed: {errors:?}");
     // The kill was felt: streams moved, or dispatches found the worker unreachable.
-    let migrations = metric(&c, &base, "kvgate_migrations_total").await;
+    let migrations = common::metric(&c, &base, "kvgate_migrations_total").await;
     let log = cluster.frontend.proc.output();
     assert!(migrations > 0.0 || log.contains("unreachable"), "the killed worker never mattered:\n{log}");
 }

@@ -130,3 +130,19 @@ pub fn run_openai_client(py: &std::path::Path, base_url: &str, model: &str, mode
     assert!(out.status.success(), "python client failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
 }
+
+/// One metric's value from a frontend's `/metrics` (0 when absent).
+pub async fn metric(c: &reqwest::Client, base: &str, name: &str) -> f64 {
+    let text = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let prefix = format!("{name} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+}
+
+/// A system prompt of a few hundred tokens, distinct per `tag` from its first block on.
+pub fn rail_system_prompt(tag: &str) -> String {
+    format!(
+        "[{tag}] You are the operations assistant of a regional rail company. Answer briefly, quote the \
+         timetable section you rely on, never guess platform numbers, and say so plainly when a connection \
+         is not guaranteed. Delays over ten minutes must be reported to the control room at once."
+    )
+}
