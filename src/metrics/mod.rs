@@ -52,7 +52,8 @@ pub struct ShardMetrics {
     pub routing_overhead: Histogram,
     /// Disaggregated requests prefilled on a prefill worker (KV transferred).
     pub disagg_remote: AtomicU64,
-    /// Disaggregated requests prefilled on their decode worker (conditional disaggregation).
+    /// Requests of a disaggregated model prefilled on their decode worker (conditional
+    /// disaggregation, or no prefill worker left).
     pub disagg_local: AtomicU64,
     /// KV transfers reported by prefill workers, their payload bytes and their time.
     pub kv_transfers: AtomicU64,
@@ -122,7 +123,7 @@ impl Metrics {
             ),
             (
                 "kvgate_disagg_local_prefill_total",
-                "Disaggregated requests prefilled on their decode worker (conditional disaggregation).",
+                "Requests of a disaggregated model prefilled on their decode worker (conditional disaggregation, or no prefill worker left).",
                 self.sum(|s| &s.disagg_local),
             ),
             ("kvgate_kv_transfers_total", "KV transfers from prefill to decode workers.", self.sum(|s| &s.kv_transfers)),
