@@ -52,6 +52,9 @@ pub fn setup(
     timeout: Duration,
     listen: Listen<'_>,
 ) -> std::io::Result<TransferSetup> {
+    if bytes_per_block == 0 && role != WorkerRole::Aggregated {
+        tracing::warn!(?role, "the model has no config.json to size its KV: transfers will carry no payload");
+    }
     let mut config = TransferConfig::new(bytes_per_block);
     config.timeout = timeout;
     let mut io = DisaggIo { bytes_per_block, timeout, ..DisaggIo::default() };

