@@ -300,3 +300,44 @@ async fn without_migration_a_dying_worker_gives_a_clear_error() {
         .unwrap();
     assert_eq!(r.status(), 503);
 }
+
+/// A load balancer must not send traffic to a frontend that knows no worker: `/health` is 503
+/// until some model has one (a `kvgate frontend` starts with no model at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_503_until_a_model_has_a_worker() {
+    use kvgate::frontend::{Frontend, HttpLimits};
+    use kvgate::preprocess::{ModelSource, Preprocessor};
+    use kvgate::router::{RouterConfig, RouterMode};
+
+    let (index, _writer) = kvgate::kv::index::KvIndex::new();
+    let cfg = RouterConfig { mode: RouterMode::Kv, overlap_weight: 1.0, temperature: 0.0, block_size: 16 };
+    let limits = HttpLimits { max_body_bytes: 1 << 20, migration_limit: 0, disagg: Default::default() };
+    let plane = kvgate::transport::InProcessRequestPlane::new();
+    let fe = std::sync::Arc::new(Frontend::new(plane, index, cfg, limits, 1));
+    let dp = kvgate::runtime::DataPlane::start(fe.clone(), "127.0.0.1", 0, 1).unwrap();
+    let url = format!("http://{}/health", dp.addr);
+    let c = reqwest::Client::new();
+    let health = |c: reqwest::Client, url: String| async move {
+        let r = c.get(url).send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+
+    let (status, v) = health(c.clone(), url.clone()).await;
+    assert_eq!(status, 503, "no model, no worker: {v}");
+    assert_eq!(v["status"], "unhealthy");
+
+    let preprocessor = std::sync::Arc::new(Preprocessor::load(&ModelSource::parse(None)).unwrap());
+    fe.add_model("m", preprocessor, 16);
+    let (status, v) = health(c.clone(), url.clone()).await;
+    assert_eq!(status, 503, "a model without a worker: {v}");
+
+    let worker: kvgate::discovery::WorkerInfo = serde_json::from_value(json!({
+        "id": 7, "model": "m", "model_path": null, "role": "aggregated", "page_size": 16,
+        "kv_capacity_blocks": 64, "max_num_seqs": 4, "max_num_batched_tokens": 256, "address": null
+    }))
+    .unwrap();
+    fe.set_workers(&[worker]);
+    let (status, v) = health(c, url).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["models"][0]["workers"].as_array().unwrap().len(), 1, "{v}");
+}

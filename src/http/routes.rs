@@ -53,10 +53,13 @@ fn models<P>(fe: &Frontend<P>) -> Response<Body> {
     json_response(serde_json::to_vec(&json!({"object": "list", "data": data})).expect("json"))
 }
 
+/// 200 when every served model has a worker; 503 otherwise, and while no model is served at
+/// all (a `kvgate frontend` before its first worker registers), so that a load balancer sends
+/// no traffic to a frontend that could only answer 503.
 fn health<P>(fe: &Frontend<P>) -> Response<Body> {
-    let mut healthy = true;
-    let models: Vec<_> = fe
-        .models()
+    let served = fe.models();
+    let mut healthy = !served.is_empty();
+    let models: Vec<_> = served
         .iter()
         .map(|m| {
             let g = m.workers.load();
