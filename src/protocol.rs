@@ -120,8 +120,70 @@ pub enum WorkerOutput {
     Tokens(Vec<TokenId>),
     /// The last message of a successful stream.
     Finished { reason: FinishReason },
-    /// The worker failed the request; the stream ends here.
-    Error { message: String },
+    /// The request failed; the stream ends here. The error says who is at fault and whether
+    /// another worker could serve the request.
+    Error(WorkerError),
+}
+
+/// Who caused a failure. It decides, in one place each, whether the frontend migrates the
+/// request and which HTTP status the client sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fault {
+    /// The request itself (too long for any worker, invalid for the engine): 400, never retried.
+    Client,
+    /// The worker or its engine (crashed, refused, timed out): another worker may serve it.
+    Worker,
+    /// The request plane between frontend and worker (connection lost).
+    Transport,
+}
+
+impl Fault {
+    /// The wire byte.
+    pub fn code(self) -> u8 {
+        match self {
+            Fault::Client => 0,
+            Fault::Worker => 1,
+            Fault::Transport => 2,
+        }
+    }
+
+    pub fn from_code(b: u8) -> Option<Self> {
+        Some(match b {
+            0 => Fault::Client,
+            1 => Fault::Worker,
+            2 => Fault::Transport,
+            _ => return None,
+        })
+    }
+}
+
+/// A failed request, as data: who is at fault, whether a retry elsewhere can help, and what
+/// happened (for the client and the log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct WorkerError {
+    pub fault: Fault,
+    /// Whether sending the request to another worker can succeed.
+    pub retry: bool,
+    pub message: String,
+}
+
+impl WorkerError {
+    /// The request cannot succeed anywhere as it is.
+    pub fn client(message: impl Into<String>) -> Self {
+        Self { fault: Fault::Client, retry: false, message: message.into() }
+    }
+
+    /// This worker failed it; another may not.
+    pub fn worker(message: impl Into<String>) -> Self {
+        Self { fault: Fault::Worker, retry: true, message: message.into() }
+    }
+
+    /// The request plane lost it; another worker may serve it.
+    pub fn transport(message: impl Into<String>) -> Self {
+        Self { fault: Fault::Transport, retry: true, message: message.into() }
+    }
 }
 
 /// A worker's load as it reports it (engine-side truth; the router also books its own view).
@@ -132,4 +194,42 @@ pub struct LoadReport {
     pub waiting_requests: u64,
     pub running_requests: u64,
     pub prefill_tokens: u64,
+}
+
+/// Which engine a worker runs (registered in discovery; selects the engine's own flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
+pub enum EngineKind {
+    /// kvgate's simulated engine (no GPU).
+    #[default]
+    Mocker,
+    /// A stock SGLang server (`/generate`, ZMQ KV events).
+    Sglang,
+    /// A stock vLLM server (`/inference/v1/generate`, ZMQ KV events).
+    Vllm,
+}
+
+impl EngineKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineKind::Mocker => "mocker",
+            EngineKind::Sglang => "sglang",
+            EngineKind::Vllm => "vllm",
+        }
+    }
+}
+
+/// How the two legs of a disaggregated request run, as the prefill worker's engine requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DisaggStyle {
+    /// Both legs at once, paired by a room id: the prefill worker pushes the KV to the decode
+    /// worker's advertised address (the mocker over kvgate's transfer plane), or the decode
+    /// worker pulls it from the prefill worker's bootstrap server (SGLang).
+    #[default]
+    Together,
+    /// The prefill leg first; what it returns (vLLM's `kv_transfer_params`) goes with the
+    /// decode leg.
+    Sequential,
 }

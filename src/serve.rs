@@ -25,8 +25,9 @@ use crate::protocol::{WorkerId, WorkerRole};
 use crate::router::RouterConfig;
 use crate::runtime;
 use crate::transport::InProcessRequestPlane;
-use crate::worker::engine::mocker::{MockerConfig, MockerConfigError};
-use crate::worker::{spawn_mocker_disagg, transfer, WorkerHandle};
+use crate::worker::engines::mocker::{MockerConfig, MockerConfigError};
+use crate::worker::engines::mocker::transfer;
+use crate::worker::{spawn, EventRing, Mocker, WorkerHandle};
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -117,8 +118,9 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
             let _ctx = engine_rt.enter();
             let setup =
                 transfer::setup_embedded(role, &args.transfer, bytes_per_block).map_err(ServeError::Transfer)?;
-            let h = spawn_mocker_disagg(id, mocker.clone(), inbox, publisher.clone(), output_tokens.clone(), setup.io);
-            (h, setup.address)
+            let address = setup.address.clone();
+            let engine = Mocker::disaggregated(id, mocker.clone(), output_tokens.clone(), setup);
+            (spawn(id, engine, inbox, publisher.clone(), EventRing::default()), address)
         };
         recovery.insert(handle.control());
         workers.push(handle);

@@ -16,7 +16,7 @@ use kvgate::kv::index::{KvIndex, KvIndexWriter};
 use kvgate::protocol::{GenerateRequest, SamplingParams, WorkerId, WorkerOutput, WorkerRole};
 use kvgate::router::{RouterConfig, RouterMode};
 use kvgate::transport::{InProcessRequestPlane, RequestPlane};
-use kvgate::worker::{spawn_mocker, MockerArgs, MockerConfig};
+use kvgate::worker::{spawn, EventRing, Mocker, MockerArgs, MockerConfig};
 
 /// Forwards every batch to a reference index (the truth) and drops the batches `drop` selects.
 struct Lossy {
@@ -69,7 +69,8 @@ async fn run_case(
     let args = MockerArgs { num_gpu_blocks: num_blocks, speedup_ratio: 1000.0, ..MockerArgs::default() };
     let mocker = MockerConfig::from_args(&args, page).unwrap();
     let id = WorkerId(42);
-    let handle = spawn_mocker(id, mocker, plane.attach(id), publisher, Arc::from(vec![1000u32; 64]));
+    let engine = Mocker::new(id, mocker, Arc::from(vec![1000u32; 64]));
+    let handle = spawn(id, engine, plane.attach(id), publisher, EventRing::default());
     recovery.insert(handle.control());
     let _reg = discovery.register(WorkerInfo {
         id,
@@ -101,7 +102,7 @@ async fn run_case(
         };
         let mut rx = plane.generate(id, req).await.unwrap();
         while let Some(out) = rx.recv().await {
-            if matches!(out, WorkerOutput::Finished { .. } | WorkerOutput::Error { .. }) {
+            if matches!(out, WorkerOutput::Finished { .. } | WorkerOutput::Error(_)) {
                 break;
             }
         }

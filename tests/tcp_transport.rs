@@ -12,7 +12,7 @@ use kvgate::protocol::{FinishReason, GenerateRequest, LoadReport, SamplingParams
 use kvgate::transport::frame::{self, Frame, StreamId};
 use kvgate::transport::tcp::{serve_worker, TcpRequestPlane, CONNECT_TIMEOUT};
 use kvgate::transport::{RequestPlane, ResponseStream, TransportError, WORKER_QUEUE_DEPTH};
-use kvgate::worker::{spawn_mocker, MockerArgs, MockerConfig, Recovery, WorkerHandle};
+use kvgate::worker::{spawn, EventRing, Mocker, MockerArgs, MockerConfig, Recovery, WorkerHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -41,7 +41,7 @@ async fn start_worker(id: u64) -> Worker {
     tokio::spawn(async move { while kvgate::events::EventSubscriber::next_batch(&mut events).await.is_some() {} });
     let args = MockerArgs { speedup_ratio: 200.0, ..MockerArgs::default() };
     let config = MockerConfig::from_args(&args, 16).unwrap();
-    let handle = spawn_mocker(id, config, rx, publisher, (0..CORPUS).collect());
+    let handle = spawn(id, Mocker::new(id, config, (0..CORPUS).collect()), rx, publisher, EventRing::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (shutdown, signal) = watch::channel(false);
@@ -65,7 +65,7 @@ fn request(i: u64, max_tokens: u32) -> GenerateRequest {
 async fn collect(mut s: ResponseStream) -> Vec<WorkerOutput> {
     let mut out = Vec::new();
     while let Some(o) = s.recv().await {
-        let last = matches!(o, WorkerOutput::Finished { .. } | WorkerOutput::Error { .. });
+        let last = matches!(o, WorkerOutput::Finished { .. } | WorkerOutput::Error(_));
         out.push(o);
         if last {
             break;
@@ -166,7 +166,7 @@ async fn a_killed_worker_ends_open_streams_and_then_fails_fast() {
     w.server.abort();
     drop(w.handle);
     let rest = within_time(PROMPTLY, "the broken stream to end", collect(s)).await;
-    assert!(matches!(rest.last(), Some(WorkerOutput::Error { .. })), "{rest:?}");
+    assert!(matches!(rest.last(), Some(WorkerOutput::Error(_))), "{rest:?}");
     for _ in 0..2 {
         let t = Instant::now();
         let again = plane.generate(w.id, request(2, 8)).await;
@@ -187,7 +187,7 @@ async fn shutdown_drains_open_streams_and_refuses_new_ones() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let refused =
         within("a refused stream", async { collect(plane.generate(w.id, request(2, 8)).await.unwrap()).await }).await;
-    assert!(matches!(&refused[..], [WorkerOutput::Error { .. }]), "{refused:?}");
+    assert!(matches!(&refused[..], [WorkerOutput::Error(_)]), "{refused:?}");
     let mut rest = vec![WorkerOutput::Started { cached_tokens: 0, computed_tokens: 0 }];
     rest.extend(within("the draining stream", collect(s)).await);
     assert_complete(&rest, 2000);

@@ -10,7 +10,7 @@ use thiserror::Error;
 
 use crate::kv::hash::MAX_BLOCK_SIZE;
 use crate::router::{RouterMode, MAX_SHARDS};
-use crate::worker::engine::mocker::MockerArgs;
+use crate::worker::engines::mocker::MockerArgs;
 
 /// Bodies above this are refused with 413 before they are read: a chat request of a
 /// million-token context is ~10 MiB of JSON, so 32 MiB leaves room without inviting abuse.

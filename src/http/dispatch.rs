@@ -255,7 +255,7 @@ impl<P: RequestPlane> Migrate for Dispatch<P> {
             tokens.extend_from_slice(&self.prompt);
             tokens.extend_from_slice(&generated);
             let remaining = self.sampling.max_tokens.saturating_sub(generated.len() as u32).max(1);
-            self.send(&tokens, remaining, 1).await.map_err(|e| e.to_string())
+            self.send(&tokens, remaining, 1).await
         })
     }
 }

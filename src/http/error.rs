@@ -11,7 +11,16 @@ use thiserror::Error;
 use super::body::{full, Body};
 use crate::openai::ValidationError;
 use crate::preprocess::PreprocessError;
+use crate::protocol::{Fault, WorkerError};
 use crate::transport::TransportError;
+
+/// A worker error as the client reads it: its own words when the request was at fault.
+fn worker_failure(e: &WorkerError) -> String {
+    match e.fault {
+        Fault::Client => e.message.clone(),
+        Fault::Worker | Fault::Transport => format!("the worker failed: {}", e.message),
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum ApiError {
@@ -41,8 +50,12 @@ pub enum ApiError {
     DisaggUnavailable(String, &'static str),
     #[error("worker unavailable: {0}")]
     Transport(#[source] TransportError),
-    #[error("the worker failed: {0}")]
-    Worker(String),
+    #[error("{}", worker_failure(.0))]
+    Worker(WorkerError),
+    #[error("the worker failed and no other could take over: {0}")]
+    MigrationFailed(#[source] Box<ApiError>),
+    #[error("detokenization failed: {0}")]
+    Detokenize(String),
     #[error("the server is shutting down")]
     ShuttingDown,
 }
@@ -61,7 +74,12 @@ impl ApiError {
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             NoWorkers(_) | DisaggUnavailable(..) | Transport(_) | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            Worker(_) => StatusCode::BAD_GATEWAY,
+            Worker(e) => match e.fault {
+                Fault::Client => StatusCode::BAD_REQUEST,
+                Fault::Worker | Fault::Transport => StatusCode::BAD_GATEWAY,
+            },
+            MigrationFailed(e) => e.status(),
+            Detokenize(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 

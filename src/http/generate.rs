@@ -154,7 +154,15 @@ pub async fn handle<P: RequestPlane>(
     }
     let writer = ChunkWriter::new(kind, request_id, &p.validated.model);
     let mut resp = if p.validated.stream {
-        let mut r = Response::new(Body::Sse(Box::new(SseBody::new(gen, writer, p.validated.include_usage))));
+        // The status is decided by the worker's first answer: a request that fails before its
+        // first token (a prompt the workers cannot hold, no worker left) gets a real error
+        // status, not a 200 with an error event.
+        let first = match poll_fn(|cx| gen.poll_event(cx)).await {
+            GenEvent::Failed(e) => return Err(e),
+            first => first,
+        };
+        let body = SseBody::new(gen, writer, p.validated.include_usage, first);
+        let mut r = Response::new(Body::Sse(Box::new(body)));
         let h = r.headers_mut();
         h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -165,7 +173,7 @@ pub async fn handle<P: RequestPlane>(
             match poll_fn(|cx| gen.poll_event(cx)).await {
                 GenEvent::Text(t) => text.push_str(&t),
                 GenEvent::Finished(reason) => break reason,
-                GenEvent::Failed(msg) => return Err(ApiError::Worker(msg)),
+                GenEvent::Failed(e) => return Err(e),
             }
         };
         json_response(writer.full_response(&text, reason, gen.usage()))

@@ -17,11 +17,12 @@ use std::time::Instant;
 use bytes::Bytes;
 use hyper::body::Frame;
 
+use super::error::ApiError;
 use super::InflightGuard;
 use crate::metrics::Metrics;
 use crate::openai::{ChunkWriter, Usage};
 use crate::preprocess::{IncrementalDecoder, StopMatcher};
-use crate::protocol::{FinishReason, TokenId, WorkerId, WorkerOutput};
+use crate::protocol::{FinishReason, TokenId, WorkerError, WorkerId, WorkerOutput};
 use crate::router::LoadGuard;
 use crate::transport::ResponseStream;
 
@@ -32,8 +33,15 @@ pub enum GenEvent {
     Text(String),
     /// The end: OpenAI's finish reason (`stop` or `length`).
     Finished(&'static str),
-    /// The worker failed; the message is for the client.
-    Failed(String),
+    /// The request failed (the error decides the status and says who is at fault).
+    Failed(ApiError),
+}
+
+/// Why a step of the generation failed: the worker's error (which may migrate) or the
+/// frontend's own (which may not).
+enum Failure {
+    Worker(WorkerError),
+    Frontend(ApiError),
 }
 
 /// The prefill leg of a disaggregated request, running beside its decode stream.
@@ -65,7 +73,7 @@ pub struct Dispatched {
 }
 
 /// The future of a migration: the request sent again, to other workers.
-pub type MigrateFuture = Pin<Box<dyn Future<Output = Result<Dispatched, String>>>>;
+pub type MigrateFuture = Pin<Box<dyn Future<Output = Result<Dispatched, ApiError>>>>;
 
 /// Re-sends a request whose worker failed mid-stream: the prompt plus the tokens generated so
 /// far, to another worker, for the tokens still owed.
@@ -151,12 +159,14 @@ impl Generation {
     }
 
     /// On a worker failure (`failed`, or the decode/whole worker when `None`): start a
-    /// migration if one is allowed (true), else false. The other legs are cancelled.
-    fn try_migrate(&mut self, reason: &str, failed: Option<WorkerId>) -> bool {
+    /// migration if one is allowed and can help (true), else false. The other legs are
+    /// cancelled. A client's fault is never retried: no other worker would do better.
+    fn try_migrate(&mut self, error: &WorkerError, failed: Option<WorkerId>) -> bool {
         let Some(m) = self.migration.as_mut() else { return false };
-        if m.left == 0 || m.generated.len() as u64 >= u64::from(u32::MAX) {
+        if !error.retry || m.left == 0 || m.generated.len() as u64 >= u64::from(u32::MAX) {
             return false;
         }
+        let reason = &error.message;
         m.left -= 1;
         self.cached_frozen |= !m.generated.is_empty();
         let failed = failed.unwrap_or(m.worker);
@@ -176,12 +186,14 @@ impl Generation {
         self.metrics.shard(self.inflight.0.id)
     }
 
-    fn fail(&mut self, message: String) -> GenEvent {
+    fn fail(&mut self, error: ApiError) -> GenEvent {
         self.ended = true;
         self.rx.close();
         self.prefill = None;
-        self.shard_metrics().requests_server_error.fetch_add(1, Relaxed);
-        GenEvent::Failed(message)
+        let m = self.shard_metrics();
+        let counter = if error.status().is_server_error() { &m.requests_server_error } else { &m.requests_client_error };
+        counter.fetch_add(1, Relaxed);
+        GenEvent::Failed(error)
     }
 
     /// The decode (or whole) stream ended; the event goes out once the usage is complete.
@@ -210,7 +222,7 @@ impl Generation {
         m.e2e.observe(self.arrived.elapsed());
     }
 
-    fn on_tokens(&mut self, ids: &[u32]) -> Result<Option<String>, String> {
+    fn on_tokens(&mut self, ids: &[u32]) -> Result<Option<String>, Failure> {
         let now = Instant::now();
         if !self.started {
             self.started = true;
@@ -226,7 +238,7 @@ impl Generation {
         }
         self.last_token = Some(now);
         self.usage.completion_tokens += ids.len() as u32;
-        let text = self.decoder.step(ids).map_err(|e| format!("detokenization failed: {e}"))?;
+        let text = self.decoder.step(ids).map_err(|e| Failure::Frontend(ApiError::Detokenize(e.to_string())))?;
         let (emit, stopped) = self.stop.push(&text);
         if stopped {
             self.finish("stop");
@@ -234,13 +246,15 @@ impl Generation {
         Ok((!emit.is_empty()).then_some(emit))
     }
 
-    fn on_finished(&mut self, reason: FinishReason) -> Result<Option<String>, String> {
+    fn on_finished(&mut self, reason: FinishReason) -> Result<Option<String>, Failure> {
         let reason = match reason {
             FinishReason::Eos => "stop",
             FinishReason::Length => "length",
-            FinishReason::Cancelled => return Err("the worker cancelled the request".into()),
+            FinishReason::Cancelled => {
+                return Err(Failure::Worker(WorkerError::worker("the worker cancelled the request")))
+            }
         };
-        let tail = self.decoder.finish().map_err(|e| format!("detokenization failed: {e}"))?;
+        let tail = self.decoder.finish().map_err(|e| Failure::Frontend(ApiError::Detokenize(e.to_string())))?;
         let (mut emit, stopped) = self.stop.push(&tail);
         if !stopped {
             emit.push_str(&self.stop.flush());
@@ -260,7 +274,7 @@ impl Generation {
 
     /// Takes what the prefill leg reported; `Some` when it failed before the decode leg got its
     /// KV (the request must be re-sent or failed).
-    fn poll_prefill(&mut self, cx: &mut Context<'_>) -> Option<(String, WorkerId)> {
+    fn poll_prefill(&mut self, cx: &mut Context<'_>) -> Option<(WorkerError, WorkerId)> {
         loop {
             let leg = self.prefill.as_mut()?;
             let worker = leg.worker;
@@ -294,14 +308,15 @@ impl Generation {
                     self.prefill = None;
                     return None;
                 }
-                Some(WorkerOutput::Error { message }) => {
+                Some(WorkerOutput::Error(mut e)) => {
                     self.prefill = None;
-                    return (!self.started).then(|| (format!("the prefill worker failed: {message}"), worker));
+                    e.message = format!("the prefill worker failed: {}", e.message);
+                    return (!self.started).then_some((e, worker));
                 }
                 None => {
                     self.prefill = None;
-                    let message = "the prefill worker's stream ended before its KV transfer finished".to_string();
-                    return (!self.started).then_some((message, worker));
+                    let e = WorkerError::transport("the prefill worker's stream ended before its KV transfer finished");
+                    return (!self.started).then_some((e, worker));
                 }
             }
         }
@@ -338,23 +353,21 @@ impl Generation {
                         self.started = false;
                         continue;
                     }
-                    Err(message) => {
+                    Err(e) => {
                         self.migration.as_mut().expect("migrating").pending = None;
-                        return Poll::Ready(
-                            self.fail(format!("the worker failed and no other could take over: {message}")),
-                        );
+                        return Poll::Ready(self.fail(ApiError::MigrationFailed(Box::new(e))));
                     }
                 }
             }
             if let Some(failure) = self.poll_prefill(cx) {
-                let (message, worker) = failure;
-                if self.try_migrate(&message, Some(worker)) {
+                let (error, worker) = failure;
+                if self.try_migrate(&error, Some(worker)) {
                     continue;
                 }
-                return Poll::Ready(self.fail(message));
+                return Poll::Ready(self.fail(ApiError::Worker(error)));
             }
             let step = match ready!(self.rx.poll_recv(cx)) {
-                None => Err("the worker's stream ended before the response finished".to_string()),
+                None => Err(Failure::Worker(WorkerError::transport("the worker's stream ended before the response finished"))),
                 Some(WorkerOutput::Started { cached_tokens, computed_tokens }) => {
                     let m = self.shard_metrics();
                     if self.remote {
@@ -368,13 +381,14 @@ impl Generation {
                 Some(WorkerOutput::Transferred { .. }) => Ok(None),
                 Some(WorkerOutput::Tokens(ids)) => self.on_tokens(&ids),
                 Some(WorkerOutput::Finished { reason }) => self.on_finished(reason),
-                Some(WorkerOutput::Error { message }) => Err(message),
+                Some(WorkerOutput::Error(e)) => Err(Failure::Worker(e)),
             };
             match step {
                 Ok(Some(text)) => return Poll::Ready(GenEvent::Text(text)),
                 Ok(None) => continue,
-                Err(message) if self.pending_finish.is_none() && self.try_migrate(&message, None) => continue,
-                Err(message) => return Poll::Ready(self.fail(message)),
+                Err(Failure::Worker(e)) if self.pending_finish.is_none() && self.try_migrate(&e, None) => continue,
+                Err(Failure::Worker(e)) => return Poll::Ready(self.fail(ApiError::Worker(e))),
+                Err(Failure::Frontend(e)) => return Poll::Ready(self.fail(e)),
             }
         }
     }
@@ -398,10 +412,33 @@ pub struct SseBody {
 }
 
 impl SseBody {
-    pub fn new(gen: Generation, writer: ChunkWriter, include_usage: bool) -> Self {
+    /// The body of `gen`, whose `first` event was already taken (to decide the status).
+    pub fn new(gen: Generation, writer: ChunkWriter, include_usage: bool, first: GenEvent) -> Self {
         let mut queued = VecDeque::with_capacity(4);
         queued.extend(writer.role_chunk());
-        Self { gen, writer, include_usage, queued, done: false }
+        let mut body = Self { gen, writer, include_usage, queued, done: false };
+        body.push(first);
+        body
+    }
+
+    /// Queues the chunks of one event.
+    fn push(&mut self, event: GenEvent) {
+        match event {
+            GenEvent::Text(t) => self.queued.push_back(self.writer.delta_chunk(&t)),
+            GenEvent::Finished(reason) => {
+                self.queued.push_back(self.writer.finish_chunk(reason));
+                if self.include_usage {
+                    self.queued.push_back(self.writer.usage_chunk(self.gen.usage()));
+                }
+                self.queued.push_back(Bytes::from_static(crate::openai::DONE));
+                self.done = true;
+            }
+            GenEvent::Failed(e) => {
+                self.queued.push_back(ChunkWriter::error_event(&e.to_string(), e.kind()));
+                self.queued.push_back(Bytes::from_static(crate::openai::DONE));
+                self.done = true;
+            }
+        }
     }
 }
 
@@ -418,22 +455,8 @@ impl hyper::body::Body for SseBody {
             if this.done {
                 return Poll::Ready(None);
             }
-            match ready!(this.gen.poll_event(cx)) {
-                GenEvent::Text(t) => this.queued.push_back(this.writer.delta_chunk(&t)),
-                GenEvent::Finished(reason) => {
-                    this.queued.push_back(this.writer.finish_chunk(reason));
-                    if this.include_usage {
-                        this.queued.push_back(this.writer.usage_chunk(this.gen.usage()));
-                    }
-                    this.queued.push_back(Bytes::from_static(crate::openai::DONE));
-                    this.done = true;
-                }
-                GenEvent::Failed(msg) => {
-                    this.queued.push_back(ChunkWriter::error_event(&msg, "internal_server_error"));
-                    this.queued.push_back(Bytes::from_static(crate::openai::DONE));
-                    this.done = true;
-                }
-            }
+            let event = ready!(this.gen.poll_event(cx));
+            this.push(event);
         }
     }
 

@@ -40,7 +40,7 @@ use thiserror::Error;
 
 use crate::kv::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
 use crate::kv::hash::SeqHash;
-use crate::protocol::{DisaggLeg, FinishReason, GenerateRequest, SamplingParams, WorkerId, WorkerOutput};
+use crate::protocol::{DisaggLeg, Fault, FinishReason, GenerateRequest, SamplingParams, WorkerError, WorkerId, WorkerOutput};
 
 /// The largest frame, length field included: an 8M-token prompt or a 1M-block replay event fits
 /// (a step stores at most `MAX_BATCHED_TOKENS` blocks); a peer that claims more is cut off, and
@@ -56,7 +56,7 @@ pub const CHUNK_FIXED_BYTES: usize = 14;
 
 const _: () = assert!(MAX_FRAME_BYTES <= u32::MAX as usize);
 const _: () = assert!(
-    (crate::worker::engine::mocker::config::MAX_BATCHED_TOKENS as usize) * 16
+    (crate::worker::engines::mocker::config::MAX_BATCHED_TOKENS as usize) * 16
         + EVENT_FIXED_BYTES
         + 13
         + CHUNK_FIXED_BYTES
@@ -329,9 +329,10 @@ fn put_output(out: &mut BytesMut, o: &WorkerOutput) {
                 FinishReason::Cancelled => 2,
             });
         }
-        WorkerOutput::Error { message } => {
+        WorkerOutput::Error(e) => {
             out.put_u8(3);
-            out.put_slice(message.as_bytes());
+            out.put_u8(e.fault.code() | (u8::from(e.retry) << 7));
+            out.put_slice(e.message.as_bytes());
         }
     }
 }
@@ -485,7 +486,11 @@ impl<'a> Cursor<'a> {
                     _ => return Err(self.bad("unknown finish reason")),
                 },
             },
-            3 => WorkerOutput::Error { message: self.rest_utf8()? },
+            3 => {
+                let b = self.u8()?;
+                let fault = Fault::from_code(b & 0x7f).ok_or_else(|| self.bad("unknown fault"))?;
+                WorkerOutput::Error(WorkerError { fault, retry: b & 0x80 != 0, message: self.rest_utf8()? })
+            }
             4 => WorkerOutput::Transferred { blocks: self.u32()?, bytes: self.u64()?, micros: self.u64()? },
             _ => return Err(self.bad("unknown output tag")),
         })

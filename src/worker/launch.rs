@@ -20,8 +20,9 @@ use crate::preprocess::{ModelSource, PreprocessError, Preprocessor};
 use crate::protocol::{WorkerId, WorkerRole};
 use crate::transport::tcp::serve_worker;
 use crate::transport::WORKER_QUEUE_DEPTH;
-use crate::worker::engine::mocker::{MockerConfig, MockerConfigError};
-use crate::worker::{spawn_mocker_disagg, transfer};
+use crate::worker::engines::mocker::{MockerConfig, MockerConfigError};
+use crate::worker::engines::mocker::transfer;
+use crate::worker::{spawn, EventRing, Mocker};
 
 #[derive(Debug, Error)]
 pub enum WorkerLaunchError {
@@ -86,8 +87,9 @@ pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = (
     let listen = transfer::Listen::Tcp { bind: transfer_bind, advertise_host: &host };
     let setup = transfer::setup(role, bytes_per_block, args.transfer.timeout(), listen)
         .map_err(|source| WorkerLaunchError::Bind { addr: transfer_bind, source })?;
-    let transfer_address = setup.address;
-    let handle = spawn_mocker_disagg(id, mocker.clone(), inbox, publisher, pre.sample_text_tokens(), setup.io);
+    let transfer_address = setup.address.clone();
+    let engine = Mocker::disaggregated(id, mocker.clone(), pre.sample_text_tokens(), setup);
+    let handle = spawn(id, engine, inbox, publisher, EventRing::default());
 
     let bind: SocketAddr = (IpAddr::from([0, 0, 0, 0]), args.port).into();
     let listener =

@@ -35,6 +35,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::io::{put_frame, write_loop, FrameReader};
 use super::{is_last, ConnError, CREDIT_BATCH, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW, WRITE_QUEUE_DEPTH};
+use crate::protocol::WorkerError;
 use crate::protocol::{GenerateRequest, WorkerId, WorkerOutput};
 use crate::transport::frame::{Frame, StreamId};
 use crate::transport::{RequestPlane, ResponseStream, TransportError, RESPONSE_STREAM_DEPTH};
@@ -161,7 +162,7 @@ impl RequestPlane for TcpRequestPlane {
 /// A stream that only says why it failed.
 fn failed_stream(message: String) -> ResponseStream {
     let (tx, rx) = mpsc::channel(1);
-    let _ = tx.try_send(WorkerOutput::Error { message });
+    let _ = tx.try_send(WorkerOutput::Error(WorkerError::transport(message)));
     rx
 }
 
@@ -345,7 +346,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             Frame::Error { stream, message } => {
                 if let Some(slot) = streams.remove(&stream) {
-                    let _ = slot.tx.try_send(WorkerOutput::Error { message });
+                    let _ = slot.tx.try_send(WorkerOutput::Error(WorkerError::worker(message)));
                 }
             }
             _ => return Err(ConnError::Protocol("a worker sent a frontend's frame")),
@@ -369,7 +370,7 @@ async fn relay(
         };
         let Some(output) = output else {
             let message = CONNECTION_LOST.to_owned();
-            let _ = to_consumer.send(WorkerOutput::Error { message }).await;
+            let _ = to_consumer.send(WorkerOutput::Error(WorkerError::transport(message))).await;
             return;
         };
         let last = is_last(&output);

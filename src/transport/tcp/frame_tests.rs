@@ -34,7 +34,7 @@ fn samples() -> Vec<Frame> {
         Frame::Output { stream: s, output: WorkerOutput::Tokens(vec![9, 8, 7]) },
         Frame::Output { stream: s, output: WorkerOutput::Tokens(vec![]) },
         Frame::Output { stream: s, output: WorkerOutput::Finished { reason: FinishReason::Cancelled } },
-        Frame::Output { stream: s, output: WorkerOutput::Error { message: "boom ✗".into() } },
+        Frame::Output { stream: s, output: WorkerOutput::Error(crate::protocol::WorkerError::client("boom ✗")) },
         Frame::Cancel { stream: s },
         Frame::Credit { stream: s, outputs: 16 },
         Frame::RecoverRequest { stream: s, since_event_id: 77 },
@@ -82,7 +82,7 @@ fn ends_with_message(f: &Frame) -> bool {
     matches!(
         f,
         Frame::Error { .. }
-            | Frame::Output { output: WorkerOutput::Error { .. }, .. }
+            | Frame::Output { output: WorkerOutput::Error(_), .. }
             | Frame::Request { request: GenerateRequest { disagg: Some(DisaggLeg::Prefill { .. }), .. }, .. }
     )
 }

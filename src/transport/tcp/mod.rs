@@ -90,5 +90,5 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Whether `o` is the last output of its stream.
 fn is_last(o: &WorkerOutput) -> bool {
-    matches!(o, WorkerOutput::Finished { .. } | WorkerOutput::Error { .. })
+    matches!(o, WorkerOutput::Finished { .. } | WorkerOutput::Error(_))
 }

@@ -26,7 +26,7 @@ use crate::transport::frame::{
     event_wire_len, Frame, FrameError, RecoveryChunk, RecoveryKind, StreamId, CHUNK_FIXED_BYTES, HEADER_LEN,
     MAX_FRAME_BYTES,
 };
-use crate::worker::engine::mocker::config::MAX_GPU_BLOCKS;
+use crate::worker::engines::mocker::config::MAX_GPU_BLOCKS;
 use crate::worker::{Recovery, WorkerGoneError};
 
 /// Event bytes per chunk: small enough that a recovery never holds up a connection's writer

@@ -11,10 +11,10 @@ use crate::events::{self, EventSubscriber, InProcessSubscriber};
 use crate::kv::events::KvEventKind;
 use crate::protocol::{FinishReason, GenerateRequest, TokenId, WorkerId, WorkerOutput};
 use crate::transport::{WorkItem, RESPONSE_STREAM_DEPTH};
-use crate::worker::engine::mocker::test_util::{config, request, NaiveIndex};
-use crate::worker::engine::mocker::timing::{self, StepWork};
-use crate::worker::engine::mocker::MockerConfig;
-use crate::worker::{spawn_mocker, WorkerHandle};
+use crate::worker::engines::mocker::test_util::{config, request, NaiveIndex};
+use crate::worker::engines::mocker::timing::{self, StepWork};
+use crate::worker::engines::mocker::MockerConfig;
+use crate::worker::{spawn, EventRing, Mocker, WorkerHandle};
 
 const EOS: TokenId = 2;
 const LIMIT: Duration = Duration::from_secs(20);
@@ -30,7 +30,7 @@ fn start(config: MockerConfig) -> Harness {
     let (publisher, events) = events::in_process();
     // The corpus contains the eos id, which must never be emitted.
     let corpus: Arc<[TokenId]> = (0..500).collect();
-    let worker = spawn_mocker(WorkerId(7), config, rx, publisher, corpus);
+    let worker = spawn(WorkerId(7), Mocker::new(WorkerId(7), config, corpus), rx, publisher, EventRing::default());
     Harness { worker, inbox: tx, events }
 }
 
@@ -102,7 +102,7 @@ async fn refused_requests_get_an_error() {
     let h = start(config(4, 4, 64, 4));
     let mut rx = send(&h, request(1, vec![1; 100], 4), 8).await;
     let msg = timeout(LIMIT, rx.recv()).await.unwrap();
-    assert!(matches!(msg, Some(WorkerOutput::Error { message }) if message.contains("--num-gpu-blocks")));
+    assert!(matches!(msg, Some(WorkerOutput::Error(e)) if e.message.contains("--num-gpu-blocks") && e.fault == crate::protocol::Fault::Client));
 }
 
 #[tokio::test]

@@ -27,11 +27,11 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::protocol::{FinishReason, GenerateRequest, TokenId, WorkerId, WorkerOutput};
+use crate::protocol::{FinishReason, GenerateRequest, TokenId, WorkerError, WorkerId, WorkerOutput};
 use crate::transfer::{Arrival, InProcessReceiverGuard, TransferHeader, TransferSender};
 
 use super::kv_cache::SeqId;
-use super::reply::Reply;
+use crate::worker::reply::Reply;
 
 /// Transfers one prefill worker runs at once; the rest wait (their blocks stay cached).
 pub const MAX_CONCURRENT_TRANSFERS: usize = 8;
@@ -110,7 +110,7 @@ impl Rooms {
             return Ok(Some(Matched { skip_blocks, request, reply, arrival }));
         }
         if self.waiting.contains_key(&room) {
-            reply.finish(WorkerOutput::Error { message: format!("bootstrap room {room:x} is already in use") });
+            reply.finish(WorkerOutput::Error(WorkerError::worker(format!("bootstrap room {room:x} is already in use"))));
             return Err(reply);
         }
         self.waiting.insert(room, Waiting { skip_blocks, request, reply, deadline: Instant::now() + self.timeout });
@@ -160,12 +160,10 @@ impl Rooms {
                     room = format_args!("{room:x}"),
                     "KV transfer did not arrive in time"
                 );
-                w.reply.finish(WorkerOutput::Error {
-                    message: format!(
-                        "the prompt's KV cache did not arrive from the prefill worker within {:.0} s",
-                        timeout.as_secs_f64()
-                    ),
-                });
+                w.reply.finish(WorkerOutput::Error(WorkerError::worker(format!(
+                    "the prompt's KV cache did not arrive from the prefill worker within {:.0} s",
+                    timeout.as_secs_f64()
+                ))));
                 w.reply
             })
             .collect()
@@ -227,7 +225,7 @@ pub fn spawn_transfer(
             }
             Err(e) => {
                 tracing::warn!(request = format_args!("{:x}", leg.request_id), error = %e, "kv transfer failed");
-                WorkerOutput::Error { message: e.to_string() }
+                WorkerOutput::Error(WorkerError::worker(e.to_string()))
             }
         };
         let _ = tx.send(last).await;
@@ -254,7 +252,7 @@ pub fn header(
 mod tests {
     use super::*;
     use crate::transfer::TransferStats;
-    use crate::worker::engine::mocker::test_util::request;
+    use crate::worker::engines::mocker::test_util::request;
 
     fn arrival(room: u64) -> Arrival {
         let header = TransferHeader { room, request_id: 1, num_blocks: 2, bytes_per_block: 8, first_token: Some(5) };
@@ -285,7 +283,7 @@ mod tests {
         let (r, mut rx4) = reply();
         let mut refused = rooms.wait(2, 0, request(4, vec![1], 4), r).err().expect("a room in use is refused");
         refused.flush();
-        assert!(matches!(rx4.try_recv(), Ok(WorkerOutput::Error { message }) if message.contains("in use")));
+        assert!(matches!(rx4.try_recv(), Ok(WorkerOutput::Error(e)) if e.message.contains("in use")));
     }
 
     #[tokio::test(start_paused = true)]
@@ -300,7 +298,7 @@ mod tests {
         let mut expired = rooms.expire(Instant::now());
         assert_eq!(expired.len(), 1);
         expired[0].flush();
-        assert!(matches!(rx.try_recv(), Ok(WorkerOutput::Error { message }) if message.contains("did not arrive")));
+        assert!(matches!(rx.try_recv(), Ok(WorkerOutput::Error(e)) if e.message.contains("did not arrive")));
         assert!(rooms.no_waiting() && rooms.next_deadline().is_none(), "the unclaimed transfer was dropped too");
     }
 

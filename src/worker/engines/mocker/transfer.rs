@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use crate::config::{TransferArgs, TransferBackend};
 use crate::protocol::WorkerRole;
 use crate::transfer::{self, TransferConfig, TransferSender};
-use crate::worker::DisaggIo;
+use super::DisaggIo;
 
 /// Landed transfers queued for one decode engine.
 pub const ARRIVALS_DEPTH: usize = 256;

@@ -1,43 +1,40 @@
-//! The mocker worker task: takes requests from the inbox, runs the [`Scheduler`] step by step
-//! in simulated time, streams each request's outputs, publishes KV events, reports load.
+//! The mocker's task: takes requests from its intake, runs the [`Scheduler`] step by step in
+//! simulated time, streams each request's outputs, sends each step's KV events to the runtime's
+//! sink, reports load.
 //!
 //! Loop: when nothing is scheduled it awaits the inbox (no busy-waiting); when busy it drains
 //! the inbox with `try_recv` between steps, plans a step, sleeps until the step's deadline (a
 //! running deadline, so simulated time does not drift), then emits the step's tokens, publishes
-//! the step's KV events in one batch (keeping them in the [`EventRing`]) and updates the load
-//! report. Control requests ([`ControlMsg`]) are answered between steps and while idle (the idle
-//! wait selects on them too), always after the previous step's events are published, so the
-//! cache, the ring and the live stream agree on the last event id. Disaggregated legs
+//! the step's KV events in one batch and updates the load report. Resets are taken between
+//! steps and while idle; their events go out before their answer. Disaggregated legs
 //! ([`disagg`](super::disagg)): landed KV transfers and finished transfers' block releases are
 //! taken between steps and while idle; when only blocks held for transfers stand in the way
 //! of the next step, the loop waits for a release.
 //!
-//! Concurrency: this task owns all engine state (scheduler, cache, replies, ring, rooms);
-//! nothing is locked. It reaches the outside only by bounded channels: the inbox (bounded by the
-//! transport), the control channel, each reply channel (`try_send` only, see
-//! [`reply`](super::reply)), the event publisher (awaited once per step), a `watch` for load,
-//! the transfer arrivals and releases; transfer tasks run in its `JoinSet`. Live event ids are contiguous per worker from 1; a dump's events reuse the last id.
+//! Concurrency: this task owns all engine state (scheduler, cache, replies, rooms);
+//! nothing is locked. It reaches the outside only by bounded channels: the intake (bounded by the
+//! transport), the resets, each reply channel (`try_send` only, see
+//! [`reply`](crate::worker::reply)), the runtime's event sink (awaited once per step), a `watch`
+//! for load, the transfer arrivals and releases; transfer tasks run in its `JoinSet`.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::events::EventPublisher;
-use crate::kv::events::{KvEvent, KvEventKind};
-use crate::protocol::{DisaggLeg, FinishReason, GenerateRequest, LoadReport, WorkerId, WorkerOutput};
+use crate::protocol::{DisaggLeg, FinishReason, GenerateRequest, LoadReport, WorkerError, WorkerId, WorkerOutput};
 use crate::transfer::{Arrival, TransferSender};
 use crate::transport::WorkItem;
-use crate::worker::control::{ControlMsg, Recovery, CONTROL_QUEUE_DEPTH};
+use crate::worker::control::CONTROL_QUEUE_DEPTH;
+use crate::worker::engine::{EngineIo, EventSink, Intake};
 
 use super::disagg::{self, DisaggIo, Matched, PrefillLeg, Release, Rooms, MAX_CONCURRENT_TRANSFERS};
 use super::kv_cache::SeqId;
-use super::reply::{Flush, Reply};
-use super::ring::EventRing;
+use crate::worker::reply::{Flush, Reply};
 use super::scheduler::{Rejected, Scheduler, StepOutput, StepPlan};
 use super::timing;
 
@@ -47,36 +44,6 @@ pub const MAX_INFLIGHT_REQUESTS: usize = 4096;
 /// Lag after which the step clock restarts instead of catching up: a stall (e.g. event-plane
 /// backpressure) shortens at most this much of the following steps.
 pub const MAX_CATCH_UP: Duration = Duration::from_millis(100);
-
-/// Stamps event ids (contiguous from 1) and times.
-struct EventStamper {
-    worker: WorkerId,
-    next_id: u64,
-}
-
-impl EventStamper {
-    fn stamp(&mut self, kind: KvEventKind) -> KvEvent {
-        let event_id = self.next_id;
-        self.next_id += 1;
-        self.stamp_as(event_id, kind)
-    }
-
-    fn stamp_as(&self, event_id: u64, kind: KvEventKind) -> KvEvent {
-        let timestamp_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
-        KvEvent { worker: self.worker, event_id, timestamp_us, kind }
-    }
-}
-
-/// The channels one engine serves (a parameter struct: the set grows with the engine's duties).
-pub struct EngineIo<P> {
-    pub inbox: mpsc::Receiver<WorkItem>,
-    /// Fires (or is dropped) to stop accepting requests; see `WorkerHandle::stop`.
-    pub stop: oneshot::Receiver<()>,
-    pub control: mpsc::Receiver<ControlMsg>,
-    pub publisher: P,
-    pub load: watch::Sender<LoadReport>,
-    pub disagg: DisaggIo,
-}
 
 /// The engine's disaggregation state (see [`disagg`]).
 struct Disagg {
@@ -96,33 +63,28 @@ struct Disagg {
     released: mpsc::Receiver<SeqId>,
 }
 
-/// One worker's engine and the channels it serves.
-pub struct Engine<P> {
+/// One mocker worker's engine state and the channels it serves.
+pub struct MockerTask {
+    worker: WorkerId,
     sched: Scheduler,
     speedup_ratio: f64,
-    inbox: mpsc::Receiver<WorkItem>,
-    inbox_open: bool,
-    stop: oneshot::Receiver<()>,
-    stopping: bool,
-    control: mpsc::Receiver<ControlMsg>,
-    control_open: bool,
-    /// Events published lately, for replay.
-    ring: EventRing,
+    intake: Intake,
+    resets: mpsc::Receiver<oneshot::Sender<()>>,
+    resets_open: bool,
     /// Replies of requests the scheduler holds.
     replies: HashMap<SeqId, Reply>,
     /// Replies of finished (or refused) requests still sending their last outputs.
     draining: Vec<Reply>,
-    publisher: P,
-    stamper: EventStamper,
+    events: EventSink,
     load: watch::Sender<LoadReport>,
     deadline: Instant,
     outputs: Vec<StepOutput>,
     disagg: Disagg,
 }
 
-impl<P: EventPublisher> Engine<P> {
-    pub fn new(worker: WorkerId, sched: Scheduler, speedup_ratio: f64, ring: EventRing, io: EngineIo<P>) -> Self {
-        let EngineIo { inbox, stop, control, publisher, load, disagg } = io;
+impl MockerTask {
+    pub fn new(worker: WorkerId, sched: Scheduler, speedup_ratio: f64, disagg: DisaggIo, io: EngineIo) -> Self {
+        let EngineIo { intake, events, load, resets } = io;
         let (released_tx, released) = mpsc::channel(MAX_INFLIGHT_REQUESTS);
         let disagg = Disagg {
             sender: disagg.sender,
@@ -137,19 +99,15 @@ impl<P: EventPublisher> Engine<P> {
             released,
         };
         Self {
+            worker,
             sched,
             speedup_ratio,
-            inbox,
-            inbox_open: true,
-            stop,
-            stopping: false,
-            control,
-            control_open: true,
-            ring,
+            intake,
+            resets,
+            resets_open: true,
             replies: HashMap::new(),
             draining: Vec::new(),
-            publisher,
-            stamper: EventStamper { worker, next_id: 1 },
+            events,
             load,
             deadline: Instant::now(),
             outputs: Vec::new(),
@@ -183,7 +141,7 @@ impl<P: EventPublisher> Engine<P> {
         }
         // A stopping prefill worker finishes the transfers it started.
         while self.disagg.tasks.join_next().await.is_some() {}
-        tracing::debug!(worker = %self.stamper.worker, "mocker worker stopped");
+        tracing::debug!(worker = %self.worker, "mocker worker stopped");
     }
 
     /// Takes new work: waits while the scheduler is idle, else drains without waiting.
@@ -192,7 +150,7 @@ impl<P: EventPublisher> Engine<P> {
         let mut waited = false;
         while self.sched.is_idle() {
             self.report();
-            if !self.inbox_open && self.draining.is_empty() && self.disagg.rooms.no_waiting() {
+            if !self.intake.is_open() && self.draining.is_empty() && self.disagg.rooms.no_waiting() {
                 return false;
             }
             waited = true;
@@ -214,15 +172,15 @@ impl<P: EventPublisher> Engine<P> {
                     None => self.disagg.arrivals = None,
                 },
                 () = sleep_until_opt(expiry), if expiry.is_some() => self.expire_rooms(),
-                item = self.inbox.recv(), if self.inbox_open && room => match item {
-                    Some(item) => self.accept(item),
-                    None => self.inbox_open = false,
-                },
+                item = self.intake.recv(), if self.intake.is_open() && room => {
+                    if let Some(item) = item {
+                        self.accept(item);
+                    }
+                }
                 () = writable, if !self.draining.is_empty() => self.flush_all(),
-                _ = &mut self.stop, if !self.stopping => self.begin_stop(),
-                msg = self.control.recv(), if self.control_open => match msg {
-                    Some(msg) => self.on_control(msg).await,
-                    None => self.control_open = false,
+                msg = self.resets.recv(), if self.resets_open => match msg {
+                    Some(reply) => self.reset(reply).await,
+                    None => self.resets_open = false,
                 },
             }
         }
@@ -230,11 +188,10 @@ impl<P: EventPublisher> Engine<P> {
             // Simulated time restarts when work arrives after idling.
             self.deadline = Instant::now();
         }
-        while self.inbox_open && self.replies.len() + self.draining.len() < MAX_INFLIGHT_REQUESTS {
-            match self.inbox.try_recv() {
-                Ok(item) => self.accept(item),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => self.inbox_open = false,
+        while self.replies.len() + self.draining.len() < MAX_INFLIGHT_REQUESTS {
+            match self.intake.try_recv() {
+                Some(item) => self.accept(item),
+                None => break,
             }
         }
         while let Ok(seq) = self.disagg.released.try_recv() {
@@ -246,59 +203,24 @@ impl<P: EventPublisher> Engine<P> {
         if self.disagg.rooms.next_deadline().is_some_and(|d| d <= Instant::now()) {
             self.expire_rooms();
         }
-        if !self.stopping && !matches!(self.stop.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
-            self.begin_stop();
-        }
-        // Bounded so a flood of control requests cannot starve the steps.
+        // Bounded so a flood of resets cannot starve the steps.
         for _ in 0..CONTROL_QUEUE_DEPTH {
-            match self.control.try_recv() {
-                Ok(msg) => self.on_control(msg).await,
+            match self.resets.try_recv() {
+                Ok(reply) => self.reset(reply).await,
                 Err(_) => break,
             }
         }
         true
     }
 
-    /// Answers one control request. Runs between steps, with the cache's events published.
-    async fn on_control(&mut self, msg: ControlMsg) {
-        // Nothing is pending here (every step ends by publishing); kept so the ring, the cache
-        // and the answer agree even if that changes.
+    /// Clears the cache (blocks held by requests in flight are republished at once) and answers
+    /// once the runtime has published the reset's events.
+    async fn reset(&mut self, reply: oneshot::Sender<()>) {
+        self.sched.cache_mut().reset();
         self.publish().await;
-        match msg {
-            ControlMsg::Recover { since_event_id, reply } => {
-                let _ = reply.send(self.recovery(since_event_id));
-            }
-            ControlMsg::Reset { reply } => {
-                self.sched.cache_mut().reset();
-                self.publish().await;
-                self.report();
-                tracing::info!(worker = %self.stamper.worker, "mocker KV cache reset");
-                let _ = reply.send(());
-            }
-        }
-    }
-
-    /// Replay from the ring, or a dump of the cache stamped with the last event id.
-    fn recovery(&self, since: u64) -> Recovery {
-        if let Some(events) = self.ring.since(since) {
-            return Recovery::Replay(events);
-        }
-        let last_event_id = self.ring.last_event_id();
-        let events =
-            self.sched.cache().snapshot().into_iter().map(|k| self.stamper.stamp_as(last_event_id, k)).collect();
-        tracing::info!(
-            worker = %self.stamper.worker,
-            since,
-            last_event_id,
-            "replay not possible: dumping the KV cache"
-        );
-        Recovery::Dump { events, last_event_id }
-    }
-
-    /// No new requests; those queued in the inbox are still received and served.
-    fn begin_stop(&mut self) {
-        self.stopping = true;
-        self.inbox.close();
+        self.report();
+        tracing::info!(worker = %self.worker, "mocker KV cache reset");
+        self.events.ack(reply).await;
     }
 
     fn accept(&mut self, item: WorkItem) {
@@ -339,7 +261,7 @@ impl<P: EventPublisher> Engine<P> {
     }
 
     fn refuse(&mut self, mut reply: Reply, message: &str) {
-        reply.finish(WorkerOutput::Error { message: message.to_string() });
+        reply.finish(WorkerOutput::Error(WorkerError::worker(message)));
         self.draining.push(reply);
     }
 
@@ -368,7 +290,7 @@ impl<P: EventPublisher> Engine<P> {
                 "the KV transfer carried {} blocks; this prompt needs {expected} after the {skip_blocks} cached ones",
                 arrival.header.num_blocks
             );
-            reply.finish(WorkerOutput::Error { message });
+            reply.finish(WorkerOutput::Error(WorkerError::worker(message)));
             self.draining.push(reply);
             return;
         }
@@ -394,7 +316,7 @@ impl<P: EventPublisher> Engine<P> {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "mocker refused an imported request");
-                reply.finish(WorkerOutput::Error { message: e.to_string() });
+                reply.finish(WorkerOutput::Error(e.into()));
                 self.draining.push(reply);
             }
         }
@@ -417,7 +339,7 @@ impl<P: EventPublisher> Engine<P> {
             }
             Err(e) => {
                 tracing::warn!(request_id, error = %e, "mocker refused a request");
-                reply.finish(WorkerOutput::Error { message: e.to_string() });
+                reply.finish(WorkerOutput::Error(e.into()));
             }
         }
         self.draining.push(reply);
@@ -517,14 +439,7 @@ impl<P: EventPublisher> Engine<P> {
     async fn publish(&mut self) {
         let mut kinds = Vec::new();
         self.sched.cache_mut().drain_events(&mut kinds);
-        if kinds.is_empty() {
-            return;
-        }
-        let batch: Vec<KvEvent> = kinds.into_iter().map(|k| self.stamper.stamp(k)).collect();
-        for e in &batch {
-            self.ring.push(e.clone());
-        }
-        self.publisher.publish(batch).await;
+        self.events.send(kinds).await;
     }
 
     fn report(&self) {

@@ -20,10 +20,10 @@ use crate::kv::hash::{BlockHasher, SeqHash};
 use crate::kv::index::{KvIndex, KvIndexWriter};
 use crate::protocol::{FinishReason, TokenId, WorkerId, WorkerOutput};
 use crate::transport::WorkItem;
-use crate::worker::engine::mocker::ring::EventRing;
-use crate::worker::engine::mocker::test_util::{config, request, NaiveIndex};
-use crate::worker::engine::mocker::MockerConfig;
-use crate::worker::{spawn_mocker_with_ring, Recovery, WorkerControl, WorkerGoneError, WorkerHandle};
+use crate::worker::ring::EventRing;
+use crate::worker::engines::mocker::test_util::{config, request, NaiveIndex};
+use crate::worker::engines::mocker::MockerConfig;
+use crate::worker::{spawn, Mocker, Recovery, WorkerControl, WorkerGoneError, WorkerHandle};
 
 const W: WorkerId = WorkerId(11);
 const PAGE: u32 = 4;
@@ -60,7 +60,7 @@ fn start(config: MockerConfig, ring: EventRing) -> Harness {
     let (inner, events) = events::in_process();
     let publisher = LossyPublisher { inner, log: Arc::default(), dropping: Arc::default() };
     let (log, dropping) = (publisher.log.clone(), publisher.dropping.clone());
-    let worker = spawn_mocker_with_ring(W, config, rx, publisher, (0..500).collect(), ring, Default::default());
+    let worker = spawn(W, Mocker::new(W, config, (0..500).collect()), rx, publisher, ring);
     Harness { control: worker.control(), worker, inbox: tx, events, log, dropping }
 }
 

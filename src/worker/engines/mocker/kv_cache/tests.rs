@@ -5,7 +5,7 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 use crate::kv::hash::BlockHasher;
-use crate::worker::engine::mocker::test_util::NaiveIndex;
+use crate::worker::engines::mocker::test_util::NaiveIndex;
 
 const PAGE: usize = 4;
 const SALT: u64 = 0x5eed;

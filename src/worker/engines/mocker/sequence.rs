@@ -91,7 +91,7 @@ impl Sequence {
 mod tests {
     use super::*;
     use crate::protocol::SamplingParams;
-    use crate::worker::engine::mocker::model::MockModel;
+    use crate::worker::engines::mocker::model::MockModel;
 
     #[test]
     fn hash_chain_continues_over_generated_tokens() {

@@ -5,7 +5,7 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 use crate::kv::hash::SeqHash;
-use crate::worker::engine::mocker::test_util::{config, request, NaiveIndex};
+use crate::worker::engines::mocker::test_util::{config, request, NaiveIndex};
 
 const SALT: u64 = 0xabc;
 

@@ -43,6 +43,14 @@ pub enum Rejected {
     TooLong { prompt: usize, max_tokens: u32, capacity: u64 },
 }
 
+impl From<Rejected> for crate::protocol::WorkerError {
+    /// Every refusal is about the request itself: no other worker of the same size would take
+    /// it either (the frontend answers 400 at once instead of migrating).
+    fn from(e: Rejected) -> Self {
+        crate::protocol::WorkerError::client(e.to_string())
+    }
+}
+
 /// What [`Scheduler::add_imported`] made of an imported prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Imported {
