@@ -1,5 +1,7 @@
 //! The `kvgate` command: parse, validate, start, wait for a shutdown signal.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use kvgate::config::{Cli, Command};
 use tracing_subscriber::EnvFilter;
@@ -24,9 +26,22 @@ fn log_filter() -> EnvFilter {
     })
 }
 
+/// Colour codes only for a person watching: stderr is a terminal and `NO_COLOR`
+/// (<https://no-color.org>) is unset or empty. A file, a pipe or journald gets plain text.
+fn log_colours(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt().with_env_filter(log_filter()).with_target(false).init();
+    // Logs go to stderr; stdout carries only the start-up lines that say where kvgate listens.
+    let colours = log_colours(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
+    tracing_subscriber::fmt()
+        .with_env_filter(log_filter())
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(colours)
+        .init();
     match cli.command {
         Command::Serve(args) => {
             let mut server = match kvgate::serve::start(&args) {
@@ -85,4 +100,18 @@ fn wait_for_signal() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(signal())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_colours;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(log_colours(true, None));
+        assert!(log_colours(true, Some(OsStr::new(""))));
+        assert!(!log_colours(true, Some(OsStr::new("1"))));
+        assert!(!log_colours(false, None));
+    }
 }

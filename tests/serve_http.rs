@@ -341,3 +341,38 @@ async fn health_is_503_until_a_model_has_a_worker() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["models"][0]["workers"].as_array().unwrap().len(), 1, "{v}");
 }
+
+/// Logs go to stderr, and carry no ANSI colour codes when stderr is not a terminal (a file, a
+/// pipe, journald): `kvgate serve` run with its output piped, as a service manager runs it.
+#[test]
+fn logs_piped_to_a_file_have_no_colour_codes() {
+    use std::io::{BufRead, Read};
+    use std::process::{Command, Stdio};
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
+        .args(["serve", "--http-host", "127.0.0.1", "--http-port", "0", "--speedup-ratio", "1000"])
+        .env_remove("NO_COLOR")
+        .env_remove("KVGATE_LOG")
+        .env_remove("RUST_LOG")
+        .env("DYN_LOG", "info")
+        .env("HF_HUB_OFFLINE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The listening line comes after the start-up logs; then stop it and read what it wrote.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut out = String::new();
+    while !out.contains("kvgate listening on") {
+        assert!(stdout.read_line(&mut out).unwrap() > 0, "kvgate serve exited before listening:\n{out}");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    stdout.read_to_string(&mut out).unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(err.contains("kvgate serving"), "the start-up log is not on stderr:\n{err}\nstdout:\n{out}");
+    assert!(!err.contains("\x1b["), "colour codes in piped logs:\n{err:?}");
+    assert!(!out.contains("\x1b["), "colour codes on stdout:\n{out:?}");
+}
