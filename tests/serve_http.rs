@@ -192,6 +192,14 @@ async fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
         let v: Value = r.json().await.unwrap();
         assert_openai_error(&v);
     }
+    // An unknown role names the message it is in.
+    let wizard = json!({"model": "kvgate-mock", "messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]});
+    let r = c.post(&url).json(&wizard).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_openai_error(&v);
+    assert_eq!(v["error"]["param"], "messages[1].role", "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
     // A 100 MB body: refused with 413, and the connection is not left hanging.
     let big = vec![b'x'; 100 * 1024 * 1024];
     let r = c.post(&url).header("content-type", "application/json").body(big).send().await.unwrap();

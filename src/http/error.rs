@@ -93,9 +93,9 @@ impl ApiError {
         }
     }
 
-    fn param(&self) -> Option<&'static str> {
+    fn param(&self) -> Option<&str> {
         match self {
-            ApiError::Invalid(v) => v.param,
+            ApiError::Invalid(v) => v.param.as_deref(),
             ApiError::ModelNotFound(_) => Some("model"),
             ApiError::TokenOutOfRange { .. } | ApiError::PromptTooLong { .. } => Some("prompt"),
             _ => None,

@@ -98,7 +98,7 @@ fn prepare<P>(fe: &Frontend<P>, kind: ResponseKind, body: &[u8]) -> Result<Prepa
     };
     if prompt.is_empty() {
         return Err(ApiError::Invalid(crate::openai::ValidationError {
-            param: Some("prompt"),
+            param: Some("prompt".into()),
             message: "the prompt tokenizes to nothing".into(),
         }));
     }

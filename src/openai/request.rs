@@ -1,5 +1,7 @@
 //! Request types and their validation.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -11,6 +13,9 @@ pub const DEFAULT_CHAT_MAX_TOKENS: u32 = 1024;
 pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
 /// Stop strings per request (OpenAI allows 4; engines commonly accept more).
 const MAX_STOP_STRINGS: usize = 16;
+/// The message roles OpenAI's chat API accepts. The chat template sees the role as given:
+/// templates render the ones they know (Qwen3's: system, user, assistant, tool).
+const CHAT_ROLES: [&str; 6] = ["system", "developer", "user", "assistant", "tool", "function"];
 
 /// `stop`: one string or a list.
 #[derive(Debug, Clone, Deserialize)]
@@ -83,15 +88,24 @@ pub struct CommonParams {
     pub n: Option<i64>,
 }
 
-/// A client error in a request's fields: which field and why.
+/// A client error in a request's fields: which field (OpenAI's `param`, such as `max_tokens` or
+/// `messages[2].role`) and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidationError {
-    pub param: Option<&'static str>,
+    pub param: Option<Cow<'static, str>>,
     pub message: String,
 }
 
-fn bad(param: &'static str, message: impl Into<String>) -> ValidationError {
-    ValidationError { param: Some(param), message: message.into() }
+fn bad(param: impl Into<Cow<'static, str>>, message: impl Into<String>) -> ValidationError {
+    ValidationError { param: Some(param.into()), message: message.into() }
+}
+
+/// OpenAI's wording: `Invalid value: 'x'. Supported values are: 'a', 'b', and 'c'.`
+fn unknown_role(i: usize, role: &str) -> ValidationError {
+    let (last, rest) = CHAT_ROLES.split_last().expect("roles");
+    let supported: Vec<String> = rest.iter().map(|r| format!("'{r}'")).collect();
+    let message = format!("Invalid value: '{role}'. Supported values are: {}, and '{last}'.", supported.join(", "));
+    bad(format!("messages[{i}].role"), message)
 }
 
 /// A request every field of which has been checked.
@@ -164,14 +178,18 @@ impl ChatCompletionRequest {
             return Err(bad("messages", "messages must not be empty"));
         }
         for (i, m) in messages.iter().enumerate() {
-            let role = m.get("role").and_then(Value::as_str);
-            if role.is_none() {
-                return Err(bad("messages", format!("messages[{i}] has no string `role`")));
+            match m.get("role").and_then(Value::as_str) {
+                None => return Err(bad(format!("messages[{i}].role"), format!("messages[{i}] has no string `role`"))),
+                Some(role) if !CHAT_ROLES.contains(&role) => return Err(unknown_role(i, role)),
+                Some(_) => {}
             }
             match m.get("content") {
                 None | Some(Value::Null) | Some(Value::String(_)) | Some(Value::Array(_)) => {}
                 Some(_) => {
-                    return Err(bad("messages", format!("messages[{i}].content must be a string or an array of parts")))
+                    return Err(bad(
+                        format!("messages[{i}].content"),
+                        format!("messages[{i}].content must be a string or an array of parts"),
+                    ))
                 }
             }
         }
@@ -225,15 +243,32 @@ mod tests {
         assert_eq!(v.sampling.max_tokens, DEFAULT_CHAT_MAX_TOKENS);
         assert!(!v.stream);
         let e = chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":-1}"#).unwrap_err();
-        assert_eq!(e.param, Some("max_tokens"));
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
         let e = chat(r#"{"model":"m","messages":[]}"#).unwrap_err();
-        assert_eq!(e.param, Some("messages"));
+        assert_eq!(e.param.as_deref(), Some("messages"));
         let e = chat(r#"{"model":"m","messages":[{"content":"x"}]}"#).unwrap_err();
-        assert_eq!(e.param, Some("messages"));
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
         let v = chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":5,"stop":"x","stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
         assert_eq!(v.sampling.max_tokens, 5);
         assert_eq!(v.stop, vec!["x"]);
         assert!(v.include_usage);
+    }
+
+    #[test]
+    fn chat_roles_are_openai_s() {
+        let with_role = |role: &str| {
+            chat(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}},{{"role":"{role}","content":"x"}}]}}"#
+            ))
+        };
+        for role in ["system", "developer", "user", "assistant", "tool", "function"] {
+            assert!(with_role(role).is_ok(), "{role}");
+        }
+        for role in ["wizard", "User", ""] {
+            let e = with_role(role).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("messages[1].role"), "{role}");
+            assert!(e.message.contains(&format!("'{role}'")) && e.message.contains("'developer'"), "{}", e.message);
+        }
     }
 
     #[test]
