@@ -80,19 +80,24 @@ pub struct GenerateRequest {
     pub disagg: Option<DisaggLeg>,
 }
 
-/// One leg of a disaggregated request. The frontend sends both legs at once, paired by a
-/// bootstrap `room` id unique among the requests in flight.
+/// One leg of a disaggregated request, paired with the other by a bootstrap `room` id unique
+/// among the requests in flight. How the legs run is the prefill engine's [`DisaggStyle`]:
+/// both at once (the mocker's push, SGLang's bootstrap room), or the prefill leg first with
+/// what it hands over passed to the decode leg (vLLM's `kv_transfer_params`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DisaggLeg {
-    /// Compute the prompt (and sample the first token), push its KV blocks and the first token
-    /// to the decode worker's transfer address, report `Transferred`, then `Finished`. No
-    /// `Tokens` are streamed on this leg.
+    /// Compute the prompt (and sample the first token) and make its KV available to the
+    /// decode leg as the engine does: the mocker pushes it, with the first token, to
+    /// `bootstrap` (the decode worker's transfer address) and reports `Transferred`; SGLang
+    /// holds it for the room at its own bootstrap server (`bootstrap` = its `host:port`);
+    /// vLLM returns what the decode leg needs as a `Handoff`. Then `Finished`; no `Tokens`.
     /// The first `skip_blocks` full blocks are not sent: the decode worker holds them already.
-    Prefill { room: u64, decode_worker: WorkerId, skip_blocks: u32, transfer_address: String },
-    /// Wait for the room's KV blocks from the prefill worker, then stream the first token and
-    /// generate from there without computing the prompt. The first `skip_blocks` blocks come
-    /// from the worker's own cache (if they were evicted meanwhile, it recomputes them).
-    Decode { room: u64, prefill_worker: WorkerId, skip_blocks: u32 },
+    Prefill { room: u64, peer: WorkerId, skip_blocks: u32, bootstrap: Option<String> },
+    /// Generate from the prompt's KV handed over by the prefill leg, without computing the
+    /// prompt: wait for the room's push (mocker), pull it from the prefill worker's
+    /// `bootstrap` server (SGLang), or take it as the prefill leg's `handoff` says (vLLM). The
+    /// first `skip_blocks` blocks come from the worker's own cache (recomputed if evicted).
+    Decode { room: u64, peer: WorkerId, skip_blocks: u32, bootstrap: Option<String>, handoff: Option<String> },
 }
 
 /// Why a worker stopped generating.
@@ -116,6 +121,9 @@ pub enum WorkerOutput {
     Started { cached_tokens: u32, computed_tokens: u32 },
     /// A prefill leg pushed its KV blocks to the decode worker (before its `Finished`).
     Transferred { blocks: u32, bytes: u64, micros: u64 },
+    /// What a prefill leg hands to its decode leg (engine-specific, e.g. vLLM's
+    /// `kv_transfer_params` as JSON), before its `Finished`.
+    Handoff(String),
     /// Newly generated tokens, in order (usually one per decode step).
     Tokens(Vec<TokenId>),
     /// The last message of a successful stream.
@@ -220,16 +228,17 @@ impl EngineKind {
     }
 }
 
-/// How the two legs of a disaggregated request run, as the prefill worker's engine requires.
+/// How the two legs of a disaggregated request run, as the engines require.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum DisaggStyle {
-    /// Both legs at once, paired by a room id: the prefill worker pushes the KV to the decode
-    /// worker's advertised address (the mocker over kvgate's transfer plane), or the decode
-    /// worker pulls it from the prefill worker's bootstrap server (SGLang).
+    /// Both legs at once; the prefill worker pushes the KV to the decode worker's advertised
+    /// bootstrap address (the mocker, over kvgate's transfer plane).
     #[default]
-    Together,
-    /// The prefill leg first; what it returns (vLLM's `kv_transfer_params`) goes with the
-    /// decode leg.
+    Push,
+    /// Both legs at once, with the prefill worker's advertised bootstrap `host:port`; the decode
+    /// worker pulls the KV from it (SGLang).
+    Pull,
+    /// The prefill leg first; its `Handoff` goes with the decode leg (vLLM).
     Sequential,
 }

@@ -1,4 +1,5 @@
-//! `kvgate serve`: the frontend and N mocker workers in one process, wired through the
+//! `kvgate serve`: the frontend and N workers in one process (mocker engines by default, any
+//! [`Engine`] through [`start_with`]), wired through the
 //! in-process discovery, event plane and request plane (the same seams etcd, NATS and TCP
 //! implement in the distributed build). With `--prefill-workers` / `--decode-workers` the
 //! workers are disaggregated; their KV moves over loopback TCP (or, with
@@ -15,7 +16,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::config::{ConfigError, ServeArgs};
-use crate::discovery::{InProcessDiscovery, Registration, WorkerInfo};
+use crate::discovery::{InProcessDiscovery, Registration};
 use crate::events;
 use crate::frontend::recovery::InProcessRecovery;
 use crate::frontend::{control, Frontend, HttpLimits};
@@ -27,7 +28,8 @@ use crate::runtime;
 use crate::transport::InProcessRequestPlane;
 use crate::worker::engines::mocker::{MockerConfig, MockerConfigError};
 use crate::worker::engines::mocker::transfer;
-use crate::worker::{spawn, EventRing, Mocker, WorkerHandle};
+use crate::worker::engine::Placement;
+use crate::worker::{spawn, Engine, EventRing, Mocker, WorkerHandle};
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -63,18 +65,45 @@ pub struct Server {
     control_rt: Option<tokio::runtime::Runtime>,
 }
 
-/// Starts the frontend and its workers; returns once the endpoint accepts connections.
+/// One embedded worker to start: what an engine factory of [`start_with`] is given.
+pub struct WorkerSlot<'a> {
+    pub id: WorkerId,
+    pub role: WorkerRole,
+    pub args: &'a ServeArgs,
+    /// The served model's tokenizer and sizing.
+    pub preprocessor: &'a Preprocessor,
+}
+
+/// Starts the frontend and its mocker workers; returns once the endpoint accepts connections.
 pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
+    let mut mocker = MockerConfig::from_args(&args.mocker, args.model.page_size)?;
+    let mut sized = false;
+    start_with(args, move |slot| {
+        if !sized {
+            sized = true;
+            if let Some(cfg) = slot.preprocessor.model_config() {
+                // The workers report their KV capacity in bytes from the model's own sizing.
+                mocker = mocker.clone().with_kv_bytes_per_token(cfg.kv_bytes_per_token())?;
+            }
+        }
+        let bytes_per_block = mocker.kv_bytes_per_block().unwrap_or(0);
+        let setup =
+            transfer::setup_embedded(slot.role, &slot.args.transfer, bytes_per_block).map_err(ServeError::Transfer)?;
+        Ok(Mocker::disaggregated(slot.id, mocker.clone(), slot.preprocessor.sample_text_tokens(), setup))
+    })
+}
+
+/// Starts the frontend and workers whose engines `engine` makes (called once per worker, on
+/// the engine runtime: it may spawn tasks); returns once the endpoint accepts connections.
+pub fn start_with<E: Engine>(
+    args: &ServeArgs,
+    mut engine: impl FnMut(&WorkerSlot<'_>) -> Result<E, ServeError>,
+) -> Result<Server, ServeError> {
     args.validate()?;
     let page_size = args.model.page_size;
-    let mut mocker = MockerConfig::from_args(&args.mocker, page_size)?;
     let source = ModelSource::parse(args.model.model_path.as_deref());
     let preprocessor = Arc::new(Preprocessor::load(&source)?);
     let model_name = args.model.served_name();
-    if let Some(cfg) = preprocessor.model_config() {
-        // The workers report their KV capacity in bytes from the model's own sizing.
-        mocker = mocker.with_kv_bytes_per_token(cfg.kv_bytes_per_token())?;
-    }
 
     let shards = args.http.shard_count();
     let (index, writer) = KvIndex::new();
@@ -102,42 +131,34 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
     // Disaggregated workers copy real KV bytes: a second thread lets transfers overlap steps.
     let engine_threads = if args.prefill_workers + args.decode_workers > 0 { 2 } else { 1 };
     let engine_rt = runtime::tokio_runtime("kvgate-engine", engine_threads).map_err(ServeError::Runtime)?;
-    let output_tokens = preprocessor.sample_text_tokens();
     let roles: Vec<WorkerRole> = std::iter::repeat_n(WorkerRole::Aggregated, args.aggregated_workers())
         .chain(std::iter::repeat_n(WorkerRole::Prefill, args.prefill_workers))
         .chain(std::iter::repeat_n(WorkerRole::Decode, args.decode_workers))
         .collect();
-    let bytes_per_block = mocker.kv_bytes_per_block().unwrap_or(0);
     let mut workers = Vec::with_capacity(roles.len());
     let mut registrations = Vec::with_capacity(roles.len());
     let mut worker_ids = Vec::with_capacity(roles.len());
     for &role in &roles {
         let id = WorkerId(rand::random::<u64>() >> 1);
         let inbox = plane.attach(id);
-        let (handle, transfer_address) = {
+        let handle = {
             let _ctx = engine_rt.enter();
-            let setup =
-                transfer::setup_embedded(role, &args.transfer, bytes_per_block).map_err(ServeError::Transfer)?;
-            let address = setup.address.clone();
-            let engine = Mocker::disaggregated(id, mocker.clone(), output_tokens.clone(), setup);
-            (spawn(id, engine, inbox, publisher.clone(), EventRing::default()), address)
+            let e = engine(&WorkerSlot { id, role, args, preprocessor: &preprocessor })?;
+            spawn(id, e, inbox, publisher.clone(), EventRing::default())
         };
         recovery.insert(handle.control());
-        workers.push(handle);
-        registrations.push(discovery.register(WorkerInfo {
+        let placement = Placement {
             id,
             model: model_name.clone(),
             model_path: args.model.model_path.clone(),
             role,
             page_size,
-            kv_capacity_blocks: mocker.num_gpu_blocks,
-            max_num_seqs: mocker.max_num_seqs,
-            max_num_batched_tokens: mocker.max_num_batched_tokens,
             address: None,
-            transfer_address,
-        }));
+        };
+        registrations.push(discovery.register(handle.card.worker_info(placement)));
+        tracing::info!(worker = %id, ?role, engine = handle.card.kind.as_str(), "started worker");
+        workers.push(handle);
         worker_ids.push(id);
-        tracing::info!(worker = %id, ?role, "started mocker worker");
     }
     // The control plane publishes the worker set asynchronously; wait until shards can see it
     // so the first request does not get a spurious 503.

@@ -28,7 +28,10 @@ fn worker(id: u64, model: &str, role: WorkerRole) -> WorkerInfo {
         max_num_seqs: 256,
         max_num_batched_tokens: 8192,
         address: Some(format!("127.0.0.1:{}", 9000 + id)),
-        transfer_address: None,
+        engine: Default::default(),
+        disagg: Default::default(),
+        bootstrap: None,
+        kv_events: true,
     }
 }
 

@@ -82,7 +82,10 @@ async fn run_case(
         max_num_seqs: 256,
         max_num_batched_tokens: 8192,
         address: None,
-        transfer_address: None,
+        engine: Default::default(),
+        disagg: Default::default(),
+        bootstrap: None,
+        kv_events: true,
     });
 
     // Prompts sharing prefixes, enough of them to evict when the cache is small.

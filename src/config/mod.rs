@@ -10,6 +10,7 @@ use thiserror::Error;
 
 use crate::kv::hash::MAX_BLOCK_SIZE;
 use crate::router::{RouterMode, MAX_SHARDS};
+use crate::protocol::EngineKind;
 use crate::worker::engines::mocker::MockerArgs;
 
 /// Bodies above this are refused with 413 before they are read: a chat request of a
@@ -77,9 +78,9 @@ pub struct WorkerArgs {
     /// Role in disaggregated serving (default: aggregated, prefill and decode on this worker).
     #[arg(long, value_enum)]
     pub disaggregation_mode: Option<DisaggregationMode>,
-    /// The engine this worker runs (only the `mocker` simulation for now).
-    #[arg(long, default_value = "mocker", value_parser = ["mocker"])]
-    pub engine: String,
+    /// The engine this worker runs; each engine has its own flags (the mocker's below).
+    #[arg(long, value_enum, default_value_t = EngineKind::Mocker)]
+    pub engine: EngineKind,
     #[command(flatten)]
     pub mocker: MockerArgs,
     /// The address other nodes reach this worker at (default: this host's primary address).
@@ -224,11 +225,19 @@ pub struct ServeArgs {
     pub decode_workers: usize,
     #[command(flatten)]
     pub transfer: TransferArgs,
-    /// The engine the workers run (only the `mocker` simulation for now).
-    #[arg(long, default_value = "mocker", value_parser = ["mocker"])]
-    pub engine: String,
+    /// The engine the workers run; each engine has its own flags (the mocker's below).
+    #[arg(long, value_enum, default_value_t = EngineKind::Mocker)]
+    pub engine: EngineKind,
     #[command(flatten)]
     pub mocker: MockerArgs,
+}
+
+/// Engines this build can drive.
+fn engine_available(engine: EngineKind) -> Result<(), ConfigError> {
+    match engine {
+        EngineKind::Mocker => Ok(()),
+        other => Err(invalid("--engine", format!("`{}` is not available yet; use `mocker`", other.as_str()))),
+    }
 }
 
 /// A configuration the user must change; the message says what to change.
@@ -320,6 +329,7 @@ impl ServeArgs {
         self.router.validate()?;
         self.model.validate()?;
         self.transfer.validate()?;
+        engine_available(self.engine)?;
         if self.prefill_workers > 0 && self.decode_workers == 0 {
             return Err(invalid("--prefill-workers", "prefill workers need decode workers: add --decode-workers N"));
         }
@@ -373,6 +383,7 @@ impl WorkerArgs {
             return Err(invalid("--lease-ttl", "must be at least 1 second"));
         }
         self.transfer.validate()?;
+        engine_available(self.engine)?;
         if self.transfer.disaggregation_transfer_backend == TransferBackend::InProcess {
             return Err(invalid(
                 "--disaggregation-transfer-backend",

@@ -229,7 +229,10 @@ mod tests {
             max_num_seqs: 8,
             max_num_batched_tokens: 2048,
             address: Some("127.0.0.1:9000".into()),
-            transfer_address: None,
+            engine: Default::default(),
+            disagg: Default::default(),
+            bootstrap: None,
+            kv_events: true,
         }
     }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::protocol::{WorkerId, WorkerRole};
+use crate::protocol::{DisaggStyle, EngineKind, WorkerId, WorkerRole};
 
 /// What a worker registers about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,9 +29,24 @@ pub struct WorkerInfo {
     pub max_num_batched_tokens: u32,
     /// Request-plane address (None in-process).
     pub address: Option<String>,
-    /// KV transfer-plane address for disaggregated serving (None until this worker has one).
+    /// The engine this worker runs.
     #[serde(default)]
-    pub transfer_address: Option<String>,
+    pub engine: EngineKind,
+    /// How this worker's engine runs the legs of a disaggregated request.
+    #[serde(default)]
+    pub disagg: DisaggStyle,
+    /// What a disaggregation peer needs to reach this worker's KV: a mocker decode worker's
+    /// KV transfer address (prefill workers push to it), an SGLang prefill worker's bootstrap
+    /// `host:port` (decode workers pull from it); None when the engine needs none.
+    #[serde(default, alias = "transfer_address")]
+    pub bootstrap: Option<String>,
+    /// Whether this worker publishes KV events (else the frontend can only predict its cache).
+    #[serde(default = "yes")]
+    pub kv_events: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The live workers, as one immutable snapshot.

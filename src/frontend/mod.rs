@@ -21,7 +21,7 @@ use crate::kv::hash::BlockHasher;
 use crate::kv::index::KvIndex;
 use crate::metrics::{Metrics, WorkerGauge};
 use crate::preprocess::Preprocessor;
-use crate::protocol::{WorkerId, WorkerRole};
+use crate::protocol::{DisaggStyle, WorkerId, WorkerRole};
 use crate::router::{Candidate, Router, RouterConfig, WorkerLoad};
 
 /// The live workers of one model, replaced whole when discovery changes.
@@ -34,12 +34,24 @@ pub struct WorkerGroup {
     pub prefill: Vec<Candidate>,
     /// Decode workers (disaggregated serving); also in `candidates`.
     pub decode: Vec<Candidate>,
-    /// Decode workers' KV transfer addresses.
-    pub transfer_addresses: HashMap<WorkerId, Arc<str>>,
+    /// How each worker takes part in disaggregation: its engine's style and bootstrap value.
+    pub peers: HashMap<WorkerId, Peer>,
     pub infos: Vec<WorkerInfo>,
 }
 
+/// A worker's part in disaggregated serving (from its registration).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub style: DisaggStyle,
+    pub bootstrap: Option<Arc<str>>,
+}
+
 impl WorkerGroup {
+    /// `worker`'s disaggregation style and bootstrap value (the mocker's push when unknown).
+    pub fn peer(&self, worker: WorkerId) -> Peer {
+        self.peers.get(&worker).cloned().unwrap_or(Peer { style: DisaggStyle::Push, bootstrap: None })
+    }
+
     /// Live workers in all.
     pub fn len(&self) -> usize {
         self.infos.len()
@@ -211,11 +223,10 @@ impl<P> Frontend<P> {
                     WorkerRole::Decode => {
                         group.decode.push(c.clone());
                         group.candidates.push(c);
-                        if let Some(a) = &info.transfer_address {
-                            group.transfer_addresses.insert(info.id, Arc::from(a.as_str()));
-                        }
                     }
                 }
+                let bootstrap = info.bootstrap.as_deref().map(Arc::from);
+                group.peers.insert(info.id, Peer { style: info.disagg, bootstrap });
                 group.infos.push(info.clone());
             }
             model.workers.store(Arc::new(group));

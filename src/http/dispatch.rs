@@ -3,8 +3,11 @@
 //! A model with prefill and decode workers runs disaggregated: the decode worker is chosen by
 //! load alone (its router has overlap weight 0), then — unless conditional disaggregation keeps
 //! the prefill on it ([`DisaggPolicy`](crate::frontend::DisaggPolicy)) — the prefill worker by
-//! KV cost among prefill workers. Both legs go out at once with one bootstrap room id: the
-//! decode leg first (it waits for the KV), then the prefill leg (which pushes it). Otherwise
+//! KV cost among prefill workers. How the legs run is the prefill engine's
+//! [`DisaggStyle`]: at once with one bootstrap room id (the decode leg first, as it waits for
+//! the KV), the mocker's prefill worker pushing to the decode worker's transfer address or
+//! SGLang's decode worker pulling from the prefill worker's bootstrap server; or one after the
+//! other (vLLM): the prefill leg runs to its end and its handoff goes with the decode leg. Otherwise
 //! the request goes whole to one worker (aggregated workers, plus decode workers, which
 //! prefill locally), unless `--enforce-disagg`.
 //!
@@ -28,7 +31,17 @@ use super::ShardCtx;
 use crate::frontend::{Frontend, ModelState};
 use crate::kv::index::OverlapScores;
 use crate::kv::SeqHash;
-use crate::protocol::{DisaggLeg, GenerateRequest, SamplingParams, TokenId, WorkerId};
+use crate::protocol::{DisaggLeg, DisaggStyle, GenerateRequest, SamplingParams, TokenId, WorkerError, WorkerId, WorkerOutput};
+use crate::transport::ResponseStream;
+
+/// Outputs a finished sequential prefill leg reports (`Started`, `Transferred`, `Finished`).
+const PREFILL_REPORT_DEPTH: usize = 4;
+
+/// What a sequential prefill leg left: its handoff for the decode leg, its report.
+struct Handed {
+    handoff: Option<String>,
+    report: ResponseStream,
+}
 use crate::router::{Candidate, RouteDecision, RouteRequest, Router};
 use crate::transport::RequestPlane;
 
@@ -78,8 +91,10 @@ fn route_among(
 enum Plan {
     /// The whole request to one worker (`local`: a decode worker prefilling itself).
     Whole { decision: RouteDecision, local: bool },
-    /// Prefill and decode legs.
-    Split { prefill: RouteDecision, decode: RouteDecision, transfer_address: Arc<str>, skip_blocks: u32 },
+    /// Prefill and decode legs, run as `style` says; `bootstrap` goes with the legs that need
+    /// it (the decode worker's transfer address on the prefill leg for a push, the prefill
+    /// worker's bootstrap server on both for a pull).
+    Split { prefill: RouteDecision, decode: RouteDecision, style: DisaggStyle, bootstrap: Option<Arc<str>>, skip_blocks: u32 },
 }
 
 /// Everything needed to send (or re-send) one request to workers.
@@ -118,19 +133,14 @@ impl<P: RequestPlane> Dispatch<P> {
             let (model, id) = (&self.model, self.request_id);
             let d =
                 route_among(&self.shard, model, &model.decode_router, &decode, &seq, None, prompt.len(), id, "decode")?;
-            let transfer_address = group.transfer_addresses.get(&d.worker).cloned();
             // One index lookup serves both: blocks the decode worker holds already are not sent
             // again, and the prefill worker is chosen by its overlap.
             let overlaps = self.fe.index.find_matches(&seq);
             let skip_blocks = overlaps.overlap(d.worker);
             let cached = (skip_blocks as usize * model.hasher.block_size()).min(prompt.len());
-            let local = policy.prefill_locally(prompt.len() as u32, cached as u32);
-            let Some(transfer_address) = transfer_address.filter(|_| !local) else {
-                if !local {
-                    tracing::warn!(worker = %d.worker, "decode worker has no transfer address; prefilling on it");
-                }
+            if policy.prefill_locally(prompt.len() as u32, cached as u32) {
                 return Ok(Plan::Whole { decision: d, local: true });
-            };
+            }
             let p = route_among(
                 &self.shard,
                 model,
@@ -142,7 +152,18 @@ impl<P: RequestPlane> Dispatch<P> {
                 id,
                 "prefill",
             )?;
-            return Ok(Plan::Split { prefill: p, decode: d, transfer_address, skip_blocks });
+            let style = group.peer(p.worker).style;
+            let bootstrap = match style {
+                DisaggStyle::Push => group.peer(d.worker).bootstrap,
+                DisaggStyle::Pull => group.peer(p.worker).bootstrap,
+                DisaggStyle::Sequential => None,
+            };
+            if bootstrap.is_none() && style != DisaggStyle::Sequential {
+                let (who, worker) = if style == DisaggStyle::Push { ("decode", d.worker) } else { ("prefill", p.worker) };
+                tracing::warn!(%worker, "{who} worker advertises no bootstrap address; prefilling on the decode worker");
+                return Ok(Plan::Whole { decision: d, local: true });
+            }
+            return Ok(Plan::Split { prefill: p, decode: d, style, bootstrap, skip_blocks });
         }
         if policy.enforce {
             let missing = if prefill.is_empty() { "prefill" } else { "decode" };
@@ -174,6 +195,43 @@ impl<P: RequestPlane> Dispatch<P> {
             sampling: SamplingParams { max_tokens, ..self.sampling.clone() },
             eos_token_ids: self.model.preprocessor.eos_token_ids().to_vec(),
             disagg,
+        }
+    }
+
+    /// Runs a sequential prefill leg to its end: what it hands over, and a stream that replays
+    /// its report (`Started`, `Transferred`) for the generation's accounting.
+    async fn run_prefill(
+        &self,
+        worker: WorkerId,
+        prompt: &[TokenId],
+        max_tokens: u32,
+        leg: DisaggLeg,
+    ) -> Result<Handed, WorkerError> {
+        let mut rx = self
+            .fe
+            .plane
+            .generate(worker, self.request(prompt, max_tokens, Some(leg)))
+            .await
+            .map_err(|e| WorkerError::transport(e.to_string()))?;
+        let (tx, report) = tokio::sync::mpsc::channel(PREFILL_REPORT_DEPTH);
+        let mut handoff = None;
+        loop {
+            match rx.recv().await {
+                Some(o @ (WorkerOutput::Started { .. } | WorkerOutput::Transferred { .. })) => {
+                    let _ = tx.try_send(o);
+                }
+                Some(WorkerOutput::Handoff(h)) => handoff = Some(h),
+                Some(WorkerOutput::Tokens(_)) => {}
+                Some(o @ WorkerOutput::Finished { .. }) => {
+                    let _ = tx.try_send(o);
+                    return Ok(Handed { handoff, report });
+                }
+                Some(WorkerOutput::Error(mut e)) => {
+                    e.message = format!("the prefill worker failed: {}", e.message);
+                    return Err(e);
+                }
+                None => return Err(WorkerError::transport("the prefill worker's stream ended before it finished")),
+            }
         }
     }
 
@@ -209,30 +267,52 @@ impl<P: RequestPlane> Dispatch<P> {
                         Err(e) => return Err(ApiError::Transport(e)),
                     }
                 }
-                Plan::Split { prefill, decode, transfer_address, skip_blocks } => {
-                    let room: u64 = self.shard.rng.borrow_mut().random();
+                Plan::Split { prefill, decode, style, bootstrap, skip_blocks } => {
+                    // A 63-bit room, as SGLang draws its own (it travels as a signed integer).
+                    let room: u64 = self.shard.rng.borrow_mut().random::<u64>() >> 1;
                     let (p, d) = (prefill.worker, decode.worker);
-                    let decode_leg = DisaggLeg::Decode { room, prefill_worker: p, skip_blocks };
-                    let rx = match self.fe.plane.generate(d, self.request(prompt, max_tokens, Some(decode_leg))).await {
-                        Ok(rx) => rx,
-                        Err(e) if self.unreachable(d, &mut left, &e) => continue,
-                        Err(e) => return Err(ApiError::Transport(e)),
-                    };
-                    let transfer_address = transfer_address.to_string();
-                    let prefill_leg = DisaggLeg::Prefill { room, decode_worker: d, skip_blocks, transfer_address };
-                    // Dropping `rx` on failure cancels the decode leg.
-                    let prefill_rx =
-                        match self.fe.plane.generate(p, self.request(prompt, max_tokens, Some(prefill_leg))).await {
+                    let bootstrap = bootstrap.map(|b| b.to_string());
+                    let (rx, prefill_rx) = if style == DisaggStyle::Sequential {
+                        let prefill_leg = DisaggLeg::Prefill { room, peer: d, skip_blocks, bootstrap: None };
+                        let handed = match self.run_prefill(p, prompt, max_tokens, prefill_leg).await {
+                            Ok(h) => h,
+                            Err(e) if e.retry && self.unreachable(p, &mut left, &e) => continue,
+                            Err(e) => return Err(ApiError::Worker(e)),
+                        };
+                        let decode_leg =
+                            DisaggLeg::Decode { room, peer: p, skip_blocks, bootstrap: None, handoff: handed.handoff };
+                        match self.fe.plane.generate(d, self.request(prompt, max_tokens, Some(decode_leg))).await {
+                            Ok(rx) => (rx, handed.report),
+                            Err(e) if self.unreachable(d, &mut left, &e) => continue,
+                            Err(e) => return Err(ApiError::Transport(e)),
+                        }
+                    } else {
+                        let (to_decode, to_prefill) = match style {
+                            DisaggStyle::Push => (None, bootstrap),
+                            _ => (bootstrap.clone(), bootstrap),
+                        };
+                        let decode_leg =
+                            DisaggLeg::Decode { room, peer: p, skip_blocks, bootstrap: to_decode, handoff: None };
+                        let rx = match self.fe.plane.generate(d, self.request(prompt, max_tokens, Some(decode_leg))).await {
                             Ok(rx) => rx,
-                            Err(e) if self.unreachable(p, &mut left, &e) => continue,
+                            Err(e) if self.unreachable(d, &mut left, &e) => continue,
                             Err(e) => return Err(ApiError::Transport(e)),
                         };
+                        let prefill_leg = DisaggLeg::Prefill { room, peer: d, skip_blocks, bootstrap: to_prefill };
+                        // Dropping `rx` on failure cancels the decode leg.
+                        match self.fe.plane.generate(p, self.request(prompt, max_tokens, Some(prefill_leg))).await {
+                            Ok(prx) => (rx, prx),
+                            Err(e) if self.unreachable(p, &mut left, &e) => continue,
+                            Err(e) => return Err(ApiError::Transport(e)),
+                        }
+                    };
                     tracing::debug!(
                         request = format_args!("{:x}", self.request_id),
                         room = format_args!("{room:x}"),
                         prefill_worker = %p,
                         decode_worker = %d,
                         skip_blocks,
+                        style = ?style,
                         "disaggregated: both legs sent"
                     );
                     m.disagg_remote.fetch_add(1, Relaxed);

@@ -303,7 +303,8 @@ impl Generation {
                         "kv transfer"
                     );
                 }
-                Some(WorkerOutput::Tokens(_)) => {}
+                // Handoffs were taken by the dispatch (sequential legs).
+                Some(WorkerOutput::Tokens(_) | WorkerOutput::Handoff(_)) => {}
                 Some(WorkerOutput::Finished { .. }) => {
                     self.prefill = None;
                     return None;
@@ -378,7 +379,7 @@ impl Generation {
                     }
                     Ok(None)
                 }
-                Some(WorkerOutput::Transferred { .. }) => Ok(None),
+                Some(WorkerOutput::Transferred { .. } | WorkerOutput::Handoff(_)) => Ok(None),
                 Some(WorkerOutput::Tokens(ids)) => self.on_tokens(&ids),
                 Some(WorkerOutput::Finished { reason }) => self.on_finished(reason),
                 Some(WorkerOutput::Error(e)) => Err(Failure::Worker(e)),

@@ -268,6 +268,15 @@ fn put_u32s(out: &mut BytesMut, ids: &[u32]) {
     ids.iter().for_each(|t| out.put_u32_le(*t));
 }
 
+/// A flag, then (when set) a u32 length and the UTF-8 bytes.
+fn put_opt_str(out: &mut BytesMut, v: Option<&str>) {
+    out.put_u8(u8::from(v.is_some()));
+    if let Some(s) = v {
+        out.put_u32_le(s.len() as u32);
+        out.put_slice(s.as_bytes());
+    }
+}
+
 fn put_flag_u64(out: &mut BytesMut, v: Option<u64>) {
     out.put_u8(u8::from(v.is_some()));
     if let Some(v) = v {
@@ -288,18 +297,20 @@ fn put_request(out: &mut BytesMut, r: &GenerateRequest) {
     put_u32s(out, eos_token_ids);
     match disagg {
         None => out.put_u8(0),
-        Some(DisaggLeg::Prefill { room, decode_worker, skip_blocks, transfer_address }) => {
+        Some(DisaggLeg::Prefill { room, peer, skip_blocks, bootstrap }) => {
             out.put_u8(1);
             out.put_u64_le(*room);
-            out.put_u64_le(decode_worker.0);
+            out.put_u64_le(peer.0);
             out.put_u32_le(*skip_blocks);
-            out.put_slice(transfer_address.as_bytes());
+            put_opt_str(out, bootstrap.as_deref());
         }
-        Some(DisaggLeg::Decode { room, prefill_worker, skip_blocks }) => {
+        Some(DisaggLeg::Decode { room, peer, skip_blocks, bootstrap, handoff }) => {
             out.put_u8(2);
             out.put_u64_le(*room);
-            out.put_u64_le(prefill_worker.0);
+            out.put_u64_le(peer.0);
             out.put_u32_le(*skip_blocks);
+            put_opt_str(out, bootstrap.as_deref());
+            put_opt_str(out, handoff.as_deref());
         }
     }
 }
@@ -316,6 +327,10 @@ fn put_output(out: &mut BytesMut, o: &WorkerOutput) {
             out.put_u32_le(*blocks);
             out.put_u64_le(*bytes);
             out.put_u64_le(*micros);
+        }
+        WorkerOutput::Handoff(params) => {
+            out.put_u8(5);
+            out.put_slice(params.as_bytes());
         }
         WorkerOutput::Tokens(ids) => {
             out.put_u8(1);
@@ -440,6 +455,16 @@ impl<'a> Cursor<'a> {
         Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
+    fn opt_str(&mut self) -> Result<Option<String>, FrameError> {
+        if !self.flag()? {
+            return Ok(None);
+        }
+        let n = self.count(1)?;
+        let bytes = self.take(n)?;
+        let s = std::str::from_utf8(bytes).map_err(|source| FrameError::Utf8 { kind: self.kind, source })?;
+        Ok(Some(s.to_owned()))
+    }
+
     fn rest_utf8(&mut self) -> Result<String, FrameError> {
         let rest = self.take(self.b.len())?;
         let s = std::str::from_utf8(rest).map_err(|source| FrameError::Utf8 { kind: self.kind, source })?;
@@ -459,14 +484,16 @@ impl<'a> Cursor<'a> {
             0 => None,
             1 => Some(DisaggLeg::Prefill {
                 room: self.u64()?,
-                decode_worker: WorkerId(self.u64()?),
+                peer: WorkerId(self.u64()?),
                 skip_blocks: self.u32()?,
-                transfer_address: self.rest_utf8()?,
+                bootstrap: self.opt_str()?,
             }),
             2 => Some(DisaggLeg::Decode {
                 room: self.u64()?,
-                prefill_worker: WorkerId(self.u64()?),
+                peer: WorkerId(self.u64()?),
                 skip_blocks: self.u32()?,
+                bootstrap: self.opt_str()?,
+                handoff: self.opt_str()?,
             }),
             _ => return Err(self.bad("unknown disaggregation leg")),
         };
@@ -492,6 +519,7 @@ impl<'a> Cursor<'a> {
                 WorkerOutput::Error(WorkerError { fault, retry: b & 0x80 != 0, message: self.rest_utf8()? })
             }
             4 => WorkerOutput::Transferred { blocks: self.u32()?, bytes: self.u64()?, micros: self.u64()? },
+            5 => WorkerOutput::Handoff(self.rest_utf8()?),
             _ => return Err(self.bad("unknown output tag")),
         })
     }

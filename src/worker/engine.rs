@@ -161,3 +161,37 @@ impl EventSink {
         let _ = self.tx.send(SinkMsg::Ack(reply)).await;
     }
 }
+
+/// Where a worker is and what it serves (the rest of its registration comes from the card).
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub id: crate::protocol::WorkerId,
+    pub model: String,
+    pub model_path: Option<String>,
+    pub role: crate::protocol::WorkerRole,
+    pub page_size: u32,
+    /// Request-plane address (None in-process).
+    pub address: Option<String>,
+}
+
+impl EngineCard {
+    /// The registration of a worker placed at `at` running this engine.
+    pub fn worker_info(&self, at: Placement) -> crate::discovery::WorkerInfo {
+        let Placement { id, model, model_path, role, page_size, address } = at;
+        crate::discovery::WorkerInfo {
+            id,
+            model,
+            model_path,
+            role,
+            page_size,
+            kv_capacity_blocks: self.kv_capacity_blocks,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            address,
+            engine: self.kind,
+            disagg: self.disagg,
+            bootstrap: self.bootstrap.clone(),
+            kv_events: self.kv_events,
+        }
+    }
+}

@@ -14,7 +14,6 @@ use tokio::sync::watch;
 
 use crate::config::{ConfigError, DisaggregationMode, WorkerArgs};
 use crate::discovery::etcd::{EtcdDiscovery, EtcdError};
-use crate::discovery::WorkerInfo;
 use crate::events::nats::{self, NatsError, NatsPublisher};
 use crate::preprocess::{ModelSource, PreprocessError, Preprocessor};
 use crate::protocol::{WorkerId, WorkerRole};
@@ -22,6 +21,7 @@ use crate::transport::tcp::serve_worker;
 use crate::transport::WORKER_QUEUE_DEPTH;
 use crate::worker::engines::mocker::{MockerConfig, MockerConfigError};
 use crate::worker::engines::mocker::transfer;
+use crate::worker::engine::Placement;
 use crate::worker::{spawn, EventRing, Mocker};
 
 #[derive(Debug, Error)]
@@ -100,18 +100,15 @@ pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = (
     let plane = tokio::spawn(serve_worker(listener, inbox_tx, handle.control(), stop_rx));
 
     let etcd = EtcdDiscovery::connect(&args.cluster.etcd_endpoints, &args.cluster.namespace).await?;
-    let info = WorkerInfo {
+    let placement = Placement {
         id,
         model: model.clone(),
         model_path: args.model.model_path.clone(),
         role,
         page_size,
-        kv_capacity_blocks: mocker.num_gpu_blocks,
-        max_num_seqs: mocker.max_num_seqs,
-        max_num_batched_tokens: mocker.max_num_batched_tokens,
         address: Some(address.clone()),
-        transfer_address: transfer_address.clone(),
     };
+    let info = handle.card.worker_info(placement);
     let registration = etcd.register(info, Duration::from_secs(args.lease_ttl)).await?;
     if let Some(t) = &transfer_address {
         println!("KV transfers for worker {id} at {t}");

@@ -178,7 +178,10 @@ mod tests {
             max_num_seqs: 8,
             max_num_batched_tokens: 2048,
             address: None,
-            transfer_address: None,
+            engine: Default::default(),
+            disagg: Default::default(),
+            bootstrap: None,
+            kv_events: true,
         })
         .unwrap()
     }

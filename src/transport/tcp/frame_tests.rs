@@ -49,9 +49,9 @@ fn samples() -> Vec<Frame> {
             request: GenerateRequest {
                 disagg: Some(DisaggLeg::Prefill {
                     room: u64::MAX - 1,
-                    decode_worker: WorkerId(5),
+                    peer: WorkerId(5),
                     skip_blocks: 3,
-                    transfer_address: "10.0.0.2:4500".into(),
+                    bootstrap: Some("10.0.0.2:4500".into()),
                 }),
                 ..request.clone()
             },
@@ -59,11 +59,25 @@ fn samples() -> Vec<Frame> {
         Frame::Request {
             stream: s,
             request: GenerateRequest {
-                disagg: Some(DisaggLeg::Decode { room: 7, prefill_worker: WorkerId(u64::MAX), skip_blocks: 0 }),
+                disagg: Some(DisaggLeg::Decode {
+                    room: 7,
+                    peer: WorkerId(u64::MAX),
+                    skip_blocks: 0,
+                    bootstrap: Some("10.0.0.9:8998".into()),
+                    handoff: Some(r#"{"do_remote_prefill":true}"#.into()),
+                }),
+                ..request.clone()
+            },
+        },
+        Frame::Request {
+            stream: s,
+            request: GenerateRequest {
+                disagg: Some(DisaggLeg::Decode { room: 7, peer: WorkerId(1), skip_blocks: 0, bootstrap: None, handoff: None }),
                 ..request
             },
         },
         Frame::Output { stream: s, output: WorkerOutput::Transferred { blocks: 3, bytes: 5_505_024, micros: 917 } },
+        Frame::Output { stream: s, output: WorkerOutput::Handoff(r#"{"remote_host":"10.0.0.3"}"#.into()) },
     ]
 }
 
@@ -82,8 +96,7 @@ fn ends_with_message(f: &Frame) -> bool {
     matches!(
         f,
         Frame::Error { .. }
-            | Frame::Output { output: WorkerOutput::Error(_), .. }
-            | Frame::Request { request: GenerateRequest { disagg: Some(DisaggLeg::Prefill { .. }), .. }, .. }
+            | Frame::Output { output: WorkerOutput::Error(_) | WorkerOutput::Handoff(_), .. }
     )
 }
 

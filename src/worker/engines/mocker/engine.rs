@@ -231,10 +231,13 @@ impl MockerTask {
         let reply = Reply::new(reply);
         match request.disagg.take() {
             None => self.add(request, reply, None),
-            Some(DisaggLeg::Prefill { room, decode_worker, skip_blocks, transfer_address }) => {
+            Some(DisaggLeg::Prefill { room, peer: decode_worker, skip_blocks, bootstrap }) => {
                 if self.disagg.sender.is_none() {
                     return self.refuse(reply, "this worker is not a prefill worker (no KV transfer sender)");
                 }
+                let Some(transfer_address) = bootstrap else {
+                    return self.refuse(reply, "a prefill leg for the mocker needs the decode worker's transfer address");
+                };
                 let leg = PrefillLeg {
                     room,
                     skip_blocks,

@@ -74,7 +74,7 @@ impl Engine for Mocker {
             kv_capacity_blocks: self.config.num_gpu_blocks,
             max_num_seqs: self.config.max_num_seqs,
             max_num_batched_tokens: self.config.max_num_batched_tokens,
-            disagg: DisaggStyle::Together,
+            disagg: DisaggStyle::Push,
             bootstrap: self.transfer_address.clone(),
             kv_events: true,
         }
