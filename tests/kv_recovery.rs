@@ -16,7 +16,11 @@ use kvgate::kv::index::{KvIndex, KvIndexWriter};
 use kvgate::protocol::{GenerateRequest, SamplingParams, WorkerId, WorkerOutput, WorkerRole};
 use kvgate::router::{RouterConfig, RouterMode};
 use kvgate::transport::{InProcessRequestPlane, RequestPlane};
-use kvgate::worker::{spawn, EventRing, Mocker, MockerArgs, MockerConfig};
+use kvgate::worker::{spawn, Engine, EventRing, Mocker, MockerArgs, MockerConfig};
+
+#[path = "common/echo_engine.rs"]
+mod echo_engine;
+use echo_engine::EchoEngine;
 
 /// Forwards every batch to a reference index (the truth) and drops the batches `drop` selects.
 struct Lossy {
@@ -41,8 +45,16 @@ impl EventSubscriber for Lossy {
     }
 }
 
+/// A mocker worker with `num_blocks` blocks.
+fn mocker(num_blocks: u64) -> (Mocker, u64) {
+    let args = MockerArgs { num_gpu_blocks: num_blocks, speedup_ratio: 1000.0, ..MockerArgs::default() };
+    let config = MockerConfig::from_args(&args, 16).unwrap();
+    (Mocker::new(WorkerId(42), config, Arc::from(vec![1000u32; 64])), num_blocks)
+}
+
 async fn run_case(
-    num_blocks: u64,
+    (engine, num_blocks): (impl Engine, u64),
+    ring: EventRing,
     drop: Arc<dyn Fn(usize) -> bool + Send + Sync>,
     rounds: usize,
     losing: Arc<AtomicBool>,
@@ -66,11 +78,8 @@ async fn run_case(
     let lossy = Lossy { inner: subscriber, truth: truth_writer, seen: seen.clone(), drop };
     tokio::spawn(control::run(fe.clone(), writer, discovery.subscribe(), lossy, recovery.clone()));
 
-    let args = MockerArgs { num_gpu_blocks: num_blocks, speedup_ratio: 1000.0, ..MockerArgs::default() };
-    let mocker = MockerConfig::from_args(&args, page).unwrap();
     let id = WorkerId(42);
-    let engine = Mocker::new(id, mocker, Arc::from(vec![1000u32; 64]));
-    let handle = spawn(id, engine, plane.attach(id), publisher, EventRing::default());
+    let handle = spawn(id, engine, plane.attach(id), publisher, ring);
     recovery.insert(handle.control());
     let _reg = discovery.register(WorkerInfo {
         id,
@@ -148,7 +157,8 @@ async fn run_case(
 async fn short_gap_recovers_by_replay() {
     // Drop a few batches early on: well inside the worker's replay ring.
     let losing = Arc::new(AtomicBool::new(true));
-    let (replays, dumps) = run_case(4096, Arc::new(|n| (3..6).contains(&n)), 12, losing).await;
+    let (replays, dumps) =
+        run_case(mocker(4096), EventRing::default(), Arc::new(|n| (3..6).contains(&n)), 12, losing).await;
     assert!(replays >= 1 && dumps == 0, "replays {replays}, dumps {dumps}");
 }
 
@@ -158,6 +168,23 @@ async fn long_gap_recovers_from_a_dump() {
     // under eviction pressure.
     let losing = Arc::new(AtomicBool::new(true));
     let l = losing.clone();
-    let (_, dumps) = run_case(64, Arc::new(move |n| n >= 1 && l.load(Ordering::SeqCst)), 1500, losing).await;
+    let drop = Arc::new(move |n| n >= 1 && l.load(Ordering::SeqCst));
+    let (_, dumps) = run_case(mocker(64), EventRing::default(), drop, 1500, losing).await;
+    assert!(dumps >= 1, "expected a dump recovery");
+}
+
+/// An engine written only against the `Engine` trait (it cannot list its cache) is recovered by
+/// the runtime: replay from its ring for a short gap, a dump of the published mirror beyond it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_cannot_dump_is_recovered_by_the_runtime() {
+    let echo = || (EchoEngine { page_size: 16, capacity_blocks: 24 }, 24);
+    let losing = Arc::new(AtomicBool::new(true));
+    let (replays, dumps) = run_case(echo(), EventRing::default(), Arc::new(|n| (3..6).contains(&n)), 12, losing).await;
+    assert!(replays >= 1 && dumps == 0, "replays {replays}, dumps {dumps}");
+
+    let losing = Arc::new(AtomicBool::new(true));
+    let l = losing.clone();
+    let drop = Arc::new(move |n| n >= 1 && l.load(Ordering::SeqCst));
+    let (_, dumps) = run_case(echo(), EventRing::new(4, 1 << 10), drop, 60, losing).await;
     assert!(dumps >= 1, "expected a dump recovery");
 }

@@ -2,6 +2,8 @@
 //! streaming and bad input.
 
 mod common;
+#[path = "common/echo_engine.rs"]
+mod echo_engine;
 
 use std::collections::HashSet;
 
@@ -383,4 +385,72 @@ fn logs_piped_to_a_file_have_no_colour_codes() {
     assert!(err.contains("kvgate serving"), "the start-up log is not on stderr:\n{err}\nstdout:\n{out}");
     assert!(!err.contains("\x1b["), "colour codes in piped logs:\n{err:?}");
     assert!(!out.contains("\x1b["), "colour codes on stdout:\n{out:?}");
+}
+
+/// An engine written outside the crate, only against the `Engine` trait, serves through
+/// `kvgate serve`: requests reach it as token ids, its KV events route the repeat to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_from_outside_the_crate_serves_through_kvgate_serve() {
+    let engine = |_: &kvgate::serve::WorkerSlot<'_>| Ok(echo_engine::EchoEngine { page_size: 16, capacity_blocks: 64 });
+    let s = kvgate::serve::start_with(&serve_args(&["--workers", "2"]), engine).unwrap();
+    let base = base_url(&s);
+    let c = reqwest::Client::new();
+    let prompt = "The quick brown fox jumps over the lazy dog, and back again.";
+    let body = json!({"model": "kvgate-mock", "prompt": prompt, "max_tokens": 500});
+    let mut workers = Vec::new();
+    for turn in 0..2 {
+        let r = c.post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        workers.push(r.headers()["x-kvgate-worker"].to_str().unwrap().to_string());
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["choices"][0]["text"], prompt, "the echo engine echoes the prompt");
+        let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+        let full = (v["usage"]["prompt_tokens"].as_u64().unwrap() / 16) * 16;
+        assert_eq!(cached, if turn == 0 { 0 } else { full }, "turn {turn}");
+        wait_for_index(&c, &base, full / 16).await;
+    }
+    assert_eq!(workers[0], workers[1], "the repeat goes where its blocks are");
+}
+
+/// A prompt no worker can hold is the client's fault: 400 at once, streaming or not, and no
+/// other worker is tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_longer_than_the_kv_cache_is_400_without_migration() {
+    let s = serve(&args(&["--num-gpu-blocks", "4", "--migration-limit", "3"]));
+    let base = base_url(&s);
+    let c = reqwest::Client::new();
+    let prompt = "word ".repeat(40);
+    for stream in [false, true] {
+        let body = json!({"model": "kvgate-mock", "prompt": prompt, "max_tokens": 4, "stream": stream});
+        let r = c.post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 400, "stream={stream}");
+        let v: Value = r.json().await.unwrap();
+        assert_openai_error(&v);
+        assert!(v["error"]["message"].as_str().unwrap().contains("KV cache"), "{v}");
+    }
+    assert_eq!(metric(&c, &base, "kvgate_migrations_total").await, 0.0);
+}
+
+/// When the only worker dies under a request, migration finds no worker left: 503, not 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_worker_left_after_a_failed_migration_is_503() {
+    let mut s = serve(&["--speedup-ratio", "1", "--migration-limit", "2", "--workers", "1"]);
+    let base = base_url(&s);
+    let c = reqwest::Client::new();
+    let body =
+        json!({"model": "kvgate-mock", "prompt": "A long story, please.", "max_tokens": 300, "ignore_eos": true});
+    let pending = tokio::spawn({
+        let url = format!("{base}/v1/completions");
+        let c = c.clone();
+        async move { c.post(url).json(&body).send().await.unwrap() }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let id = s.worker_ids[0];
+    s.kill_worker(id);
+    let r = pending.await.unwrap();
+    let status = r.status();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(status, 503, "{v}");
+    assert_openai_error(&v);
+    assert_eq!(v["error"]["type"], "service_unavailable", "{v}");
 }
