@@ -26,9 +26,9 @@ use crate::protocol::{WorkerId, WorkerRole};
 use crate::router::RouterConfig;
 use crate::runtime;
 use crate::transport::InProcessRequestPlane;
-use crate::worker::engines::mocker::{MockerConfig, MockerConfigError};
-use crate::worker::engines::mocker::transfer;
 use crate::worker::engine::Placement;
+use crate::worker::engines::mocker::transfer;
+use crate::worker::engines::mocker::{MockerConfig, MockerConfigError};
 use crate::worker::{spawn, Engine, EventRing, Mocker, WorkerHandle};
 
 #[derive(Debug, Error)]

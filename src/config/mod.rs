@@ -9,8 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use thiserror::Error;
 
 use crate::kv::hash::MAX_BLOCK_SIZE;
-use crate::router::{RouterMode, MAX_SHARDS};
 use crate::protocol::EngineKind;
+use crate::router::{RouterMode, MAX_SHARDS};
 use crate::worker::engines::mocker::MockerArgs;
 
 /// Bodies above this are refused with 413 before they are read: a chat request of a

@@ -31,7 +31,9 @@ use super::ShardCtx;
 use crate::frontend::{Frontend, ModelState};
 use crate::kv::index::OverlapScores;
 use crate::kv::SeqHash;
-use crate::protocol::{DisaggLeg, DisaggStyle, GenerateRequest, SamplingParams, TokenId, WorkerError, WorkerId, WorkerOutput};
+use crate::protocol::{
+    DisaggLeg, DisaggStyle, GenerateRequest, SamplingParams, TokenId, WorkerError, WorkerId, WorkerOutput,
+};
 use crate::transport::ResponseStream;
 
 /// Outputs a finished sequential prefill leg reports (`Started`, `Transferred`, `Finished`).
@@ -94,7 +96,13 @@ enum Plan {
     /// Prefill and decode legs, run as `style` says; `bootstrap` goes with the legs that need
     /// it (the decode worker's transfer address on the prefill leg for a push, the prefill
     /// worker's bootstrap server on both for a pull).
-    Split { prefill: RouteDecision, decode: RouteDecision, style: DisaggStyle, bootstrap: Option<Arc<str>>, skip_blocks: u32 },
+    Split {
+        prefill: RouteDecision,
+        decode: RouteDecision,
+        style: DisaggStyle,
+        bootstrap: Option<Arc<str>>,
+        skip_blocks: u32,
+    },
 }
 
 /// Everything needed to send (or re-send) one request to workers.
@@ -159,7 +167,8 @@ impl<P: RequestPlane> Dispatch<P> {
                 DisaggStyle::Sequential => None,
             };
             if bootstrap.is_none() && style != DisaggStyle::Sequential {
-                let (who, worker) = if style == DisaggStyle::Push { ("decode", d.worker) } else { ("prefill", p.worker) };
+                let (who, worker) =
+                    if style == DisaggStyle::Push { ("decode", d.worker) } else { ("prefill", p.worker) };
                 tracing::warn!(%worker, "{who} worker advertises no bootstrap address; prefilling on the decode worker");
                 return Ok(Plan::Whole { decision: d, local: true });
             }
@@ -293,11 +302,12 @@ impl<P: RequestPlane> Dispatch<P> {
                         };
                         let decode_leg =
                             DisaggLeg::Decode { room, peer: p, skip_blocks, bootstrap: to_decode, handoff: None };
-                        let rx = match self.fe.plane.generate(d, self.request(prompt, max_tokens, Some(decode_leg))).await {
-                            Ok(rx) => rx,
-                            Err(e) if self.unreachable(d, &mut left, &e) => continue,
-                            Err(e) => return Err(ApiError::Transport(e)),
-                        };
+                        let rx =
+                            match self.fe.plane.generate(d, self.request(prompt, max_tokens, Some(decode_leg))).await {
+                                Ok(rx) => rx,
+                                Err(e) if self.unreachable(d, &mut left, &e) => continue,
+                                Err(e) => return Err(ApiError::Transport(e)),
+                            };
                         let prefill_leg = DisaggLeg::Prefill { room, peer: d, skip_blocks, bootstrap: to_prefill };
                         // Dropping `rx` on failure cancels the decode leg.
                         match self.fe.plane.generate(p, self.request(prompt, max_tokens, Some(prefill_leg))).await {

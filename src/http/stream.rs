@@ -191,7 +191,8 @@ impl Generation {
         self.rx.close();
         self.prefill = None;
         let m = self.shard_metrics();
-        let counter = if error.status().is_server_error() { &m.requests_server_error } else { &m.requests_client_error };
+        let counter =
+            if error.status().is_server_error() { &m.requests_server_error } else { &m.requests_client_error };
         counter.fetch_add(1, Relaxed);
         GenEvent::Failed(error)
     }
@@ -368,7 +369,9 @@ impl Generation {
                 return Poll::Ready(self.fail(ApiError::Worker(error)));
             }
             let step = match ready!(self.rx.poll_recv(cx)) {
-                None => Err(Failure::Worker(WorkerError::transport("the worker's stream ended before the response finished"))),
+                None => Err(Failure::Worker(WorkerError::transport(
+                    "the worker's stream ended before the response finished",
+                ))),
                 Some(WorkerOutput::Started { cached_tokens, computed_tokens }) => {
                     let m = self.shard_metrics();
                     if self.remote {

@@ -40,7 +40,9 @@ use thiserror::Error;
 
 use crate::kv::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
 use crate::kv::hash::SeqHash;
-use crate::protocol::{DisaggLeg, Fault, FinishReason, GenerateRequest, SamplingParams, WorkerError, WorkerId, WorkerOutput};
+use crate::protocol::{
+    DisaggLeg, Fault, FinishReason, GenerateRequest, SamplingParams, WorkerError, WorkerId, WorkerOutput,
+};
 
 /// The largest frame, length field included: an 8M-token prompt or a 1M-block replay event fits
 /// (a step stores at most `MAX_BATCHED_TOKENS` blocks); a peer that claims more is cut off, and

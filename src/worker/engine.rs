@@ -24,9 +24,9 @@ use std::future::Future;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::kv::events::KvEventKind;
 use crate::protocol::{DisaggStyle, EngineKind, LoadReport};
 use crate::transport::WorkItem;
-use crate::kv::events::KvEventKind;
 
 /// Event batches an engine may send ahead of the runtime's publishing: a few steps of slack;
 /// beyond it the engine waits (the event plane's backpressure reaches the engine).

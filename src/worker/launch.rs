@@ -19,9 +19,9 @@ use crate::preprocess::{ModelSource, PreprocessError, Preprocessor};
 use crate::protocol::{WorkerId, WorkerRole};
 use crate::transport::tcp::serve_worker;
 use crate::transport::WORKER_QUEUE_DEPTH;
-use crate::worker::engines::mocker::{MockerConfig, MockerConfigError};
-use crate::worker::engines::mocker::transfer;
 use crate::worker::engine::Placement;
+use crate::worker::engines::mocker::transfer;
+use crate::worker::engines::mocker::{MockerConfig, MockerConfigError};
 use crate::worker::{spawn, EventRing, Mocker};
 
 #[derive(Debug, Error)]

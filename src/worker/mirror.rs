@@ -98,7 +98,10 @@ mod tests {
     fn stored(parent: Option<u64>, blocks: &[u64]) -> KvEventKind {
         KvEventKind::Stored {
             parent: parent.map(SeqHash),
-            blocks: blocks.iter().map(|&b| StoredBlock { seq_hash: SeqHash(b), engine_hash: EngineHash(b + 1000) }).collect(),
+            blocks: blocks
+                .iter()
+                .map(|&b| StoredBlock { seq_hash: SeqHash(b), engine_hash: EngineHash(b + 1000) })
+                .collect(),
         }
     }
 

@@ -72,7 +72,13 @@ fn samples() -> Vec<Frame> {
         Frame::Request {
             stream: s,
             request: GenerateRequest {
-                disagg: Some(DisaggLeg::Decode { room: 7, peer: WorkerId(1), skip_blocks: 0, bootstrap: None, handoff: None }),
+                disagg: Some(DisaggLeg::Decode {
+                    room: 7,
+                    peer: WorkerId(1),
+                    skip_blocks: 0,
+                    bootstrap: None,
+                    handoff: None,
+                }),
                 ..request
             },
         },
@@ -93,11 +99,7 @@ fn bytes_of(f: &Frame) -> Vec<u8> {
 
 /// Frames whose payload runs "to the end" (a message): a shorter payload is still valid.
 fn ends_with_message(f: &Frame) -> bool {
-    matches!(
-        f,
-        Frame::Error { .. }
-            | Frame::Output { output: WorkerOutput::Error(_) | WorkerOutput::Handoff(_), .. }
-    )
+    matches!(f, Frame::Error { .. } | Frame::Output { output: WorkerOutput::Error(_) | WorkerOutput::Handoff(_), .. })
 }
 
 #[test]

@@ -110,7 +110,8 @@ impl Rooms {
             return Ok(Some(Matched { skip_blocks, request, reply, arrival }));
         }
         if self.waiting.contains_key(&room) {
-            reply.finish(WorkerOutput::Error(WorkerError::worker(format!("bootstrap room {room:x} is already in use"))));
+            reply
+                .finish(WorkerOutput::Error(WorkerError::worker(format!("bootstrap room {room:x} is already in use"))));
             return Err(reply);
         }
         self.waiting.insert(room, Waiting { skip_blocks, request, reply, deadline: Instant::now() + self.timeout });

@@ -34,9 +34,9 @@ use crate::worker::engine::{EngineIo, EventSink, Intake};
 
 use super::disagg::{self, DisaggIo, Matched, PrefillLeg, Release, Rooms, MAX_CONCURRENT_TRANSFERS};
 use super::kv_cache::SeqId;
-use crate::worker::reply::{Flush, Reply};
 use super::scheduler::{Rejected, Scheduler, StepOutput, StepPlan};
 use super::timing;
+use crate::worker::reply::{Flush, Reply};
 
 /// Requests one worker holds (queued, running, or finishing their replies); beyond it new work
 /// stays in the transport's bounded inbox, which pushes back on the frontend.
@@ -236,7 +236,8 @@ impl MockerTask {
                     return self.refuse(reply, "this worker is not a prefill worker (no KV transfer sender)");
                 }
                 let Some(transfer_address) = bootstrap else {
-                    return self.refuse(reply, "a prefill leg for the mocker needs the decode worker's transfer address");
+                    return self
+                        .refuse(reply, "a prefill leg for the mocker needs the decode worker's transfer address");
                 };
                 let leg = PrefillLeg {
                     room,

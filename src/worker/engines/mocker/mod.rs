@@ -62,7 +62,12 @@ impl Mocker {
     }
 
     /// A mocker in a disaggregated role (see [`transfer::setup`]).
-    pub fn disaggregated(id: WorkerId, config: MockerConfig, corpus: Arc<[TokenId]>, setup: transfer::TransferSetup) -> Self {
+    pub fn disaggregated(
+        id: WorkerId,
+        config: MockerConfig,
+        corpus: Arc<[TokenId]>,
+        setup: transfer::TransferSetup,
+    ) -> Self {
         Self { id, config, corpus, disagg: setup.io, transfer_address: setup.address }
     }
 }

@@ -20,9 +20,9 @@ use crate::kv::hash::{BlockHasher, SeqHash};
 use crate::kv::index::{KvIndex, KvIndexWriter};
 use crate::protocol::{FinishReason, TokenId, WorkerId, WorkerOutput};
 use crate::transport::WorkItem;
-use crate::worker::ring::EventRing;
 use crate::worker::engines::mocker::test_util::{config, request, NaiveIndex};
 use crate::worker::engines::mocker::MockerConfig;
+use crate::worker::ring::EventRing;
 use crate::worker::{spawn, Mocker, Recovery, WorkerControl, WorkerGoneError, WorkerHandle};
 
 const W: WorkerId = WorkerId(11);

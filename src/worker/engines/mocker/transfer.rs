@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::DisaggIo;
 use crate::config::{TransferArgs, TransferBackend};
 use crate::protocol::WorkerRole;
 use crate::transfer::{self, TransferConfig, TransferSender};
-use super::DisaggIo;
 
 /// Landed transfers queued for one decode engine.
 pub const ARRIVALS_DEPTH: usize = 256;

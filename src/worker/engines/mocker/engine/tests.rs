@@ -102,7 +102,9 @@ async fn refused_requests_get_an_error() {
     let h = start(config(4, 4, 64, 4));
     let mut rx = send(&h, request(1, vec![1; 100], 4), 8).await;
     let msg = timeout(LIMIT, rx.recv()).await.unwrap();
-    assert!(matches!(msg, Some(WorkerOutput::Error(e)) if e.message.contains("--num-gpu-blocks") && e.fault == crate::protocol::Fault::Client));
+    assert!(
+        matches!(msg, Some(WorkerOutput::Error(e)) if e.message.contains("--num-gpu-blocks") && e.fault == crate::protocol::Fault::Client)
+    );
 }
 
 #[tokio::test]
