@@ -324,7 +324,11 @@ async fn health_is_503_until_a_model_has_a_worker() {
     let limits = HttpLimits { max_body_bytes: 1 << 20, migration_limit: 0, disagg: Default::default() };
     let plane = kvgate::transport::InProcessRequestPlane::new();
     let fe = std::sync::Arc::new(Frontend::new(plane, index, cfg, limits, 1));
-    let dp = kvgate::runtime::DataPlane::start(fe.clone(), "127.0.0.1", 0, 1).unwrap();
+    let dp = kvgate::runtime::DataPlane::start(
+        fe.clone(),
+        &kvgate::runtime::Listen { host: "127.0.0.1".into(), port: 0, shards: 1, max_connections: 16 },
+    )
+    .unwrap();
     let url = format!("http://{}/health", dp.addr);
     let c = reqwest::Client::new();
     let health = |c: reqwest::Client, url: String| async move {
@@ -453,4 +457,72 @@ async fn no_worker_left_after_a_failed_migration_is_503() {
     assert_eq!(status, 503, "{v}");
     assert_openai_error(&v);
     assert_eq!(v["error"]["type"], "service_unavailable", "{v}");
+}
+
+/// One request on an open connection: the status, the head, the body.
+fn get_on(conn: &mut std::net::TcpStream, path: &str) -> (u16, String, String) {
+    use std::io::{BufRead, Read, Write};
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: kvgate\r\n\r\n").unwrap();
+    let mut r = std::io::BufReader::new(conn);
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        assert!(r.read_line(&mut head).unwrap() > 0, "connection closed in the head: {head:?}");
+    }
+    let status = head[9..12].parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+        .expect("content-length");
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).unwrap();
+    (status, head.to_ascii_lowercase(), String::from_utf8(body).unwrap())
+}
+
+/// `--max-connections`: past the bound a new connection is answered 503 (OpenAI's error shape,
+/// `connection: close`) and closed; the connections already open keep working, and closing one
+/// makes room for a new one.
+#[test]
+fn connections_past_the_bound_are_refused_without_harming_open_ones() {
+    use std::io::Read;
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
+    let s = serve(&args(&["--shards", "1", "--max-connections", "3"]));
+    let connect = || {
+        let c = TcpStream::connect(s.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c
+    };
+    let mut open: Vec<TcpStream> = (0..3).map(|_| connect()).collect();
+    for c in &mut open {
+        assert_eq!(get_on(c, "/live").0, 200);
+    }
+
+    let mut extra = connect();
+    let (status, head, body) = get_on(&mut extra, "/live");
+    assert_eq!(status, 503, "{head}{body}");
+    assert!(head.contains("connection: close"), "{head}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_openai_error(&v);
+    assert!(v["error"]["message"].as_str().unwrap().contains("--max-connections"), "{v}");
+    let mut rest = Vec::new();
+    assert_eq!(extra.read_to_end(&mut rest).unwrap(), 0, "the refused connection is closed");
+
+    for c in &mut open {
+        assert_eq!(get_on(c, "/live").0, 200, "an open connection was harmed");
+    }
+    // Closing one frees its slot (once the server has seen the close).
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, ..) = get_on(&mut connect(), "/live");
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a closed connection's slot was never freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for c in &mut open {
+        assert_eq!(get_on(c, "/live").0, 200);
+    }
 }

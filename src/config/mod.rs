@@ -16,6 +16,12 @@ use crate::worker::engines::mocker::MockerArgs;
 /// Bodies above this are refused with 413 before they are read: a chat request of a
 /// million-token context is ~10 MiB of JSON, so 32 MiB leaves room without inviting abuse.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// Open client connections in total: each holds a task and its read and write buffers (tens of
+/// KiB), so 10,000 bounds them to a few hundred MiB, far above what a frontend behind a load
+/// balancer keeps open.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Ceiling of `--max-connections`: past a million, file descriptors and memory run out first.
+pub const MAX_CONNECTIONS_CEILING: usize = 1 << 20;
 
 /// The command line.
 #[derive(Parser, Debug)]
@@ -121,6 +127,10 @@ pub struct HttpArgs {
     /// Largest accepted request body in bytes (larger bodies get 413).
     #[arg(long, default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+    /// Open client connections in total, split evenly over the shards (each serves at most
+    /// ceil(N / shards)); past its share a shard answers a new connection 503 and closes it.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
 }
 
 /// How requests are spread over workers.
@@ -269,7 +279,24 @@ impl HttpArgs {
         if self.max_body_bytes < 1024 {
             return Err(invalid("--max-body-bytes", "must be at least 1024"));
         }
+        let (n, shards) = (self.max_connections, self.shard_count());
+        if n < shards || n > MAX_CONNECTIONS_CEILING {
+            return Err(invalid(
+                "--max-connections",
+                format!("{n} is not in {shards}..={MAX_CONNECTIONS_CEILING} (at least one per shard)"),
+            ));
+        }
         Ok(())
+    }
+
+    /// Where and how the data plane listens.
+    pub fn listen(&self) -> crate::runtime::Listen {
+        crate::runtime::Listen {
+            host: self.http_host.clone(),
+            port: self.http_port,
+            shards: self.shard_count(),
+            max_connections: self.max_connections,
+        }
     }
 }
 
@@ -428,6 +455,8 @@ mod tests {
         let s = parse(&["--router-mode", "round-robin", "--shards", "3"]);
         assert_eq!(s.router.router_mode, RouterMode::RoundRobin);
         assert_eq!(s.http.shard_count(), 3);
+        let e = parse(&["--shards", "3", "--max-connections", "2"]).validate().unwrap_err();
+        assert_eq!(e.flag, "--max-connections");
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub enum ApiError {
     Detokenize(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("too many open connections: this shard serves at most {limit} (--max-connections); retry later")]
+    TooManyConnections { limit: usize },
 }
 
 impl ApiError {
@@ -73,7 +75,9 @@ impl ApiError {
             ModelNotFound(_) | NotFound { .. } => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            NoWorkers(_) | DisaggUnavailable(..) | Transport(_) | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            NoWorkers(_) | DisaggUnavailable(..) | Transport(_) | ShuttingDown | TooManyConnections { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Worker(e) => match e.fault {
                 Fault::Client => StatusCode::BAD_REQUEST,
                 Fault::Worker | Fault::Transport => StatusCode::BAD_GATEWAY,

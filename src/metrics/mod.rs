@@ -40,6 +40,8 @@ pub struct ShardMetrics {
     pub requests_client_error: AtomicU64,
     pub requests_server_error: AtomicU64,
     pub streams_cancelled: AtomicU64,
+    /// Connections answered 503 and closed: their shard had its share of `--max-connections`.
+    pub connections_refused: AtomicU64,
     /// Streams moved to another worker after theirs failed.
     pub migrations: AtomicU64,
     pub prompt_tokens: AtomicU64,
@@ -115,7 +117,7 @@ impl Metrics {
     /// Prometheus text exposition of everything.
     pub fn render(&self, workers: &[WorkerGauge], index_entries: u64) -> String {
         let mut out = String::with_capacity(8192);
-        let counters: [(&str, &str, u64); 17] = [
+        let counters: [(&str, &str, u64); 18] = [
             (
                 "kvgate_disagg_remote_prefill_total",
                 "Disaggregated requests prefilled on a prefill worker, their KV transferred.",
@@ -172,6 +174,11 @@ impl Metrics {
                 "kvgate_requests_server_error_total",
                 "Requests answered with a 5xx error or failed mid-stream.",
                 self.sum(|s| &s.requests_server_error),
+            ),
+            (
+                "kvgate_http_connections_refused_total",
+                "Connections answered 503 and closed because their shard had its share of --max-connections open.",
+                self.sum(|s| &s.connections_refused),
             ),
             (
                 "kvgate_streams_cancelled_total",

@@ -4,6 +4,7 @@
 //!
 //! Invariant: a shard owns everything it creates; the only things it shares are the
 //! [`Frontend`] (read-mostly, atomically swapped) and its own slots in per-shard counters.
+//! Bounded: each shard serves at most its share of [`Listen::max_connections`] connections.
 
 use std::net::{SocketAddr, TcpListener};
 use std::rc::Rc;
@@ -69,10 +70,12 @@ fn block_on_monoio<F: std::future::Future>(shard: usize, f: F) -> std::io::Resul
     Ok(rt.block_on(f))
 }
 
-/// Starts one thread per listener, each serving HTTP until `shutdown` flips to true.
+/// Starts one thread per listener, each serving HTTP until `shutdown` flips to true, with at
+/// most `max_connections_per_shard` connections open on each.
 pub fn spawn_shards<P: RequestPlane>(
     fe: Arc<Frontend<P>>,
     listeners: Vec<TcpListener>,
+    max_connections_per_shard: usize,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     let mut threads = Vec::with_capacity(listeners.len());
@@ -81,7 +84,7 @@ pub fn spawn_shards<P: RequestPlane>(
         let shutdown = shutdown.clone();
         let t = std::thread::Builder::new().name(format!("kvgate-shard-{i}")).spawn(move || {
             let ctx = Rc::new(ShardCtx::new(i));
-            match block_on_monoio(i, serve_shard(fe, ctx, listener, shutdown)) {
+            match block_on_monoio(i, serve_shard(fe, ctx, listener, max_connections_per_shard, shutdown)) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) | Err(e) => tracing::error!(shard = i, error = %e, "shard stopped with an error"),
             }
@@ -100,6 +103,25 @@ pub struct ListenError {
     pub source: std::io::Error,
 }
 
+/// Where and how the data plane listens (`HttpArgs::listen` builds it from the flags).
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub host: String,
+    /// 0 picks a free port.
+    pub port: u16,
+    pub shards: usize,
+    /// Open connections in total, split evenly: each shard serves at most
+    /// `ceil(max_connections / shards)`. (The kernel spreads connections over the shards'
+    /// listeners by address hash, so a shard can reach its share a little before the total.)
+    pub max_connections: usize,
+}
+
+impl Listen {
+    pub fn max_connections_per_shard(&self) -> usize {
+        self.max_connections.div_ceil(self.shards.max(1)).max(1)
+    }
+}
+
 /// A running data plane: one listener and thread per shard. Stopping it stops accepting and
 /// waits for in-flight requests to drain.
 pub struct DataPlane {
@@ -111,21 +133,16 @@ pub struct DataPlane {
 
 impl DataPlane {
     /// Binds `host:port` once per shard and starts the shards.
-    pub fn start<P: RequestPlane>(
-        fe: Arc<Frontend<P>>,
-        host: &str,
-        port: u16,
-        shards: usize,
-    ) -> Result<Self, ListenError> {
-        let host_port = format!("{host}:{port}");
+    pub fn start<P: RequestPlane>(fe: Arc<Frontend<P>>, listen: &Listen) -> Result<Self, ListenError> {
+        let host_port = format!("{}:{}", listen.host, listen.port);
         let err = |source| ListenError { addr: host_port.clone(), source };
         let addr = std::net::ToSocketAddrs::to_socket_addrs(&host_port)
             .map_err(err)?
             .next()
             .ok_or_else(|| err(std::io::Error::other("the address resolved to nothing")))?;
-        let (addr, listeners) = bind_listeners(addr, shards).map_err(err)?;
+        let (addr, listeners) = bind_listeners(addr, listen.shards).map_err(err)?;
         let (shutdown, rx) = watch::channel(false);
-        let threads = spawn_shards(fe, listeners, rx).map_err(err)?;
+        let threads = spawn_shards(fe, listeners, listen.max_connections_per_shard(), rx).map_err(err)?;
         Ok(Self { addr, shutdown, threads })
     }
 
