@@ -22,13 +22,16 @@ use crate::frontend::recovery::InProcessRecovery;
 use crate::frontend::{control, Frontend, HttpLimits};
 use crate::kv::index::KvIndex;
 use crate::preprocess::{ModelSource, PreprocessError, Preprocessor};
+use crate::protocol::EngineKind;
 use crate::protocol::{WorkerId, WorkerRole};
 use crate::router::RouterConfig;
 use crate::runtime;
 use crate::transport::InProcessRequestPlane;
 use crate::worker::engine::Placement;
+use crate::worker::engines::http::EngineStartError;
 use crate::worker::engines::mocker::transfer;
 use crate::worker::engines::mocker::{MockerConfig, MockerConfigError};
+use crate::worker::engines::{sglang, vllm};
 use crate::worker::{spawn, Engine, EventRing, Mocker, WorkerHandle};
 
 #[derive(Debug, Error)]
@@ -45,6 +48,8 @@ pub enum ServeError {
     Runtime(#[source] std::io::Error),
     #[error("could not start the KV transfer plane: {0}")]
     Transfer(#[source] std::io::Error),
+    #[error(transparent)]
+    Engine(#[from] EngineStartError),
 }
 
 /// A running embedded deployment.
@@ -67,6 +72,8 @@ pub struct Server {
 
 /// One embedded worker to start: what an engine factory of [`start_with`] is given.
 pub struct WorkerSlot<'a> {
+    /// Its place in start order (see [`ServeArgs::roles`]).
+    pub index: usize,
     pub id: WorkerId,
     pub role: WorkerRole,
     pub args: &'a ServeArgs,
@@ -74,8 +81,54 @@ pub struct WorkerSlot<'a> {
     pub preprocessor: &'a Preprocessor,
 }
 
-/// Starts the frontend and its mocker workers; returns once the endpoint accepts connections.
+/// Starts the frontend and its workers (mocker engines, or adapters to the `--engine-url`
+/// engines); returns once the endpoint accepts connections.
 pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
+    match args.engine {
+        EngineKind::Mocker => start_mockers(args),
+        EngineKind::Sglang => start_with(args, |slot| {
+            let opts = sglang_options(slot)?;
+            Ok(tokio::runtime::Handle::current().block_on(sglang::connect(&opts))?)
+        }),
+        EngineKind::Vllm => start_with(args, |slot| {
+            let opts = vllm_options(slot)?;
+            Ok(tokio::runtime::Handle::current().block_on(vllm::connect(&opts))?)
+        }),
+    }
+}
+
+fn engine_url(slot: &WorkerSlot<'_>) -> Result<crate::config::EngineUrl, ServeError> {
+    Ok(slot.args.real_engine.urls()?.swap_remove(slot.index))
+}
+
+fn sglang_options(slot: &WorkerSlot<'_>) -> Result<sglang::SglangOptions, ServeError> {
+    let e = &slot.args.real_engine;
+    Ok(sglang::SglangOptions {
+        url: engine_url(slot)?.url,
+        role: slot.role,
+        page_size: slot.args.model.page_size,
+        served_model_name: slot.args.model.served_name(),
+        ready_timeout: e.ready_timeout(),
+        kv_events_endpoint: e.engine_kv_events.clone(),
+        replay_endpoint: e.engine_replay.clone(),
+    })
+}
+
+fn vllm_options(slot: &WorkerSlot<'_>) -> Result<vllm::VllmOptions, ServeError> {
+    let e = &slot.args.real_engine;
+    Ok(vllm::VllmOptions {
+        url: engine_url(slot)?.url,
+        role: slot.role,
+        page_size: slot.args.model.page_size,
+        served_model_name: slot.args.model.served_name(),
+        ready_timeout: e.ready_timeout(),
+        kv_events_endpoint: e.engine_kv_events.clone(),
+        replay_endpoint: e.engine_replay.clone(),
+    })
+}
+
+/// [`start`] with mocker workers.
+fn start_mockers(args: &ServeArgs) -> Result<Server, ServeError> {
     let mut mocker = MockerConfig::from_args(&args.mocker, args.model.page_size)?;
     let mut sized = false;
     start_with(args, move |slot| {
@@ -131,19 +184,16 @@ pub fn start_with<E: Engine>(
     // Disaggregated workers copy real KV bytes: a second thread lets transfers overlap steps.
     let engine_threads = if args.prefill_workers + args.decode_workers > 0 { 2 } else { 1 };
     let engine_rt = runtime::tokio_runtime("kvgate-engine", engine_threads).map_err(ServeError::Runtime)?;
-    let roles: Vec<WorkerRole> = std::iter::repeat_n(WorkerRole::Aggregated, args.aggregated_workers())
-        .chain(std::iter::repeat_n(WorkerRole::Prefill, args.prefill_workers))
-        .chain(std::iter::repeat_n(WorkerRole::Decode, args.decode_workers))
-        .collect();
+    let roles = args.roles();
     let mut workers = Vec::with_capacity(roles.len());
     let mut registrations = Vec::with_capacity(roles.len());
     let mut worker_ids = Vec::with_capacity(roles.len());
-    for &role in &roles {
+    for (index, &role) in roles.iter().enumerate() {
         let id = WorkerId(rand::random::<u64>() >> 1);
         let inbox = plane.attach(id);
         let handle = {
             let _ctx = engine_rt.enter();
-            let e = engine(&WorkerSlot { id, role, args, preprocessor: &preprocessor })?;
+            let e = engine(&WorkerSlot { index, id, role, args, preprocessor: &preprocessor })?;
             spawn(id, e, inbox, publisher.clone(), EventRing::default())
         };
         recovery.insert(handle.control());

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use thiserror::Error;
 
 use crate::kv::hash::MAX_BLOCK_SIZE;
-use crate::protocol::EngineKind;
+use crate::protocol::{EngineKind, WorkerRole};
 use crate::router::{RouterMode, MAX_SHARDS};
 use crate::worker::engines::mocker::MockerArgs;
 
@@ -88,6 +88,8 @@ pub struct WorkerArgs {
     #[arg(long, value_enum, default_value_t = EngineKind::Mocker)]
     pub engine: EngineKind,
     #[command(flatten)]
+    pub real_engine: EngineArgs,
+    #[command(flatten)]
     pub mocker: MockerArgs,
     /// The address other nodes reach this worker at (default: this host's primary address).
     #[arg(long)]
@@ -162,6 +164,83 @@ pub struct RouterArgs {
     /// above 1: never.
     #[arg(long, default_value_t = 1.0)]
     pub disagg_local_cached_ratio: f64,
+}
+
+/// A real engine behind kvgate (`--engine sglang|vllm`).
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// The engine's HTTP address. `kvgate serve` takes it repeatedly, one worker per engine,
+    /// each optionally prefixed with its role: `prefill=http://10.0.0.1:30000`.
+    #[arg(long = "engine-url")]
+    pub engine_url: Vec<String>,
+    /// ZMQ endpoint of the engine's KV events (default: what the engine advertises).
+    #[arg(long)]
+    pub engine_kv_events: Option<String>,
+    /// ZMQ endpoint of the engine's KV-event replay (default: what the engine advertises).
+    #[arg(long)]
+    pub engine_replay: Option<String>,
+    /// How long to wait for the engine to be ready before giving up, in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub engine_ready_timeout_s: u64,
+}
+
+/// One `--engine-url`: the role (aggregated unless prefixed) and the address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineUrl {
+    pub role: WorkerRole,
+    pub url: String,
+}
+
+impl EngineArgs {
+    /// Every `--engine-url` with its role.
+    pub fn urls(&self) -> Result<Vec<EngineUrl>, ConfigError> {
+        self.engine_url.iter().map(|u| parse_engine_url(u)).collect()
+    }
+
+    pub fn ready_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.engine_ready_timeout_s)
+    }
+
+    fn validate(&self, engine: EngineKind, many: bool) -> Result<(), ConfigError> {
+        let urls = self.urls()?;
+        match engine {
+            EngineKind::Mocker if !urls.is_empty() => {
+                Err(invalid("--engine-url", "the mocker needs no engine URL; add --engine sglang or --engine vllm"))
+            }
+            EngineKind::Mocker => Ok(()),
+            _ if urls.is_empty() => Err(invalid("--engine-url", format!("--engine {} needs the engine's address: --engine-url http://HOST:PORT", engine.as_str()))),
+            _ if !many && urls.len() > 1 => Err(invalid("--engine-url", "a worker fronts one engine; start one kvgate worker per engine")),
+            _ if many && (self.engine_kv_events.is_some() || self.engine_replay.is_some()) && urls.len() > 1 => Err(invalid(
+                "--engine-kv-events",
+                "an endpoint override applies to one engine; with several --engine-url, let each engine advertise its own",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn parse_engine_url(u: &str) -> Result<EngineUrl, ConfigError> {
+    let (role, url) = match u.split_once('=') {
+        Some((r, url)) => {
+            let role = match r {
+                "prefill" => WorkerRole::Prefill,
+                "decode" => WorkerRole::Decode,
+                "aggregated" | "agg" => WorkerRole::Aggregated,
+                other => {
+                    return Err(invalid(
+                        "--engine-url",
+                        format!("`{other}` is not a role: use prefill=, decode= or aggregated="),
+                    ))
+                }
+            };
+            (role, url)
+        }
+        None => (WorkerRole::Aggregated, u),
+    };
+    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+        return Err(invalid("--engine-url", format!("`{url}` is not an http://HOST:PORT address")));
+    }
+    Ok(EngineUrl { role, url: url.trim_end_matches('/').to_string() })
 }
 
 /// The KV transfer plane of disaggregated serving (prefill and decode workers).
@@ -239,15 +318,9 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = EngineKind::Mocker)]
     pub engine: EngineKind,
     #[command(flatten)]
+    pub real_engine: EngineArgs,
+    #[command(flatten)]
     pub mocker: MockerArgs,
-}
-
-/// Engines this build can drive.
-fn engine_available(engine: EngineKind) -> Result<(), ConfigError> {
-    match engine {
-        EngineKind::Mocker => Ok(()),
-        other => Err(invalid("--engine", format!("`{}` is not available yet; use `mocker`", other.as_str()))),
-    }
 }
 
 /// A configuration the user must change; the message says what to change.
@@ -356,7 +429,7 @@ impl ServeArgs {
         self.router.validate()?;
         self.model.validate()?;
         self.transfer.validate()?;
-        engine_available(self.engine)?;
+        self.real_engine.validate(self.engine, true)?;
         if self.prefill_workers > 0 && self.decode_workers == 0 {
             return Err(invalid("--prefill-workers", "prefill workers need decode workers: add --decode-workers N"));
         }
@@ -365,6 +438,18 @@ impl ServeArgs {
             return Err(invalid("--workers", format!("{total} workers in all is not in 1..=1024")));
         }
         Ok(())
+    }
+
+    /// The role of each worker to start, in start order: aggregated, prefill, decode mocker
+    /// workers, or one per `--engine-url` for a real engine.
+    pub fn roles(&self) -> Vec<WorkerRole> {
+        if self.engine != EngineKind::Mocker {
+            return self.real_engine.urls().unwrap_or_default().into_iter().map(|u| u.role).collect();
+        }
+        std::iter::repeat_n(WorkerRole::Aggregated, self.aggregated_workers())
+            .chain(std::iter::repeat_n(WorkerRole::Prefill, self.prefill_workers))
+            .chain(std::iter::repeat_n(WorkerRole::Decode, self.decode_workers))
+            .collect()
     }
 
     /// Aggregated workers to start.
@@ -410,7 +495,7 @@ impl WorkerArgs {
             return Err(invalid("--lease-ttl", "must be at least 1 second"));
         }
         self.transfer.validate()?;
-        engine_available(self.engine)?;
+        self.real_engine.validate(self.engine, false)?;
         if self.transfer.disaggregation_transfer_backend == TransferBackend::InProcess {
             return Err(invalid(
                 "--disaggregation-transfer-backend",

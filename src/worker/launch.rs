@@ -16,12 +16,15 @@ use crate::config::{ConfigError, DisaggregationMode, WorkerArgs};
 use crate::discovery::etcd::{EtcdDiscovery, EtcdError};
 use crate::events::nats::{self, NatsError, NatsPublisher};
 use crate::preprocess::{ModelSource, PreprocessError, Preprocessor};
+use crate::protocol::EngineKind;
 use crate::protocol::{WorkerId, WorkerRole};
 use crate::transport::tcp::serve_worker;
 use crate::transport::WORKER_QUEUE_DEPTH;
 use crate::worker::engine::Placement;
+use crate::worker::engines::http::EngineStartError;
 use crate::worker::engines::mocker::transfer;
 use crate::worker::engines::mocker::{MockerConfig, MockerConfigError};
+use crate::worker::engines::{sglang, vllm};
 use crate::worker::{spawn, EventRing, Mocker};
 
 #[derive(Debug, Error)]
@@ -38,6 +41,8 @@ pub enum WorkerLaunchError {
     Etcd(#[from] EtcdError),
     #[error("NATS: {0}")]
     Nats(#[from] NatsError),
+    #[error(transparent)]
+    Engine(#[from] EngineStartError),
 }
 
 /// The address other hosts reach this one at: the first non-loopback address the host name
@@ -59,17 +64,33 @@ pub fn primary_host() -> String {
     "127.0.0.1".to_string()
 }
 
-/// Runs one worker until `shutdown` resolves.
-pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<(), WorkerLaunchError> {
-    args.validate()?;
-    let page_size = args.model.page_size;
-    let mut mocker = MockerConfig::from_args(&args.mocker, page_size)?;
+/// The one `--engine-url` of a worker.
+fn engine_url(args: &WorkerArgs) -> Result<String, WorkerLaunchError> {
+    Ok(args.real_engine.urls()?.swap_remove(0).url)
+}
+
+/// A mocker engine: the model's tokenizer gives it readable text, its config the KV's size;
+/// a decode worker listens for KV transfers (advertised as `host:port`).
+async fn mocker(args: &WorkerArgs, id: WorkerId, role: WorkerRole, host: &str) -> Result<Mocker, WorkerLaunchError> {
+    let mut mocker = MockerConfig::from_args(&args.mocker, args.model.page_size)?;
     let source = ModelSource::parse(args.model.model_path.as_deref());
     let pre =
         tokio::task::spawn_blocking(move || Preprocessor::load(&source)).await.expect("model loading panicked")?;
     if let Some(cfg) = pre.model_config() {
         mocker = mocker.with_kv_bytes_per_token(cfg.kv_bytes_per_token())?;
     }
+    let transfer_bind: SocketAddr = (IpAddr::from([0, 0, 0, 0]), args.transfer_port).into();
+    let bytes_per_block = mocker.kv_bytes_per_block().unwrap_or(0);
+    let listen = transfer::Listen::Tcp { bind: transfer_bind, advertise_host: host };
+    let setup = transfer::setup(role, bytes_per_block, args.transfer.timeout(), listen)
+        .map_err(|source| WorkerLaunchError::Bind { addr: transfer_bind, source })?;
+    Ok(Mocker::disaggregated(id, mocker, pre.sample_text_tokens(), setup))
+}
+
+/// Runs one worker until `shutdown` resolves.
+pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<(), WorkerLaunchError> {
+    args.validate()?;
+    let page_size = args.model.page_size;
     let model = args.model.served_name();
     let role = match args.disaggregation_mode {
         None => WorkerRole::Aggregated,
@@ -77,19 +98,43 @@ pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = (
         Some(DisaggregationMode::Decode) => WorkerRole::Decode,
     };
     let id = WorkerId(rand::random::<u64>() >> 1);
+    let host = args.advertise_host.clone().unwrap_or_else(primary_host);
 
     let nats_client = nats::connect(&args.cluster.nats_server, &format!("kvgate-worker-{id}")).await?;
     let publisher = NatsPublisher::new(nats_client, &args.cluster.namespace, &model);
     let (inbox_tx, inbox) = tokio::sync::mpsc::channel(WORKER_QUEUE_DEPTH);
-    let host = args.advertise_host.clone().unwrap_or_else(primary_host);
-    let transfer_bind: SocketAddr = (IpAddr::from([0, 0, 0, 0]), args.transfer_port).into();
-    let bytes_per_block = mocker.kv_bytes_per_block().unwrap_or(0);
-    let listen = transfer::Listen::Tcp { bind: transfer_bind, advertise_host: &host };
-    let setup = transfer::setup(role, bytes_per_block, args.transfer.timeout(), listen)
-        .map_err(|source| WorkerLaunchError::Bind { addr: transfer_bind, source })?;
-    let transfer_address = setup.address.clone();
-    let engine = Mocker::disaggregated(id, mocker.clone(), pre.sample_text_tokens(), setup);
-    let handle = spawn(id, engine, inbox, publisher, EventRing::default());
+    let ring = EventRing::default();
+    let handle = match args.engine {
+        EngineKind::Mocker => {
+            let engine = mocker(&args, id, role, &host).await?;
+            spawn(id, engine, inbox, publisher, ring)
+        }
+        EngineKind::Sglang => {
+            let opts = sglang::SglangOptions {
+                url: engine_url(&args)?,
+                role,
+                page_size,
+                served_model_name: model.clone(),
+                ready_timeout: args.real_engine.ready_timeout(),
+                kv_events_endpoint: args.real_engine.engine_kv_events.clone(),
+                replay_endpoint: args.real_engine.engine_replay.clone(),
+            };
+            spawn(id, sglang::connect(&opts).await?, inbox, publisher, ring)
+        }
+        EngineKind::Vllm => {
+            let opts = vllm::VllmOptions {
+                url: engine_url(&args)?,
+                role,
+                page_size,
+                served_model_name: model.clone(),
+                ready_timeout: args.real_engine.ready_timeout(),
+                kv_events_endpoint: args.real_engine.engine_kv_events.clone(),
+                replay_endpoint: args.real_engine.engine_replay.clone(),
+            };
+            spawn(id, vllm::connect(&opts).await?, inbox, publisher, ring)
+        }
+    };
+    let transfer_address = handle.card.bootstrap.clone();
 
     let bind: SocketAddr = (IpAddr::from([0, 0, 0, 0]), args.port).into();
     let listener =

@@ -1,0 +1,355 @@
+//! What every adapter to a real engine over HTTP shares: the HTTP client and its SSE reader,
+//! start-up errors that say what to change, and [`HttpAdapter`], the [`Engine`] that runs a
+//! [`Dialect`] (SGLang's or vLLM's API) with the engine's ZMQ KV-event stream and load.
+//!
+//! Per request, one task runs the engine's HTTP call and streams its outputs to the request's
+//! reply; when the reply closes (client gone, migration, the other leg failed) the task drops
+//! the HTTP stream **and** asks the engine to abort the request by id. The engine's KV events
+//! arrive from its own ZMQ stream ([`super::zmq_events`]) and go to the runtime's sink; its
+//! load is polled at [`LOAD_POLL_INTERVAL`] and published through the load watch.
+//!
+//! Concurrency: the adapter's task owns the request tasks (a `JoinSet`, at most
+//! [`MAX_INFLIGHT_REQUESTS`] at once: beyond it intake waits, which pushes back on the
+//! transport's bounded inbox), the event subscriber's handle and the load poller. Every HTTP
+//! call has a timeout ([`CONNECT_TIMEOUT`], [`CALL_TIMEOUT`]; a stream's gap between chunks is
+//! bounded by [`STREAM_IDLE_TIMEOUT`]), so an engine that stops answering fails its requests
+//! with a clear, retryable error instead of hanging them.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use futures::StreamExt;
+use thiserror::Error;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::kv::events::KvEventKind;
+use crate::protocol::{GenerateRequest, LoadReport, WorkerError, WorkerOutput};
+use crate::worker::engine::{Engine, EngineCard, EngineIo};
+
+use super::zmq_events::{self, Counters, SubscriberConfig, SubscriberHandle};
+
+/// Requests one adapter runs on its engine at once (the engine queues what it cannot batch).
+pub const MAX_INFLIGHT_REQUESTS: usize = 4096;
+/// Connecting to the engine.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A whole non-streaming call (a prefill leg may wait for its decode peer: SGLang's own
+/// bootstrap timeout is 300 s).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(330);
+/// Longest silence inside a streaming response before the engine is taken for stuck.
+pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the engine's own load is read.
+pub const LOAD_POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Events forwarded to the runtime as one batch at most (what is ready, without waiting).
+pub const MAX_EVENTS_PER_BATCH: usize = 1024;
+/// Bytes one SSE event may take before the stream is refused (a chunk of token ids is small).
+pub const MAX_SSE_EVENT_BYTES: usize = 16 << 20;
+
+/// Why an adapter could not start: each says what to change.
+#[derive(Debug, Error)]
+pub enum EngineStartError {
+    #[error("cannot reach the {engine} engine at {url}: {source}; is it running, and is --engine-url right?")]
+    Unreachable {
+        engine: &'static str,
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("the {engine} engine at {url} was not ready after {waited:?} ({last}); wait for it to load or raise --engine-ready-timeout-s")]
+    NotReady { engine: &'static str, url: String, waited: Duration, last: String },
+    #[error("the {engine} engine at {url} {what} is {engine_value}, kvgate's is {ours}: {fix}")]
+    Mismatch { engine: &'static str, url: String, what: &'static str, engine_value: String, ours: String, fix: String },
+    #[error("the {engine} engine at {url} answered {what} in a shape kvgate does not understand: {detail}")]
+    Protocol { engine: &'static str, url: String, what: &'static str, detail: String },
+}
+
+/// The part of an adapter that is the engine's own API.
+pub trait Dialect: Send + Sync + 'static {
+    /// Runs `request` on the engine until it ends or `reply` closes; on close it aborts the
+    /// request on the engine too. Every exit sends a last `Finished` or `Error` if it can.
+    fn serve(
+        self: Arc<Self>,
+        client: reqwest::Client,
+        request: GenerateRequest,
+        reply: mpsc::Sender<WorkerOutput>,
+    ) -> impl Future<Output = ()> + Send;
+
+    /// The engine's own load, when it reports one.
+    fn load(&self, client: &reqwest::Client) -> impl Future<Output = Option<LoadReport>> + Send;
+
+    /// Clears the engine's prefix cache (its events report the clearing).
+    fn reset(&self, client: &reqwest::Client) -> impl Future<Output = ()> + Send;
+}
+
+/// Where an engine publishes its KV events (one rank).
+#[derive(Debug, Clone)]
+pub struct EventSource {
+    pub endpoint: String,
+    pub replay_endpoint: Option<String>,
+    pub topic: String,
+}
+
+/// An [`Engine`] over HTTP: a dialect, its client, its registration, and its event stream.
+pub struct HttpAdapter<D> {
+    pub dialect: Arc<D>,
+    pub client: reqwest::Client,
+    pub card: EngineCard,
+    pub events: Option<EventSource>,
+    pub block_size: u32,
+    /// Shared with whoever exports the event stream's counters.
+    pub counters: Arc<Counters>,
+}
+
+/// The client every adapter uses (no proxies: engines are addressed directly).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .no_proxy()
+        .pool_max_idle_per_host(256)
+        .build()
+        .expect("a plain HTTP client builds")
+}
+
+impl<D: Dialect> Engine for HttpAdapter<D> {
+    fn card(&self) -> EngineCard {
+        self.card.clone()
+    }
+
+    fn run(self, io: EngineIo) -> impl Future<Output = ()> + Send {
+        run_adapter(self, io)
+    }
+}
+
+async fn run_adapter<D: Dialect>(adapter: HttpAdapter<D>, io: EngineIo) {
+    let EngineIo { mut intake, events: sink, load, mut resets } = io;
+    let HttpAdapter { dialect, client, card, events, block_size, counters } = adapter;
+    let (events_tx, mut events_rx) = zmq_events::event_channel::<()>();
+    let mut subscriber: Option<SubscriberHandle> = None;
+    if let Some(src) = events {
+        let mut config = SubscriberConfig::new((), src.endpoint, block_size);
+        config.replay_endpoint = src.replay_endpoint;
+        config.topic = src.topic;
+        match zmq_events::spawn(config, events_tx, counters) {
+            Ok(h) => subscriber = Some(h),
+            Err(e) => {
+                tracing::error!(error = %e, "KV events cannot be followed; routing to this worker is approximate")
+            }
+        }
+    } else {
+        drop(events_tx);
+    }
+    let permits = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS));
+    let mut tasks = JoinSet::new();
+    let mut poll = tokio::time::interval(LOAD_POLL_INTERVAL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut events_open = subscriber.is_some();
+    loop {
+        tokio::select! {
+            item = intake.recv(), if intake.is_open() && permits.available_permits() > 0 => {
+                let Some(item) = item else { continue };
+                // Only this loop takes permits, and one was available.
+                let permit = permits.clone().try_acquire_owned().expect("a permit is available");
+                let d = dialect.clone();
+                let c = client.clone();
+                tasks.spawn(async move {
+                    d.serve(c, item.request, item.reply).await;
+                    drop(permit);
+                });
+            }
+            Some(first) = events_rx.recv(), if events_open => {
+                let mut batch: Vec<KvEventKind> = vec![first.kind];
+                while batch.len() < MAX_EVENTS_PER_BATCH {
+                    match events_rx.try_recv() {
+                        Ok(e) => batch.push(e.kind),
+                        Err(_) => break,
+                    }
+                }
+                sink.send(batch).await;
+            }
+            Some(reply) = resets.recv() => {
+                dialect.reset(&client).await;
+                sink.ack(reply).await;
+            }
+            _ = poll.tick() => {
+                if let Some(report) = dialect.load(&client).await {
+                    load.send_if_modified(|cur| std::mem::replace(cur, report) != report);
+                }
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+        if !intake.is_open() && tasks.is_empty() {
+            break;
+        }
+        events_open &= !events_rx.is_closed() || !events_rx.is_empty();
+    }
+    if let Some(s) = subscriber {
+        s.stop().await;
+    }
+    tracing::debug!(engine = card.kind.as_str(), "adapter stopped");
+}
+
+/// Reads a streaming response as SSE `data:` payloads, one call per event.
+pub struct SseReader {
+    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buf: BytesMut,
+}
+
+impl SseReader {
+    pub fn new(resp: reqwest::Response) -> Self {
+        Self { body: resp.bytes_stream().boxed(), buf: BytesMut::new() }
+    }
+
+    /// The next event's data (its `data:` lines joined); `None` at the end of the stream.
+    pub async fn next(&mut self) -> Result<Option<String>, WorkerError> {
+        loop {
+            if let Some(data) = self.take_event()? {
+                if data.is_empty() {
+                    continue; // a comment or keep-alive
+                }
+                return Ok(Some(data));
+            }
+            let chunk = tokio::time::timeout(STREAM_IDLE_TIMEOUT, self.body.next())
+                .await
+                .map_err(|_| WorkerError::worker(format!("the engine sent nothing for {STREAM_IDLE_TIMEOUT:?}")))?;
+            match chunk {
+                Some(Ok(b)) => self.buf.extend_from_slice(&b),
+                Some(Err(e)) => return Err(WorkerError::worker(format!("the engine's stream broke: {e}"))),
+                None => return Ok(None),
+            }
+            if self.buf.len() > MAX_SSE_EVENT_BYTES {
+                return Err(WorkerError::worker("the engine sent an oversized stream event"));
+            }
+        }
+    }
+
+    fn take_event(&mut self) -> Result<Option<String>, WorkerError> {
+        let Some(end) = find_event_end(&self.buf) else { return Ok(None) };
+        let (len, sep) = end;
+        let raw = self.buf.split_to(len);
+        self.buf.advance(sep);
+        let text = std::str::from_utf8(&raw).map_err(|_| WorkerError::worker("the engine sent a non-UTF-8 event"))?;
+        let mut data = String::new();
+        for line in text.lines() {
+            if let Some(d) = line.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(d.strip_prefix(' ').unwrap_or(d));
+            }
+        }
+        Ok(Some(data))
+    }
+}
+
+/// Where the first event in `b` ends: (its length, the separator's length).
+fn find_event_end(b: &[u8]) -> Option<(usize, usize)> {
+    let lf = b.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+    let crlf = b.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4));
+    match (lf, crlf) {
+        (Some(a), Some(c)) => Some(if a.0 <= c.0 { a } else { c }),
+        (a, c) => a.or(c),
+    }
+}
+
+/// An HTTP error answer as a request failure: 4xx is the request's fault (no retry), the rest
+/// the engine's.
+pub fn status_error(engine: &str, status: reqwest::StatusCode, body: &str) -> WorkerError {
+    let detail = error_message(body);
+    if status.is_client_error() && status != reqwest::StatusCode::TOO_MANY_REQUESTS {
+        WorkerError::client(format!("{engine} refused the request ({status}): {detail}"))
+    } else {
+        WorkerError::worker(format!("{engine} failed the request ({status}): {detail}"))
+    }
+}
+
+/// The message of an engine's JSON error body (`{"error": {"message"}}`, `{"error": "…"}`,
+/// `{"message"}`), else the body itself, cut short.
+pub fn error_message(body: &str) -> String {
+    let v: Option<serde_json::Value> = serde_json::from_str(body).ok();
+    let from_json = v.as_ref().and_then(|v| {
+        v.pointer("/error/message")
+            .or_else(|| v.get("error"))
+            .or_else(|| v.get("message"))
+            .or_else(|| v.get("detail"))
+            .and_then(|m| m.as_str().map(str::to_string))
+    });
+    from_json.unwrap_or_else(|| body.chars().take(300).collect())
+}
+
+/// Waits until `url` answers 200 (polling every 500 ms) for at most `timeout`.
+pub async fn wait_ready(
+    client: &reqwest::Client,
+    engine: &'static str,
+    base: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(), EngineStartError> {
+    let url = format!("{base}{path}");
+    let started = tokio::time::Instant::now();
+    let mut logged = false;
+    loop {
+        let last = match client.get(&url).timeout(Duration::from_secs(30)).send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) => format!("{path} answered {}", r.status()),
+            Err(e) if started.elapsed() >= timeout && e.is_connect() => {
+                return Err(EngineStartError::Unreachable { engine, url: base.to_string(), source: e })
+            }
+            Err(e) => format!("{path}: {e}"),
+        };
+        if started.elapsed() >= timeout {
+            return Err(EngineStartError::NotReady { engine, url: base.to_string(), waited: timeout, last });
+        }
+        if !logged {
+            tracing::info!(engine, url = base, %last, "waiting for the engine to be ready");
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `tcp://*:5557` as reachable from here: a wildcard host becomes the engine URL's host.
+pub fn reachable_endpoint(endpoint: &str, engine_host: &str) -> String {
+    let Some(rest) = endpoint.strip_prefix("tcp://") else { return endpoint.to_string() };
+    let (host, port) = rest.rsplit_once(':').unwrap_or((rest, ""));
+    let host = match host {
+        "*" | "0.0.0.0" | "::" | "[::]" | "" => engine_host,
+        h => h,
+    };
+    format!("tcp://{host}:{port}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_events_split_on_blank_lines_of_either_ending() {
+        let mut r = SseReader { body: futures::stream::empty().boxed(), buf: BytesMut::new() };
+        r.buf
+            .extend_from_slice(b"data: {\"a\":1}\n\n: keep-alive\n\ndata: x\r\ndata: y\r\n\r\ndata: [DONE]\n\npartial");
+        assert_eq!(r.take_event().unwrap().as_deref(), Some("{\"a\":1}"));
+        assert_eq!(r.take_event().unwrap().as_deref(), Some(""));
+        assert_eq!(r.take_event().unwrap().as_deref(), Some("x\ny"));
+        assert_eq!(r.take_event().unwrap().as_deref(), Some("[DONE]"));
+        assert_eq!(r.take_event().unwrap(), None);
+        assert_eq!(&r.buf[..], b"partial");
+    }
+
+    #[test]
+    fn wildcard_hosts_become_the_engines_host() {
+        assert_eq!(reachable_endpoint("tcp://*:5557", "10.1.2.3"), "tcp://10.1.2.3:5557");
+        assert_eq!(reachable_endpoint("tcp://127.0.0.1:5557", "10.1.2.3"), "tcp://127.0.0.1:5557");
+        assert_eq!(reachable_endpoint("ipc:///tmp/x", "h"), "ipc:///tmp/x");
+    }
+
+    #[test]
+    fn client_errors_are_not_retried() {
+        let e = status_error("sglang", reqwest::StatusCode::BAD_REQUEST, r#"{"error":{"message":"too long"}}"#);
+        assert!(!e.retry && e.message.contains("too long"));
+        let e = status_error("vllm", reqwest::StatusCode::INTERNAL_SERVER_ERROR, "boom");
+        assert!(e.retry && e.message.contains("boom"));
+        assert_eq!(error_message(r#"{"error":"plain"}"#), "plain");
+    }
+}
