@@ -88,13 +88,23 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
         EngineKind::Mocker => start_mockers(args),
         EngineKind::Sglang => start_with(args, |slot| {
             let opts = sglang_options(slot)?;
-            Ok(tokio::runtime::Handle::current().block_on(sglang::connect(&opts))?)
+            Ok(on_engine_runtime(sglang::connect(&opts))?)
         }),
         EngineKind::Vllm => start_with(args, |slot| {
             let opts = vllm_options(slot)?;
-            Ok(tokio::runtime::Handle::current().block_on(vllm::connect(&opts))?)
+            Ok(on_engine_runtime(vllm::connect(&opts))?)
         }),
     }
+}
+
+/// Runs `f` to its end on the engine runtime (entered by the caller) from a thread of its own:
+/// the caller may itself be on an async runtime, where blocking is refused.
+fn on_engine_runtime<F: std::future::Future + Send>(f: F) -> F::Output
+where
+    F::Output: Send,
+{
+    let handle = tokio::runtime::Handle::current();
+    std::thread::scope(|s| s.spawn(move || handle.block_on(f)).join().expect("engine start-up panicked"))
 }
 
 fn engine_url(slot: &WorkerSlot<'_>) -> Result<crate::config::EngineUrl, ServeError> {
@@ -109,6 +119,7 @@ fn sglang_options(slot: &WorkerSlot<'_>) -> Result<sglang::SglangOptions, ServeE
         page_size: slot.args.model.page_size,
         served_model_name: slot.args.model.served_name(),
         ready_timeout: e.ready_timeout(),
+        timeout: e.timeout(),
         kv_events_endpoint: e.engine_kv_events.clone(),
         replay_endpoint: e.engine_replay.clone(),
     })
@@ -122,6 +133,7 @@ fn vllm_options(slot: &WorkerSlot<'_>) -> Result<vllm::VllmOptions, ServeError> 
         page_size: slot.args.model.page_size,
         served_model_name: slot.args.model.served_name(),
         ready_timeout: e.ready_timeout(),
+        timeout: e.timeout(),
         kv_events_endpoint: e.engine_kv_events.clone(),
         replay_endpoint: e.engine_replay.clone(),
     })

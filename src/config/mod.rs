@@ -182,6 +182,10 @@ pub struct EngineArgs {
     /// How long to wait for the engine to be ready before giving up, in seconds.
     #[arg(long, default_value_t = 600)]
     pub engine_ready_timeout_s: u64,
+    /// Seconds a request waits for the engine's answer to begin, and for each next chunk of a
+    /// stream; past it the engine is taken for stuck and the request moves to another worker.
+    #[arg(long, default_value_t = 60)]
+    pub engine_timeout_s: u64,
 }
 
 /// One `--engine-url`: the role (aggregated unless prefixed) and the address.
@@ -199,6 +203,10 @@ impl EngineArgs {
 
     pub fn ready_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.engine_ready_timeout_s)
+    }
+
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.engine_timeout_s.max(1))
     }
 
     fn validate(&self, engine: EngineKind, many: bool) -> Result<(), ConfigError> {

@@ -52,8 +52,8 @@ pub enum ApiError {
     Transport(#[source] TransportError),
     #[error("{}", worker_failure(.0))]
     Worker(WorkerError),
-    #[error("the worker failed and no other could take over: {0}")]
-    MigrationFailed(#[source] Box<ApiError>),
+    #[error("the worker failed ({cause}) and no other could take over: {then}")]
+    MigrationFailed { cause: WorkerError, then: Box<ApiError> },
     #[error("detokenization failed: {0}")]
     Detokenize(String),
     #[error("the server is shutting down")]
@@ -82,7 +82,7 @@ impl ApiError {
                 Fault::Client => StatusCode::BAD_REQUEST,
                 Fault::Worker | Fault::Transport => StatusCode::BAD_GATEWAY,
             },
-            MigrationFailed(e) => e.status(),
+            MigrationFailed { then, .. } => then.status(),
             Detokenize(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -89,6 +89,8 @@ struct Migration {
     /// Every token generated so far (the new worker continues from prompt + these).
     generated: Vec<TokenId>,
     pending: Option<MigrateFuture>,
+    /// Why the last migration started (the client's error names it if no worker takes over).
+    cause: Option<WorkerError>,
 }
 
 /// One request's generation, driven by polling.
@@ -155,7 +157,8 @@ impl Generation {
 
     /// Lets a failed worker's stream continue on another worker, up to `limit` times.
     pub fn enable_migration(&mut self, dispatch: Rc<dyn Migrate>, worker: WorkerId, limit: u32) {
-        self.migration = Some(Migration { dispatch, worker, left: limit, generated: Vec::new(), pending: None });
+        self.migration =
+            Some(Migration { dispatch, worker, left: limit, generated: Vec::new(), pending: None, cause: None });
     }
 
     /// On a worker failure (`failed`, or the decode/whole worker when `None`): start a
@@ -163,6 +166,7 @@ impl Generation {
     /// cancelled. A client's fault is never retried: no other worker would do better.
     fn try_migrate(&mut self, error: &WorkerError, failed: Option<WorkerId>) -> bool {
         let Some(m) = self.migration.as_mut() else { return false };
+        m.cause = Some(error.clone());
         if !error.retry || m.left == 0 || m.generated.len() as u64 >= u64::from(u32::MAX) {
             return false;
         }
@@ -355,9 +359,11 @@ impl Generation {
                         self.started = false;
                         continue;
                     }
-                    Err(e) => {
-                        self.migration.as_mut().expect("migrating").pending = None;
-                        return Poll::Ready(self.fail(ApiError::MigrationFailed(Box::new(e))));
+                    Err(then) => {
+                        let m = self.migration.as_mut().expect("migrating");
+                        m.pending = None;
+                        let cause = m.cause.take().unwrap_or_else(|| WorkerError::worker("unknown"));
+                        return Poll::Ready(self.fail(ApiError::MigrationFailed { cause, then: Box::new(then) }));
                     }
                 }
             }

@@ -116,6 +116,7 @@ pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = (
                 page_size,
                 served_model_name: model.clone(),
                 ready_timeout: args.real_engine.ready_timeout(),
+                timeout: args.real_engine.timeout(),
                 kv_events_endpoint: args.real_engine.engine_kv_events.clone(),
                 replay_endpoint: args.real_engine.engine_replay.clone(),
             };
@@ -128,6 +129,7 @@ pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = (
                 page_size,
                 served_model_name: model.clone(),
                 ready_timeout: args.real_engine.ready_timeout(),
+                timeout: args.real_engine.timeout(),
                 kv_events_endpoint: args.real_engine.engine_kv_events.clone(),
                 replay_endpoint: args.real_engine.engine_replay.clone(),
             };

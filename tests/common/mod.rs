@@ -110,23 +110,30 @@ pub async fn wait_for_index(client: &reqwest::Client, base: &str, n: u64) {
     panic!("the KV index never reached {n} entries");
 }
 
-/// A virtual environment under the target directory with the official `openai` client from
-/// PyPI (created once, reused by later runs; serialized within a test binary).
+/// A virtual environment under the target directory with the official `openai` client and the
+/// fake engines' requirements from PyPI (created once, reused by later runs; serialized within
+/// a test binary).
 pub fn openai_venv_python() -> PathBuf {
     static VENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = VENV.lock().unwrap_or_else(|e| e.into_inner());
-    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("python-venv");
     let py = venv.join("bin/python");
     let ready = venv.join(".ready");
     if !ready.exists() {
         let ok = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().map(|s| s.success()).unwrap_or(false);
         assert!(ok, "python3 -m venv failed (Debian: apt-get install python3-venv)");
+        // The fake engines' pinned requirements too: one venv serves every Python-driven test.
+        let reqs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_engine/requirements.txt");
         let ok = Command::new(&py)
-            .args(["-m", "pip", "install", "-q", "openai>=1.40"])
+            .args(["-m", "pip", "install", "-q", "openai>=1.40", "-r"])
+            .arg(&reqs)
             .status()
             .map(|s| s.success())
             .unwrap_or(false);
-        assert!(ok, "pip install openai failed (PyPI must be reachable for this test)");
+        assert!(
+            ok,
+            "pip install openai and tests/fake_engine/requirements.txt failed (PyPI must be reachable for this test)"
+        );
         std::fs::write(&ready, b"").unwrap();
     }
     py

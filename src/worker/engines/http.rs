@@ -11,9 +11,9 @@
 //! Concurrency: the adapter's task owns the request tasks (a `JoinSet`, at most
 //! [`MAX_INFLIGHT_REQUESTS`] at once: beyond it intake waits, which pushes back on the
 //! transport's bounded inbox), the event subscriber's handle and the load poller. Every HTTP
-//! call has a timeout ([`CONNECT_TIMEOUT`], [`CALL_TIMEOUT`]; a stream's gap between chunks is
-//! bounded by [`STREAM_IDLE_TIMEOUT`]), so an engine that stops answering fails its requests
-//! with a clear, retryable error instead of hanging them.
+//! call has a timeout ([`CONNECT_TIMEOUT`], [`CALL_TIMEOUT`], and `--engine-timeout-s` for an
+//! answer to begin and between a stream's chunks), so an engine that stops answering fails its
+//! requests with a clear, retryable error instead of hanging them.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -38,8 +38,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A whole non-streaming call (a prefill leg may wait for its decode peer: SGLang's own
 /// bootstrap timeout is 300 s).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(330);
-/// Longest silence inside a streaming response before the engine is taken for stuck.
-pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the engine's own load is read.
 pub const LOAD_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Events forwarded to the runtime as one batch at most (what is ready, without waiting).
@@ -100,6 +98,22 @@ pub struct HttpAdapter<D> {
     pub block_size: u32,
     /// Shared with whoever exports the event stream's counters.
     pub counters: Arc<Counters>,
+}
+
+/// Sends `call`, waiting at most `timeout` for the answer to begin.
+pub async fn send_within(
+    call: reqwest::RequestBuilder,
+    timeout: Duration,
+    engine: &str,
+    url: &str,
+) -> Result<reqwest::Response, WorkerError> {
+    match tokio::time::timeout(timeout, call.send()).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(WorkerError::worker(format!("{engine} at {url} is unreachable: {e}"))),
+        Err(_) => Err(WorkerError::worker(format!(
+            "{engine} at {url} did not answer within {timeout:?} (--engine-timeout-s)"
+        ))),
+    }
 }
 
 /// The client every adapter uses (no proxies: engines are addressed directly).
@@ -194,11 +208,13 @@ async fn run_adapter<D: Dialect>(adapter: HttpAdapter<D>, io: EngineIo) {
 pub struct SseReader {
     body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     buf: BytesMut,
+    /// Longest silence between chunks before the engine is taken for stuck.
+    idle: Duration,
 }
 
 impl SseReader {
-    pub fn new(resp: reqwest::Response) -> Self {
-        Self { body: resp.bytes_stream().boxed(), buf: BytesMut::new() }
+    pub fn new(resp: reqwest::Response, idle: Duration) -> Self {
+        Self { body: resp.bytes_stream().boxed(), buf: BytesMut::new(), idle }
     }
 
     /// The next event's data (its `data:` lines joined); `None` at the end of the stream.
@@ -210,9 +226,9 @@ impl SseReader {
                 }
                 return Ok(Some(data));
             }
-            let chunk = tokio::time::timeout(STREAM_IDLE_TIMEOUT, self.body.next())
+            let chunk = tokio::time::timeout(self.idle, self.body.next())
                 .await
-                .map_err(|_| WorkerError::worker(format!("the engine sent nothing for {STREAM_IDLE_TIMEOUT:?}")))?;
+                .map_err(|_| WorkerError::worker(format!("the engine sent nothing for {:?}", self.idle)))?;
             match chunk {
                 Some(Ok(b)) => self.buf.extend_from_slice(&b),
                 Some(Err(e)) => return Err(WorkerError::worker(format!("the engine's stream broke: {e}"))),
@@ -326,7 +342,7 @@ mod tests {
 
     #[test]
     fn sse_events_split_on_blank_lines_of_either_ending() {
-        let mut r = SseReader { body: futures::stream::empty().boxed(), buf: BytesMut::new() };
+        let mut r = SseReader { body: futures::stream::empty().boxed(), buf: BytesMut::new(), idle: Duration::ZERO };
         r.buf
             .extend_from_slice(b"data: {\"a\":1}\n\n: keep-alive\n\ndata: x\r\ndata: y\r\n\r\ndata: [DONE]\n\npartial");
         assert_eq!(r.take_event().unwrap().as_deref(), Some("{\"a\":1}"));

@@ -24,8 +24,8 @@ use crate::protocol::{
 use crate::worker::engine::EngineCard;
 
 use super::http::{
-    client, reachable_endpoint, status_error, wait_ready, Dialect, EngineStartError, EventSource, HttpAdapter,
-    SseReader, CALL_TIMEOUT,
+    client, reachable_endpoint, send_within, status_error, wait_ready, Dialect, EngineStartError, EventSource,
+    HttpAdapter, SseReader, CALL_TIMEOUT,
 };
 
 const ENGINE: &str = "sglang";
@@ -40,6 +40,8 @@ pub struct SglangOptions {
     /// The model name kvgate serves; the engine must serve the same one.
     pub served_model_name: String,
     pub ready_timeout: Duration,
+    /// For an answer to begin, and between a stream's chunks.
+    pub timeout: Duration,
     /// Overrides of the discovered KV-event endpoints.
     pub kv_events_endpoint: Option<String>,
     pub replay_endpoint: Option<String>,
@@ -55,6 +57,7 @@ pub struct Sglang {
     /// Makes engine request ids unique across adapters and re-sends.
     nonce: u32,
     next: AtomicU64,
+    timeout: Duration,
 }
 
 /// Meets the engine at `opts.url`: waits until it generates, checks it against kvgate's
@@ -143,6 +146,7 @@ pub async fn connect(opts: &SglangOptions) -> Result<HttpAdapter<Sglang>, Engine
         incremental: info["incremental_streaming_output"].as_bool().unwrap_or(false),
         page_size: opts.page_size,
         nonce: rand::random(),
+        timeout: opts.timeout,
         next: AtomicU64::new(0),
     };
     Ok(HttpAdapter {
@@ -382,10 +386,8 @@ impl Sglang {
         if prefill_leg {
             call = call.timeout(CALL_TIMEOUT);
         }
-        let resp = call
-            .send()
-            .await
-            .map_err(|e| Some(WorkerError::worker(format!("SGLang at {} is unreachable: {e}", self.url))))?;
+        let wait = if prefill_leg { CALL_TIMEOUT } else { self.timeout };
+        let resp = send_within(call, wait, "SGLang", &self.url).await.map_err(Some)?;
         if !resp.status().is_success() {
             let status = resp.status();
             let text = resp.text().await.unwrap_or_default();
@@ -405,7 +407,7 @@ impl Sglang {
             };
         }
         let decode_leg = matches!(request.disagg, Some(DisaggLeg::Decode { .. }));
-        let mut sse = SseReader::new(resp);
+        let mut sse = SseReader::new(resp, self.timeout);
         let mut seen = 0usize;
         let mut started = false;
         while let Some(data) = sse.next().await.map_err(Some)? {

@@ -25,8 +25,8 @@ use crate::protocol::{
 use crate::worker::engine::EngineCard;
 
 use super::http::{
-    client, reachable_endpoint, status_error, wait_ready, Dialect, EngineStartError, EventSource, HttpAdapter,
-    SseReader, CALL_TIMEOUT,
+    client, reachable_endpoint, send_within, status_error, wait_ready, Dialect, EngineStartError, EventSource,
+    HttpAdapter, SseReader, CALL_TIMEOUT,
 };
 use super::sglang::url_host;
 
@@ -40,6 +40,8 @@ pub struct VllmOptions {
     pub page_size: u32,
     pub served_model_name: String,
     pub ready_timeout: Duration,
+    /// For an answer to begin, and between a stream's chunks.
+    pub timeout: Duration,
     pub kv_events_endpoint: Option<String>,
     pub replay_endpoint: Option<String>,
 }
@@ -50,6 +52,7 @@ pub struct Vllm {
     url: String,
     nonce: u32,
     next: AtomicU64,
+    timeout: Duration,
 }
 
 /// Meets the engine at `opts.url`: waits for `/health`, checks it, finds its KV events.
@@ -105,7 +108,7 @@ pub async fn connect(opts: &VllmOptions) -> Result<HttpAdapter<Vllm>, EngineStar
         kv_events: events.is_some(),
     };
     tracing::info!(url = %url, role = ?opts.role, events = ?events.as_ref().map(|e| &e.endpoint), "vLLM engine ready");
-    let dialect = Vllm { url, nonce: rand::random(), next: AtomicU64::new(0) };
+    let dialect = Vllm { url, nonce: rand::random(), timeout: opts.timeout, next: AtomicU64::new(0) };
     Ok(HttpAdapter {
         dialect: Arc::new(dialect),
         client,
@@ -269,10 +272,8 @@ impl Vllm {
         if prefill_leg {
             call = call.timeout(CALL_TIMEOUT);
         }
-        let resp = call
-            .send()
-            .await
-            .map_err(|e| Some(WorkerError::worker(format!("vLLM at {} is unreachable: {e}", self.url))))?;
+        let wait = if prefill_leg { CALL_TIMEOUT } else { self.timeout };
+        let resp = send_within(call, wait, "vLLM", &self.url).await.map_err(Some)?;
         if !resp.status().is_success() {
             let status = resp.status();
             return Err(Some(status_error(ENGINE, status, &resp.text().await.unwrap_or_default())));
@@ -296,7 +297,7 @@ impl Vllm {
             return send(WorkerOutput::Finished { reason: FinishReason::Length }).await;
         }
         let decode_leg = matches!(r.disagg, Some(DisaggLeg::Decode { .. }));
-        let mut sse = SseReader::new(resp);
+        let mut sse = SseReader::new(resp, self.timeout);
         let mut finish = None;
         let mut usage = None;
         while let Some(data) = sse.next().await.map_err(Some)? {
