@@ -20,7 +20,7 @@ pub struct FakeEngine {
 impl FakeEngine {
     /// Starts `fake_engine.py` with `args` and waits for its `READY {...}` line.
     pub fn start(args: &[&str]) -> Self {
-        let py = super::openai_venv_python();
+        let py = crate::common::openai_venv_python();
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_engine/fake_engine.py");
         let mut child = Command::new(py)
             .arg(script)

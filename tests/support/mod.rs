@@ -379,6 +379,17 @@ impl KvgateProc {
         }
     }
 
+    /// `Some(success)` once the process has exited by itself (its output fully read).
+    pub fn exited(&mut self) -> Option<bool> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        let (lock, cv) = &*self.out;
+        let mut cap = lock.lock().unwrap();
+        while cap.open_streams > 0 {
+            cap = cv.wait(cap).unwrap();
+        }
+        Some(status.success())
+    }
+
     /// `kill -9`: no shutdown, as a crash. Reaps it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

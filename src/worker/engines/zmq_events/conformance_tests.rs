@@ -77,6 +77,7 @@ impl Harness {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            .env("PYTHONDONTWRITEBYTECODE", "1")
             .spawn()
             .expect("start the publisher harness");
         let stdin = child.stdin.take().expect("piped stdin");

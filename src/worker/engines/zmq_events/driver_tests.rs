@@ -28,6 +28,8 @@ struct FakeWire {
     replay: bool,
     /// The replay endpoint accepts requests but never answers.
     silent: bool,
+    /// Replies in the old shape `["", seq, payload]` (no topic frame).
+    old_shape: bool,
     live: mpsc::Receiver<WireEvent>,
     buffer: Buffer,
     replies: VecDeque<Vec<Bytes>>,
@@ -47,8 +49,14 @@ impl Wire for FakeWire {
 
     async fn replay_start(&mut self, from: u64) -> Result<(), String> {
         let buffer = self.buffer.lock().unwrap();
+        let old_shape = self.old_shape;
         let frames = |seq: u64, payload: Bytes| {
-            vec![Bytes::new(), Bytes::from_static(b"kv"), Bytes::copy_from_slice(&seq.to_be_bytes()), payload]
+            let seq = Bytes::copy_from_slice(&seq.to_be_bytes());
+            if old_shape {
+                vec![Bytes::new(), seq, payload]
+            } else {
+                vec![Bytes::new(), Bytes::from_static(b"kv"), seq, payload]
+            }
         };
         self.replies = buffer.iter().filter(|(s, _)| *s >= from).map(|(s, p)| frames(*s, p.clone())).collect();
         self.replies.push_back(frames(u64::MAX, Bytes::new()));
@@ -141,7 +149,9 @@ struct Rig {
 async fn rig(replay: bool, silent: bool, cap: usize) -> Rig {
     let (live_tx, live_rx) = mpsc::channel(64);
     let buffer: Buffer = Arc::default();
-    let wire = FakeWire { replay, silent, live: live_rx, buffer: buffer.clone(), replies: VecDeque::new() };
+    // A small replay buffer stands for an old publisher: it also answers in the old shape.
+    let old_shape = cap < 10;
+    let wire = FakeWire { replay, silent, old_shape, live: live_rx, buffer: buffer.clone(), replies: VecDeque::new() };
     let (out_tx, out) = mpsc::channel(64);
     let counters = Arc::new(Counters::default());
     let (stop, stop_rx) = watch::channel(false);
