@@ -47,24 +47,29 @@ struct Counting;
 static COUNTING: AtomicBool = AtomicBool::new(false);
 static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
 
+// SAFETY: every call is forwarded unchanged to mimalloc's allocator, which upholds the
+// GlobalAlloc contract; the counting beside it touches only atomics and never allocates.
 unsafe impl std::alloc::GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
         if COUNTING.load(Relaxed) {
             LIVE_BYTES.fetch_add(l.size() as isize, Relaxed);
         }
-        mimalloc::MiMalloc.alloc(l)
+        // SAFETY: the caller's guarantees for `alloc` are passed on unchanged.
+        unsafe { mimalloc::MiMalloc.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
         if COUNTING.load(Relaxed) {
             LIVE_BYTES.fetch_sub(l.size() as isize, Relaxed);
         }
-        mimalloc::MiMalloc.dealloc(p, l)
+        // SAFETY: `p` came from this allocator, which is mimalloc's, with layout `l`.
+        unsafe { mimalloc::MiMalloc.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
         if COUNTING.load(Relaxed) {
             LIVE_BYTES.fetch_add(new as isize - l.size() as isize, Relaxed);
         }
-        mimalloc::MiMalloc.realloc(p, l, new)
+        // SAFETY: as for `dealloc`; `new` is the caller's valid new size.
+        unsafe { mimalloc::MiMalloc.realloc(p, l, new) }
     }
 }
 

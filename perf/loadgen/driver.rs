@@ -276,7 +276,7 @@ impl Driver {
                     continue;
                 }
             }
-            let chunk: Chunk = serde_json::from_slice(data)
+            let chunk: Chunk<'_> = serde_json::from_slice(data)
                 .map_err(|e| ("stream", format!("{e}: {}", String::from_utf8_lossy(data))))?;
             if chunk.error.is_some() {
                 return Err(("stream_error", String::from_utf8_lossy(data).into_owned()));
