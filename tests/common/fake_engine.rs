@@ -1,4 +1,5 @@
 //! Faithful fake SGLang and vLLM servers (`tests/fake_engine/fake_engine.py`) as test processes:
+#![allow(dead_code)]
 //! their HTTP APIs and ZMQ KV-event wire are the engines' own (checked against the released
 //! wheels); only the model is missing. Killed (SIGKILL) and reaped on drop.
 

@@ -367,7 +367,12 @@ impl<T: Clone + Send + Sync + 'static, W: Wire> Driver<T, W> {
             Outcome::Skipped(Skip::Group) => &c.skipped_group,
             Outcome::Skipped(Skip::Lora) => &c.skipped_lora,
             Outcome::Dropped(DropReason::BlockSize { got, want }) => {
-                tracing::debug!(rank = self.rank, got, want, "engine KV events: block size mismatch");
+                // Loud once (a misconfiguration, not noise), then counted.
+                if c.dropped_block_size.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                    tracing::error!(rank = self.rank, got, want, "the engine publishes KV blocks of {got} tokens, kvgate's page size is {want}: start the engine with --page-size/--block-size {want} (or kvgate with --page-size {got}); its events are dropped, not mis-hashed");
+                } else {
+                    tracing::debug!(rank = self.rank, got, want, "engine KV events: block size mismatch");
+                }
                 &c.dropped_block_size
             }
             Outcome::Dropped(DropReason::TokenCount { got, want }) => {
