@@ -8,10 +8,10 @@
 //!   convert to owned events. Prints the batch's size on the wire and its bytes per block.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use kvgate::kv::codec::{access_batch, decode_batch, encode_batch, AlignedPayload};
-use kvgate::kv::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use kvgate::contract::codec::{access_batch, decode_batch, encode_batch, AlignedPayload};
+use kvgate::contract::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use kvgate::contract::WorkerId;
 use kvgate::kv::hash::{BlockHasher, SeqHash};
-use kvgate::protocol::WorkerId;
 
 const EVENTS: usize = 64;
 const BLOCKS_PER_EVENT: usize = 16;

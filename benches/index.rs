@@ -8,10 +8,10 @@
 use std::sync::Arc;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kvgate::kv::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use kvgate::contract::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use kvgate::contract::WorkerId;
 use kvgate::kv::hash::SeqHash;
 use kvgate::kv::index::{KvIndex, KvIndexWriter, ShardedIndex};
-use kvgate::protocol::WorkerId;
 
 const PROMPT_BLOCKS: u64 = 256;
 const TOTAL_PAIRS: u64 = 1 << 20;

@@ -27,10 +27,10 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
-use kvgate::kv::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use kvgate::contract::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use kvgate::contract::WorkerId;
 use kvgate::kv::hash::{BlockHasher, SeqHash};
 use kvgate::kv::index::{KvIndex, KvIndexWriter, ShardedIndex};
-use kvgate::protocol::WorkerId;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const TRACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/mooncake/conversation_trace.jsonl");

@@ -3,10 +3,10 @@
 //! iteration). Worker `i` of `W` holds the first `(i + 1) × 256 / W` blocks plus 10k others.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
-use kvgate::kv::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use kvgate::contract::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use kvgate::contract::WorkerId;
 use kvgate::kv::hash::SeqHash;
 use kvgate::kv::index::KvIndex;
-use kvgate::protocol::WorkerId;
 use kvgate::router::{Candidate, RouteRequest, Router, RouterConfig, RouterMode, WorkerLoad};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;

@@ -23,8 +23,8 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use kvgate::transfer::arena::{AlignedBuf, SendArena};
-use kvgate::transfer::{bind_in_process, spawn_receiver, TransferConfig, TransferHeader, TransferSender};
+use kvgate::planes::transfer::arena::{AlignedBuf, SendArena};
+use kvgate::planes::transfer::{bind_in_process, spawn_receiver, TransferConfig, TransferHeader, TransferSender};
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 
@@ -36,7 +36,7 @@ fn header(num_blocks: u32) -> TransferHeader {
     TransferHeader { room: 7, request_id: 7, num_blocks, bytes_per_block: BPB, first_token: Some(1) }
 }
 
-fn drained() -> mpsc::Sender<kvgate::transfer::Arrival> {
+fn drained() -> mpsc::Sender<kvgate::planes::transfer::Arrival> {
     let (tx, mut rx) = mpsc::channel(64);
     tokio::spawn(async move { while rx.recv().await.is_some() {} });
     tx

@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<()> {
             server.shutdown();
         }
         Command::Frontend(args) => {
-            let mut server = match kvgate::frontend::launch::start(&args) {
+            let mut server = match kvgate::launch::frontend::start(&args) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("kvgate frontend: {e}");
@@ -75,7 +75,7 @@ fn main() -> anyhow::Result<()> {
                 .thread_name("kvgate-worker")
                 .enable_all()
                 .build()?;
-            if let Err(e) = rt.block_on(kvgate::worker::launch::run(args, async {
+            if let Err(e) = rt.block_on(kvgate::launch::worker::run(args, async {
                 if let Err(e) = signal().await {
                     tracing::error!(error = %e, "signal handling failed; shutting down");
                 }

@@ -16,17 +16,17 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::config::{ConfigError, ServeArgs};
-use crate::discovery::{InProcessDiscovery, Registration};
-use crate::events;
-use crate::frontend::recovery::InProcessRecovery;
+use crate::contract::EngineKind;
+use crate::contract::{WorkerId, WorkerRole};
+use crate::frontend::control::recovery::InProcessRecovery;
+use crate::frontend::data::shards;
 use crate::frontend::{control, Frontend, HttpLimits};
 use crate::kv::index::KvIndex;
+use crate::planes::discovery::{InProcessDiscovery, Registration};
+use crate::planes::events;
+use crate::planes::request::InProcessRequestPlane;
 use crate::preprocess::{ModelSource, PreprocessError, Preprocessor};
-use crate::protocol::EngineKind;
-use crate::protocol::{WorkerId, WorkerRole};
 use crate::router::RouterConfig;
-use crate::runtime;
-use crate::transport::InProcessRequestPlane;
 use crate::worker::engine::Placement;
 use crate::worker::engines::http::EngineStartError;
 use crate::worker::engines::mocker::transfer;
@@ -43,7 +43,7 @@ pub enum ServeError {
     #[error("could not load the model: {0}")]
     Model(#[from] PreprocessError),
     #[error(transparent)]
-    Listen(#[from] runtime::ListenError),
+    Listen(#[from] shards::ListenError),
     #[error("could not start a runtime thread: {0}")]
     Runtime(#[source] std::io::Error),
     #[error("could not start the KV transfer plane: {0}")]
@@ -62,7 +62,7 @@ pub struct Server {
     pub worker_roles: Vec<WorkerRole>,
     /// The name clients use for the served model.
     pub model_name: String,
-    data_plane: runtime::DataPlane,
+    data_plane: shards::DataPlane,
     registrations: Vec<Registration>,
     workers: Vec<WorkerHandle>,
     plane: InProcessRequestPlane,
@@ -190,12 +190,12 @@ pub fn start_with<E: Engine>(
     fe.add_model(&model_name, preprocessor.clone(), page_size);
 
     let recovery = Arc::new(InProcessRecovery::new());
-    let control_rt = runtime::tokio_runtime("kvgate-control", 1).map_err(ServeError::Runtime)?;
+    let control_rt = shards::tokio_runtime("kvgate-control", 1).map_err(ServeError::Runtime)?;
     control_rt.spawn(control::run(fe.clone(), writer, discovery.subscribe(), subscriber, recovery.clone()));
 
     // Disaggregated workers copy real KV bytes: a second thread lets transfers overlap steps.
     let engine_threads = if args.prefill_workers + args.decode_workers > 0 { 2 } else { 1 };
-    let engine_rt = runtime::tokio_runtime("kvgate-engine", engine_threads).map_err(ServeError::Runtime)?;
+    let engine_rt = shards::tokio_runtime("kvgate-engine", engine_threads).map_err(ServeError::Runtime)?;
     let roles = args.roles();
     let mut workers = Vec::with_capacity(roles.len());
     let mut registrations = Vec::with_capacity(roles.len());
@@ -230,7 +230,7 @@ pub fn start_with<E: Engine>(
         std::thread::sleep(Duration::from_millis(1));
     }
 
-    let data_plane = runtime::DataPlane::start(fe, &args.http.listen())?;
+    let data_plane = shards::DataPlane::start(fe, &args.http.listen())?;
     let addr = data_plane.addr;
     tracing::info!(%addr, model = %model_name, source = %preprocessor.source_description(), workers = roles.len(), prefill_workers = args.prefill_workers, decode_workers = args.decode_workers, shards, "kvgate serving");
     Ok(Server {
@@ -265,7 +265,7 @@ impl Server {
         self.data_plane.stop();
         self.registrations.clear();
         self.workers.clear();
-        runtime::shutdown_tokio([self.engine_rt.take(), self.control_rt.take()].into_iter().flatten());
+        shards::shutdown_tokio([self.engine_rt.take(), self.control_rt.take()].into_iter().flatten());
     }
 }
 

@@ -69,8 +69,8 @@ async fn both_legs_are_named_and_the_kv_bytes_match_the_model_size() {
         let i = s.worker_ids.iter().position(|w| w.to_string() == id).unwrap_or_else(|| panic!("unknown worker {id}"));
         s.worker_roles[i]
     };
-    assert_eq!(role_of(&prefill), kvgate::protocol::WorkerRole::Prefill);
-    assert_eq!(role_of(&decode), kvgate::protocol::WorkerRole::Decode);
+    assert_eq!(role_of(&prefill), kvgate::contract::WorkerRole::Prefill);
+    assert_eq!(role_of(&decode), kvgate::contract::WorkerRole::Decode);
     let text = r.text().await.unwrap();
     let events = sse_events(&text);
     assert_eq!(events.last().unwrap(), "[DONE]", "{text}");
@@ -145,7 +145,7 @@ async fn without_prefill_workers_requests_fall_back_or_get_503_when_enforced() {
             .worker_ids
             .iter()
             .zip(&s.worker_roles)
-            .filter(|(_, r)| **r == kvgate::protocol::WorkerRole::Prefill)
+            .filter(|(_, r)| **r == kvgate::contract::WorkerRole::Prefill)
             .map(|(id, _)| *id)
             .collect();
         for id in prefill {
@@ -175,7 +175,7 @@ async fn without_prefill_workers_requests_fall_back_or_get_503_when_enforced() {
 
 /// Streams `n` requests, `concurrency` at a time, killing `victim` once `kill_after` have
 /// started; every request must end (completed or a clear error) well within the timeout.
-async fn load_with_a_kill(role: kvgate::protocol::WorkerRole) {
+async fn load_with_a_kill(role: kvgate::contract::WorkerRole) {
     let mut s = serve(DISAGG_SLOW);
     let base = base_url(&s);
     let c = client();
@@ -225,12 +225,12 @@ async fn load_with_a_kill(role: kvgate::protocol::WorkerRole) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_prefill_worker_under_load_loses_no_request() {
-    load_with_a_kill(kvgate::protocol::WorkerRole::Prefill).await;
+    load_with_a_kill(kvgate::contract::WorkerRole::Prefill).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_decode_worker_under_load_loses_no_request() {
-    load_with_a_kill(kvgate::protocol::WorkerRole::Decode).await;
+    load_with_a_kill(kvgate::contract::WorkerRole::Decode).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

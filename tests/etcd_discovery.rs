@@ -5,9 +5,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use etcd_client::GetOptions;
-use kvgate::discovery::etcd::{worker_key, EtcdDiscovery};
-use kvgate::discovery::{WorkerInfo, WorkerSnapshot};
-use kvgate::protocol::{WorkerId, WorkerRole};
+use kvgate::contract::{WorkerId, WorkerRole};
+use kvgate::planes::discovery::etcd::{worker_key, EtcdDiscovery};
+use kvgate::planes::discovery::{WorkerInfo, WorkerSnapshot};
 use support::{wait_for, Etcd};
 
 const NS: &str = "dynamo";

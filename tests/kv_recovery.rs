@@ -6,16 +6,16 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvgate::discovery::{InProcessDiscovery, WorkerInfo};
-use kvgate::events::{self, EventSubscriber, InProcessSubscriber};
-use kvgate::frontend::recovery::InProcessRecovery;
+use kvgate::contract::events::KvEvent;
+use kvgate::contract::{GenerateRequest, SamplingParams, WorkerId, WorkerOutput, WorkerRole};
+use kvgate::frontend::control::recovery::InProcessRecovery;
 use kvgate::frontend::{control, Frontend, HttpLimits};
-use kvgate::kv::events::KvEvent;
 use kvgate::kv::hash::BlockHasher;
 use kvgate::kv::index::{KvIndex, KvIndexWriter};
-use kvgate::protocol::{GenerateRequest, SamplingParams, WorkerId, WorkerOutput, WorkerRole};
+use kvgate::planes::discovery::{InProcessDiscovery, WorkerInfo};
+use kvgate::planes::events::{self, EventSubscriber, InProcessSubscriber};
+use kvgate::planes::request::{InProcessRequestPlane, RequestPlane};
 use kvgate::router::{RouterConfig, RouterMode};
-use kvgate::transport::{InProcessRequestPlane, RequestPlane};
 use kvgate::worker::{spawn, Engine, EventRing, Mocker, MockerArgs, MockerConfig};
 
 #[path = "common/echo_engine.rs"]

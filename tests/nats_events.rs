@@ -6,11 +6,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
-use kvgate::events::nats::{connect, NatsPublisher, NatsSubscriber};
-use kvgate::events::{EventPublisher, EventSubscriber};
-use kvgate::kv::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use kvgate::contract::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use kvgate::contract::WorkerId;
 use kvgate::kv::SeqHash;
-use kvgate::protocol::WorkerId;
+use kvgate::planes::events::nats::{connect, NatsPublisher, NatsSubscriber};
+use kvgate::planes::events::{EventPublisher, EventSubscriber};
 use support::Nats;
 
 const NS: &str = "dynamo";

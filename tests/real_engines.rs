@@ -45,7 +45,7 @@ fn serve_engines(engine: &str, urls: &[String], extra: &[&str]) -> kvgate::serve
 }
 
 /// Blocks kvgate's index holds for `worker` (from `/metrics`).
-async fn index_blocks(c: &reqwest::Client, base: &str, worker: kvgate::protocol::WorkerId) -> usize {
+async fn index_blocks(c: &reqwest::Client, base: &str, worker: kvgate::contract::WorkerId) -> usize {
     let text = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
     let label = format!("worker=\"{worker}\"");
     text.lines()

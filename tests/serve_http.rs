@@ -261,9 +261,9 @@ async fn a_stream_survives_its_worker_dying() {
     let body = json!({"model": "kvgate-mock", "prompt": "A long story, please.", "max_tokens": 300, "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
     let mut r = c.post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let first: kvgate::protocol::WorkerId = {
+    let first: kvgate::contract::WorkerId = {
         let h = r.headers()["x-kvgate-worker"].to_str().unwrap();
-        kvgate::protocol::WorkerId(u64::from_str_radix(h, 16).unwrap())
+        kvgate::contract::WorkerId(u64::from_str_radix(h, 16).unwrap())
     };
     let mut text = String::new();
     // Read some of the stream, then kill the worker serving it.
@@ -322,11 +322,11 @@ async fn health_is_503_until_a_model_has_a_worker() {
     let (index, _writer) = kvgate::kv::index::KvIndex::new();
     let cfg = RouterConfig { mode: RouterMode::Kv, overlap_weight: 1.0, temperature: 0.0, block_size: 16 };
     let limits = HttpLimits { max_body_bytes: 1 << 20, migration_limit: 0, disagg: Default::default() };
-    let plane = kvgate::transport::InProcessRequestPlane::new();
+    let plane = kvgate::planes::request::InProcessRequestPlane::new();
     let fe = std::sync::Arc::new(Frontend::new(plane, index, cfg, limits, 1));
-    let dp = kvgate::runtime::DataPlane::start(
+    let dp = kvgate::frontend::data::shards::DataPlane::start(
         fe.clone(),
-        &kvgate::runtime::Listen { host: "127.0.0.1".into(), port: 0, shards: 1, max_connections: 16 },
+        &kvgate::frontend::data::shards::Listen { host: "127.0.0.1".into(), port: 0, shards: 1, max_connections: 16 },
     )
     .unwrap();
     let url = format!("http://{}/health", dp.addr);
@@ -345,7 +345,7 @@ async fn health_is_503_until_a_model_has_a_worker() {
     let (status, v) = health(c.clone(), url.clone()).await;
     assert_eq!(status, 503, "a model without a worker: {v}");
 
-    let worker: kvgate::discovery::WorkerInfo = serde_json::from_value(json!({
+    let worker: kvgate::planes::discovery::WorkerInfo = serde_json::from_value(json!({
         "id": 7, "model": "m", "model_path": null, "role": "aggregated", "page_size": 16,
         "kv_capacity_blocks": 64, "max_num_seqs": 4, "max_num_batched_tokens": 256, "address": null
     }))

@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvgate::frontend::recovery::{RecoveryError, RecoverySource};
-use kvgate::protocol::{FinishReason, GenerateRequest, LoadReport, SamplingParams, WorkerId, WorkerOutput};
-use kvgate::transport::frame::{self, Frame, StreamId};
-use kvgate::transport::tcp::{serve_worker, TcpRequestPlane, CONNECT_TIMEOUT};
-use kvgate::transport::{RequestPlane, ResponseStream, TransportError, WORKER_QUEUE_DEPTH};
+use kvgate::contract::control::{RecoveryError, RecoverySource};
+use kvgate::contract::frame::{self, Frame, StreamId};
+use kvgate::contract::{FinishReason, GenerateRequest, LoadReport, SamplingParams, WorkerId, WorkerOutput};
+use kvgate::planes::request::tcp::{serve_worker, TcpRequestPlane, CONNECT_TIMEOUT};
+use kvgate::planes::request::{RequestPlane, ResponseStream, TransportError, WORKER_QUEUE_DEPTH};
 use kvgate::worker::{spawn, EventRing, Mocker, MockerArgs, MockerConfig, Recovery, WorkerHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
@@ -37,8 +37,10 @@ struct Worker {
 async fn start_worker(id: u64) -> Worker {
     let id = WorkerId(id);
     let (inbox, rx) = mpsc::channel(WORKER_QUEUE_DEPTH);
-    let (publisher, mut events) = kvgate::events::in_process();
-    tokio::spawn(async move { while kvgate::events::EventSubscriber::next_batch(&mut events).await.is_some() {} });
+    let (publisher, mut events) = kvgate::planes::events::in_process();
+    tokio::spawn(
+        async move { while kvgate::planes::events::EventSubscriber::next_batch(&mut events).await.is_some() {} },
+    );
     let args = MockerArgs { speedup_ratio: 200.0, ..MockerArgs::default() };
     let config = MockerConfig::from_args(&args, 16).unwrap();
     let handle = spawn(id, Mocker::new(id, config, (0..CORPUS).collect()), rx, publisher, EventRing::default());

@@ -2,8 +2,8 @@
 //! whatever the bytes, and whatever it accepts must survive a round trip unchanged.
 #![no_main]
 
-use kvgate::kv::codec::{decode_batch, encode_batch, AlignedPayload};
-use kvgate::kv::events::KvEvent;
+use kvgate::contract::codec::{decode_batch, encode_batch, AlignedPayload};
+use kvgate::contract::events::KvEvent;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,7 @@
 //! connection): decoding never panics, and an accepted header survives a round trip.
 #![no_main]
 
-use kvgate::transfer::wire::{decode_header, encode_header, HEADER_LEN};
+use kvgate::planes::transfer::wire::{decode_header, encode_header, HEADER_LEN};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

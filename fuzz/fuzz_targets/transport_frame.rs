@@ -4,7 +4,7 @@
 #![no_main]
 
 use bytes::BytesMut;
-use kvgate::transport::frame::decode;
+use kvgate::contract::frame::decode;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

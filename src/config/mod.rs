@@ -8,8 +8,8 @@
 use clap::{Args, Parser, Subcommand};
 use thiserror::Error;
 
+use crate::contract::{EngineKind, WorkerRole};
 use crate::kv::hash::MAX_BLOCK_SIZE;
-use crate::protocol::{EngineKind, WorkerRole};
 use crate::router::{RouterMode, MAX_SHARDS};
 use crate::worker::engines::mocker::MockerArgs;
 
@@ -371,8 +371,8 @@ impl HttpArgs {
     }
 
     /// Where and how the data plane listens.
-    pub fn listen(&self) -> crate::runtime::Listen {
-        crate::runtime::Listen {
+    pub fn listen(&self) -> crate::frontend::data::shards::Listen {
+        crate::frontend::data::shards::Listen {
             host: self.http_host.clone(),
             port: self.http_port,
             shards: self.shard_count(),

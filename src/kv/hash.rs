@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use crate::protocol::TokenId;
+use crate::contract::TokenId;
 
 /// The seed Dynamo's router uses for every block hash.
 pub const HASH_SEED: u64 = 1337;
@@ -25,26 +25,7 @@ pub const MAX_BLOCK_SIZE: usize = 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LocalHash(pub u64);
 
-/// Hash of a block and every block before it: the router's identity for a cached prefix.
-///
-/// Archived (rkyv) as a little-endian u64: it travels in [`crate::kv::events`].
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Serialize,
-    Deserialize,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
-)]
-#[rkyv(derive(Debug, Clone, Copy, PartialEq, Eq, Hash))]
-pub struct SeqHash(pub u64);
+pub use crate::contract::events::SeqHash;
 
 /// Hashes prompts into blocks of a fixed size.
 #[derive(Debug, Clone, Copy)]

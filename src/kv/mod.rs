@@ -5,8 +5,6 @@
 //! - [`codec`]: their wire format: rkyv archives validated (bytecheck) and read in place.
 //! - [`index`]: sequence hash → workers holding it; one writer, lock-free readers.
 
-pub mod codec;
-pub mod events;
 pub mod hash;
 pub mod index;
 

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::protocol::SamplingParams;
+use crate::contract::SamplingParams;
 
 /// `max_tokens` when a chat request gives none: the simulated engine ends with eos well before.
 pub const DEFAULT_CHAT_MAX_TOKENS: u32 = 1024;

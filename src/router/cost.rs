@@ -8,7 +8,7 @@
 
 use rand::Rng;
 
-use crate::protocol::WorkerId;
+use crate::contract::WorkerId;
 
 /// One candidate's score, as logged at debug level.
 #[derive(Debug, Clone, Copy, PartialEq)]

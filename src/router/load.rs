@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
 
-use crate::protocol::WorkerId;
+use crate::contract::WorkerId;
 
 /// The most data-plane shards a frontend runs (one slot each per worker): 64 cores per process
 /// covers current hosts, and costs 64 × 128 B = 8 KiB per worker.

@@ -20,9 +20,9 @@ use std::sync::Arc;
 use rand::Rng;
 use thiserror::Error;
 
+use crate::contract::WorkerId;
 use crate::kv::hash::SeqHash;
 use crate::kv::index::{KvIndex, OverlapScores};
-use crate::protocol::WorkerId;
 
 pub use cost::WorkerScore;
 use cost::{kv_cost, pick_min, prompt_blocks, sample_softmax, uncached_tokens, CostInputs};

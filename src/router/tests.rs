@@ -4,7 +4,7 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
 use super::*;
-use crate::kv::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use crate::contract::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
 use crate::kv::index::KvIndexWriter;
 
 const B: u32 = 16;

@@ -24,9 +24,9 @@ use std::future::Future;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::kv::events::KvEventKind;
-use crate::protocol::{DisaggStyle, EngineKind, LoadReport};
-use crate::transport::WorkItem;
+use crate::contract::events::KvEventKind;
+use crate::contract::{DisaggStyle, EngineKind, LoadReport};
+use crate::planes::request::WorkItem;
 
 /// Event batches an engine may send ahead of the runtime's publishing: a few steps of slack;
 /// beyond it the engine waits (the event plane's backpressure reaches the engine).
@@ -42,7 +42,7 @@ pub struct EngineCard {
     pub max_num_batched_tokens: u32,
     /// How the legs of a disaggregated pair run with this engine.
     pub disagg: DisaggStyle,
-    /// What a peer needs to reach this worker's KV (see [`crate::discovery::WorkerInfo::bootstrap`]).
+    /// What a peer needs to reach this worker's KV (see [`crate::planes::discovery::WorkerInfo::bootstrap`]).
     pub bootstrap: Option<String>,
     /// Whether the frontend receives exact KV events for this worker.
     pub kv_events: bool,
@@ -165,10 +165,10 @@ impl EventSink {
 /// Where a worker is and what it serves (the rest of its registration comes from the card).
 #[derive(Debug, Clone)]
 pub struct Placement {
-    pub id: crate::protocol::WorkerId,
+    pub id: crate::contract::WorkerId,
     pub model: String,
     pub model_path: Option<String>,
-    pub role: crate::protocol::WorkerRole,
+    pub role: crate::contract::WorkerRole,
     pub page_size: u32,
     /// Request-plane address (None in-process).
     pub address: Option<String>,
@@ -176,9 +176,9 @@ pub struct Placement {
 
 impl EngineCard {
     /// The registration of a worker placed at `at` running this engine.
-    pub fn worker_info(&self, at: Placement) -> crate::discovery::WorkerInfo {
+    pub fn worker_info(&self, at: Placement) -> crate::planes::discovery::WorkerInfo {
         let Placement { id, model, model_path, role, page_size, address } = at;
-        crate::discovery::WorkerInfo {
+        crate::planes::discovery::WorkerInfo {
             id,
             model,
             model_path,

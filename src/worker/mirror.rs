@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use crate::kv::events::{EngineHash, KvEventKind, StoredBlock};
+use crate::contract::events::{EngineHash, KvEventKind, StoredBlock};
 use crate::kv::hash::SeqHash;
 
 /// Approximate bytes per mirrored block (hash-map entry with its key and value).

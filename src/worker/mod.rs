@@ -5,25 +5,21 @@
 //!   contiguous KV event ids, the replay [`ring`] and the published [`mirror`] that answer
 //!   "replay since N" and "dump", resets, the load watch ([`runtime::spawn`], [`WorkerHandle`]).
 //! - [`reply`]: one request's non-blocking, coalescing reply stream (used by every engine).
-//! - [`control`]: recovering a consumer that missed events, resetting the cache.
 //! - [`engines`]: the engines (the [`mocker`](engines::mocker) simulation, and adapters).
-//! - [`launch`]: `kvgate worker`, one worker of a distributed deployment.
 //!
 //! Invariant: a worker's engine state is owned by its engine's task alone, its published event
 //! state by its runtime task alone; the outside reaches them only through the bounded inbox,
 //! each request's bounded reply channel, the event publisher, the `watch` of load and the
-//! bounded control channel behind [`WorkerControl`].
+//! bounded control channel behind [`WorkerControl`] (see [`crate::contract::control`]).
 
-pub mod control;
 pub mod engine;
 pub mod engines;
-pub mod launch;
 pub mod mirror;
 pub mod reply;
 pub mod ring;
 pub mod runtime;
 
-pub use control::{Recovery, WorkerControl, WorkerGoneError, CONTROL_QUEUE_DEPTH};
+pub use crate::contract::control::{Recovery, WorkerControl, WorkerGoneError, CONTROL_QUEUE_DEPTH};
 pub use engine::{Engine, EngineCard, EngineIo, EventSink, Intake};
 pub use engines::mocker::{DisaggIo, Mocker, MockerArgs, MockerConfig, MockerConfigError};
 pub use ring::{EventRing, EVENT_RING_CAPACITY, EVENT_RING_MAX_BLOCKS};

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-use crate::protocol::{TokenId, WorkerOutput};
+use crate::contract::{TokenId, WorkerOutput};
 
 /// `Started`, one coalesced `Tokens`, and the final `Finished`/`Error`.
 pub const MAX_PENDING_OUTPUTS: usize = 3;
@@ -92,7 +92,7 @@ impl Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::FinishReason;
+    use crate::contract::FinishReason;
 
     #[test]
     fn a_full_channel_coalesces_tokens_and_keeps_order() {

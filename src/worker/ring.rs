@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 
-use crate::kv::events::{KvEvent, KvEventKind};
+use crate::contract::events::{KvEvent, KvEventKind};
 
 /// Events a worker keeps for replay: a busy worker publishes a few events per step, so this
 /// covers seconds of traffic (a dropped batch, a subscriber's reconnect); an older gap gets a
@@ -98,8 +98,8 @@ fn blocks_of(kind: &KvEventKind) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::events::EngineHash;
-    use crate::protocol::WorkerId;
+    use crate::contract::events::EngineHash;
+    use crate::contract::WorkerId;
 
     fn event(id: u64, blocks: usize) -> KvEvent {
         let kind = if blocks == 0 {

@@ -18,15 +18,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::events::EventPublisher;
-use crate::kv::events::{KvEvent, KvEventKind};
-use crate::protocol::{LoadReport, WorkerId};
-use crate::transport::WorkItem;
+use crate::contract::events::{KvEvent, KvEventKind};
+use crate::contract::{LoadReport, WorkerId};
+use crate::planes::events::EventPublisher;
+use crate::planes::request::WorkItem;
 
-use super::control::{ControlMsg, Recovery, WorkerControl, CONTROL_QUEUE_DEPTH};
 use super::engine::{Engine, EngineCard, EngineIo, EventSink, Intake, SinkMsg};
 use super::mirror::Mirror;
 use super::ring::EventRing;
+use crate::contract::control::{ControlMsg, Recovery, WorkerControl, CONTROL_QUEUE_DEPTH};
 
 /// A running worker (its engine and its runtime). Dropping it aborts both; call
 /// [`stop`](Self::stop) to drain.

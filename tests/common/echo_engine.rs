@@ -6,9 +6,9 @@
 use std::collections::VecDeque;
 use std::future::Future;
 
-use kvgate::kv::events::{EngineHash, KvEventKind, StoredBlock};
+use kvgate::contract::events::{EngineHash, KvEventKind, StoredBlock};
+use kvgate::contract::{DisaggStyle, EngineKind, FinishReason, LoadReport, WorkerOutput};
 use kvgate::kv::hash::{BlockHasher, SeqHash};
-use kvgate::protocol::{DisaggStyle, EngineKind, FinishReason, LoadReport, WorkerOutput};
 use kvgate::worker::{Engine, EngineCard, EngineIo};
 
 pub struct EchoEngine {

@@ -11,7 +11,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::protocol::WorkerId;
+use crate::contract::WorkerId;
 
 /// See the module doc.
 #[derive(Default)]

@@ -23,9 +23,9 @@ use std::mem::{align_of, size_of};
 
 use super::writer::WorkerState;
 use super::{KvIndex, KvIndexWriter, WorkerSet};
-use crate::kv::events::EngineHash;
+use crate::contract::events::EngineHash;
+use crate::contract::WorkerId;
 use crate::kv::hash::SeqHash;
-use crate::protocol::WorkerId;
 
 /// The smallest table papaya allocates (slots).
 const PAPAYA_MIN_SLOTS: usize = 32;

@@ -97,8 +97,8 @@ use thiserror::Error;
 
 use directory::Directory;
 
+use crate::contract::WorkerId;
 use crate::kv::hash::SeqHash;
-use crate::protocol::WorkerId;
 
 pub use hasher::{KeyedHasher, KeyedState};
 pub use sharded::{ShardedIndex, MAX_PARTITIONS};

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 
 use super::tests::{s, w};
 use super::*;
-use crate::kv::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use crate::contract::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
 
 /// The obvious model: per worker, engine hash → sequence hash; a worker holds the values.
 #[derive(Default)]

@@ -2,7 +2,7 @@
 
 use super::tests::{ev, s, stored, w};
 use super::*;
-use crate::kv::events::{EngineHash, KvEvent, KvEventKind};
+use crate::contract::events::{EngineHash, KvEvent, KvEventKind};
 
 fn removed(seqs: &[u64]) -> KvEventKind {
     KvEventKind::Removed { engine_hashes: seqs.iter().map(|&x| EngineHash(x + 1000)).collect() }
@@ -136,7 +136,7 @@ fn blocks_named_by_several_engine_hashes_stay_until_the_last_name_goes() {
     let (index, mut writer) = KvIndex::new();
     let named = |e: u64| KvEventKind::Stored {
         parent: None,
-        blocks: vec![crate::kv::events::StoredBlock { seq_hash: s(1), engine_hash: EngineHash(e) }],
+        blocks: vec![crate::contract::events::StoredBlock { seq_hash: s(1), engine_hash: EngineHash(e) }],
     };
     for (id, e) in [(1, 10), (2, 11), (3, 12)] {
         writer.apply(&ev(1, id, named(e))).unwrap();

@@ -28,9 +28,9 @@
 use std::sync::Arc;
 
 use super::{walk, KvIndex, KvIndexWriter, OverlapScores};
-use crate::kv::events::{KvEvent, KvEventKind};
+use crate::contract::events::{KvEvent, KvEventKind};
+use crate::contract::WorkerId;
 use crate::kv::hash::SeqHash;
-use crate::protocol::WorkerId;
 
 /// Most partitions: one per data-plane shard (core), and a lookup pins each one.
 pub const MAX_PARTITIONS: usize = 64;
@@ -112,7 +112,7 @@ impl ShardedIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::events::{EngineHash, StoredBlock};
+    use crate::contract::events::{EngineHash, StoredBlock};
 
     fn mix(x: u64) -> u64 {
         let z = (x ^ (x >> 31)).wrapping_mul(0x9e37_79b9_7f4a_7c15);

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::*;
-use crate::kv::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use crate::contract::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
 
 pub(super) fn w(n: u64) -> WorkerId {
     WorkerId(n)

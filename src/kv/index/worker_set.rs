@@ -5,7 +5,7 @@
 //! mutated after it is built: the index's single writer builds a new set (clone-on-write) and
 //! swaps it in whole, so a reader holding `&WorkerSet` sees a complete set, never a torn one.
 
-use crate::protocol::WorkerId;
+use crate::contract::WorkerId;
 
 /// Workers kept inline in the map entry before spilling to the heap: most blocks are held by a
 /// few workers, and an inline set costs no second allocation or pointer chase on lookup.

@@ -21,9 +21,9 @@ use papaya::{Compute, Operation};
 
 use super::directory::Directory;
 use super::{IndexError, KeyedState, KvIndex, WorkerSet, MAX_TOMBSTONES};
-use crate::kv::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use crate::contract::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use crate::contract::WorkerId;
 use crate::kv::hash::SeqHash;
-use crate::protocol::WorkerId;
 
 /// One worker's private state, owned by the writer.
 #[derive(Default)]

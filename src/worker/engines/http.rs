@@ -25,8 +25,8 @@ use thiserror::Error;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::kv::events::KvEventKind;
-use crate::protocol::{GenerateRequest, LoadReport, WorkerError, WorkerOutput};
+use crate::contract::events::KvEventKind;
+use crate::contract::{GenerateRequest, LoadReport, WorkerError, WorkerOutput};
 use crate::worker::engine::{Engine, EngineCard, EngineIo};
 
 use super::zmq_events::{self, Counters, SubscriberConfig, SubscriberHandle};

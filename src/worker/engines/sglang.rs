@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::protocol::{
+use crate::contract::{
     DisaggLeg, DisaggStyle, EngineKind, FinishReason, GenerateRequest, LoadReport, TokenId, WorkerError, WorkerOutput,
     WorkerRole,
 };
@@ -451,7 +451,7 @@ impl Sglang {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{SamplingParams, WorkerId};
+    use crate::contract::{SamplingParams, WorkerId};
 
     fn req(disagg: Option<DisaggLeg>) -> GenerateRequest {
         GenerateRequest {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::protocol::{
+use crate::contract::{
     DisaggLeg, DisaggStyle, EngineKind, FinishReason, GenerateRequest, LoadReport, TokenId, WorkerError, WorkerOutput,
     WorkerRole,
 };
@@ -371,7 +371,7 @@ impl Dialect for Vllm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{SamplingParams, WorkerId};
+    use crate::contract::{SamplingParams, WorkerId};
 
     fn req(disagg: Option<DisaggLeg>) -> GenerateRequest {
         GenerateRequest {

@@ -16,6 +16,9 @@ pub const MAX_GPU_BLOCKS: u64 = 1 << 22;
 pub const MAX_CACHE_TOKENS: u64 = 1 << 31;
 /// Largest per-step token budget: larger steps would only stretch the timing model's fit.
 pub const MAX_BATCHED_TOKENS: u32 = 1 << 20;
+// A step stores at most one block per batched token: one event holds them all.
+const _: () = assert!(MAX_BATCHED_TOKENS as usize <= crate::contract::events::MAX_EVENT_BLOCKS);
+const _: () = assert!(MAX_GPU_BLOCKS <= crate::contract::events::MAX_WORKER_BLOCKS);
 /// Most concurrently running sequences: vLLM's practical ceiling is far below this.
 pub const MAX_NUM_SEQS: u32 = 1 << 16;
 /// Largest speed-up: beyond it a step is shorter than the runtime can measure.

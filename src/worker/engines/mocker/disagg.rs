@@ -27,8 +27,8 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::protocol::{FinishReason, GenerateRequest, TokenId, WorkerError, WorkerId, WorkerOutput};
-use crate::transfer::{Arrival, InProcessReceiverGuard, TransferHeader, TransferSender};
+use crate::contract::{FinishReason, GenerateRequest, TokenId, WorkerError, WorkerId, WorkerOutput};
+use crate::planes::transfer::{Arrival, InProcessReceiverGuard, TransferHeader, TransferSender};
 
 use super::kv_cache::SeqId;
 use crate::worker::reply::Reply;
@@ -252,7 +252,7 @@ pub fn header(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transfer::TransferStats;
+    use crate::planes::transfer::TransferStats;
     use crate::worker::engines::mocker::test_util::request;
 
     fn arrival(room: u64) -> Arrival {

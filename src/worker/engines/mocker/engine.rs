@@ -26,10 +26,10 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::protocol::{DisaggLeg, FinishReason, GenerateRequest, LoadReport, WorkerError, WorkerId, WorkerOutput};
-use crate::transfer::{Arrival, TransferSender};
-use crate::transport::WorkItem;
-use crate::worker::control::CONTROL_QUEUE_DEPTH;
+use crate::contract::control::CONTROL_QUEUE_DEPTH;
+use crate::contract::{DisaggLeg, FinishReason, GenerateRequest, LoadReport, WorkerError, WorkerId, WorkerOutput};
+use crate::planes::request::WorkItem;
+use crate::planes::transfer::{Arrival, TransferSender};
 use crate::worker::engine::{EngineIo, EventSink, Intake};
 
 use super::disagg::{self, DisaggIo, Matched, PrefillLeg, Release, Rooms, MAX_CONCURRENT_TRANSFERS};
@@ -57,7 +57,7 @@ struct Disagg {
     /// Running transfer tasks (aborted if the engine task is).
     tasks: JoinSet<()>,
     /// Unregisters the in-process receiver when the engine ends.
-    _in_process: Option<crate::transfer::InProcessReceiverGuard>,
+    _in_process: Option<crate::planes::transfer::InProcessReceiverGuard>,
     /// Prefill legs whose transfer ended: their blocks can be freed.
     released_tx: mpsc::Sender<SeqId>,
     released: mpsc::Receiver<SeqId>,

@@ -21,7 +21,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
-use crate::kv::events::{EngineHash, KvEventKind, StoredBlock};
+use crate::contract::events::{EngineHash, KvEventKind, StoredBlock};
 use crate::kv::hash::SeqHash;
 
 /// The engine's id of one sequence (request) while it holds blocks.

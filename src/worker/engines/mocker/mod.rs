@@ -38,7 +38,7 @@ pub use disagg::DisaggIo;
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::protocol::{DisaggStyle, EngineKind, TokenId, WorkerId};
+use crate::contract::{DisaggStyle, EngineKind, TokenId, WorkerId};
 use crate::worker::engine::{Engine, EngineCard, EngineIo};
 
 use engine::MockerTask;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use crate::protocol::{FinishReason, SamplingParams, TokenId};
+use crate::contract::{FinishReason, SamplingParams, TokenId};
 
 /// Shortest output before the model "samples" end-of-sequence (unless `ignore_eos`).
 pub const MIN_EOS_TOKENS: u32 = 8;

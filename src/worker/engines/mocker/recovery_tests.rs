@@ -14,12 +14,12 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
-use crate::events::{self, EventPublisher, EventSubscriber, InProcessPublisher, InProcessSubscriber};
-use crate::kv::events::{KvEvent, KvEventKind};
+use crate::contract::events::{KvEvent, KvEventKind};
+use crate::contract::{FinishReason, TokenId, WorkerId, WorkerOutput};
 use crate::kv::hash::{BlockHasher, SeqHash};
 use crate::kv::index::{KvIndex, KvIndexWriter};
-use crate::protocol::{FinishReason, TokenId, WorkerId, WorkerOutput};
-use crate::transport::WorkItem;
+use crate::planes::events::{self, EventPublisher, EventSubscriber, InProcessPublisher, InProcessSubscriber};
+use crate::planes::request::WorkItem;
 use crate::worker::engines::mocker::test_util::{config, request, NaiveIndex};
 use crate::worker::engines::mocker::MockerConfig;
 use crate::worker::ring::EventRing;

@@ -20,8 +20,8 @@ use std::collections::{HashMap, VecDeque};
 
 use thiserror::Error;
 
+use crate::contract::{FinishReason, GenerateRequest, LoadReport, TokenId};
 use crate::kv::hash::BlockHasher;
-use crate::protocol::{FinishReason, GenerateRequest, LoadReport, TokenId};
 
 use super::config::MockerConfig;
 use super::kv_cache::{KvCache, SeqId};
@@ -43,11 +43,11 @@ pub enum Rejected {
     TooLong { prompt: usize, max_tokens: u32, capacity: u64 },
 }
 
-impl From<Rejected> for crate::protocol::WorkerError {
+impl From<Rejected> for crate::contract::WorkerError {
     /// Every refusal is about the request itself: no other worker of the same size would take
     /// it either (the frontend answers 400 at once instead of migrating).
     fn from(e: Rejected) -> Self {
-        crate::protocol::WorkerError::client(e.to_string())
+        crate::contract::WorkerError::client(e.to_string())
     }
 }
 

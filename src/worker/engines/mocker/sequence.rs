@@ -6,8 +6,8 @@
 //! and `tokens.len() ≤ prompt + max_tokens` (bounded by the request). Concurrency: owned by the
 //! scheduler of one worker task.
 
+use crate::contract::TokenId;
 use crate::kv::hash::{BlockHasher, SeqHash};
-use crate::protocol::TokenId;
 
 use super::model::Generation;
 
@@ -90,7 +90,7 @@ impl Sequence {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::SamplingParams;
+    use crate::contract::SamplingParams;
     use crate::worker::engines::mocker::model::MockModel;
 
     #[test]

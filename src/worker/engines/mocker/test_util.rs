@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::kv::events::{EngineHash, KvEventKind};
+use crate::contract::events::{EngineHash, KvEventKind};
 use crate::kv::hash::SeqHash;
 
 /// What a router learns from the events alone.
@@ -45,7 +45,7 @@ impl NaiveIndex {
     }
 }
 
-use crate::protocol::{GenerateRequest, SamplingParams, TokenId};
+use crate::contract::{GenerateRequest, SamplingParams, TokenId};
 
 use super::config::MockerConfig;
 

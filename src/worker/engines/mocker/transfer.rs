@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 
 use super::DisaggIo;
 use crate::config::{TransferArgs, TransferBackend};
-use crate::protocol::WorkerRole;
-use crate::transfer::{self, TransferConfig, TransferSender};
+use crate::contract::WorkerRole;
+use crate::planes::transfer::{self, TransferConfig, TransferSender};
 
 /// Landed transfers queued for one decode engine.
 pub const ARRIVALS_DEPTH: usize = 256;

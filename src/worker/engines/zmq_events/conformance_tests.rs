@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::kv::events::{EngineHash, KvEventKind};
+use crate::contract::events::{EngineHash, KvEventKind};
 use crate::kv::hash::{BlockHasher, SeqHash};
 
 use super::subscriber::{event_channel, spawn, Counters, SubscriberConfig, Timeouts};

@@ -32,7 +32,7 @@
 
 use std::collections::HashMap;
 
-use crate::kv::events::{EngineHash, KvEventKind, StoredBlock};
+use crate::contract::events::{EngineHash, KvEventKind, StoredBlock};
 use crate::kv::hash::{BlockHasher, SeqHash, MAX_BLOCK_SIZE};
 
 use super::decode::{EngineEvent, Medium};

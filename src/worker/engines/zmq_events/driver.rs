@@ -32,7 +32,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, timeout_at, Instant};
 
-use crate::kv::events::KvEventKind;
+use crate::contract::events::KvEventKind;
 
 use super::convert::{DropReason, Outcome, RankState, Skip};
 use super::decode::{decode_payload, parse_replay_reply, parse_seq, ReplayReply};

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use crate::kv::events::{EngineHash, KvEventKind};
+use crate::contract::events::{EngineHash, KvEventKind};
 use crate::kv::hash::SeqHash;
 
 use super::convert::RankState;

@@ -27,7 +27,7 @@
 //! Memory is bounded by the engine's cache (one map entry per GPU block it holds) and a hard
 //! cap ([`DEFAULT_MAX_TRACKED_BLOCKS`]); replays are streamed, not buffered.
 //!
-//! [`KvEventKind`]: crate::kv::events::KvEventKind
+//! [`KvEventKind`]: crate::contract::events::KvEventKind
 
 pub mod convert;
 pub mod decode;

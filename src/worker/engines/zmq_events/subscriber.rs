@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use zeromq::{DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage};
 
-use crate::kv::events::KvEventKind;
+use crate::contract::events::KvEventKind;
 
 use super::convert::{BlockSizeError, RankState, DEFAULT_MAX_TRACKED_BLOCKS};
 use super::driver::{Driver, Wire, WireEvent};

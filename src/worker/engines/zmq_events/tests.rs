@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 
-use crate::kv::events::{EngineHash, KvEventKind};
+use crate::contract::events::{EngineHash, KvEventKind};
 use crate::kv::hash::{BlockHasher, SeqHash};
 
 use super::convert::{DropReason, Outcome, RankState, Skip};

@@ -7,10 +7,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
-use crate::events::{self, EventSubscriber, InProcessSubscriber};
-use crate::kv::events::KvEventKind;
-use crate::protocol::{FinishReason, GenerateRequest, TokenId, WorkerId, WorkerOutput};
-use crate::transport::{WorkItem, RESPONSE_STREAM_DEPTH};
+use crate::contract::events::KvEventKind;
+use crate::contract::{FinishReason, GenerateRequest, TokenId, WorkerId, WorkerOutput};
+use crate::planes::events::{self, EventSubscriber, InProcessSubscriber};
+use crate::planes::request::{WorkItem, RESPONSE_STREAM_DEPTH};
 use crate::worker::engines::mocker::test_util::{config, request, NaiveIndex};
 use crate::worker::engines::mocker::timing::{self, StepWork};
 use crate::worker::engines::mocker::MockerConfig;
@@ -103,7 +103,7 @@ async fn refused_requests_get_an_error() {
     let mut rx = send(&h, request(1, vec![1; 100], 4), 8).await;
     let msg = timeout(LIMIT, rx.recv()).await.unwrap();
     assert!(
-        matches!(msg, Some(WorkerOutput::Error(e)) if e.message.contains("--num-gpu-blocks") && e.fault == crate::protocol::Fault::Client)
+        matches!(msg, Some(WorkerOutput::Error(e)) if e.message.contains("--num-gpu-blocks") && e.fault == crate::contract::Fault::Client)
     );
 }
 

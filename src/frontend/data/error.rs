@@ -1,0 +1,177 @@
+//! API errors and the one place they become HTTP statuses.
+//!
+//! Invariant: every failure a client can see goes through [`ApiError::status`] and
+//! [`ApiError::into_response`], in OpenAI's shape
+//! `{"error":{"message","type","param","code"}}`. Each variant keeps its source.
+
+use bytes::Bytes;
+use http::StatusCode;
+use thiserror::Error;
+
+use super::body::{full, Body};
+use crate::contract::{Fault, WorkerError};
+use crate::openai::ValidationError;
+use crate::planes::request::TransportError;
+use crate::preprocess::PreprocessError;
+
+/// A worker error as the client reads it: its own words when the request was at fault.
+fn worker_failure(e: &WorkerError) -> String {
+    match e.fault {
+        Fault::Client => e.message.clone(),
+        Fault::Worker | Fault::Transport => format!("the worker failed: {}", e.message),
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ApiError {
+    #[error("invalid JSON body: {0}")]
+    InvalidJson(#[source] serde_json::Error),
+    #[error("{}", .0.message)]
+    Invalid(ValidationError),
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
+    #[error("no route for {method} {path}")]
+    NotFound { method: String, path: String },
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("could not read the request body: {0}")]
+    BodyRead(#[source] hyper::Error),
+    #[error("{0}")]
+    Preprocess(#[source] PreprocessError),
+    #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("the prompt has {prompt} tokens; this model's context is {limit}")]
+    PromptTooLong { prompt: usize, limit: usize },
+    #[error("no worker is serving model `{0}`")]
+    NoWorkers(String),
+    #[error("model `{0}` has no {1} worker available and the frontend runs with --enforce-disagg")]
+    DisaggUnavailable(String, &'static str),
+    #[error("worker unavailable: {0}")]
+    Transport(#[source] TransportError),
+    #[error("{}", worker_failure(.0))]
+    Worker(WorkerError),
+    #[error("the worker failed ({cause}) and no other could take over: {then}")]
+    MigrationFailed { cause: WorkerError, then: Box<ApiError> },
+    #[error("detokenization failed: {0}")]
+    Detokenize(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("too many open connections: this shard serves at most {limit} (--max-connections); retry later")]
+    TooManyConnections { limit: usize },
+}
+
+impl ApiError {
+    /// The single mapping from error to HTTP status.
+    pub fn status(&self) -> StatusCode {
+        use ApiError::*;
+        match self {
+            InvalidJson(_) | Invalid(_) | TokenOutOfRange { .. } | PromptTooLong { .. } | BodyRead(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Preprocess(e) if e.is_client_error() => StatusCode::BAD_REQUEST,
+            Preprocess(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ModelNotFound(_) | NotFound { .. } => StatusCode::NOT_FOUND,
+            MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            NoWorkers(_) | DisaggUnavailable(..) | Transport(_) | ShuttingDown | TooManyConnections { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Worker(e) => match e.fault {
+                Fault::Client => StatusCode::BAD_REQUEST,
+                Fault::Worker | Fault::Transport => StatusCode::BAD_GATEWAY,
+            },
+            MigrationFailed { then, .. } => then.status(),
+            Detokenize(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `type` for this error.
+    pub fn kind(&self) -> &'static str {
+        match self.status() {
+            StatusCode::NOT_FOUND => "not_found_error",
+            s if s.is_client_error() => "invalid_request_error",
+            StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
+            _ => "internal_server_error",
+        }
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::Invalid(v) => v.param.as_deref(),
+            ApiError::ModelNotFound(_) => Some("model"),
+            ApiError::TokenOutOfRange { .. } | ApiError::PromptTooLong { .. } => Some("prompt"),
+            _ => None,
+        }
+    }
+
+    fn code(&self) -> Option<&'static str> {
+        match self {
+            ApiError::ModelNotFound(_) => Some("model_not_found"),
+            ApiError::BodyTooLarge { .. } => Some("request_too_large"),
+            ApiError::PromptTooLong { .. } => Some("context_length_exceeded"),
+            _ => None,
+        }
+    }
+
+    /// The JSON body of this error.
+    pub fn body_json(&self) -> Vec<u8> {
+        let mut message = self.to_string();
+        // Keep the chain: "x: y: z" tells an operator where a server error came from.
+        let mut src = std::error::Error::source(self);
+        while let Some(s) = src {
+            let s_text = s.to_string();
+            if !message.contains(&s_text) {
+                message.push_str(": ");
+                message.push_str(&s_text);
+            }
+            src = s.source();
+        }
+        let v = serde_json::json!({"error": {"message": message, "type": self.kind(), "param": self.param(), "code": self.code()}});
+        serde_json::to_vec(&v).expect("json")
+    }
+
+    pub fn into_response(self) -> http::Response<Body> {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), error = %self, "request rejected");
+        }
+        let mut resp = http::Response::new(full(Bytes::from(self.body_json())));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        resp
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(v: ValidationError) -> Self {
+        ApiError::Invalid(v)
+    }
+}
+
+impl From<PreprocessError> for ApiError {
+    fn from(e: PreprocessError) -> Self {
+        ApiError::Preprocess(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_shape_and_statuses() {
+        let e = ApiError::ModelNotFound("x".into());
+        assert_eq!(e.status(), StatusCode::NOT_FOUND);
+        let v: serde_json::Value = serde_json::from_slice(&e.body_json()).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["param"], "model");
+        assert!(v["error"]["message"].as_str().unwrap().contains('x'));
+        assert_eq!(ApiError::BodyTooLarge { limit: 1 }.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(ApiError::NoWorkers("m".into()).status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(ApiError::DisaggUnavailable("m".into(), "prefill").status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+}

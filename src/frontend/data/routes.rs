@@ -1,0 +1,87 @@
+//! Path dispatch and the small routes.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::body::{full, json_response, Body};
+use super::error::ApiError;
+use super::ShardCtx;
+use crate::frontend::pipeline::generate;
+use crate::frontend::Frontend;
+use crate::openai::ResponseKind;
+use crate::planes::request::RequestPlane;
+
+/// Every request of a shard enters here.
+pub async fn handle<P: RequestPlane>(
+    fe: Arc<Frontend<P>>,
+    shard: Rc<ShardCtx>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let result = match (&method, path.as_str()) {
+        (&Method::POST, "/v1/chat/completions") => generate::handle(&fe, &shard, ResponseKind::Chat, req).await,
+        (&Method::POST, "/v1/completions") => generate::handle(&fe, &shard, ResponseKind::Completion, req).await,
+        (&Method::GET, "/v1/models") => Ok(models(&fe)),
+        (&Method::GET, "/health") => Ok(health(&fe)),
+        (&Method::GET, "/live") => Ok(json_response(br#"{"status":"live"}"#.to_vec())),
+        (&Method::GET, "/metrics") => Ok(metrics(&fe)),
+        (_, "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health" | "/live" | "/metrics") => {
+            Err(ApiError::MethodNotAllowed { method: method.to_string(), path })
+        }
+        _ => Err(ApiError::NotFound { method: method.to_string(), path }),
+    };
+    result.unwrap_or_else(|e| {
+        let m = fe.metrics.shard(shard.id);
+        let counter = if e.status().is_server_error() { &m.requests_server_error } else { &m.requests_client_error };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        e.into_response()
+    })
+}
+
+fn models<P>(fe: &Frontend<P>) -> Response<Body> {
+    let data: Vec<_> = fe
+        .models()
+        .iter()
+        .map(|m| json!({"id": m.name, "object": "model", "created": m.created, "owned_by": "kvgate"}))
+        .collect();
+    json_response(serde_json::to_vec(&json!({"object": "list", "data": data})).expect("json"))
+}
+
+/// 200 when every served model has a worker; 503 otherwise, and while no model is served at
+/// all (a `kvgate frontend` before its first worker registers), so that a load balancer sends
+/// no traffic to a frontend that could only answer 503.
+fn health<P>(fe: &Frontend<P>) -> Response<Body> {
+    let served = fe.models();
+    let mut healthy = !served.is_empty();
+    let models: Vec<_> = served
+        .iter()
+        .map(|m| {
+            let g = m.workers.load();
+            healthy &= !g.infos.is_empty();
+            let workers: Vec<_> = g
+                .infos
+                .iter()
+                .map(|w| json!({"id": w.id.to_string(), "role": w.role, "page_size": w.page_size, "kv_capacity_blocks": w.kv_capacity_blocks}))
+                .collect();
+            json!({"model": m.name, "disaggregated": g.disaggregated(), "workers": workers})
+        })
+        .collect();
+    let body = json!({"status": if healthy { "healthy" } else { "unhealthy" }, "models": models});
+    let mut r = json_response(serde_json::to_vec(&body).expect("json"));
+    if !healthy {
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    r
+}
+
+fn metrics<P>(fe: &Frontend<P>) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from(fe.render_metrics())));
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4"));
+    r
+}

@@ -1,0 +1,351 @@
+//! Sending a request to workers: routing, disaggregation, retries on unreachable workers.
+//!
+//! A model with prefill and decode workers runs disaggregated: the decode worker is chosen by
+//! load alone (its router has overlap weight 0), then — unless conditional disaggregation keeps
+//! the prefill on it ([`DisaggPolicy`](crate::frontend::DisaggPolicy)) — the prefill worker by
+//! KV cost among prefill workers. How the legs run is the prefill engine's
+//! [`DisaggStyle`]: at once with one bootstrap room id (the decode leg first, as it waits for
+//! the KV), the mocker's prefill worker pushing to the decode worker's transfer address or
+//! SGLang's decode worker pulling from the prefill worker's bootstrap server; or one after the
+//! other (vLLM): the prefill leg runs to its end and its handoff goes with the decode leg. Otherwise
+//! the request goes whole to one worker (aggregated workers, plus decode workers, which
+//! prefill locally), unless `--enforce-disagg`.
+//!
+//! Invariants: every [`Dispatched`] holds a booking ([`LoadGuard`](crate::router::LoadGuard)) for each leg it started;
+//! a leg that cannot be sent drops the other (cancelling it on its worker). A worker that
+//! could not be reached is never chosen again for the request and leaves routing for a while.
+//! Concurrency: runs on the request's shard; routing decisions are synchronous (the shard's
+//! scratch buffers are borrowed only between awaits).
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use rand::Rng;
+
+use super::stream::{Dispatched, Legs, Migrate, MigrateFuture, PrefillLeg};
+use crate::contract::{
+    DisaggLeg, DisaggStyle, GenerateRequest, SamplingParams, TokenId, WorkerError, WorkerId, WorkerOutput,
+};
+use crate::frontend::data::error::ApiError;
+use crate::frontend::data::ShardCtx;
+use crate::frontend::{Frontend, ModelState};
+use crate::kv::index::OverlapScores;
+use crate::kv::SeqHash;
+use crate::planes::request::ResponseStream;
+
+/// Outputs a finished sequential prefill leg reports (`Started`, `Transferred`, `Finished`).
+const PREFILL_REPORT_DEPTH: usize = 4;
+
+/// What a sequential prefill leg left: its handoff for the decode leg, its report.
+struct Handed {
+    handoff: Option<String>,
+    report: ResponseStream,
+}
+use crate::planes::request::RequestPlane;
+use crate::router::{Candidate, RouteDecision, RouteRequest, Router};
+
+/// Picks a worker among `candidates` with `router`, logging the decision at debug level.
+/// `overlaps`: the index lookup of `seq`, if already made.
+#[allow(clippy::too_many_arguments)]
+fn route_among(
+    shard: &ShardCtx,
+    model: &ModelState,
+    router: &Router,
+    candidates: &[Candidate],
+    seq: &[SeqHash],
+    overlaps: Option<&OverlapScores>,
+    prompt_tokens: usize,
+    request_id: u64,
+    leg: &'static str,
+) -> Result<RouteDecision, ApiError> {
+    let req =
+        RouteRequest { seq_hashes: seq, prompt_tokens: prompt_tokens as u32, candidates, shard: shard.id, overlaps };
+    let decision =
+        router.select(req, &mut *shard.rng.borrow_mut()).map_err(|_| ApiError::NoWorkers(model.name.clone()))?;
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let block = model.hasher.block_size();
+        let hit = (decision.overlap_blocks as usize * block) as f64 / prompt_tokens.max(1) as f64;
+        let scores: Vec<String> = decision
+            .scores
+            .iter()
+            .map(|s| format!("{}:overlap={} cost={:.3} cached={}", s.worker, s.overlap_blocks, s.cost, s.cached_blocks))
+            .collect();
+        tracing::debug!(
+            request = format_args!("{request_id:x}"),
+            model = %model.name,
+            leg,
+            prompt_tokens,
+            prompt_blocks = seq.len(),
+            chosen = %decision.worker,
+            overlap_blocks = decision.overlap_blocks,
+            cache_hit_rate = format_args!("{hit:.3}"),
+            workers = %scores.join(" "),
+            "route"
+        );
+    }
+    Ok(decision)
+}
+
+/// What to send where.
+enum Plan {
+    /// The whole request to one worker (`local`: a decode worker prefilling itself).
+    Whole { decision: RouteDecision, local: bool },
+    /// Prefill and decode legs, run as `style` says; `bootstrap` goes with the legs that need
+    /// it (the decode worker's transfer address on the prefill leg for a push, the prefill
+    /// worker's bootstrap server on both for a pull).
+    Split {
+        prefill: RouteDecision,
+        decode: RouteDecision,
+        style: DisaggStyle,
+        bootstrap: Option<Arc<str>>,
+        skip_blocks: u32,
+    },
+}
+
+/// Everything needed to send (or re-send) one request to workers.
+pub struct Dispatch<P> {
+    pub fe: Arc<Frontend<P>>,
+    pub shard: Rc<ShardCtx>,
+    pub model: Arc<ModelState>,
+    pub prompt: Rc<[TokenId]>,
+    pub sampling: SamplingParams,
+    pub request_id: u64,
+    /// Workers that failed this request; never chosen again for it.
+    pub failed: RefCell<Vec<WorkerId>>,
+}
+
+impl<P: RequestPlane> Dispatch<P> {
+    /// `workers` without those that failed this request or are down: borrowed (no allocation)
+    /// in the usual case where none is excluded.
+    fn filter<'a>(&self, workers: &'a [Candidate]) -> Cow<'a, [Candidate]> {
+        let failed = self.failed.borrow();
+        let keep = |c: &Candidate| !failed.contains(&c.id) && !self.fe.is_down(c.id);
+        if workers.iter().all(keep) {
+            Cow::Borrowed(workers)
+        } else {
+            Cow::Owned(workers.iter().filter(|c| keep(c)).cloned().collect())
+        }
+    }
+
+    /// Decides where `prompt` goes (synchronous: no await while the scratch is borrowed).
+    fn plan(&self, prompt: &[TokenId]) -> Result<Plan, ApiError> {
+        let group = self.model.workers.load();
+        let policy = &self.fe.limits.disagg;
+        let mut seq = self.shard.seq_scratch.borrow_mut();
+        self.model.hasher.seq_hashes_into(prompt, &mut seq);
+        let (prefill, decode) = (self.filter(&group.prefill), self.filter(&group.decode));
+        if !prefill.is_empty() && !decode.is_empty() {
+            let (model, id) = (&self.model, self.request_id);
+            let d =
+                route_among(&self.shard, model, &model.decode_router, &decode, &seq, None, prompt.len(), id, "decode")?;
+            // One index lookup serves both: blocks the decode worker holds already are not sent
+            // again, and the prefill worker is chosen by its overlap.
+            let overlaps = self.fe.index.find_matches(&seq);
+            let skip_blocks = overlaps.overlap(d.worker);
+            let cached = (skip_blocks as usize * model.hasher.block_size()).min(prompt.len());
+            if policy.prefill_locally(prompt.len() as u32, cached as u32) {
+                return Ok(Plan::Whole { decision: d, local: true });
+            }
+            let p = route_among(
+                &self.shard,
+                model,
+                &model.router,
+                &prefill,
+                &seq,
+                Some(&overlaps),
+                prompt.len(),
+                id,
+                "prefill",
+            )?;
+            let style = group.peer(p.worker).style;
+            let bootstrap = match style {
+                DisaggStyle::Push => group.peer(d.worker).bootstrap,
+                DisaggStyle::Pull => group.peer(p.worker).bootstrap,
+                DisaggStyle::Sequential => None,
+            };
+            if bootstrap.is_none() && style != DisaggStyle::Sequential {
+                let (who, worker) =
+                    if style == DisaggStyle::Push { ("decode", d.worker) } else { ("prefill", p.worker) };
+                tracing::warn!(%worker, "{who} worker advertises no bootstrap address; prefilling on the decode worker");
+                return Ok(Plan::Whole { decision: d, local: true });
+            }
+            return Ok(Plan::Split { prefill: p, decode: d, style, bootstrap, skip_blocks });
+        }
+        if policy.enforce {
+            let missing = if prefill.is_empty() { "prefill" } else { "decode" };
+            return Err(ApiError::DisaggUnavailable(self.model.name.clone(), missing));
+        }
+        let whole = self.filter(&group.candidates);
+        if whole.is_empty() {
+            return Err(ApiError::NoWorkers(self.model.name.clone()));
+        }
+        let decision = route_among(
+            &self.shard,
+            &self.model,
+            &self.model.router,
+            &whole,
+            &seq,
+            None,
+            prompt.len(),
+            self.request_id,
+            "whole",
+        )?;
+        let local = group.decode.iter().any(|c| c.id == decision.worker);
+        Ok(Plan::Whole { decision, local })
+    }
+
+    fn request(&self, prompt: &[TokenId], max_tokens: u32, disagg: Option<DisaggLeg>) -> GenerateRequest {
+        GenerateRequest {
+            request_id: self.request_id,
+            token_ids: prompt.to_vec(),
+            sampling: SamplingParams { max_tokens, ..self.sampling.clone() },
+            eos_token_ids: self.model.preprocessor.eos_token_ids().to_vec(),
+            disagg,
+        }
+    }
+
+    /// Runs a sequential prefill leg to its end: what it hands over, and a stream that replays
+    /// its report (`Started`, `Transferred`) for the generation's accounting.
+    async fn run_prefill(
+        &self,
+        worker: WorkerId,
+        prompt: &[TokenId],
+        max_tokens: u32,
+        leg: DisaggLeg,
+    ) -> Result<Handed, WorkerError> {
+        let mut rx = self
+            .fe
+            .plane
+            .generate(worker, self.request(prompt, max_tokens, Some(leg)))
+            .await
+            .map_err(|e| WorkerError::transport(e.to_string()))?;
+        let (tx, report) = tokio::sync::mpsc::channel(PREFILL_REPORT_DEPTH);
+        let mut handoff = None;
+        loop {
+            match rx.recv().await {
+                Some(o @ (WorkerOutput::Started { .. } | WorkerOutput::Transferred { .. })) => {
+                    let _ = tx.try_send(o);
+                }
+                Some(WorkerOutput::Handoff(h)) => handoff = Some(h),
+                Some(WorkerOutput::Tokens(_)) => {}
+                Some(o @ WorkerOutput::Finished { .. }) => {
+                    let _ = tx.try_send(o);
+                    return Ok(Handed { handoff, report });
+                }
+                Some(WorkerOutput::Error(mut e)) => {
+                    e.message = format!("the prefill worker failed: {}", e.message);
+                    return Err(e);
+                }
+                None => return Err(WorkerError::transport("the prefill worker's stream ended before it finished")),
+            }
+        }
+    }
+
+    /// A worker could not be reached: never again for this request, and out of routing for now.
+    fn unreachable(&self, worker: WorkerId, left: &mut u32, e: impl std::fmt::Display) -> bool {
+        *left -= 1;
+        self.failed.borrow_mut().push(worker);
+        self.fe.mark_down(worker);
+        if *left > 0 {
+            tracing::warn!(request = format_args!("{:x}", self.request_id), worker = %worker, error = %e, "worker unreachable; trying another");
+        }
+        *left > 0
+    }
+
+    /// Routes `prompt` and sends it, trying other workers (up to `attempts` in all) when a
+    /// chosen one is unreachable.
+    pub async fn send(&self, prompt: &[TokenId], max_tokens: u32, attempts: u32) -> Result<Dispatched, ApiError> {
+        let mut left = attempts.max(1);
+        let m = self.fe.metrics.shard(self.shard.id);
+        loop {
+            match self.plan(prompt)? {
+                Plan::Whole { decision, local } => {
+                    let worker = decision.worker;
+                    match self.fe.plane.generate(worker, self.request(prompt, max_tokens, None)).await {
+                        Ok(rx) => {
+                            if local {
+                                m.disagg_local.fetch_add(1, Relaxed);
+                            }
+                            let legs = if local { Legs::Local } else { Legs::Whole };
+                            return Ok(Dispatched { rx, guard: decision.guard, worker, legs });
+                        }
+                        Err(e) if self.unreachable(worker, &mut left, &e) => continue,
+                        Err(e) => return Err(ApiError::Transport(e)),
+                    }
+                }
+                Plan::Split { prefill, decode, style, bootstrap, skip_blocks } => {
+                    // A 63-bit room, as SGLang draws its own (it travels as a signed integer).
+                    let room: u64 = self.shard.rng.borrow_mut().random::<u64>() >> 1;
+                    let (p, d) = (prefill.worker, decode.worker);
+                    let bootstrap = bootstrap.map(|b| b.to_string());
+                    let (rx, prefill_rx) = if style == DisaggStyle::Sequential {
+                        let prefill_leg = DisaggLeg::Prefill { room, peer: d, skip_blocks, bootstrap: None };
+                        let handed = match self.run_prefill(p, prompt, max_tokens, prefill_leg).await {
+                            Ok(h) => h,
+                            Err(e) if e.retry && self.unreachable(p, &mut left, &e) => continue,
+                            Err(e) => return Err(ApiError::Worker(e)),
+                        };
+                        let decode_leg =
+                            DisaggLeg::Decode { room, peer: p, skip_blocks, bootstrap: None, handoff: handed.handoff };
+                        match self.fe.plane.generate(d, self.request(prompt, max_tokens, Some(decode_leg))).await {
+                            Ok(rx) => (rx, handed.report),
+                            Err(e) if self.unreachable(d, &mut left, &e) => continue,
+                            Err(e) => return Err(ApiError::Transport(e)),
+                        }
+                    } else {
+                        let (to_decode, to_prefill) = match style {
+                            DisaggStyle::Push => (None, bootstrap),
+                            _ => (bootstrap.clone(), bootstrap),
+                        };
+                        let decode_leg =
+                            DisaggLeg::Decode { room, peer: p, skip_blocks, bootstrap: to_decode, handoff: None };
+                        let rx =
+                            match self.fe.plane.generate(d, self.request(prompt, max_tokens, Some(decode_leg))).await {
+                                Ok(rx) => rx,
+                                Err(e) if self.unreachable(d, &mut left, &e) => continue,
+                                Err(e) => return Err(ApiError::Transport(e)),
+                            };
+                        let prefill_leg = DisaggLeg::Prefill { room, peer: d, skip_blocks, bootstrap: to_prefill };
+                        // Dropping `rx` on failure cancels the decode leg.
+                        match self.fe.plane.generate(p, self.request(prompt, max_tokens, Some(prefill_leg))).await {
+                            Ok(prx) => (rx, prx),
+                            Err(e) if self.unreachable(p, &mut left, &e) => continue,
+                            Err(e) => return Err(ApiError::Transport(e)),
+                        }
+                    };
+                    tracing::debug!(
+                        request = format_args!("{:x}", self.request_id),
+                        room = format_args!("{room:x}"),
+                        prefill_worker = %p,
+                        decode_worker = %d,
+                        skip_blocks,
+                        style = ?style,
+                        "disaggregated: both legs sent"
+                    );
+                    m.disagg_remote.fetch_add(1, Relaxed);
+                    // The decode worker computes no prompt: only its decode blocks stay booked.
+                    let mut guard = decode.guard;
+                    guard.prefill_done();
+                    let leg = PrefillLeg { rx: prefill_rx, guard: prefill.guard, worker: p };
+                    return Ok(Dispatched { rx, guard, worker: d, legs: Legs::Remote(leg) });
+                }
+            }
+        }
+    }
+}
+
+impl<P: RequestPlane> Migrate for Dispatch<P> {
+    fn migrate(self: Rc<Self>, generated: Vec<TokenId>, failed: WorkerId) -> MigrateFuture {
+        Box::pin(async move {
+            self.failed.borrow_mut().push(failed);
+            let mut tokens = Vec::with_capacity(self.prompt.len() + generated.len());
+            tokens.extend_from_slice(&self.prompt);
+            tokens.extend_from_slice(&generated);
+            let remaining = self.sampling.max_tokens.saturating_sub(generated.len() as u32).max(1);
+            self.send(&tokens, remaining, 1).await
+        })
+    }
+}

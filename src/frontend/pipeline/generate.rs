@@ -1,0 +1,207 @@
+//! `/v1/chat/completions` and `/v1/completions`: bytes → typed request → validated request →
+//! token ids → routed worker → response (one JSON body, or an SSE stream).
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::dispatch::Dispatch;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use super::stream::{GenEvent, Generation, Legs, SseBody};
+use crate::contract::TokenId;
+use crate::frontend::data::body::{json_response, Body};
+use crate::frontend::data::error::ApiError;
+use crate::frontend::data::{InflightGuard, ShardCtx};
+use crate::frontend::{Frontend, ModelState};
+use crate::openai::{ChatCompletionRequest, ChunkWriter, CompletionRequest, Prompt, ResponseKind, Validated};
+use crate::planes::request::RequestPlane;
+
+/// The header naming the worker that served a response (its decode worker when disaggregated).
+pub const WORKER_HEADER: &str = "x-kvgate-worker";
+/// Disaggregated models: the worker that computed the prompt (the decode worker itself when it
+/// prefilled locally).
+pub const PREFILL_WORKER_HEADER: &str = "x-kvgate-prefill-worker";
+/// Disaggregated models: the worker that generated the tokens.
+pub const DECODE_WORKER_HEADER: &str = "x-kvgate-decode-worker";
+/// Disaggregated models: `remote` (KV transferred from a prefill worker) or `local`.
+pub const DISAGG_HEADER: &str = "x-kvgate-disagg";
+
+/// An oversized body is read and discarded up to this many bytes before the 413 goes out, so
+/// a client still sending it reads the error instead of a reset; past this, the connection
+/// closes.
+const MAX_DRAIN_BYTES: usize = 256 * 1024 * 1024;
+
+/// Reads the whole body, refusing more than `limit` bytes with 413.
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut body = req.into_body();
+    if declared.is_none_or(|n| n <= limit as u64) {
+        match Limited::new(&mut body, limit).collect().await {
+            Ok(c) => return Ok(c.to_bytes()),
+            Err(e) => {
+                if let Ok(h) = e.downcast::<hyper::Error>() {
+                    return Err(ApiError::BodyRead(*h));
+                }
+            }
+        }
+    }
+    let mut drained = 0usize;
+    while drained < MAX_DRAIN_BYTES {
+        match body.frame().await {
+            Some(Ok(f)) => drained += f.data_ref().map_or(0, |d| d.len()),
+            _ => break,
+        }
+    }
+    Err(ApiError::BodyTooLarge { limit })
+}
+
+/// A request parsed, validated and tokenized.
+struct Prepared {
+    validated: Validated,
+    model: Arc<ModelState>,
+    prompt: Vec<TokenId>,
+}
+
+fn prepare<P>(fe: &Frontend<P>, kind: ResponseKind, body: &[u8]) -> Result<Prepared, ApiError> {
+    let (validated, model, prompt) = match kind {
+        ResponseKind::Chat => {
+            let r: ChatCompletionRequest = serde_json::from_slice(body).map_err(ApiError::InvalidJson)?;
+            let v = r.validate()?;
+            let model = fe.model(&v.model).ok_or_else(|| ApiError::ModelNotFound(v.model.clone()))?;
+            let ids = model.preprocessor.encode_chat(&r.messages, r.tools.as_ref())?;
+            (v, model, ids)
+        }
+        ResponseKind::Completion => {
+            let r: CompletionRequest = serde_json::from_slice(body).map_err(ApiError::InvalidJson)?;
+            let v = r.validate()?;
+            let model = fe.model(&v.model).ok_or_else(|| ApiError::ModelNotFound(v.model.clone()))?;
+            let ids = match r.prompt {
+                Prompt::Text(t) => model.preprocessor.encode(&t, true)?,
+                Prompt::TextBatch(mut v) => model.preprocessor.encode(&v.swap_remove(0), true)?,
+                Prompt::Tokens(ids) => check_ids(ids, model.preprocessor.vocab_size())?,
+                Prompt::TokenBatch(mut v) => check_ids(v.swap_remove(0), model.preprocessor.vocab_size())?,
+            };
+            (v, model, ids)
+        }
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::Invalid(crate::openai::ValidationError {
+            param: Some("prompt".into()),
+            message: "the prompt tokenizes to nothing".into(),
+        }));
+    }
+    if let Some(limit) = model.preprocessor.model_config().and_then(|c| c.max_position_embeddings) {
+        if prompt.len() >= limit as usize {
+            return Err(ApiError::PromptTooLong { prompt: prompt.len(), limit: limit as usize });
+        }
+    }
+    Ok(Prepared { validated, model, prompt })
+}
+
+fn check_ids(ids: Vec<TokenId>, vocab: usize) -> Result<Vec<TokenId>, ApiError> {
+    match ids.iter().find(|&&t| t as usize >= vocab) {
+        Some(&id) => Err(ApiError::TokenOutOfRange { id, vocab }),
+        None => Ok(ids),
+    }
+}
+
+/// Handles one generate request end to end.
+pub async fn handle<P: RequestPlane>(
+    fe: &Arc<Frontend<P>>,
+    shard: &Rc<ShardCtx>,
+    kind: ResponseKind,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let arrived = Instant::now();
+    let inflight = InflightGuard::new(shard);
+    let m = fe.metrics.shard(shard.id);
+    m.requests.fetch_add(1, Relaxed);
+    let body = read_body(req, fe.limits.max_body_bytes).await?;
+    let p = prepare(fe, kind, &body)?;
+    let request_id = shard.next_request_id();
+    let prompt_tokens = p.prompt.len() as u32;
+    let migration_limit = fe.limits.migration_limit;
+    let dispatch = Rc::new(Dispatch {
+        fe: fe.clone(),
+        shard: shard.clone(),
+        model: p.model.clone(),
+        prompt: Rc::from(p.prompt),
+        sampling: p.validated.sampling.clone(),
+        request_id,
+        failed: RefCell::new(Vec::new()),
+    });
+    let sent = dispatch.send(&dispatch.prompt.clone(), dispatch.sampling.max_tokens, migration_limit + 1).await?;
+    m.routing_overhead.observe(arrived.elapsed());
+    let worker = sent.worker;
+    let headers = legs_headers(worker, &sent.legs);
+    let decoder = p.model.preprocessor.decoder();
+    let mut gen =
+        Generation::new(sent, decoder, p.validated.stop.clone(), prompt_tokens, arrived, fe.metrics.clone(), inflight);
+    if migration_limit > 0 {
+        gen.enable_migration(dispatch, worker, migration_limit);
+    }
+    let writer = ChunkWriter::new(kind, request_id, &p.validated.model);
+    let mut resp = if p.validated.stream {
+        // The status is decided by the worker's first answer: a request that fails before its
+        // first token (a prompt the workers cannot hold, no worker left) gets a real error
+        // status, not a 200 with an error event.
+        let first = match poll_fn(|cx| gen.poll_event(cx)).await {
+            GenEvent::Failed(e) => return Err(e),
+            first => first,
+        };
+        let body = SseBody::new(gen, writer, p.validated.include_usage, first);
+        let mut r = Response::new(Body::Sse(Box::new(body)));
+        let h = r.headers_mut();
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        r
+    } else {
+        let mut text = String::new();
+        let reason = loop {
+            match poll_fn(|cx| gen.poll_event(cx)).await {
+                GenEvent::Text(t) => text.push_str(&t),
+                GenEvent::Finished(reason) => break reason,
+                GenEvent::Failed(e) => return Err(e),
+            }
+        };
+        json_response(writer.full_response(&text, reason, gen.usage()))
+    };
+    for (name, value) in headers {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
+        }
+    }
+    Ok(resp)
+}
+
+/// The response headers naming the workers of a request.
+fn legs_headers(worker: crate::contract::WorkerId, legs: &Legs) -> Vec<(&'static str, String)> {
+    let w = worker.to_string();
+    match legs {
+        Legs::Whole => vec![(WORKER_HEADER, w)],
+        Legs::Local => vec![
+            (WORKER_HEADER, w.clone()),
+            (PREFILL_WORKER_HEADER, w.clone()),
+            (DECODE_WORKER_HEADER, w),
+            (DISAGG_HEADER, "local".into()),
+        ],
+        Legs::Remote(leg) => vec![
+            (WORKER_HEADER, w.clone()),
+            (PREFILL_WORKER_HEADER, leg.worker.to_string()),
+            (DECODE_WORKER_HEADER, w),
+            (DISAGG_HEADER, "remote".into()),
+        ],
+    }
+}
