@@ -152,8 +152,13 @@ fn start_mockers(args: &ServeArgs) -> Result<Server, ServeError> {
             }
         }
         let bytes_per_block = mocker.kv_bytes_per_block().unwrap_or(0);
-        let setup =
-            transfer::setup_embedded(slot.role, &slot.args.transfer, bytes_per_block).map_err(ServeError::Transfer)?;
+        let setup = transfer::setup_embedded(
+            slot.role,
+            slot.args.transfer.disaggregation_transfer_backend,
+            slot.args.transfer.timeout(),
+            bytes_per_block,
+        )
+        .map_err(ServeError::Transfer)?;
         Ok(Mocker::disaggregated(slot.id, mocker.clone(), slot.preprocessor.sample_text_tokens(), setup))
     })
 }

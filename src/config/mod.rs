@@ -263,14 +263,7 @@ pub struct TransferArgs {
     pub disagg_transfer_timeout_s: f64,
 }
 
-/// `--disaggregation-transfer-backend`.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransferBackend {
-    /// TCP to the decode worker's transfer address (page-aligned buffers, vectored writes).
-    Tcp,
-    /// A memory copy between workers of one process (`kvgate serve` only).
-    InProcess,
-}
+pub use crate::planes::transfer::TransferBackend;
 
 impl TransferArgs {
     pub fn validate(&self) -> Result<(), ConfigError> {

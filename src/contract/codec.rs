@@ -45,11 +45,11 @@ use rkyv::vec::{ArchivedVec, VecResolver};
 use rkyv::{Archive, Place, Serialize};
 use thiserror::Error;
 
+use crate::contract::events::SeqHash;
 use crate::contract::events::{
     ArchivedKvEvent, ArchivedKvEventKind, ArchivedStoredBlock, EngineHash, KvEvent, KvEventKind, StoredBlock,
 };
 use crate::contract::WorkerId;
-use crate::kv::hash::SeqHash;
 
 /// First four bytes of every batch.
 pub const MAGIC: [u8; 4] = *b"KVEB";

@@ -38,11 +38,11 @@
 use bytes::{Buf, BufMut, BytesMut};
 use thiserror::Error;
 
+use crate::contract::events::SeqHash;
 use crate::contract::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
 use crate::contract::{
     DisaggLeg, Fault, FinishReason, GenerateRequest, SamplingParams, WorkerError, WorkerId, WorkerOutput,
 };
-use crate::kv::hash::SeqHash;
 
 /// The largest frame, length field included: an 8M-token prompt or a 1M-block replay event fits
 /// (a step stores at most `MAX_BATCHED_TOKENS` blocks); a peer that claims more is cut off, and
@@ -91,7 +91,7 @@ impl FrameKind {
     }
 }
 
-/// Which [`crate::worker::Recovery`] a run of chunks rebuilds.
+/// Which [`crate::contract::control::Recovery`] a run of chunks rebuilds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecoveryKind {
     Replay,

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
+use crate::contract::control::Recovery;
 use crate::contract::control::{RecoveryError, RecoverySource};
 use crate::contract::events::KvEvent;
 use crate::contract::WorkerId;
@@ -29,7 +30,6 @@ use crate::frontend::Frontend;
 use crate::kv::index::KvIndexWriter;
 use crate::planes::discovery::WorkerSnapshot;
 use crate::planes::events::EventSubscriber;
-use crate::worker::Recovery;
 
 /// Events held per worker while its recovery is in flight (a recovery takes one round trip; a
 /// worker publishes one batch per engine step).

@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::contract::control::{Recovery, WorkerControl};
 use crate::contract::control::{RecoveryError, RecoverySource};
 use crate::contract::WorkerId;
-use crate::worker::{Recovery, WorkerControl};
 
 /// Embedded workers' control handles, published whole on change.
 #[derive(Default, Clone)]

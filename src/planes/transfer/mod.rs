@@ -245,6 +245,15 @@ impl TransferSender {
 
 pub use in_process::{bind_in_process, InProcessReceiverGuard};
 
+/// Which backend moves a disaggregated mocker's KV (`--disaggregation-transfer-backend`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferBackend {
+    /// TCP to the decode worker's transfer address (page-aligned buffers, vectored writes).
+    Tcp,
+    /// A memory copy between workers of one process (`kvgate serve` only).
+    InProcess,
+}
+
 /// The receiving side (decode worker): accepts transfers on `listener` and reports each landed
 /// transfer on `arrivals` (bounded; a full channel pushes back on senders). The task ends (and
 /// closes every connection) when `arrivals`' receiver is dropped, or when aborted.

@@ -22,7 +22,7 @@
 //! writer, [`STREAM_WINDOW`] outputs in flight per stream, `MAX_FRAME_BYTES` per frame.
 //!
 //! [`RequestPlane`]: crate::planes::request::RequestPlane
-//! [`RecoverySource`]: crate::frontend::control::recovery::RecoverySource
+//! [`RecoverySource`]: crate::contract::control::RecoverySource
 
 pub mod client;
 mod io;

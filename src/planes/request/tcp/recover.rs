@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 
 use super::io::FrameReader;
 use super::{ConnError, TcpRequestPlane, CONNECT_TIMEOUT};
+use crate::contract::control::{Recovery, WorkerGoneError};
 use crate::contract::control::{RecoveryError, RecoverySource};
 use crate::contract::events::KvEvent;
 use crate::contract::events::MAX_WORKER_BLOCKS;
@@ -27,7 +28,6 @@ use crate::contract::frame::{
     MAX_FRAME_BYTES,
 };
 use crate::contract::WorkerId;
-use crate::worker::{Recovery, WorkerGoneError};
 
 /// Event bytes per chunk: small enough that a recovery never holds up a connection's writer
 /// for long, large enough that a dump of a big cache is a few hundred frames.

@@ -26,10 +26,10 @@ use tokio::task::JoinSet;
 use super::io::{put_frame, write_loop, FrameReader};
 use super::recover::recovery_chunks;
 use super::{error_chain, is_last, ConnError, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW, WRITE_QUEUE_DEPTH};
+use crate::contract::control::WorkerControl;
 use crate::contract::frame::{Frame, StreamId};
 use crate::contract::{FinishReason, GenerateRequest, WorkerOutput};
 use crate::planes::request::{WorkItem, RESPONSE_STREAM_DEPTH};
-use crate::worker::WorkerControl;
 
 /// Connections one worker serves at once: frontends × shards, plus recoveries. Beyond it the
 /// worker stops accepting until one closes.

@@ -11,9 +11,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::DisaggIo;
-use crate::config::{TransferArgs, TransferBackend};
 use crate::contract::WorkerRole;
-use crate::planes::transfer::{self, TransferConfig, TransferSender};
+use crate::planes::transfer::{self, TransferBackend, TransferConfig, TransferSender};
 
 /// Landed transfers queued for one decode engine.
 pub const ARRIVALS_DEPTH: usize = 256;
@@ -34,14 +33,19 @@ pub enum Listen<'a> {
 
 /// Sets up the transfer plane of an embedded (`kvgate serve`) worker: loopback TCP on an
 /// ephemeral port, or the in-process backend.
-pub fn setup_embedded(role: WorkerRole, args: &TransferArgs, bytes_per_block: u64) -> std::io::Result<TransferSetup> {
-    let listen = match args.disaggregation_transfer_backend {
+pub fn setup_embedded(
+    role: WorkerRole,
+    backend: TransferBackend,
+    timeout: Duration,
+    bytes_per_block: u64,
+) -> std::io::Result<TransferSetup> {
+    let listen = match backend {
         TransferBackend::Tcp => {
             Listen::Tcp { bind: SocketAddr::from(([127, 0, 0, 1], 0)), advertise_host: "127.0.0.1" }
         }
         TransferBackend::InProcess => Listen::InProcess,
     };
-    setup(role, bytes_per_block, args.timeout(), listen)
+    setup(role, bytes_per_block, timeout, listen)
 }
 
 /// Sets up the transfer plane of a worker of `role`; a decode worker starts receiving as
