@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvgate::contract::events::KvEvent;
-use kvgate::contract::{GenerateRequest, SamplingParams, WorkerId, WorkerOutput, WorkerRole};
+use kvgate::contract::{GenerateRequest, SamplingParams, Target, WorkerId, WorkerOutput, WorkerRole};
 use kvgate::frontend::control::recovery::InProcessRecovery;
 use kvgate::frontend::{control, Frontend, HttpLimits};
 use kvgate::kv::hash::BlockHasher;
@@ -112,7 +112,7 @@ async fn run_case(
             eos_token_ids: vec![],
             disagg: None,
         };
-        let mut rx = plane.generate(id, req).await.unwrap();
+        let mut rx = plane.generate(Target::in_process(id), req).await.unwrap();
         while let Some(out) = rx.recv().await {
             if matches!(out, WorkerOutput::Finished { .. } | WorkerOutput::Error(_)) {
                 break;
@@ -144,7 +144,7 @@ async fn run_case(
             eos_token_ids: vec![],
             disagg: None,
         };
-        let mut rx = plane.generate(id, req).await.unwrap();
+        let mut rx = plane.generate(Target::in_process(id), req).await.unwrap();
         while rx.recv().await.is_some() {}
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

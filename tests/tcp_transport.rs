@@ -1,7 +1,6 @@
 //! The TCP request plane end to end on 127.0.0.1 port 0: a real mocker worker behind
 //! `serve_worker`, and `TcpRequestPlane` clients on a tokio runtime and on a monoio shard.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use kvgate::contract::control::{RecoveryError, RecoverySource};
 use kvgate::contract::frame::{self, Frame, StreamId};
-use kvgate::contract::{FinishReason, GenerateRequest, LoadReport, SamplingParams, WorkerId, WorkerOutput};
+use kvgate::contract::{FinishReason, GenerateRequest, LoadReport, SamplingParams, Target, WorkerId, WorkerOutput};
 use kvgate::planes::request::tcp::{serve_worker, TcpRequestPlane, CONNECT_TIMEOUT};
 use kvgate::planes::request::{RequestPlane, ResponseStream, TransportError, WORKER_QUEUE_DEPTH};
 use kvgate::worker::{spawn, EventRing, Mocker, MockerArgs, MockerConfig, Recovery, WorkerHandle};
@@ -51,10 +50,16 @@ async fn start_worker(id: u64) -> Worker {
     Worker { id, addr, handle, server, shutdown }
 }
 
-fn plane_for(workers: &[(WorkerId, SocketAddr)]) -> TcpRequestPlane {
-    let plane = TcpRequestPlane::new();
-    plane.set_worker_addresses(workers.iter().copied().collect::<HashMap<_, _>>());
-    plane
+impl Worker {
+    /// Where a frontend sends this worker's requests (as its worker snapshot would say).
+    fn to(&self) -> Target {
+        Target { worker: self.id, endpoint: Some(self.addr) }
+    }
+}
+
+/// A frontend's plane; the workers' addresses come with each call.
+fn plane_for(_workers: &[(WorkerId, SocketAddr)]) -> TcpRequestPlane {
+    TcpRequestPlane::new()
 }
 
 fn request(i: u64, max_tokens: u32) -> GenerateRequest {
@@ -116,8 +121,8 @@ async fn idle(load: &mut watch::Receiver<LoadReport>) {
 #[allow(dead_code)]
 fn futures_are_send(plane: &TcpRequestPlane) {
     fn send<T: Send>(_: T) {}
-    send(plane.generate(WorkerId(1), request(0, 1)));
-    send(plane.recover(WorkerId(1), 0));
+    send(plane.generate(Target::in_process(WorkerId(1)), request(0, 1)));
+    send(plane.recover(Target::in_process(WorkerId(1)), 0));
 }
 
 #[tokio::test]
@@ -126,7 +131,7 @@ async fn concurrent_streams_arrive_whole_and_in_order_on_tokio() {
     let plane = plane_for(&[(w.id, w.addr)]);
     let mut streams = Vec::new();
     for i in 0..64 {
-        streams.push(plane.generate(w.id, request(i, 40 + i as u32)).await.unwrap());
+        streams.push(plane.generate(w.to(), request(i, 40 + i as u32)).await.unwrap());
     }
     let all = within("64 streams", futures::future::join_all(streams.into_iter().map(collect))).await;
     for (i, outputs) in all.iter().enumerate() {
@@ -138,9 +143,9 @@ async fn concurrent_streams_arrive_whole_and_in_order_on_tokio() {
 async fn a_stalled_consumer_holds_up_only_its_own_stream() {
     let w = start_worker(2).await;
     let plane = plane_for(&[(w.id, w.addr)]);
-    let stalled = plane.generate(w.id, request(1, 3000)).await.unwrap();
+    let stalled = plane.generate(w.to(), request(1, 3000)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let other = plane.generate(w.id, request(2, 100)).await.unwrap();
+    let other = plane.generate(w.to(), request(2, 100)).await.unwrap();
     assert_complete(&within("the other stream", collect(other)).await, 100);
     // The stalled stream lost nothing while it was not read (credit held its worker back).
     assert_complete(&within("the stalled stream", collect(stalled)).await, 3000);
@@ -150,7 +155,7 @@ async fn a_stalled_consumer_holds_up_only_its_own_stream() {
 async fn dropping_a_stream_cancels_it_on_the_worker() {
     let mut w = start_worker(3).await;
     let plane = plane_for(&[(w.id, w.addr)]);
-    let mut s = plane.generate(w.id, request(1, LONG)).await.unwrap();
+    let mut s = plane.generate(w.to(), request(1, LONG)).await.unwrap();
     for _ in 0..3 {
         s.recv().await.unwrap();
     }
@@ -163,7 +168,8 @@ async fn dropping_a_stream_cancels_it_on_the_worker() {
 async fn a_killed_worker_ends_open_streams_and_then_fails_fast() {
     let w = start_worker(4).await;
     let plane = plane_for(&[(w.id, w.addr)]);
-    let mut s = plane.generate(w.id, request(1, LONG)).await.unwrap();
+    let to = w.to();
+    let mut s = plane.generate(to, request(1, LONG)).await.unwrap();
     s.recv().await.unwrap();
     w.server.abort();
     drop(w.handle);
@@ -171,24 +177,27 @@ async fn a_killed_worker_ends_open_streams_and_then_fails_fast() {
     assert!(matches!(rest.last(), Some(WorkerOutput::Error(_))), "{rest:?}");
     for _ in 0..2 {
         let t = Instant::now();
-        let again = plane.generate(w.id, request(2, 8)).await;
+        let again = plane.generate(to, request(2, 8)).await;
         assert!(matches!(again, Err(TransportError::WorkerGone(id)) if id == w.id));
         assert!(t.elapsed() < CONNECT_TIMEOUT, "took {:?}", t.elapsed());
     }
-    assert!(matches!(plane.generate(WorkerId(99), request(3, 8)).await, Err(TransportError::WorkerGone(_))));
+    assert!(matches!(
+        plane.generate(Target::in_process(WorkerId(99)), request(3, 8)).await,
+        Err(TransportError::WorkerGone(_))
+    ));
 }
 
 #[tokio::test]
 async fn shutdown_drains_open_streams_and_refuses_new_ones() {
     let w = start_worker(5).await;
     let plane = plane_for(&[(w.id, w.addr)]);
-    let mut s = plane.generate(w.id, request(1, 2000)).await.unwrap();
+    let mut s = plane.generate(w.to(), request(1, 2000)).await.unwrap();
     // Running on the worker (a request still in the socket when the drain ends is lost).
     assert!(matches!(s.recv().await, Some(WorkerOutput::Started { .. })));
     w.shutdown.send(true).unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let refused =
-        within("a refused stream", async { collect(plane.generate(w.id, request(2, 8)).await.unwrap()).await }).await;
+        within("a refused stream", async { collect(plane.generate(w.to(), request(2, 8)).await.unwrap()).await }).await;
     assert!(matches!(&refused[..], [WorkerOutput::Error(_)]), "{refused:?}");
     let mut rest = vec![WorkerOutput::Started { cached_tokens: 0, computed_tokens: 0 }];
     rest.extend(within("the draining stream", collect(s)).await);
@@ -212,7 +221,7 @@ async fn recovery_over_tcp_matches_the_workers_own_answer() {
     let mut w = start_worker(6).await;
     let plane = plane_for(&[(w.id, w.addr)]);
     for i in 0..8 {
-        let s = plane.generate(w.id, request(i, 20)).await.unwrap();
+        let s = plane.generate(w.to(), request(i, 20)).await.unwrap();
         assert_complete(&collect(s).await, 20);
     }
     idle(&mut w.handle.load).await;
@@ -223,10 +232,10 @@ async fn recovery_over_tcp_matches_the_workers_own_answer() {
     assert!(last_event_id > 2);
     for since in [0, last_event_id - 2, last_event_id, u64::MAX / 2] {
         let local = without_dump_times(control.recover(since).await.unwrap());
-        let remote = without_dump_times(plane.recover(w.id, since).await.unwrap());
+        let remote = without_dump_times(plane.recover(w.to(), since).await.unwrap());
         assert_eq!(remote, local, "since {since}");
     }
-    assert!(matches!(plane.recover(WorkerId(99), 0).await, Err(RecoveryError::Unknown(_))));
+    assert!(matches!(plane.recover(Target::in_process(WorkerId(99)), 0).await, Err(RecoveryError::Unknown(_))));
 }
 
 #[tokio::test]
@@ -250,20 +259,20 @@ fn streams_and_cancellation_on_a_monoio_shard() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let mut w = rt.block_on(start_worker(8));
     let plane = Arc::new(plane_for(&[(w.id, w.addr)]));
-    let (id, mut load) = (w.id, w.handle.load.clone());
+    let (to, mut load) = (w.to(), w.handle.load.clone());
     let shard = std::thread::spawn(move || {
         let mut shard = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap();
         shard.block_on(async move {
             let mut tasks = Vec::new();
             for i in 0..32 {
-                let s = plane.generate(id, request(i, 30 + i as u32)).await.unwrap();
+                let s = plane.generate(to, request(i, 30 + i as u32)).await.unwrap();
                 tasks.push(monoio::spawn(collect(s)));
             }
             for (i, t) in tasks.into_iter().enumerate() {
                 let outputs = monoio::time::timeout(PATIENCE, t).await.expect("a stream on the shard");
                 assert_complete(&outputs, 30 + i as u32);
             }
-            let mut s = plane.generate(id, request(99, LONG)).await.unwrap();
+            let mut s = plane.generate(to, request(99, LONG)).await.unwrap();
             for _ in 0..3 {
                 s.recv().await.unwrap();
             }

@@ -115,5 +115,5 @@ pub enum RecoveryError {
 
 /// Asks a worker for the events after `since` (or a dump).
 pub trait RecoverySource: Send + Sync + 'static {
-    fn recover(&self, worker: WorkerId, since: u64) -> impl Future<Output = Result<Recovery, RecoveryError>> + Send;
+    fn recover(&self, to: super::Target, since: u64) -> impl Future<Output = Result<Recovery, RecoveryError>> + Send;
 }

@@ -22,4 +22,4 @@ pub mod messages;
 pub mod worker;
 
 pub use messages::*;
-pub use worker::WorkerInfo;
+pub use worker::{Target, WorkerInfo};

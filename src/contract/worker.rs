@@ -39,3 +39,19 @@ pub struct WorkerInfo {
 fn yes() -> bool {
     true
 }
+
+/// Where a request or a recovery goes: the worker, and its request-plane endpoint as the
+/// frontend's worker snapshot has it (`None` for an in-process worker). Callers take both from
+/// the same snapshot, so the request plane keeps no table of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub worker: WorkerId,
+    pub endpoint: Option<std::net::SocketAddr>,
+}
+
+impl Target {
+    /// An in-process worker (no endpoint).
+    pub fn in_process(worker: WorkerId) -> Self {
+        Self { worker, endpoint: None }
+    }
+}

@@ -8,12 +8,15 @@
 //! and rebuilds worker groups from discovery snapshots.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use crate::contract::{DisaggStyle, WorkerId, WorkerRole};
+use crate::contract::{DisaggStyle, Target, WorkerId, WorkerRole};
 use crate::kv::hash::BlockHasher;
 use crate::kv::index::KvIndex;
 use crate::metrics::{Metrics, WorkerGauge};
@@ -21,7 +24,60 @@ use crate::planes::discovery::WorkerInfo;
 use crate::preprocess::Preprocessor;
 use crate::router::{Candidate, Router, RouterConfig, WorkerLoad};
 
-/// The live workers of one model, replaced whole when discovery changes.
+/// One worker as the frontend knows it: its registration, where to reach it, its load cell
+/// (the router's bookings) and its health cell. The cells survive snapshot swaps (in-flight
+/// bookings and a recent failure must outlive a discovery change).
+#[derive(Clone)]
+pub struct WorkerEntry {
+    pub info: WorkerInfo,
+    /// The request-plane endpoint (None in-process, or when it does not resolve).
+    pub endpoint: Option<SocketAddr>,
+    pub load: Arc<WorkerLoad>,
+    pub health: Arc<Health>,
+    pub peer: Peer,
+}
+
+impl WorkerEntry {
+    pub fn target(&self) -> Target {
+        Target { worker: self.info.id, endpoint: self.endpoint }
+    }
+}
+
+/// Whether the request plane could reach a worker lately: a worker that could not be reached
+/// is left out of routing for [`WORKER_DOWN_FOR`] (or until discovery drops it).
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Milliseconds since [`epoch`] when it was found unreachable; 0 = fine.
+    down_at_ms: AtomicU64,
+}
+
+impl Health {
+    pub fn mark_down(&self) {
+        // 0 means "fine": a mark in the epoch's first millisecond is stored as 1.
+        self.down_at_ms.store((epoch().elapsed().as_millis() as u64).max(1), Relaxed);
+    }
+
+    pub fn is_down(&self) -> bool {
+        let at = self.down_at_ms.load(Relaxed);
+        at != 0 && (epoch().elapsed().as_millis() as u64).saturating_sub(at) < WORKER_DOWN_FOR.as_millis() as u64
+    }
+}
+
+/// A request-plane address as a socket address (a literal, else one DNS lookup; control plane only).
+fn resolve(address: &str) -> Option<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    address.parse().ok().or_else(|| address.to_socket_addrs().ok()?.next())
+}
+
+/// The process's time origin for health stamps.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// The live workers of one model: ONE snapshot (registration, endpoint, disaggregation peer,
+/// health and load cells), built from one discovery snapshot and replaced whole. Routing, the
+/// request plane (through [`Target`]) and recovery all read it; nothing keeps a second table.
 #[derive(Default)]
 pub struct WorkerGroup {
     /// Workers that serve whole requests: aggregated workers, and decode workers (which
@@ -31,9 +87,8 @@ pub struct WorkerGroup {
     pub prefill: Vec<Candidate>,
     /// Decode workers (disaggregated serving); also in `candidates`.
     pub decode: Vec<Candidate>,
-    /// How each worker takes part in disaggregation: its engine's style and bootstrap value.
-    pub peers: HashMap<WorkerId, Peer>,
-    pub infos: Vec<WorkerInfo>,
+    /// Every worker of the model, by id.
+    pub entries: HashMap<WorkerId, WorkerEntry>,
 }
 
 /// A worker's part in disaggregated serving (from its registration).
@@ -46,16 +101,41 @@ pub struct Peer {
 impl WorkerGroup {
     /// `worker`'s disaggregation style and bootstrap value (the mocker's push when unknown).
     pub fn peer(&self, worker: WorkerId) -> Peer {
-        self.peers.get(&worker).cloned().unwrap_or(Peer { style: DisaggStyle::Push, bootstrap: None })
+        self.entries.get(&worker).map_or(Peer { style: DisaggStyle::Push, bootstrap: None }, |e| e.peer.clone())
+    }
+
+    /// Where to send `worker`'s requests (no endpoint if it left meanwhile: the plane says gone).
+    pub fn target(&self, worker: WorkerId) -> Target {
+        self.entries.get(&worker).map_or(Target::in_process(worker), WorkerEntry::target)
+    }
+
+    /// Whether `worker` could not be reached lately.
+    pub fn is_down(&self, worker: WorkerId) -> bool {
+        self.entries.get(&worker).is_some_and(|e| e.health.is_down())
+    }
+
+    /// Takes `worker` out of routing for [`WORKER_DOWN_FOR`]: it could not be reached.
+    pub fn mark_down(&self, worker: WorkerId) {
+        if let Some(e) = self.entries.get(&worker) {
+            tracing::warn!(worker = %worker, "worker unreachable; leaving it out of routing");
+            e.health.mark_down();
+        }
     }
 
     /// Live workers in all.
     pub fn len(&self) -> usize {
-        self.infos.len()
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.infos.is_empty()
+        self.entries.is_empty()
+    }
+
+    /// Every worker's registration, sorted by id (for `/health`).
+    pub fn infos(&self) -> Vec<&WorkerInfo> {
+        let mut v: Vec<&WorkerInfo> = self.entries.values().map(|e| &e.info).collect();
+        v.sort_by_key(|i| i.id);
+        v
     }
 
     /// Whether requests run disaggregated: the model has prefill and decode workers.
@@ -131,9 +211,6 @@ pub struct Frontend<P> {
     pub limits: HttpLimits,
     router_config: RouterConfig,
     models: ArcSwap<HashMap<String, Arc<ModelState>>>,
-    /// Workers found unreachable, and when. Written only on a failed dispatch (rare), read
-    /// lock-free by every routing decision while non-empty.
-    down: papaya::HashMap<WorkerId, Instant>,
 }
 
 impl<P> Frontend<P> {
@@ -145,30 +222,16 @@ impl<P> Frontend<P> {
             limits,
             router_config,
             models: ArcSwap::from_pointee(HashMap::new()),
-            down: papaya::HashMap::new(),
         }
     }
 
-    /// Takes a worker out of routing for [`WORKER_DOWN_FOR`]: it could not be reached.
-    pub fn mark_down(&self, worker: WorkerId) {
-        tracing::warn!(worker = %worker, "worker unreachable; leaving it out of routing");
-        self.down.pin().insert(worker, Instant::now());
-    }
-
-    /// Whether `worker` was found unreachable recently.
-    pub fn is_down(&self, worker: WorkerId) -> bool {
-        if self.down.is_empty() {
-            return false;
-        }
-        let down = self.down.pin();
-        match down.get(&worker) {
-            Some(t) if t.elapsed() < WORKER_DOWN_FOR => true,
-            Some(_) => {
-                down.remove(&worker);
-                false
-            }
-            None => false,
-        }
+    /// Where to reach `worker`, from its model's current snapshot (recovery's address).
+    pub fn target(&self, worker: WorkerId) -> Target {
+        self.models
+            .load()
+            .values()
+            .find_map(|m| m.workers.load().entries.get(&worker).map(WorkerEntry::target))
+            .unwrap_or(Target::in_process(worker))
     }
 
     /// Serves a model (no workers yet). Called on the control plane.
@@ -205,15 +268,18 @@ impl<P> Frontend<P> {
         v
     }
 
-    /// Replaces the worker groups from a discovery snapshot, keeping the load cells of workers
-    /// that stay (their in-flight bookings must survive the swap).
+    /// Replaces each model's worker group from one discovery snapshot, keeping the load and
+    /// health cells of workers that stay (in-flight bookings and recent failures must survive
+    /// the swap). One store per model: shards see the old group or the new one, never a mix.
     pub fn set_workers(&self, snapshot: &[WorkerInfo]) {
         for model in self.models() {
             let old = model.workers.load();
             let mut group = WorkerGroup::default();
             for info in snapshot.iter().filter(|w| w.model == model.name) {
-                let load = old.all().find(|c| c.id == info.id).map(|c| c.load.clone()).unwrap_or_else(WorkerLoad::new);
-                let c = Candidate { id: info.id, load };
+                let kept = old.entries.get(&info.id);
+                let load = kept.map_or_else(WorkerLoad::new, |e| e.load.clone());
+                let health = kept.map_or_else(Arc::default, |e| e.health.clone());
+                let c = Candidate { id: info.id, load: load.clone() };
                 match info.role {
                     WorkerRole::Aggregated => group.candidates.push(c),
                     WorkerRole::Prefill => group.prefill.push(c),
@@ -222,9 +288,9 @@ impl<P> Frontend<P> {
                         group.candidates.push(c);
                     }
                 }
-                let bootstrap = info.bootstrap.as_deref().map(Arc::from);
-                group.peers.insert(info.id, Peer { style: info.disagg, bootstrap });
-                group.infos.push(info.clone());
+                let peer = Peer { style: info.disagg, bootstrap: info.bootstrap.as_deref().map(Arc::from) };
+                let endpoint = info.address.as_deref().and_then(resolve);
+                group.entries.insert(info.id, WorkerEntry { info: info.clone(), endpoint, load, health, peer });
             }
             model.workers.store(Arc::new(group));
         }
@@ -246,5 +312,24 @@ impl<P> Frontend<P> {
             }
         }
         self.metrics.render(&gauges, self.index.num_entries() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_marks_expire_and_never_underflow() {
+        let h = Health::default();
+        assert!(!h.is_down());
+        h.mark_down();
+        assert!(h.is_down(), "marked in the epoch's first millisecond, read at once");
+        h.down_at_ms.store(u64::MAX, Relaxed);
+        assert!(h.is_down(), "a stamp from the future counts as recent");
+        let long_ago = epoch().elapsed().as_millis() as u64;
+        std::thread::sleep(Duration::from_millis(2));
+        h.down_at_ms.store(long_ago.max(1), Relaxed);
+        assert!(h.is_down());
     }
 }

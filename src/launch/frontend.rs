@@ -52,8 +52,8 @@ pub struct FrontendServer {
 }
 
 /// Turns raw discovery snapshots into what the router may use: workers of models whose
-/// tokenizer is loaded and whose page size matches; and keeps the request plane's address
-/// table in step.
+/// tokenizer is loaded, whose page size matches and whose address resolves (resolved here,
+/// once: the worker groups carry the literal address, which the request plane dials).
 struct Admission {
     fe: Arc<Frontend<TcpRequestPlane>>,
     page_size: u32,
@@ -64,7 +64,6 @@ struct Admission {
 impl Admission {
     fn admit(&mut self, snap: &WorkerSnapshot) -> WorkerSnapshot {
         let mut out = Vec::with_capacity(snap.len());
-        let mut addrs = HashMap::new();
         for w in snap.iter() {
             if w.page_size != self.page_size {
                 if self.refused.insert(w.id) {
@@ -85,10 +84,8 @@ impl Admission {
             if !self.ensure_model(w) {
                 continue;
             }
-            addrs.insert(w.id, addr);
-            out.push(w.clone());
+            out.push(WorkerInfo { address: Some(addr.to_string()), ..w.clone() });
         }
-        self.fe.plane.set_worker_addresses(addrs);
         Arc::new(out)
     }
 

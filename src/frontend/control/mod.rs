@@ -168,8 +168,9 @@ impl<P, R: RecoverySource> State<'_, P, R> {
         self.streams.entry(w).or_default().recovering = true;
         let recovery = self.recovery.clone();
         let results = self.results.clone();
+        let to = self.frontend.target(w);
         tokio::spawn(async move {
-            let r = recovery.recover(w, since).await;
+            let r = recovery.recover(to, since).await;
             let _ = results.send((w, r)).await;
         });
     }

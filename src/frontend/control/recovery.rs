@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 
 use crate::contract::control::{Recovery, WorkerControl};
 use crate::contract::control::{RecoveryError, RecoverySource};
-use crate::contract::WorkerId;
+use crate::contract::{Target, WorkerId};
 
 /// Embedded workers' control handles, published whole on change.
 #[derive(Default, Clone)]
@@ -44,8 +44,8 @@ impl InProcessRecovery {
 }
 
 impl RecoverySource for InProcessRecovery {
-    async fn recover(&self, worker: WorkerId, since: u64) -> Result<Recovery, RecoveryError> {
-        let control = self.controls.load().get(&worker).cloned().ok_or(RecoveryError::Unknown(worker))?;
+    async fn recover(&self, to: Target, since: u64) -> Result<Recovery, RecoveryError> {
+        let control = self.controls.load().get(&to.worker).cloned().ok_or(RecoveryError::Unknown(to.worker))?;
         Ok(control.recover(since).await?)
     }
 }

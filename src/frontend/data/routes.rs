@@ -63,10 +63,10 @@ fn health<P>(fe: &Frontend<P>) -> Response<Body> {
         .iter()
         .map(|m| {
             let g = m.workers.load();
-            healthy &= !g.infos.is_empty();
+            healthy &= !g.is_empty();
             let workers: Vec<_> = g
-                .infos
-                .iter()
+                .infos()
+                .into_iter()
                 .map(|w| json!({"id": w.id.to_string(), "role": w.role, "page_size": w.page_size, "kv_capacity_blocks": w.kv_capacity_blocks}))
                 .collect();
             json!({"model": m.name, "disaggregated": g.disaggregated(), "workers": workers})

@@ -27,11 +27,11 @@ use rand::Rng;
 
 use super::stream::{Dispatched, Legs, Migrate, MigrateFuture, PrefillLeg};
 use crate::contract::{
-    DisaggLeg, DisaggStyle, GenerateRequest, SamplingParams, TokenId, WorkerError, WorkerId, WorkerOutput,
+    DisaggLeg, DisaggStyle, GenerateRequest, SamplingParams, Target, TokenId, WorkerError, WorkerId, WorkerOutput,
 };
 use crate::frontend::data::error::ApiError;
 use crate::frontend::data::ShardCtx;
-use crate::frontend::{Frontend, ModelState};
+use crate::frontend::{Frontend, ModelState, WorkerGroup};
 use crate::kv::index::OverlapScores;
 use crate::kv::SeqHash;
 use crate::planes::request::ResponseStream;
@@ -92,13 +92,15 @@ fn route_among(
 /// What to send where.
 enum Plan {
     /// The whole request to one worker (`local`: a decode worker prefilling itself).
-    Whole { decision: RouteDecision, local: bool },
+    Whole { decision: RouteDecision, local: bool, to: Target },
     /// Prefill and decode legs, run as `style` says; `bootstrap` goes with the legs that need
     /// it (the decode worker's transfer address on the prefill leg for a push, the prefill
     /// worker's bootstrap server on both for a pull).
     Split {
         prefill: RouteDecision,
         decode: RouteDecision,
+        /// Where the prefill and the decode leg go.
+        targets: (Target, Target),
         style: DisaggStyle,
         bootstrap: Option<Arc<str>>,
         skip_blocks: u32,
@@ -120,9 +122,9 @@ pub struct Dispatch<P> {
 impl<P: RequestPlane> Dispatch<P> {
     /// `workers` without those that failed this request or are down: borrowed (no allocation)
     /// in the usual case where none is excluded.
-    fn filter<'a>(&self, workers: &'a [Candidate]) -> Cow<'a, [Candidate]> {
+    fn filter<'a>(&self, group: &WorkerGroup, workers: &'a [Candidate]) -> Cow<'a, [Candidate]> {
         let failed = self.failed.borrow();
-        let keep = |c: &Candidate| !failed.contains(&c.id) && !self.fe.is_down(c.id);
+        let keep = |c: &Candidate| !failed.contains(&c.id) && !group.is_down(c.id);
         if workers.iter().all(keep) {
             Cow::Borrowed(workers)
         } else {
@@ -136,7 +138,7 @@ impl<P: RequestPlane> Dispatch<P> {
         let policy = &self.fe.limits.disagg;
         let mut seq = self.shard.seq_scratch.borrow_mut();
         self.model.hasher.seq_hashes_into(prompt, &mut seq);
-        let (prefill, decode) = (self.filter(&group.prefill), self.filter(&group.decode));
+        let (prefill, decode) = (self.filter(&group, &group.prefill), self.filter(&group, &group.decode));
         if !prefill.is_empty() && !decode.is_empty() {
             let (model, id) = (&self.model, self.request_id);
             let d =
@@ -147,7 +149,7 @@ impl<P: RequestPlane> Dispatch<P> {
             let skip_blocks = overlaps.overlap(d.worker);
             let cached = (skip_blocks as usize * model.hasher.block_size()).min(prompt.len());
             if policy.prefill_locally(prompt.len() as u32, cached as u32) {
-                return Ok(Plan::Whole { decision: d, local: true });
+                return Ok(Plan::Whole { to: group.target(d.worker), decision: d, local: true });
             }
             let p = route_among(
                 &self.shard,
@@ -170,15 +172,16 @@ impl<P: RequestPlane> Dispatch<P> {
                 let (who, worker) =
                     if style == DisaggStyle::Push { ("decode", d.worker) } else { ("prefill", p.worker) };
                 tracing::warn!(%worker, "{who} worker advertises no bootstrap address; prefilling on the decode worker");
-                return Ok(Plan::Whole { decision: d, local: true });
+                return Ok(Plan::Whole { to: group.target(d.worker), decision: d, local: true });
             }
-            return Ok(Plan::Split { prefill: p, decode: d, style, bootstrap, skip_blocks });
+            let targets = (group.target(p.worker), group.target(d.worker));
+            return Ok(Plan::Split { prefill: p, decode: d, targets, style, bootstrap, skip_blocks });
         }
         if policy.enforce {
             let missing = if prefill.is_empty() { "prefill" } else { "decode" };
             return Err(ApiError::DisaggUnavailable(self.model.name.clone(), missing));
         }
-        let whole = self.filter(&group.candidates);
+        let whole = self.filter(&group, &group.candidates);
         if whole.is_empty() {
             return Err(ApiError::NoWorkers(self.model.name.clone()));
         }
@@ -194,7 +197,7 @@ impl<P: RequestPlane> Dispatch<P> {
             "whole",
         )?;
         let local = group.decode.iter().any(|c| c.id == decision.worker);
-        Ok(Plan::Whole { decision, local })
+        Ok(Plan::Whole { to: group.target(decision.worker), decision, local })
     }
 
     fn request(&self, prompt: &[TokenId], max_tokens: u32, disagg: Option<DisaggLeg>) -> GenerateRequest {
@@ -211,7 +214,7 @@ impl<P: RequestPlane> Dispatch<P> {
     /// its report (`Started`, `Transferred`) for the generation's accounting.
     async fn run_prefill(
         &self,
-        worker: WorkerId,
+        to: Target,
         prompt: &[TokenId],
         max_tokens: u32,
         leg: DisaggLeg,
@@ -219,7 +222,7 @@ impl<P: RequestPlane> Dispatch<P> {
         let mut rx = self
             .fe
             .plane
-            .generate(worker, self.request(prompt, max_tokens, Some(leg)))
+            .generate(to, self.request(prompt, max_tokens, Some(leg)))
             .await
             .map_err(|e| WorkerError::transport(e.to_string()))?;
         let (tx, report) = tokio::sync::mpsc::channel(PREFILL_REPORT_DEPTH);
@@ -248,7 +251,7 @@ impl<P: RequestPlane> Dispatch<P> {
     fn unreachable(&self, worker: WorkerId, left: &mut u32, e: impl std::fmt::Display) -> bool {
         *left -= 1;
         self.failed.borrow_mut().push(worker);
-        self.fe.mark_down(worker);
+        self.model.workers.load().mark_down(worker);
         if *left > 0 {
             tracing::warn!(request = format_args!("{:x}", self.request_id), worker = %worker, error = %e, "worker unreachable; trying another");
         }
@@ -262,9 +265,9 @@ impl<P: RequestPlane> Dispatch<P> {
         let m = self.fe.metrics.shard(self.shard.id);
         loop {
             match self.plan(prompt)? {
-                Plan::Whole { decision, local } => {
+                Plan::Whole { decision, local, to } => {
                     let worker = decision.worker;
-                    match self.fe.plane.generate(worker, self.request(prompt, max_tokens, None)).await {
+                    match self.fe.plane.generate(to, self.request(prompt, max_tokens, None)).await {
                         Ok(rx) => {
                             if local {
                                 m.disagg_local.fetch_add(1, Relaxed);
@@ -276,21 +279,21 @@ impl<P: RequestPlane> Dispatch<P> {
                         Err(e) => return Err(ApiError::Transport(e)),
                     }
                 }
-                Plan::Split { prefill, decode, style, bootstrap, skip_blocks } => {
+                Plan::Split { prefill, decode, targets: (p_to, d_to), style, bootstrap, skip_blocks } => {
                     // A 63-bit room, as SGLang draws its own (it travels as a signed integer).
                     let room: u64 = self.shard.rng.borrow_mut().random::<u64>() >> 1;
                     let (p, d) = (prefill.worker, decode.worker);
                     let bootstrap = bootstrap.map(|b| b.to_string());
                     let (rx, prefill_rx) = if style == DisaggStyle::Sequential {
                         let prefill_leg = DisaggLeg::Prefill { room, peer: d, skip_blocks, bootstrap: None };
-                        let handed = match self.run_prefill(p, prompt, max_tokens, prefill_leg).await {
+                        let handed = match self.run_prefill(p_to, prompt, max_tokens, prefill_leg).await {
                             Ok(h) => h,
                             Err(e) if e.retry && self.unreachable(p, &mut left, &e) => continue,
                             Err(e) => return Err(ApiError::Worker(e)),
                         };
                         let decode_leg =
                             DisaggLeg::Decode { room, peer: p, skip_blocks, bootstrap: None, handoff: handed.handoff };
-                        match self.fe.plane.generate(d, self.request(prompt, max_tokens, Some(decode_leg))).await {
+                        match self.fe.plane.generate(d_to, self.request(prompt, max_tokens, Some(decode_leg))).await {
                             Ok(rx) => (rx, handed.report),
                             Err(e) if self.unreachable(d, &mut left, &e) => continue,
                             Err(e) => return Err(ApiError::Transport(e)),
@@ -302,15 +305,19 @@ impl<P: RequestPlane> Dispatch<P> {
                         };
                         let decode_leg =
                             DisaggLeg::Decode { room, peer: p, skip_blocks, bootstrap: to_decode, handoff: None };
-                        let rx =
-                            match self.fe.plane.generate(d, self.request(prompt, max_tokens, Some(decode_leg))).await {
-                                Ok(rx) => rx,
-                                Err(e) if self.unreachable(d, &mut left, &e) => continue,
-                                Err(e) => return Err(ApiError::Transport(e)),
-                            };
+                        let rx = match self
+                            .fe
+                            .plane
+                            .generate(d_to, self.request(prompt, max_tokens, Some(decode_leg)))
+                            .await
+                        {
+                            Ok(rx) => rx,
+                            Err(e) if self.unreachable(d, &mut left, &e) => continue,
+                            Err(e) => return Err(ApiError::Transport(e)),
+                        };
                         let prefill_leg = DisaggLeg::Prefill { room, peer: d, skip_blocks, bootstrap: to_prefill };
                         // Dropping `rx` on failure cancels the decode leg.
-                        match self.fe.plane.generate(p, self.request(prompt, max_tokens, Some(prefill_leg))).await {
+                        match self.fe.plane.generate(p_to, self.request(prompt, max_tokens, Some(prefill_leg))).await {
                             Ok(prx) => (rx, prx),
                             Err(e) if self.unreachable(p, &mut left, &e) => continue,
                             Err(e) => return Err(ApiError::Transport(e)),

@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
 use super::{RequestPlane, ResponseStream, TransportError, RESPONSE_STREAM_DEPTH, WORKER_QUEUE_DEPTH};
-use crate::contract::{GenerateRequest, WorkItem, WorkerId};
+use crate::contract::{GenerateRequest, Target, WorkItem, WorkerId};
 
 /// Frontend side: worker id → that worker's inbox.
 #[derive(Default, Clone)]
@@ -45,7 +45,8 @@ impl InProcessRequestPlane {
 }
 
 impl RequestPlane for InProcessRequestPlane {
-    async fn generate(&self, worker: WorkerId, request: GenerateRequest) -> Result<ResponseStream, TransportError> {
+    async fn generate(&self, to: Target, request: GenerateRequest) -> Result<ResponseStream, TransportError> {
+        let worker = to.worker;
         let inbox = self.inboxes.load().get(&worker).cloned().ok_or(TransportError::WorkerGone(worker))?;
         let (reply, stream) = mpsc::channel(RESPONSE_STREAM_DEPTH);
         inbox.send(WorkItem { request, reply }).await.map_err(|_| TransportError::WorkerGone(worker))?;

@@ -14,7 +14,7 @@ use std::future::Future;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use crate::contract::{GenerateRequest, WorkerId, WorkerOutput};
+use crate::contract::{GenerateRequest, Target, WorkerId, WorkerOutput};
 
 pub use crate::contract::WorkItem;
 pub use in_process::InProcessRequestPlane;
@@ -37,9 +37,10 @@ pub enum TransportError {
 
 /// One seam: send a request to a worker, get its stream.
 pub trait RequestPlane: Send + Sync + 'static {
+    /// Sends `request` to `to.worker` (at `to.endpoint`, for a plane that dials).
     fn generate(
         &self,
-        worker: WorkerId,
+        to: Target,
         request: GenerateRequest,
     ) -> impl Future<Output = Result<ResponseStream, TransportError>>;
 }

@@ -27,7 +27,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc::{self, error::TrySendError};
@@ -36,8 +35,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use super::io::{put_frame, write_loop, FrameReader};
 use super::{is_last, ConnError, CREDIT_BATCH, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW, WRITE_QUEUE_DEPTH};
 use crate::contract::frame::{Frame, StreamId};
-use crate::contract::WorkerError;
-use crate::contract::{GenerateRequest, WorkerId, WorkerOutput};
+use crate::contract::{GenerateRequest, Target, WorkerError, WorkerId, WorkerOutput};
 use crate::planes::request::{RequestPlane, ResponseStream, TransportError, RESPONSE_STREAM_DEPTH};
 
 /// How long dialling a worker may take before it counts as gone (same rack: a live worker
@@ -57,8 +55,9 @@ thread_local! {
     static CONNECTIONS: RefCell<HashMap<(u64, WorkerId), Connection>> = RefCell::new(HashMap::new());
 }
 
-/// The frontend's TCP request plane (see the module doc). Cheap to clone; clones share the
-/// address table (and, on one thread, the connections).
+/// The frontend's TCP request plane (see the module doc). Cheap to clone; clones share (on one
+/// thread) the connections. Workers' addresses come with each call, from the frontend's
+/// worker snapshot: the plane keeps no table of its own.
 #[derive(Clone)]
 pub struct TcpRequestPlane {
     shared: Arc<Shared>,
@@ -67,29 +66,18 @@ pub struct TcpRequestPlane {
 struct Shared {
     /// Distinguishes planes in the thread-local connection table.
     id: u64,
-    addrs: ArcSwap<HashMap<WorkerId, SocketAddr>>,
 }
 
 impl Default for TcpRequestPlane {
     fn default() -> Self {
         let id = NEXT_PLANE.fetch_add(1, Ordering::Relaxed);
-        Self { shared: Arc::new(Shared { id, addrs: ArcSwap::default() }) }
+        Self { shared: Arc::new(Shared { id }) }
     }
 }
 
 impl TcpRequestPlane {
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// Publishes the whole worker → address table (from discovery). Workers no longer listed
-    /// get [`TransportError::WorkerGone`]; a worker whose address changed is redialled.
-    pub fn set_worker_addresses(&self, addrs: HashMap<WorkerId, SocketAddr>) {
-        self.shared.addrs.store(Arc::new(addrs));
-    }
-
-    pub fn worker_address(&self, worker: WorkerId) -> Option<SocketAddr> {
-        self.shared.addrs.load().get(&worker).copied()
     }
 
     /// A live (or dialling) connection to `worker` at `addr` on this thread, and whether it
@@ -100,10 +88,9 @@ impl TcpRequestPlane {
             if let Some(c) = conns.get(&key).filter(|c| c.addr == addr && !c.is_down()) {
                 return (c.clone(), false);
             }
-            // Rare (a dial): drop dead connections and those to workers no longer listed; a
-            // dropped handle's connection closes once its open streams end.
-            let addrs = self.shared.addrs.load();
-            conns.retain(|(plane, w), c| !c.is_down() && (*plane != self.shared.id || addrs.contains_key(w)));
+            // Rare (a dial): drop dead connections; a worker that left closes its own (a dropped
+            // handle's connection closes once its open streams end).
+            conns.retain(|_, c| !c.is_down());
             let c = Connection::dial(addr);
             conns.insert(key, c.clone());
             (c, true)
@@ -138,9 +125,10 @@ impl TcpRequestPlane {
 }
 
 impl RequestPlane for TcpRequestPlane {
-    async fn generate(&self, worker: WorkerId, request: GenerateRequest) -> Result<ResponseStream, TransportError> {
+    async fn generate(&self, to: Target, request: GenerateRequest) -> Result<ResponseStream, TransportError> {
+        let worker = to.worker;
         let gone = || TransportError::WorkerGone(worker);
-        let addr = self.worker_address(worker).ok_or_else(gone)?;
+        let addr = to.endpoint.ok_or_else(gone)?;
         let conn = self.ready(worker, addr).await.ok_or_else(gone)?;
         // Waits while this connection has MAX_STREAMS_PER_CONNECTION streams open.
         let permit = conn.streams.clone().acquire_owned().await.map_err(|_| gone())?;

@@ -27,7 +27,7 @@ use crate::contract::frame::{
     event_wire_len, Frame, FrameError, RecoveryChunk, RecoveryKind, StreamId, CHUNK_FIXED_BYTES, HEADER_LEN,
     MAX_FRAME_BYTES,
 };
-use crate::contract::WorkerId;
+use crate::contract::Target;
 
 /// Event bytes per chunk: small enough that a recovery never holds up a connection's writer
 /// for long, large enough that a dump of a big cache is a few hundred frames.
@@ -101,8 +101,9 @@ impl RecoveryAssembler {
 impl RecoverySource for TcpRequestPlane {
     /// A connection failure maps to [`RecoveryError::Gone`]: the worker is unreachable now;
     /// discovery decides whether it is gone for good.
-    async fn recover(&self, worker: WorkerId, since: u64) -> Result<Recovery, RecoveryError> {
-        let addr = self.worker_address(worker).ok_or(RecoveryError::Unknown(worker))?;
+    async fn recover(&self, to: Target, since: u64) -> Result<Recovery, RecoveryError> {
+        let worker = to.worker;
+        let addr = to.endpoint.ok_or(RecoveryError::Unknown(worker))?;
         let failure = match tokio::time::timeout(RECOVER_TIMEOUT, recover_from(addr, since)).await {
             Ok(Ok(recovery)) => return Ok(recovery),
             Ok(Err(e)) => super::error_chain(&e),
@@ -144,6 +145,7 @@ async fn recover_from(addr: SocketAddr, since_event_id: u64) -> Result<Recovery,
 mod tests {
     use super::*;
     use crate::contract::events::{EngineHash, KvEventKind, StoredBlock};
+    use crate::contract::WorkerId;
     use crate::kv::hash::SeqHash;
 
     fn stored(id: u64, blocks: usize) -> KvEvent {
