@@ -38,12 +38,32 @@ pub struct ChatCompletionRequest {
     pub messages: Value,
     #[serde(default)]
     pub tools: Option<Value>,
+    /// `none`, `auto`, `required`, or `{"type": "function", "function": {"name": …}}`.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    /// Extra variables for the chat template (vLLM's; e.g. Qwen3's `enable_thinking`).
+    #[serde(default)]
+    pub chat_template_kwargs: Option<Value>,
     #[serde(default)]
     pub max_tokens: Option<i64>,
     #[serde(default)]
     pub max_completion_tokens: Option<i64>,
     #[serde(flatten)]
     pub common: CommonParams,
+}
+
+/// What a chat request lets the model do with its tools.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ToolChoice {
+    /// No tools offered, or `tool_choice: "none"`: the answer is text.
+    #[default]
+    None,
+    /// The model decides (the default when tools are offered).
+    Auto,
+    /// The model must call one or more tools.
+    Required,
+    /// The model must call this function.
+    Function(String),
 }
 
 /// `prompt` of `POST /v1/completions`: text, or token ids (one prompt per request).
@@ -116,6 +136,8 @@ pub struct Validated {
     pub include_usage: bool,
     pub stop: Vec<String>,
     pub sampling: SamplingParams,
+    /// Chat requests: what the model may do with the request's tools.
+    pub tool_choice: ToolChoice,
 }
 
 fn validate_max_tokens(param: &'static str, v: Option<i64>, default: u32) -> Result<u32, ValidationError> {
@@ -165,6 +187,7 @@ impl CommonParams {
                 seed: self.seed.map(|s| s as u64),
                 ignore_eos: self.ignore_eos,
             },
+            tool_choice: ToolChoice::None,
         })
     }
 }
@@ -197,7 +220,76 @@ impl ChatCompletionRequest {
             Some(_) => validate_max_tokens("max_completion_tokens", self.max_completion_tokens, 0)?,
             None => validate_max_tokens("max_tokens", self.max_tokens, DEFAULT_CHAT_MAX_TOKENS)?,
         };
-        self.common.validate(&self.model, max)
+        match &self.chat_template_kwargs {
+            None | Some(Value::Null) | Some(Value::Object(_)) => {}
+            Some(_) => return Err(bad("chat_template_kwargs", "chat_template_kwargs must be an object")),
+        }
+        let tool_choice = self.tool_choice()?;
+        Ok(Validated { tool_choice, ..self.common.validate(&self.model, max)? })
+    }
+
+    /// The tools offered (`None` when absent, null or empty).
+    pub fn offered_tools(&self) -> Option<&Value> {
+        self.tools.as_ref().filter(|t| t.as_array().is_some_and(|a| !a.is_empty()))
+    }
+
+    /// Checks `tools` and `tool_choice` against each other, as OpenAI does.
+    fn tool_choice(&self) -> Result<ToolChoice, ValidationError> {
+        let names = match &self.tools {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(tools)) => {
+                let mut names = Vec::with_capacity(tools.len());
+                for (i, t) in tools.iter().enumerate() {
+                    let name = t.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
+                    match (t.get("type").and_then(Value::as_str), name) {
+                        (Some("function"), Some(n)) if !n.is_empty() => names.push(n),
+                        _ => {
+                            return Err(bad(
+                                format!("tools[{i}]"),
+                                format!("tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": …}}}}"),
+                            ))
+                        }
+                    }
+                }
+                names
+            }
+            Some(_) => return Err(bad("tools", "tools must be an array")),
+        };
+        let choice = match &self.tool_choice {
+            None | Some(Value::Null) => return Ok(if names.is_empty() { ToolChoice::None } else { ToolChoice::Auto }),
+            Some(Value::String(s)) => match s.as_str() {
+                "none" => ToolChoice::None,
+                "auto" => ToolChoice::Auto,
+                "required" => ToolChoice::Required,
+                other => {
+                    return Err(bad(
+                        "tool_choice",
+                        format!("Invalid value: '{other}'. Supported values are: 'none', 'auto', and 'required'."),
+                    ))
+                }
+            },
+            Some(v) => match v.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) {
+                Some(name) if v.get("type").and_then(Value::as_str) == Some("function") => {
+                    if !names.contains(&name) {
+                        return Err(bad("tool_choice", format!("tool_choice names '{name}', which is not among tools")));
+                    }
+                    ToolChoice::Function(name.to_string())
+                }
+                _ => {
+                    return Err(bad(
+                        "tool_choice",
+                        "tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": …}}",
+                    ))
+                }
+            },
+        };
+        match choice {
+            ToolChoice::Required if names.is_empty() => {
+                Err(bad("tool_choice", "'tool_choice' is only allowed when 'tools' are specified"))
+            }
+            ToolChoice::Auto if names.is_empty() => Ok(ToolChoice::None),
+            c => Ok(c),
+        }
     }
 }
 
@@ -269,6 +361,34 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some("messages[1].role"), "{role}");
             assert!(e.message.contains(&format!("'{role}'")) && e.message.contains("'developer'"), "{}", e.message);
         }
+    }
+
+    #[test]
+    fn tools_and_tool_choice() {
+        let base = r#""model":"m","messages":[{"role":"user","content":"hi"}]"#;
+        let tools = r#""tools":[{"type":"function","function":{"name":"get_weather","parameters":{}}}]"#;
+        let choice = |extra: &str| chat(&format!("{{{base},{extra}}}")).map(|v| v.tool_choice);
+        assert_eq!(choice(r#""n":1"#), Ok(ToolChoice::None));
+        assert_eq!(choice(tools), Ok(ToolChoice::Auto));
+        assert_eq!(choice(&format!(r#"{tools},"tool_choice":"none""#)), Ok(ToolChoice::None));
+        assert_eq!(choice(&format!(r#"{tools},"tool_choice":"required""#)), Ok(ToolChoice::Required));
+        let named = r#""tool_choice":{"type":"function","function":{"name":"get_weather"}}"#;
+        assert_eq!(choice(&format!("{tools},{named}")), Ok(ToolChoice::Function("get_weather".into())));
+        assert_eq!(choice(r#""tools":[],"tool_choice":"auto""#), Ok(ToolChoice::None));
+        for bad in [
+            r#""tool_choice":"required""#.to_string(),
+            named.to_string(),
+            format!(r#"{tools},"tool_choice":"always""#),
+            format!(r#"{tools},"tool_choice":{{"type":"function","function":{{"name":"other"}}}}"#),
+            r#""tools":[{"type":"function"}]"#.to_string(),
+            r#""tools":{}"#.to_string(),
+        ] {
+            let e = choice(&bad).unwrap_err();
+            assert!(e.param.as_deref().unwrap().starts_with("tool"), "{bad}: {e:?}");
+        }
+        let e = chat(&format!(r#"{{{base},"chat_template_kwargs":[1]}}"#)).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("chat_template_kwargs"));
+        assert!(chat(&format!(r#"{{{base},"chat_template_kwargs":{{"enable_thinking":false}}}}"#)).is_ok());
     }
 
     #[test]

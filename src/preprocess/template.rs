@@ -10,10 +10,12 @@
 
 use std::borrow::Cow;
 
-use minijinja::value::{Kwargs, ValueKind};
+use minijinja::value::{merge_maps, Kwargs, ValueKind};
 use minijinja::{context, Environment, Error, ErrorKind, Value};
 
 use super::error::PreprocessError;
+use super::Preprocessor;
+use crate::openai::parse::TemplateConventions;
 
 const DEFAULT: &str = "default";
 const TOOL_USE: &str = "tool_use";
@@ -24,6 +26,16 @@ pub struct ChatTemplate {
     has_tool_use: bool,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    conventions: TemplateConventions,
+}
+
+/// One chat render's inputs beyond the messages.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChatExtras<'a> {
+    /// The request's `tools` (the OpenAI array), when the model is to see them.
+    pub tools: Option<&'a serde_json::Value>,
+    /// `chat_template_kwargs`: more template variables (an object); the standard ones win.
+    pub kwargs: Option<&'a serde_json::Value>,
 }
 
 impl ChatTemplate {
@@ -45,12 +57,21 @@ impl ChatTemplate {
         env.add_function("strftime_now", super::strftime::strftime_now);
         env.add_filter("tojson", tojson);
         let bad = |source| PreprocessError::BadTemplate { origin: origin.to_string(), source };
-        env.add_template_owned(DEFAULT, default).map_err(bad)?;
         let has_tool_use = tool_use.is_some();
+        let mentions =
+            |marker: &str| default.contains(marker) || tool_use.as_deref().is_some_and(|t| t.contains(marker));
+        let conventions = TemplateConventions { think: mentions("<think>"), tool_call: mentions("<tool_call>") };
+        env.add_template_owned(DEFAULT, default).map_err(bad)?;
         if let Some(t) = tool_use {
             env.add_template_owned(TOOL_USE, t).map_err(bad)?;
         }
-        Ok(ChatTemplate { env, has_tool_use, bos_token, eos_token })
+        Ok(ChatTemplate { env, has_tool_use, bos_token, eos_token, conventions })
+    }
+
+    /// What the template teaches the model to write (decides `--reasoning-parser auto` and
+    /// `--tool-call-parser auto`).
+    pub fn conventions(&self) -> TemplateConventions {
+        self.conventions
     }
 
     /// Renders `messages` (the OpenAI array; array contents flattened to text) with `tools`.
@@ -60,7 +81,18 @@ impl ChatTemplate {
         tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
     ) -> Result<String, PreprocessError> {
+        self.render_with(messages, ChatExtras { tools, kwargs: None }, add_generation_prompt)
+    }
+
+    /// [`Self::render`] with `chat_template_kwargs`.
+    pub fn render_with(
+        &self,
+        messages: &serde_json::Value,
+        extras: ChatExtras<'_>,
+        add_generation_prompt: bool,
+    ) -> Result<String, PreprocessError> {
         let messages = flatten_messages(messages)?;
+        let tools = extras.tools;
         let name = if tools.is_some() && self.has_tool_use { TOOL_USE } else { DEFAULT };
         let template = self.env.get_template(name).map_err(PreprocessError::render)?;
         let ctx = context! {
@@ -70,22 +102,60 @@ impl ChatTemplate {
             bos_token => self.bos_token.as_deref().unwrap_or(""),
             eos_token => self.eos_token.as_deref().unwrap_or(""),
         };
+        // The last map wins: the standard variables over the kwargs.
+        let ctx = match extras.kwargs {
+            Some(kwargs @ serde_json::Value::Object(_)) => merge_maps([Value::from_serialize(kwargs), ctx]),
+            _ => ctx,
+        };
         template.render(ctx).map_err(PreprocessError::render)
     }
 }
 
-/// Turns each message's `content` into a string: an array of `{type:"text", text}` parts is
-/// joined with "\n" (as vLLM does), `null` becomes "". Borrows when nothing needs changing.
+/// The chat side of a [`Preprocessor`] (here, beside the template it drives).
+impl Preprocessor {
+    /// Renders a chat request with its extras (tools, `chat_template_kwargs`) and the generation
+    /// prompt, as text: the caller may extend the answer's start before encoding it.
+    pub fn render_chat_request(
+        &self,
+        messages: &serde_json::Value,
+        extras: ChatExtras<'_>,
+    ) -> Result<String, PreprocessError> {
+        let template = self.template.as_ref().ok_or(PreprocessError::MissingChatTemplate)?;
+        template.render_with(messages, extras, true)
+    }
+
+    /// What the model's chat template teaches it to write (nothing without a template).
+    pub fn chat_conventions(&self) -> TemplateConventions {
+        self.template.as_ref().map(ChatTemplate::conventions).unwrap_or_default()
+    }
+}
+
+/// Turns each message into what chat templates expect, as vLLM does: `content` becomes a
+/// string (an array of `{type:"text", text}` parts joined with "\n", `null` or an assistant's
+/// missing content ""), and an assistant's `tool_calls[].function.arguments`, a JSON string in
+/// OpenAI's API, becomes the object it encodes (templates write it with `tojson`). Borrows
+/// when nothing needs changing.
 fn flatten_messages(messages: &serde_json::Value) -> Result<Cow<'_, serde_json::Value>, PreprocessError> {
     use serde_json::Value as J;
     let list =
         messages.as_array().ok_or_else(|| PreprocessError::InvalidMessages("`messages` must be an array".into()))?;
-    let needs_fix = |m: &J| !matches!(m.get("content"), None | Some(J::String(_)));
+    let is_assistant = |m: &J| m.get("role").and_then(J::as_str) == Some("assistant");
+    let needs_fix = |m: &J| match m.get("content") {
+        Some(J::String(_)) => is_assistant(m) && m.get("tool_calls").is_some(),
+        None => is_assistant(m),
+        Some(_) => true,
+    };
     if !list.iter().any(needs_fix) {
         return Ok(Cow::Borrowed(messages));
     }
     let mut owned = list.clone();
     for (i, m) in owned.iter_mut().enumerate() {
+        if is_assistant(m) {
+            decode_tool_call_arguments(m);
+            if let Some(obj) = m.as_object_mut() {
+                obj.entry("content").or_insert(J::Null);
+            }
+        }
         let Some(content) = m.get_mut("content") else {
             continue;
         };
@@ -103,6 +173,20 @@ fn flatten_messages(messages: &serde_json::Value) -> Result<Cow<'_, serde_json::
         *content = J::String(text);
     }
     Ok(Cow::Owned(J::Array(owned)))
+}
+
+/// An assistant message's `tool_calls[].function.arguments`: a JSON string holding an object
+/// becomes that object; anything else is left as it is.
+fn decode_tool_call_arguments(message: &mut serde_json::Value) {
+    let Some(calls) = message.get_mut("tool_calls").and_then(serde_json::Value::as_array_mut) else { return };
+    for call in calls {
+        let Some(args) = call.get_mut("function").and_then(|f| f.get_mut("arguments")) else { continue };
+        if let Some(text) = args.as_str() {
+            if let Ok(v @ serde_json::Value::Object(_)) = serde_json::from_str::<serde_json::Value>(text) {
+                *args = v;
+            }
+        }
+    }
 }
 
 fn join_text_parts(parts: &[serde_json::Value]) -> Result<String, String> {
@@ -326,5 +410,36 @@ mod tests {
         assert_eq!(t.render(&msgs, None, false).unwrap(), "[a\nb][]");
         let bad = json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]);
         assert!(matches!(t.render(&bad, None, false), Err(PreprocessError::InvalidMessages(_))));
+    }
+
+    /// What vLLM does with an OpenAI chat request: `chat_template_kwargs` reach the template
+    /// (the standard variables win), an assistant's tool calls with their arguments as a JSON
+    /// string and no content render as HF renders the same calls with argument objects.
+    #[test]
+    fn qwen_chat_requests_render_as_vllm_renders_them() {
+        let Some(p) = crate::preprocess::tests::qwen() else { return };
+        assert_eq!(p.chat_conventions(), TemplateConventions { think: true, tool_call: true });
+        let user = json!([{"role": "user", "content": "Hi"}]);
+        let render = |kwargs: serde_json::Value| {
+            p.render_chat_request(&user, ChatExtras { tools: None, kwargs: Some(&kwargs) }).unwrap()
+        };
+        assert!(render(json!({"enable_thinking": false})).ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n"));
+        assert!(render(json!({"enable_thinking": true})).ends_with("<|im_start|>assistant\n"));
+        assert!(render(json!({"add_generation_prompt": false})).ends_with("<|im_start|>assistant\n"));
+
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess/qwen3_hf_renders.json");
+        let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let case = &fixture["cases"]["toolcall"];
+        let mut messages = case["messages"].clone();
+        for m in messages.as_array_mut().unwrap() {
+            if let Some(calls) = m.get_mut("tool_calls") {
+                let args = &mut calls[0]["function"]["arguments"];
+                *args = serde_json::Value::String(args.to_string());
+                m.as_object_mut().unwrap().remove("content");
+            }
+        }
+        let out = p.render_chat_request(&messages, ChatExtras { tools: Some(&case["tools"]), kwargs: None }).unwrap();
+        assert_eq!(out, fixture["out"]["toolcall"].as_str().unwrap());
     }
 }
