@@ -48,8 +48,9 @@ pub enum ServeError {
     Runtime(#[source] std::io::Error),
     #[error("could not start the KV transfer plane: {0}")]
     Transfer(#[source] std::io::Error),
-    #[error(transparent)]
-    Engine(#[from] EngineStartError),
+    #[error("{0}")]
+    /// Boxed: the refusal carries what to change, and errors stay small on the happy path.
+    Engine(#[source] Box<EngineStartError>),
 }
 
 /// A running embedded deployment.
@@ -277,5 +278,11 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+impl From<EngineStartError> for ServeError {
+    fn from(e: EngineStartError) -> Self {
+        ServeError::Engine(Box::new(e))
     }
 }

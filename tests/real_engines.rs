@@ -196,7 +196,7 @@ async fn a_killed_engine_mid_stream_migrates_the_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_or_lossy_publisher_is_recovered() {
     let e = FakeEngine::start(&["--engine", "sglang", "--skip-tokenizer-init"]);
-    let s = serve_engines("sglang", &[e.url.clone()], &[]);
+    let s = serve_engines("sglang", std::slice::from_ref(&e.url), &[]);
     let (c, base) = (reqwest::Client::new(), base_url(&s));
     let ask = |i: usize| {
         let c = c.clone();

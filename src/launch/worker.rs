@@ -41,8 +41,9 @@ pub enum WorkerLaunchError {
     Etcd(#[from] EtcdError),
     #[error("NATS: {0}")]
     Nats(#[from] NatsError),
-    #[error(transparent)]
-    Engine(#[from] EngineStartError),
+    #[error("{0}")]
+    /// Boxed: the refusal carries what to change, and errors stay small on the happy path.
+    Engine(#[source] Box<EngineStartError>),
 }
 
 /// The address other hosts reach this one at: the first non-loopback address the host name
@@ -172,4 +173,10 @@ pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = (
     let _ = plane.await;
     handle.stop().await;
     Ok(())
+}
+
+impl From<EngineStartError> for WorkerLaunchError {
+    fn from(e: EngineStartError) -> Self {
+        WorkerLaunchError::Engine(Box::new(e))
+    }
 }

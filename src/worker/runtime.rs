@@ -141,7 +141,7 @@ impl<P: EventPublisher> Runtime<P> {
                         while let Ok(m) = events.try_recv() {
                             self.on_sink(m).await;
                         }
-                        self.on_control(msg).await;
+                        self.on_control(msg);
                     }
                     None => control_open = false,
                 },
@@ -159,7 +159,7 @@ impl<P: EventPublisher> Runtime<P> {
         }
     }
 
-    async fn on_control(&mut self, msg: ControlMsg) {
+    fn on_control(&mut self, msg: ControlMsg) {
         match msg {
             ControlMsg::Recover { since_event_id, reply } => {
                 let _ = reply.send(self.recovery(since_event_id));

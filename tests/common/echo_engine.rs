@@ -4,7 +4,6 @@
 //! its events is recovered by the worker runtime's ring and mirror alone.
 
 use std::collections::VecDeque;
-use std::future::Future;
 
 use kvgate::contract::events::{EngineHash, KvEventKind, StoredBlock};
 use kvgate::contract::{DisaggStyle, EngineKind, FinishReason, LoadReport, WorkerOutput};
@@ -30,8 +29,8 @@ impl Engine for EchoEngine {
         }
     }
 
-    fn run(self, mut io: EngineIo) -> impl Future<Output = ()> + Send {
-        async move {
+    async fn run(self, mut io: EngineIo) {
+        {
             let hasher = BlockHasher::new(self.page_size);
             // Most recently used last.
             let mut cache: VecDeque<SeqHash> = VecDeque::new();
