@@ -192,7 +192,9 @@ pub fn start_with<E: Engine>(
         migration_limit: args.router.migration_limit,
         disagg: args.router.disagg_policy(),
     };
-    let fe = Arc::new(Frontend::new(plane.clone(), index, router_config, limits, shards));
+    let fe = Arc::new(
+        Frontend::new(plane.clone(), index, router_config, limits, shards).with_parsers(args.http.parsers.flags()),
+    );
     fe.add_model(&model_name, preprocessor.clone(), page_size);
 
     let recovery = Arc::new(InProcessRecovery::new());

@@ -10,6 +10,7 @@ use thiserror::Error;
 
 use crate::contract::{EngineKind, WorkerRole};
 use crate::kv::hash::MAX_BLOCK_SIZE;
+use crate::openai::parse::{ParserFlags, ReasoningFlag, ToolCallFlag};
 use crate::router::{RouterMode, MAX_SHARDS};
 use crate::worker::engines::mocker::MockerArgs;
 
@@ -133,6 +134,28 @@ pub struct HttpArgs {
     /// ceil(N / shards)); past its share a shard answers a new connection 503 and closes it.
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    #[command(flatten)]
+    pub parsers: ParserArgs,
+}
+
+/// How a model's raw text becomes OpenAI's `reasoning_content` and `tool_calls` (vLLM's flags
+/// and names).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ParserArgs {
+    /// Splits the model's think block into `reasoning_content`: `qwen3`, `deepseek_r1`, `none`,
+    /// or `auto` (`qwen3` when the chat template mentions `<think>`).
+    #[arg(long, value_enum, default_value_t = ReasoningFlag::Auto)]
+    pub reasoning_parser: ReasoningFlag,
+    /// Reads the model's tool calls into `tool_calls` (for requests with `tools`): `hermes`,
+    /// `llama3_json`, `none`, or `auto` (`hermes` when the chat template mentions `<tool_call>`).
+    #[arg(long, value_enum, default_value_t = ToolCallFlag::Auto)]
+    pub tool_call_parser: ToolCallFlag,
+}
+
+impl ParserArgs {
+    pub fn flags(&self) -> ParserFlags {
+        ParserFlags { reasoning: self.reasoning_parser, tool_call: self.tool_call_parser }
+    }
 }
 
 /// How requests are spread over workers.
@@ -528,7 +551,22 @@ mod tests {
         assert_eq!(s.router.router_mode, RouterMode::Kv);
         assert_eq!(s.aggregated_workers(), 2);
         assert_eq!(s.model.served_name(), "kvgate-mock");
+        assert_eq!(s.http.parsers.flags(), ParserFlags::default());
         s.validate().unwrap();
+    }
+
+    #[test]
+    fn parser_flags_take_vllm_names() {
+        let s = parse(&["--reasoning-parser", "deepseek_r1", "--tool-call-parser", "llama3_json"]);
+        assert_eq!(s.http.parsers.flags().reasoning, ReasoningFlag::DeepseekR1);
+        assert_eq!(s.http.parsers.flags().tool_call, ToolCallFlag::Llama3Json);
+        let s = parse(&["--reasoning-parser", "qwen3", "--tool-call-parser", "hermes"]);
+        assert_eq!(
+            (s.http.parsers.reasoning_parser, s.http.parsers.tool_call_parser),
+            (ReasoningFlag::Qwen3, ToolCallFlag::Hermes)
+        );
+        assert!(Cli::try_parse_from(["kvgate", "serve", "--tool-call-parser", "nope"]).is_err());
+        assert!(Cli::try_parse_from(["kvgate", "frontend", "--reasoning-parser", "none"]).is_ok());
     }
 
     #[test]

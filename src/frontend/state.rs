@@ -20,6 +20,7 @@ use crate::contract::{DisaggStyle, Target, WorkerId, WorkerRole};
 use crate::kv::hash::BlockHasher;
 use crate::kv::index::KvIndex;
 use crate::metrics::{Metrics, WorkerGauge};
+use crate::openai::parse::ParserFlags;
 use crate::planes::discovery::WorkerInfo;
 use crate::preprocess::Preprocessor;
 use crate::router::{Candidate, Router, RouterConfig, WorkerLoad};
@@ -209,6 +210,8 @@ pub struct Frontend<P> {
     pub index: Arc<KvIndex>,
     pub metrics: Arc<Metrics>,
     pub limits: HttpLimits,
+    /// `--reasoning-parser` and `--tool-call-parser`, resolved per model's chat template.
+    pub parsers: ParserFlags,
     router_config: RouterConfig,
     models: ArcSwap<HashMap<String, Arc<ModelState>>>,
 }
@@ -220,9 +223,16 @@ impl<P> Frontend<P> {
             index,
             metrics: Arc::new(Metrics::new(shards)),
             limits,
+            parsers: ParserFlags::default(),
             router_config,
             models: ArcSwap::from_pointee(HashMap::new()),
         }
+    }
+
+    /// How model outputs are parsed (default: `auto` for both).
+    pub fn with_parsers(mut self, parsers: ParserFlags) -> Self {
+        self.parsers = parsers;
+        self
     }
 
     /// Where to reach `worker`, from its model's current snapshot (recovery's address).

@@ -138,7 +138,9 @@ pub fn start(args: &FrontendArgs) -> Result<FrontendServer, FrontendLaunchError>
         migration_limit: args.router.migration_limit,
         disagg: args.router.disagg_policy(),
     };
-    let fe = Arc::new(Frontend::new(plane.clone(), index, router_config, limits, shards));
+    let fe = Arc::new(
+        Frontend::new(plane.clone(), index, router_config, limits, shards).with_parsers(args.http.parsers.flags()),
+    );
 
     let cluster = args.cluster.clone();
     let (events, mut raw) = control_rt.block_on(async {

@@ -21,8 +21,12 @@ use crate::frontend::data::body::{json_response, Body};
 use crate::frontend::data::error::ApiError;
 use crate::frontend::data::{InflightGuard, ShardCtx};
 use crate::frontend::{Frontend, ModelState};
-use crate::openai::{ChatCompletionRequest, ChunkWriter, CompletionRequest, Prompt, ResponseKind, Validated};
+use crate::openai::parse::{forced_prefill, Message, OutputParser, ParserSpec, PromptEnd};
+use crate::openai::{
+    ChatCompletionRequest, ChunkWriter, CompletionRequest, Prompt, ResponseKind, ToolChoice, Validated,
+};
 use crate::planes::request::RequestPlane;
+use crate::preprocess::template::ChatExtras;
 
 /// The header naming the worker that served a response (its decode worker when disaggregated).
 pub const WORKER_HEADER: &str = "x-kvgate-worker";
@@ -72,16 +76,44 @@ struct Prepared {
     validated: Validated,
     model: Arc<ModelState>,
     prompt: Vec<TokenId>,
+    /// Chat requests whose output is parsed (reasoning, tool calls).
+    parser: Option<OutputParser>,
+}
+
+/// A chat request's prompt and the parser of its output: the model's template renders the
+/// messages with the tools it may call and the request's `chat_template_kwargs`; a forced
+/// `tool_choice` starts the answer with the call ([`forced_prefill`]).
+fn prepare_chat<P>(
+    fe: &Frontend<P>,
+    model: &ModelState,
+    r: &ChatCompletionRequest,
+    v: &Validated,
+) -> Result<(Vec<TokenId>, Option<OutputParser>), ApiError> {
+    let pre = &model.preprocessor;
+    let (reasoning, tool_call) = fe.parsers.resolve(pre.chat_conventions());
+    let offers_tools = v.tool_choice != ToolChoice::None;
+    // `tool_choice: none`: the model is not shown the tools, so it answers in text.
+    let extras =
+        ChatExtras { tools: r.offered_tools().filter(|_| offers_tools), kwargs: r.chat_template_kwargs.as_ref() };
+    let mut text = pre.render_chat_request(&r.messages, extras)?;
+    let prompt_end = PromptEnd::of(&text);
+    let tool_call = tool_call.filter(|_| offers_tools);
+    let prefill =
+        tool_call.map(|k| forced_prefill(k, &v.tool_choice, reasoning.is_some(), prompt_end)).unwrap_or_default();
+    text.push_str(&prefill);
+    let ids = pre.encode(&text, false)?;
+    let spec = ParserSpec { reasoning, tool_call, prompt_end, prefill, id_seed: rand::random() };
+    Ok((ids, OutputParser::new(spec)))
 }
 
 fn prepare<P>(fe: &Frontend<P>, kind: ResponseKind, body: &[u8]) -> Result<Prepared, ApiError> {
-    let (validated, model, prompt) = match kind {
+    let (validated, model, prompt, parser) = match kind {
         ResponseKind::Chat => {
             let r: ChatCompletionRequest = serde_json::from_slice(body).map_err(ApiError::InvalidJson)?;
             let v = r.validate()?;
             let model = fe.model(&v.model).ok_or_else(|| ApiError::ModelNotFound(v.model.clone()))?;
-            let ids = model.preprocessor.encode_chat(&r.messages, r.tools.as_ref())?;
-            (v, model, ids)
+            let (ids, parser) = prepare_chat(fe, &model, &r, &v)?;
+            (v, model, ids, parser)
         }
         ResponseKind::Completion => {
             let r: CompletionRequest = serde_json::from_slice(body).map_err(ApiError::InvalidJson)?;
@@ -93,7 +125,7 @@ fn prepare<P>(fe: &Frontend<P>, kind: ResponseKind, body: &[u8]) -> Result<Prepa
                 Prompt::Tokens(ids) => check_ids(ids, model.preprocessor.vocab_size())?,
                 Prompt::TokenBatch(mut v) => check_ids(v.swap_remove(0), model.preprocessor.vocab_size())?,
             };
-            (v, model, ids)
+            (v, model, ids, None)
         }
     };
     if prompt.is_empty() {
@@ -107,7 +139,7 @@ fn prepare<P>(fe: &Frontend<P>, kind: ResponseKind, body: &[u8]) -> Result<Prepa
             return Err(ApiError::PromptTooLong { prompt: prompt.len(), limit: limit as usize });
         }
     }
-    Ok(Prepared { validated, model, prompt })
+    Ok(Prepared { validated, model, prompt, parser })
 }
 
 fn check_ids(ids: Vec<TokenId>, vocab: usize) -> Result<Vec<TokenId>, ApiError> {
@@ -129,7 +161,7 @@ pub async fn handle<P: RequestPlane>(
     let m = fe.metrics.shard(shard.id);
     m.requests.fetch_add(1, Relaxed);
     let body = read_body(req, fe.limits.max_body_bytes).await?;
-    let p = prepare(fe, kind, &body)?;
+    let mut p = prepare(fe, kind, &body)?;
     let request_id = shard.next_request_id();
     let prompt_tokens = p.prompt.len() as u32;
     let migration_limit = fe.limits.migration_limit;
@@ -152,6 +184,9 @@ pub async fn handle<P: RequestPlane>(
     if migration_limit > 0 {
         gen.enable_migration(dispatch, worker, migration_limit);
     }
+    if let Some(parser) = p.parser.take() {
+        gen.set_parser(parser);
+    }
     let writer = ChunkWriter::new(kind, request_id, &p.validated.model);
     let mut resp = if p.validated.stream {
         // The status is decided by the worker's first answer: a request that fails before its
@@ -169,14 +204,27 @@ pub async fn handle<P: RequestPlane>(
         r
     } else {
         let mut text = String::new();
+        let mut parsed: Option<Message> = None;
         let reason = loop {
             match poll_fn(|cx| gen.poll_event(cx)).await {
                 GenEvent::Text(t) => text.push_str(&t),
+                GenEvent::Parsed(events) => {
+                    let m = parsed.get_or_insert_with(Message::default);
+                    events.into_iter().for_each(|e| m.apply(e));
+                }
                 GenEvent::Finished(reason) => break reason,
                 GenEvent::Failed(e) => return Err(e),
             }
         };
-        json_response(writer.full_response(&text, reason, gen.usage()))
+        match parsed.or_else(|| gen.is_parsed().then(Message::default)) {
+            Some(m) => json_response(writer.full_chat_response(
+                &m,
+                gen.parses_reasoning(),
+                m.finish_reason(reason),
+                gen.usage(),
+            )),
+            None => json_response(writer.full_response(&text, reason, gen.usage())),
+        }
     };
     for (name, value) in headers {
         if let Ok(v) = HeaderValue::from_str(&value) {

@@ -1,5 +1,6 @@
 //! A worker's token stream → text: incremental detokenization, stop strings, token accounting,
-//! latency metrics; and the SSE body that writes it.
+//! latency metrics, and (chat requests that need it) the output parser that splits reasoning,
+//! content and tool calls; and the SSE body that writes it.
 //!
 //! Invariant: a [`Generation`] ends exactly once, with `Finished` or `Failed`; afterwards it
 //! yields nothing. Dropping it early (client gone) drops the worker stream, which cancels the
@@ -21,6 +22,7 @@ use crate::contract::{FinishReason, TokenId, WorkerError, WorkerId, WorkerOutput
 use crate::frontend::data::error::ApiError;
 use crate::frontend::data::InflightGuard;
 use crate::metrics::Metrics;
+use crate::openai::parse::{OutputParser, ParseEvent};
 use crate::openai::{ChunkWriter, Usage};
 use crate::planes::request::ResponseStream;
 use crate::preprocess::{IncrementalDecoder, StopMatcher};
@@ -29,8 +31,10 @@ use crate::router::LoadGuard;
 /// What a generation yields to its writer.
 #[derive(Debug)]
 pub enum GenEvent {
-    /// New text (never empty).
+    /// New text (never empty), when the output is not parsed.
     Text(String),
+    /// New pieces of a parsed output (never empty).
+    Parsed(Vec<ParseEvent>),
     /// The end: OpenAI's finish reason (`stop` or `length`).
     Finished(&'static str),
     /// The request failed (the error decides the status and says who is at fault).
@@ -116,6 +120,10 @@ pub struct Generation {
     inflight: InflightGuard,
     migration: Option<Migration>,
     started: bool,
+    /// Splits the text into reasoning, content and tool calls (chat requests that need it).
+    parser: Option<Box<OutputParser>>,
+    /// Parsed events not yet yielded.
+    parsed: Vec<ParseEvent>,
 }
 
 impl Generation {
@@ -152,7 +160,24 @@ impl Generation {
             inflight,
             migration: None,
             started: false,
+            parser: None,
+            parsed: Vec::new(),
         }
+    }
+
+    /// Parses the output: the generation then yields [`GenEvent::Parsed`] instead of text.
+    pub fn set_parser(&mut self, parser: OutputParser) {
+        self.parser = Some(Box::new(parser));
+    }
+
+    /// Whether the output is parsed (it then yields [`GenEvent::Parsed`], never text).
+    pub fn is_parsed(&self) -> bool {
+        self.parser.is_some()
+    }
+
+    /// Whether the output is parsed for reasoning (responses then carry `reasoning_content`).
+    pub fn parses_reasoning(&self) -> bool {
+        self.parser.as_ref().is_some_and(|p| p.parses_reasoning())
     }
 
     /// Lets a failed worker's stream continue on another worker, up to `limit` times.
@@ -205,6 +230,21 @@ impl Generation {
     fn finish(&mut self, reason: &'static str) {
         self.pending_finish = Some(reason);
         self.rx.close();
+        if let Some(p) = self.parser.as_mut() {
+            p.finish(&mut self.parsed);
+            self.usage.reasoning_tokens = p.reasoning_tokens();
+        }
+    }
+
+    /// New text of `tokens` tokens: yielded as it is, or parsed (the events wait in `parsed`).
+    fn output(&mut self, text: String, tokens: usize) -> Option<String> {
+        match self.parser.as_mut() {
+            None => (!text.is_empty()).then_some(text),
+            Some(p) => {
+                p.push(&text, tokens.try_into().unwrap_or(u32::MAX), &mut self.parsed);
+                None
+            }
+        }
     }
 
     /// The prefill leg's report (cached tokens) is still owed. It was sent before the KV moved,
@@ -245,10 +285,11 @@ impl Generation {
         self.usage.completion_tokens += ids.len() as u32;
         let text = self.decoder.step(ids).map_err(|e| Failure::Frontend(ApiError::Detokenize(e.to_string())))?;
         let (emit, stopped) = self.stop.push(&text);
+        let out = self.output(emit, ids.len());
         if stopped {
             self.finish("stop");
         }
-        Ok((!emit.is_empty()).then_some(emit))
+        Ok(out)
     }
 
     fn on_finished(&mut self, reason: FinishReason) -> Result<Option<String>, Failure> {
@@ -264,8 +305,9 @@ impl Generation {
         if !stopped {
             emit.push_str(&self.stop.flush());
         }
+        let out = self.output(emit, 0);
         self.finish(if stopped { "stop" } else { reason });
-        Ok((!emit.is_empty()).then_some(emit))
+        Ok(out)
     }
 
     /// After a migration mid-stream the earlier figure stands: it is what the client's prompt
@@ -331,6 +373,9 @@ impl Generation {
     /// The next event; `Poll::Pending` while the worker has nothing new.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<GenEvent> {
         loop {
+            if !self.parsed.is_empty() {
+                return Poll::Ready(GenEvent::Parsed(std::mem::take(&mut self.parsed)));
+            }
             if let Some(reason) = self.pending_finish {
                 if self.awaiting_prefill_report(cx) {
                     return Poll::Pending;
@@ -419,6 +464,8 @@ pub struct SseBody {
     include_usage: bool,
     queued: VecDeque<Bytes>,
     done: bool,
+    /// A tool call was streamed: a stop is reported as `tool_calls`.
+    called_tools: bool,
 }
 
 impl SseBody {
@@ -426,7 +473,7 @@ impl SseBody {
     pub fn new(gen: Generation, writer: ChunkWriter, include_usage: bool, first: GenEvent) -> Self {
         let mut queued = VecDeque::with_capacity(4);
         queued.extend(writer.role_chunk());
-        let mut body = Self { gen, writer, include_usage, queued, done: false };
+        let mut body = Self { gen, writer, include_usage, queued, done: false, called_tools: false };
         body.push(first);
         body
     }
@@ -435,7 +482,14 @@ impl SseBody {
     fn push(&mut self, event: GenEvent) {
         match event {
             GenEvent::Text(t) => self.queued.push_back(self.writer.delta_chunk(&t)),
+            GenEvent::Parsed(events) => {
+                for e in &events {
+                    self.called_tools |= matches!(e, ParseEvent::ToolCallStart { .. });
+                    self.queued.extend(self.writer.event_chunk(e));
+                }
+            }
             GenEvent::Finished(reason) => {
+                let reason = if reason == "stop" && self.called_tools { "tool_calls" } else { reason };
                 self.queued.push_back(self.writer.finish_chunk(reason));
                 if self.include_usage {
                     self.queued.push_back(self.writer.usage_chunk(self.gen.usage()));
