@@ -11,6 +11,10 @@
 //!        16..    body: an rkyv archive of `Vec<KvEvent>` (bytecheck-validated on read)
 //! ```
 //!
+//! This is the ONE encoding of KV events: the event plane's batches, and the events of a
+//! request-plane recovery chunk ([`crate::contract::frame`]), which uses the `_within`
+//! variants with the frame's bound instead of [`MAX_BATCH_BYTES`].
+//!
 //! Invariants: [`encode_batch`] only produces what [`access_batch`] accepts (at most
 //! [`MAX_BATCH_BYTES`], one worker); [`access_batch`] returns a view only of bytes that passed
 //! every check: size bound, magic, version, exact length, rkyv's bytecheck validation of every
@@ -147,6 +151,13 @@ impl CodecError {
 /// Fails when the events name more than one worker, when the batch would exceed
 /// [`MAX_BATCH_BYTES`] (split the events), or if rkyv fails.
 pub fn encode_batch(events: &[KvEvent]) -> Result<AlignedVec, CodecError> {
+    encode_batch_within(events, MAX_BATCH_BYTES)
+}
+
+/// [`encode_batch`] with another size bound (`max <= u32::MAX`): a request-plane recovery
+/// chunk carries its events in this same encoding, bounded by the frame size instead.
+pub fn encode_batch_within(events: &[KvEvent], max: usize) -> Result<AlignedVec, CodecError> {
+    debug_assert!(max <= u32::MAX as usize);
     if let Some(first) = events.first() {
         if let Some(other) = events.iter().find(|e| e.worker != first.worker) {
             return Err(CodecError::MixedWorkers { first: first.worker, other: other.worker });
@@ -159,10 +170,10 @@ pub fn encode_batch(events: &[KvEvent]) -> Result<AlignedVec, CodecError> {
     let mut out =
         rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&EventSlice(events), out).map_err(CodecError::Encode)?;
     let len = out.len();
-    if len > MAX_BATCH_BYTES {
-        return Err(CodecError::TooManyToEncode { len, max: MAX_BATCH_BYTES });
+    if len > max {
+        return Err(CodecError::TooManyToEncode { len, max });
     }
-    // Both fit in u32: `len <= MAX_BATCH_BYTES <= u32::MAX` (const-asserted).
+    // Both fit in u32: `len <= max <= u32::MAX`.
     let body_len = (len - HEADER_LEN) as u32;
     out[8..12].copy_from_slice(&body_len.to_le_bytes());
     out[12..16].copy_from_slice(&(events.len() as u32).to_le_bytes());
@@ -174,7 +185,12 @@ pub fn encode_batch(events: &[KvEvent]) -> Result<AlignedVec, CodecError> {
 /// `bytes` must start at a multiple of [`ARCHIVE_ALIGN`] or this fails with
 /// [`CodecError::Misaligned`]; wrap received bytes in [`AlignedPayload`] to guarantee it.
 pub fn access_batch(bytes: &[u8]) -> Result<&ArchivedEventBatch, CodecError> {
-    let (body, count) = check_header(bytes)?;
+    access_batch_within(bytes, MAX_BATCH_BYTES)
+}
+
+/// [`access_batch`] with another size bound (see [`encode_batch_within`]).
+pub fn access_batch_within(bytes: &[u8], max: usize) -> Result<&ArchivedEventBatch, CodecError> {
+    let (body, count) = check_header(bytes, max)?;
     let addr = bytes.as_ptr() as usize;
     if addr % ARCHIVE_ALIGN != 0 {
         return Err(CodecError::Misaligned { addr, align: ARCHIVE_ALIGN });
@@ -196,16 +212,24 @@ pub fn access_batch(bytes: &[u8]) -> Result<&ArchivedEventBatch, CodecError> {
 
 /// Validates a batch at any alignment and converts it to owned events.
 pub fn decode_batch(bytes: &[u8]) -> Result<Vec<KvEvent>, CodecError> {
-    let payload = AlignedPayload::new(bytes);
-    let batch = payload.access()?;
+    decode_batch_within(bytes, MAX_BATCH_BYTES)
+}
+
+/// [`decode_batch`] with another size bound (see [`encode_batch_within`]).
+pub fn decode_batch_within(bytes: &[u8], max: usize) -> Result<Vec<KvEvent>, CodecError> {
+    if bytes.len() > max {
+        return Err(CodecError::TooLarge { len: bytes.len(), max });
+    }
+    let payload = AlignedPayload::copy_if_misaligned(bytes);
+    let batch = access_batch_within(&payload, max)?;
     Ok(batch.iter().map(KvEvent::from).collect())
 }
 
 /// Checks the header; returns the body and the announced event count.
-fn check_header(bytes: &[u8]) -> Result<(&[u8], usize), CodecError> {
+fn check_header(bytes: &[u8], max: usize) -> Result<(&[u8], usize), CodecError> {
     let len = bytes.len();
-    if len > MAX_BATCH_BYTES {
-        return Err(CodecError::TooLarge { len, max: MAX_BATCH_BYTES });
+    if len > max {
+        return Err(CodecError::TooLarge { len, max });
     }
     let Some((header, body)) = bytes.split_first_chunk::<HEADER_LEN>() else {
         return Err(CodecError::Truncated { len, expected: HEADER_LEN });
@@ -240,8 +264,15 @@ impl<'a> AlignedPayload<'a> {
     /// Borrows `bytes` if they start at a multiple of [`ARCHIVE_ALIGN`] (or exceed
     /// [`MAX_BATCH_BYTES`], which access refuses anyway); copies them otherwise.
     pub fn new(bytes: &'a [u8]) -> Self {
-        let aligned = (bytes.as_ptr() as usize) % ARCHIVE_ALIGN == 0;
-        if aligned || bytes.len() > MAX_BATCH_BYTES {
+        if bytes.len() > MAX_BATCH_BYTES {
+            return Self::Borrowed(bytes);
+        }
+        Self::copy_if_misaligned(bytes)
+    }
+
+    /// Borrows `bytes` if aligned, else copies them whatever their size (the caller bounds it).
+    pub fn copy_if_misaligned(bytes: &'a [u8]) -> Self {
+        if (bytes.as_ptr() as usize) % ARCHIVE_ALIGN == 0 {
             return Self::Borrowed(bytes);
         }
         let mut copy = AlignedVec::with_capacity(bytes.len());

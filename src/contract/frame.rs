@@ -10,22 +10,25 @@
 //! Payloads (integers little-endian; `flag` is a byte 0 or 1; `n×T` is a u32 count then items):
 //! - `Request`: request_id u64, max_tokens u32, temperature f32, top_p f32, seed flag (+ u64),
 //!   ignore_eos flag, n×u32 prompt ids, n×u32 eos ids, disagg u8 (0 none | 1 prefill: room u64,
-//!   decode worker u64, skip_blocks u32, UTF-8 transfer address to the end | 2 decode: room u64,
-//!   prefill worker u64, skip_blocks u32).
+//!   peer u64, skip_blocks u32, optional string bootstrap | 2 decode: room u64, peer u64,
+//!   skip_blocks u32, optional string bootstrap, optional string handoff); an optional string is
+//!   a flag, then (when set) a u32 length and UTF-8.
 //! - `Output`: tag u8, then 0 `Started` cached_tokens u32, computed_tokens u32 | 1 `Tokens`
-//!   n×u32 | 2 `Finished` reason u8 (0 eos, 1 length, 2 cancelled) | 3 `Error` UTF-8 message to
-//!   the end | 4 `Transferred` blocks u32, bytes u64, micros u64.
+//!   n×u32 | 2 `Finished` reason u8 (0 eos, 1 length, 2 cancelled) | 3 `Error` fault u8 (low 7
+//!   bits: 0 client, 1 worker, 2 transport; top bit: retry), UTF-8 message to the end | 4
+//!   `Transferred` blocks u32, bytes u64, micros u64 | 5 `Handoff` UTF-8 to the end.
 //! - `Cancel`: empty. `Credit`: outputs u32 (> 0). `RecoverRequest`: since_event_id u64.
-//! - `RecoverChunk`: kind u8 (0 replay, 1 dump), last_event_id u64, more flag, n×event; an
-//!   event is worker u64, event_id u64, timestamp_us u64, tag u8, then 0 `Stored` parent flag
-//!   (+ u64), n×(seq_hash u64, engine_hash u64) | 1 `Removed` n×u64 | 2 `Cleared`.
+//! - `RecoverChunk`: kind u8 (0 replay, 1 dump), last_event_id u64, more flag, then a u32
+//!   length and the events as one batch in the event plane's own encoding
+//!   ([`crate::contract::codec`]: the ONE encoding of KV events), at most [`MAX_EVENTS_BYTES`].
 //! - `Error`: UTF-8 message to the end.
 //!
 //! Encoding choice: hand-rolled little-endian, because `Output(Tokens)` is the per-token path.
 //! Measured on a one-token output (release build, encode + decode): 30 ns and 22 bytes here
 //! (the `Vec` allocation is most of it) against 118 ns and 32 bytes with serde_json. rkyv
 //! would need 8-aligned input (frames sit at any offset of a read buffer, so each would be
-//! copied) and a bytecheck pass per frame. Encoders destructure the protocol types
+//! copied) and a bytecheck pass per frame. KV events are the exception: they keep their one
+//! encoding (rkyv, see `codec`), copied into alignment once per recovery chunk (a cold path). Encoders destructure the protocol types
 //! exhaustively, so a new field in [`crate::contract`] fails to compile here instead of
 //! vanishing on the wire.
 //!
@@ -38,8 +41,8 @@
 use bytes::{Buf, BufMut, BytesMut};
 use thiserror::Error;
 
-use crate::contract::events::SeqHash;
-use crate::contract::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use crate::contract::codec;
+use crate::contract::events::{KvEvent, KvEventKind};
 use crate::contract::{
     DisaggLeg, Fault, FinishReason, GenerateRequest, SamplingParams, WorkerError, WorkerId, WorkerOutput,
 };
@@ -51,15 +54,20 @@ use crate::contract::{
 pub const MAX_FRAME_BYTES: usize = 32 * 1024 * 1024;
 /// Bytes before the payload: length, kind, stream id.
 pub const HEADER_LEN: usize = 13;
-/// Wire bytes of one event before its kind's own data (worker, id, timestamp, tag).
-pub const EVENT_FIXED_BYTES: usize = 25;
-/// Wire bytes of a `RecoverChunk` payload before its events.
+/// Encoded bytes of one event at most, besides its blocks or hashes (an upper bound of its
+/// archived size inside a batch: worker, id, timestamp, kind, parent, vector header, padding).
+pub const EVENT_FIXED_BYTES: usize = 64;
+/// Encoded bytes of a batch besides its events at most (the codec's header and root).
+pub const BATCH_OVERHEAD_BYTES: usize = 64;
+/// Wire bytes of a `RecoverChunk` payload before its events (kind, last id, more, length).
 pub const CHUNK_FIXED_BYTES: usize = 14;
+/// The largest encoded batch a `RecoverChunk` carries.
+pub const MAX_EVENTS_BYTES: usize = MAX_FRAME_BYTES - HEADER_LEN - CHUNK_FIXED_BYTES;
 
 const _: () = assert!(MAX_FRAME_BYTES <= u32::MAX as usize);
+// The largest event fits one chunk.
 const _: () = assert!(
-    crate::contract::events::MAX_EVENT_BLOCKS * 16 + EVENT_FIXED_BYTES + 13 + CHUNK_FIXED_BYTES + HEADER_LEN
-        <= MAX_FRAME_BYTES
+    crate::contract::events::MAX_EVENT_BLOCKS * 16 + EVENT_FIXED_BYTES + BATCH_OVERHEAD_BYTES <= MAX_EVENTS_BYTES
 );
 
 /// One multiplexed stream of a connection; allocated by the frontend, never reused on it.
@@ -138,6 +146,8 @@ pub enum FrameError {
     UnknownKind(u8),
     #[error("malformed {kind:?} frame: {what}")]
     Malformed { kind: FrameKind, what: &'static str },
+    #[error("recovery chunk events: {0}")]
+    Events(#[source] codec::CodecError),
     #[error("malformed {kind:?} frame: message is not UTF-8")]
     Utf8 {
         kind: FrameKind,
@@ -183,7 +193,12 @@ impl Frame {
             Frame::Cancel { .. } => {}
             Frame::Credit { outputs, .. } => out.put_u32_le(*outputs),
             Frame::RecoverRequest { since_event_id, .. } => out.put_u64_le(*since_event_id),
-            Frame::RecoverChunk { chunk, .. } => put_chunk(out, chunk),
+            Frame::RecoverChunk { chunk, .. } => {
+                if let Err(e) = put_chunk(out, chunk) {
+                    out.truncate(start);
+                    return Err(e);
+                }
+            }
             Frame::Error { message, .. } => out.put_slice(message.as_bytes()),
         }
         let len = out.len() - start;
@@ -196,12 +211,13 @@ impl Frame {
     }
 }
 
-/// Wire bytes of one event inside a `RecoverChunk` (to size chunks before encoding them).
+/// Encoded bytes of one event inside a `RecoverChunk` at most (to size chunks before encoding
+/// them; a chunk's batch takes at most [`BATCH_OVERHEAD_BYTES`] plus the sum of these).
 pub fn event_wire_len(e: &KvEvent) -> usize {
     EVENT_FIXED_BYTES
         + match &e.kind {
-            KvEventKind::Stored { parent, blocks } => 1 + parent.map_or(0, |_| 8) + 4 + 16 * blocks.len(),
-            KvEventKind::Removed { engine_hashes } => 4 + 8 * engine_hashes.len(),
+            KvEventKind::Stored { blocks, .. } => 16 * blocks.len(),
+            KvEventKind::Removed { engine_hashes } => 8 * engine_hashes.len(),
             KvEventKind::Cleared => 0,
         }
 }
@@ -350,7 +366,7 @@ fn put_output(out: &mut BytesMut, o: &WorkerOutput) {
     }
 }
 
-fn put_chunk(out: &mut BytesMut, c: &RecoveryChunk) {
+fn put_chunk(out: &mut BytesMut, c: &RecoveryChunk) -> Result<(), FrameError> {
     let RecoveryChunk { kind, last_event_id, more, events } = c;
     out.put_u8(match kind {
         RecoveryKind::Replay => 0,
@@ -358,30 +374,11 @@ fn put_chunk(out: &mut BytesMut, c: &RecoveryChunk) {
     });
     out.put_u64_le(*last_event_id);
     out.put_u8(u8::from(*more));
-    out.put_u32_le(events.len() as u32);
-    for e in events {
-        let KvEvent { worker, event_id, timestamp_us, kind } = e;
-        out.put_u64_le(worker.0);
-        out.put_u64_le(*event_id);
-        out.put_u64_le(*timestamp_us);
-        match kind {
-            KvEventKind::Stored { parent, blocks } => {
-                out.put_u8(0);
-                put_flag_u64(out, parent.map(|p| p.0));
-                out.put_u32_le(blocks.len() as u32);
-                for StoredBlock { seq_hash, engine_hash } in blocks {
-                    out.put_u64_le(seq_hash.0);
-                    out.put_u64_le(engine_hash.0);
-                }
-            }
-            KvEventKind::Removed { engine_hashes } => {
-                out.put_u8(1);
-                out.put_u32_le(engine_hashes.len() as u32);
-                engine_hashes.iter().for_each(|h| out.put_u64_le(h.0));
-            }
-            KvEventKind::Cleared => out.put_u8(2),
-        }
-    }
+    // The events in the event plane's own encoding (one encoding of KV events).
+    let batch = codec::encode_batch_within(events, MAX_EVENTS_BYTES).map_err(FrameError::Events)?;
+    out.put_u32_le(batch.len() as u32);
+    out.put_slice(&batch);
+    Ok(())
 }
 
 /// A bounds-checked reader over one frame's bytes.
@@ -530,41 +527,10 @@ impl<'a> Cursor<'a> {
         };
         let last_event_id = self.u64()?;
         let more = self.flag()?;
-        let n = self.count(EVENT_FIXED_BYTES)?;
-        let mut events = Vec::with_capacity(n);
-        for _ in 0..n {
-            events.push(self.event()?);
-        }
+        let n = self.count(1)?;
+        let bytes = self.take(n)?;
+        let events = codec::decode_batch_within(bytes, MAX_EVENTS_BYTES).map_err(FrameError::Events)?;
         Ok(RecoveryChunk { kind, last_event_id, more, events })
-    }
-
-    fn event(&mut self) -> Result<KvEvent, FrameError> {
-        let worker = crate::contract::WorkerId(self.u64()?);
-        let event_id = self.u64()?;
-        let timestamp_us = self.u64()?;
-        let kind = match self.u8()? {
-            0 => {
-                let parent = self.opt_u64()?.map(SeqHash);
-                let n = self.count(16)?;
-                let mut blocks = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let seq_hash = SeqHash(self.u64()?);
-                    blocks.push(StoredBlock { seq_hash, engine_hash: EngineHash(self.u64()?) });
-                }
-                KvEventKind::Stored { parent, blocks }
-            }
-            1 => {
-                let n = self.count(8)?;
-                let mut engine_hashes = Vec::with_capacity(n);
-                for _ in 0..n {
-                    engine_hashes.push(EngineHash(self.u64()?));
-                }
-                KvEventKind::Removed { engine_hashes }
-            }
-            2 => KvEventKind::Cleared,
-            _ => return Err(self.bad("unknown event kind")),
-        };
-        Ok(KvEvent { worker, event_id, timestamp_us, kind })
     }
 }
 

@@ -2,6 +2,7 @@
 //! round-trips, every truncation is incomplete or a typed error, malformed payloads are refused.
 
 use super::*;
+use crate::contract::events::{EngineHash, SeqHash, StoredBlock};
 use crate::contract::WorkerId;
 
 fn event(kind: KvEventKind) -> KvEvent {
@@ -137,10 +138,22 @@ fn every_truncated_payload_is_an_error_not_a_panic() {
 }
 
 #[test]
-fn event_wire_len_is_what_encode_writes() {
+fn event_wire_len_bounds_what_encode_writes() {
     let Frame::RecoverChunk { chunk, .. } = &samples()[10] else { unreachable!() };
-    let payload: usize = chunk.events.iter().map(event_wire_len).sum();
-    assert_eq!(bytes_of(&samples()[10]).len(), HEADER_LEN + CHUNK_FIXED_BYTES + payload);
+    let bound: usize = BATCH_OVERHEAD_BYTES + chunk.events.iter().map(event_wire_len).sum::<usize>();
+    assert!(bytes_of(&samples()[10]).len() <= HEADER_LEN + CHUNK_FIXED_BYTES + bound);
+    // Large events too: the bound holds per block and per hash.
+    for n in [0usize, 1, 7, 1000] {
+        let blocks = (0..n as u64).map(|i| StoredBlock { seq_hash: SeqHash(i), engine_hash: EngineHash(i) }).collect();
+        let hashes = (0..n as u64).map(EngineHash).collect();
+        let events = vec![
+            event(KvEventKind::Stored { parent: Some(SeqHash(1)), blocks }),
+            event(KvEventKind::Removed { engine_hashes: hashes }),
+            event(KvEventKind::Cleared),
+        ];
+        let bound = BATCH_OVERHEAD_BYTES + events.iter().map(event_wire_len).sum::<usize>();
+        assert!(codec::encode_batch_within(&events, MAX_EVENTS_BYTES).unwrap().len() <= bound, "{n} blocks");
+    }
 }
 
 #[test]

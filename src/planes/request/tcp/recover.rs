@@ -24,8 +24,8 @@ use crate::contract::control::{RecoveryError, RecoverySource};
 use crate::contract::events::KvEvent;
 use crate::contract::events::MAX_WORKER_BLOCKS;
 use crate::contract::frame::{
-    event_wire_len, Frame, FrameError, RecoveryChunk, RecoveryKind, StreamId, CHUNK_FIXED_BYTES, HEADER_LEN,
-    MAX_FRAME_BYTES,
+    event_wire_len, Frame, FrameError, RecoveryChunk, RecoveryKind, StreamId, BATCH_OVERHEAD_BYTES, CHUNK_FIXED_BYTES,
+    EVENT_FIXED_BYTES, HEADER_LEN, MAX_FRAME_BYTES,
 };
 use crate::contract::Target;
 
@@ -33,13 +33,13 @@ use crate::contract::Target;
 /// for long, large enough that a dump of a big cache is a few hundred frames.
 pub const RECOVERY_CHUNK_BYTES: usize = 1024 * 1024;
 /// The largest recovery a frontend accepts: a dump of the largest mocker cache, every block
-/// its own `Stored` event (54 wire bytes), fits.
+/// its own `Stored` event (at most 80 encoded bytes), fits.
 pub const MAX_RECOVERY_BYTES: usize = 512 * 1024 * 1024;
 /// A whole recovery call, connect to last chunk (a big dump is hundreds of MiB on a LAN).
 pub const RECOVER_TIMEOUT: Duration = Duration::from_secs(30);
 
-const _: () = assert!(RECOVERY_CHUNK_BYTES + CHUNK_FIXED_BYTES + HEADER_LEN <= MAX_FRAME_BYTES);
-const _: () = assert!(MAX_WORKER_BLOCKS as usize * 54 <= MAX_RECOVERY_BYTES);
+const _: () = assert!(RECOVERY_CHUNK_BYTES + BATCH_OVERHEAD_BYTES + CHUNK_FIXED_BYTES + HEADER_LEN <= MAX_FRAME_BYTES);
+const _: () = assert!(MAX_WORKER_BLOCKS as usize * (EVENT_FIXED_BYTES + 16) <= MAX_RECOVERY_BYTES);
 
 /// Splits a recovery into chunk payloads, in order; the last has `more == false`.
 pub fn recovery_chunks(recovery: Recovery) -> Result<Vec<RecoveryChunk>, FrameError> {
@@ -52,7 +52,7 @@ pub fn recovery_chunks(recovery: Recovery) -> Result<Vec<RecoveryChunk>, FrameEr
     let (mut current, mut bytes) = (Vec::new(), 0);
     for event in events {
         let n = event_wire_len(&event);
-        let len = HEADER_LEN + CHUNK_FIXED_BYTES + n;
+        let len = HEADER_LEN + CHUNK_FIXED_BYTES + BATCH_OVERHEAD_BYTES + n;
         if len > MAX_FRAME_BYTES {
             return Err(FrameError::TooLarge { len });
         }
