@@ -1,12 +1,23 @@
 //! Reasoning and tool-call parsers (`kvgate::openai::parse`) over scripted model outputs, cut
 //! at every position: every split of each script into 2 and 3 deltas must give the same
 //! message as the whole text, and (for well-formed scripts) no marker may reach reasoning or
-//! content, and the streamed arguments of each call must be its final arguments.
+//! content, and the streamed arguments of each call must be its final arguments. Then over
+//! HTTP, with an engine whose output is scripted: raw SSE from the byte-level built-in model
+//! (every marker split over several tokens), and the official OpenAI Python client against
+//! Qwen3 (tests/python/tool_calls.py).
 
+mod common;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use kvgate::contract::{DisaggStyle, EngineKind, FinishReason, WorkerOutput};
 use kvgate::openai::parse::{
     forced_prefill, Message, OutputParser, ParseEvent, ParserSpec, PromptEnd, ReasoningKind, ToolCallKind,
 };
 use kvgate::openai::ToolChoice;
+use kvgate::preprocess::{ModelSource, Preprocessor};
+use kvgate::worker::{Engine, EngineCard, EngineIo};
 use serde_json::{json, Value};
 
 const MARKERS: [&str; 4] = ["<think>", "</think>", "<tool_call>", "</tool_call>"];
@@ -263,4 +274,227 @@ fn reasoning_tokens_are_counted_per_token() {
     p.push(".", 1, &mut out);
     p.finish(&mut out);
     assert_eq!(p.reasoning_tokens(), 7, "a step that closes the block counts whole");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Over HTTP: `kvgate serve` with an engine whose output is scripted.
+
+/// An engine that answers with the text between the last `[[reply]]` and `[[/reply]]` of its
+/// prompt (or "ok"), one token per message, as far as `max_tokens` allows.
+struct ScriptedEngine {
+    preprocessor: Arc<Preprocessor>,
+}
+
+/// The scripted reply in a prompt.
+fn script(prompt: &str) -> &str {
+    const OPEN: &str = "[[reply]]";
+    match prompt.rfind(OPEN) {
+        Some(i) => {
+            let rest = &prompt[i + OPEN.len()..];
+            &rest[..rest.find("[[/reply]]").unwrap_or(rest.len())]
+        }
+        None => "ok",
+    }
+}
+
+impl Engine for ScriptedEngine {
+    fn card(&self) -> EngineCard {
+        EngineCard {
+            kind: EngineKind::Mocker,
+            kv_capacity_blocks: 1 << 16,
+            max_num_seqs: 64,
+            max_num_batched_tokens: 1 << 16,
+            disagg: DisaggStyle::Push,
+            bootstrap: None,
+            kv_events: true,
+        }
+    }
+
+    fn run(self, mut io: EngineIo) -> impl Future<Output = ()> + Send {
+        async move {
+            loop {
+                let item = tokio::select! {
+                    item = io.intake.recv() => match item { Some(item) => item, None => break },
+                    Some(reply) = io.resets.recv() => {
+                        io.events.ack(reply).await;
+                        continue;
+                    }
+                };
+                let pre = self.preprocessor.clone();
+                tokio::spawn(async move {
+                    let prompt = pre.decode(&item.request.token_ids, false).expect("the prompt decodes");
+                    let ids = pre.encode(script(&prompt), false).expect("the reply encodes");
+                    let n = ids.len().min(item.request.sampling.max_tokens as usize);
+                    let reason = if n == ids.len() { FinishReason::Eos } else { FinishReason::Length };
+                    let started = WorkerOutput::Started { cached_tokens: 0, computed_tokens: 0 };
+                    let outputs = std::iter::once(started)
+                        .chain(ids[..n].iter().map(|&id| WorkerOutput::Tokens(vec![id])))
+                        .chain(std::iter::once(WorkerOutput::Finished { reason }));
+                    for o in outputs {
+                        if item.reply.send(o).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// `kvgate serve` (one scripted worker) with `args`.
+fn scripted_server(args: &[&str], preprocessor: Arc<Preprocessor>) -> kvgate::serve::Server {
+    let mut all = vec!["--workers", "1"];
+    all.extend_from_slice(args);
+    kvgate::serve::start_with(&common::serve_args(&all), move |_: &kvgate::serve::WorkerSlot<'_>| {
+        Ok(ScriptedEngine { preprocessor: preprocessor.clone() })
+    })
+    .expect("server starts")
+}
+
+const BYTE_SCRIPT: &str = "<think>\nIt asks for Paris.\n</think>\n\nChecking.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": [1, 2]}}\n</tool_call>";
+
+fn weather_request(reply: &str, extra: Value) -> Value {
+    let mut body = json!({
+        "model": "kvgate-mock",
+        "messages": [{"role": "user", "content": format!("Weather? [[reply]]{reply}[[/reply]]")}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+/// The built-in byte-level model streams one byte per token: every marker is split over many
+/// tokens, and none reaches the client's content or reasoning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn markers_split_over_byte_tokens_never_reach_the_client() {
+    let s = scripted_server(
+        &["--reasoning-parser", "qwen3", "--tool-call-parser", "hermes"],
+        Arc::new(Preprocessor::builtin()),
+    );
+    let url = format!("{}/v1/chat/completions", common::base_url(&s));
+    let c = reqwest::Client::new();
+    let body = weather_request(BYTE_SCRIPT, json!({"stream": true, "stream_options": {"include_usage": true}}));
+    let r = c.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let (mut reasoning, mut content, mut args, mut finish, mut usage) =
+        (String::new(), String::new(), String::new(), None, None);
+    let mut starts = Vec::new();
+    for e in common::sse_events(&text) {
+        if e == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&e).unwrap();
+        if !v["usage"].is_null() {
+            usage = Some(v["usage"].clone());
+        }
+        let Some(choice) = v["choices"].get(0) else { continue };
+        let d = &choice["delta"];
+        for (field, acc) in [("reasoning_content", &mut reasoning), ("content", &mut content)] {
+            if let Some(t) = d[field].as_str() {
+                assert!(!MARKERS.iter().any(|m| t.contains(m)), "a marker in {field}: {t:?}");
+                acc.push_str(t);
+            }
+        }
+        for tc in d["tool_calls"].as_array().into_iter().flatten() {
+            assert_eq!(tc["index"], 0);
+            if tc.get("id").is_some() {
+                assert_eq!(
+                    (tc["type"].as_str(), tc["function"]["name"].as_str()),
+                    (Some("function"), Some("get_weather"))
+                );
+                assert!(tc["id"].as_str().unwrap().starts_with("call_"));
+                starts.push(tc["id"].clone());
+            }
+            args.push_str(tc["function"]["arguments"].as_str().unwrap());
+        }
+        if let Some(f) = choice["finish_reason"].as_str() {
+            finish = Some(f.to_string());
+        }
+    }
+    assert_eq!((reasoning.as_str(), content.as_str()), ("It asks for Paris.", "Checking."));
+    assert_eq!(starts.len(), 1, "one start per call");
+    assert_eq!(serde_json::from_str::<Value>(&args).unwrap(), json!({"city": "Paris", "days": [1, 2]}));
+    assert_eq!(finish.as_deref(), Some("tool_calls"));
+    let usage = usage.expect("usage chunk");
+    assert_eq!(usage["completion_tokens"], BYTE_SCRIPT.len());
+    let think_tokens = BYTE_SCRIPT.find("</think>").unwrap() + "</think>".len();
+    assert_eq!(usage["completion_tokens_details"]["reasoning_tokens"], think_tokens);
+
+    // The same, not streamed.
+    let r = c.post(&url).json(&weather_request(BYTE_SCRIPT, json!({}))).send().await.unwrap();
+    let v: Value = r.json().await.unwrap();
+    let m = &v["choices"][0]["message"];
+    assert_eq!(
+        (m["reasoning_content"].as_str(), m["content"].as_str()),
+        (Some("It asks for Paris."), Some("Checking."))
+    );
+    assert_eq!(m["tool_calls"][0]["function"]["name"], "get_weather");
+    let args: Value = serde_json::from_str(m["tool_calls"][0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"city": "Paris", "days": [1, 2]}));
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(v["usage"]["completion_tokens_details"]["reasoning_tokens"], think_tokens);
+}
+
+/// Stop strings apply to the model's text as written, `max_tokens` cuts it where it is (in
+/// the think block, or in a call, which then comes back as content): no error either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_and_max_tokens_keep_their_meaning() {
+    let s = scripted_server(
+        &["--reasoning-parser", "qwen3", "--tool-call-parser", "hermes"],
+        Arc::new(Preprocessor::builtin()),
+    );
+    let url = format!("{}/v1/chat/completions", common::base_url(&s));
+    let c = reqwest::Client::new();
+    let post = |body: Value| {
+        let c = c.clone();
+        let url = url.clone();
+        async move {
+            let r = c.post(&url).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let script = "<think>\nplan\n</think>\n\nIt is sunny in Paris today.";
+    let v = post(weather_request(script, json!({"stop": ["Paris"]}))).await;
+    let m = &v["choices"][0]["message"];
+    assert_eq!((m["reasoning_content"].as_str(), m["content"].as_str()), (Some("plan"), Some("It is sunny in ")));
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    let v = post(weather_request(script, json!({"max_tokens": 10}))).await;
+    let m = &v["choices"][0]["message"];
+    assert_eq!((m["reasoning_content"].as_str(), m["content"].as_str()), (Some("pl"), Some("")));
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 10);
+    assert_eq!(v["usage"]["completion_tokens_details"]["reasoning_tokens"], 10);
+
+    let cut = BYTE_SCRIPT.find("\"days\"").unwrap();
+    let v = post(weather_request(BYTE_SCRIPT, json!({"max_tokens": cut}))).await;
+    let m = &v["choices"][0]["message"];
+    assert!(m.get("tool_calls").is_none(), "{v}");
+    assert_eq!(m["content"].as_str().unwrap(), &BYTE_SCRIPT[BYTE_SCRIPT.find("Checking").unwrap()..cut]);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+}
+
+/// The official OpenAI client against Qwen3 (parsers chosen from its chat template), with the
+/// scripted engine: tool calls streamed and not, the follow-up turn, tool_choice, kwargs.
+#[test]
+fn official_openai_client_gets_reasoning_and_tool_calls() {
+    let py = common::openai_venv_python();
+    let dir = common::qwen_dir();
+    let pre = Arc::new(Preprocessor::load(&ModelSource::Dir(dir.clone())).expect("qwen3 loads"));
+    let s = scripted_server(&["--model-path", dir.to_str().unwrap(), "--served-model-name", "Qwen/Qwen3-0.6B"], pre);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/tool_calls.py");
+    let out = std::process::Command::new(py)
+        .arg(script)
+        .arg(format!("{}/v1", common::base_url(&s)))
+        .arg("Qwen/Qwen3-0.6B")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "python client failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
 }
