@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::future::Future;
 use std::sync::Arc;
 
 use kvgate::contract::{DisaggStyle, EngineKind, FinishReason, WorkerOutput};
@@ -310,8 +309,8 @@ impl Engine for ScriptedEngine {
         }
     }
 
-    fn run(self, mut io: EngineIo) -> impl Future<Output = ()> + Send {
-        async move {
+    async fn run(self, mut io: EngineIo) {
+        {
             loop {
                 let item = tokio::select! {
                     item = io.intake.recv() => match item { Some(item) => item, None => break },

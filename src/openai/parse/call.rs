@@ -87,7 +87,7 @@ impl CallScanner {
                         self.pos = end;
                         self.phase = Phase::Args { from: end, emitted: end, value: ValueScan::default() };
                     }
-                    Header::Incomplete | Header::NoMatch { .. } => {
+                    Header::Incomplete | Header::NoMatch => {
                         let lead = self.raw.len() - self.raw.trim_start().len();
                         if !self.raw[lead..].starts_with('{') {
                             return self.broken(lead);
