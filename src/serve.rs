@@ -28,7 +28,7 @@ use crate::planes::request::InProcessRequestPlane;
 use crate::preprocess::{ModelSource, PreprocessError, Preprocessor};
 use crate::router::RouterConfig;
 use crate::worker::engine::Placement;
-use crate::worker::engines::http::EngineStartError;
+use crate::worker::engines::http::{AdapterOptions, EngineStartError};
 use crate::worker::engines::mocker::transfer;
 use crate::worker::engines::mocker::{MockerConfig, MockerConfigError};
 use crate::worker::engines::{sglang, vllm};
@@ -88,11 +88,11 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
     match args.engine {
         EngineKind::Mocker => start_mockers(args),
         EngineKind::Sglang => start_with(args, |slot| {
-            let opts = sglang_options(slot)?;
+            let opts = adapter_options(slot)?;
             Ok(on_engine_runtime(sglang::connect(&opts))?)
         }),
         EngineKind::Vllm => start_with(args, |slot| {
-            let opts = vllm_options(slot)?;
+            let opts = adapter_options(slot)?;
             Ok(on_engine_runtime(vllm::connect(&opts))?)
         }),
     }
@@ -112,32 +112,15 @@ fn engine_url(slot: &WorkerSlot<'_>) -> Result<crate::config::EngineUrl, ServeEr
     Ok(slot.args.real_engine.urls()?.swap_remove(slot.index))
 }
 
-fn sglang_options(slot: &WorkerSlot<'_>) -> Result<sglang::SglangOptions, ServeError> {
-    let e = &slot.args.real_engine;
-    Ok(sglang::SglangOptions {
-        url: engine_url(slot)?.url,
-        role: slot.role,
-        page_size: slot.args.model.page_size,
-        served_model_name: slot.args.model.served_name(),
-        ready_timeout: e.ready_timeout(),
-        timeout: e.timeout(),
-        kv_events_endpoint: e.engine_kv_events.clone(),
-        replay_endpoint: e.engine_replay.clone(),
-    })
-}
-
-fn vllm_options(slot: &WorkerSlot<'_>) -> Result<vllm::VllmOptions, ServeError> {
-    let e = &slot.args.real_engine;
-    Ok(vllm::VllmOptions {
-        url: engine_url(slot)?.url,
-        role: slot.role,
-        page_size: slot.args.model.page_size,
-        served_model_name: slot.args.model.served_name(),
-        ready_timeout: e.ready_timeout(),
-        timeout: e.timeout(),
-        kv_events_endpoint: e.engine_kv_events.clone(),
-        replay_endpoint: e.engine_replay.clone(),
-    })
+fn adapter_options(slot: &WorkerSlot<'_>) -> Result<AdapterOptions, ServeError> {
+    let (args, url) = (slot.args, engine_url(slot)?.url);
+    Ok(crate::launch::adapter_options(
+        &args.real_engine,
+        url,
+        slot.role,
+        args.model.page_size,
+        &args.model.served_name(),
+    ))
 }
 
 /// [`start`] with mocker workers.

@@ -111,29 +111,11 @@ pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = (
             spawn(id, engine, inbox, publisher, ring)
         }
         EngineKind::Sglang => {
-            let opts = sglang::SglangOptions {
-                url: engine_url(&args)?,
-                role,
-                page_size,
-                served_model_name: model.clone(),
-                ready_timeout: args.real_engine.ready_timeout(),
-                timeout: args.real_engine.timeout(),
-                kv_events_endpoint: args.real_engine.engine_kv_events.clone(),
-                replay_endpoint: args.real_engine.engine_replay.clone(),
-            };
+            let opts = super::adapter_options(&args.real_engine, engine_url(&args)?, role, page_size, &model);
             spawn(id, sglang::connect(&opts).await?, inbox, publisher, ring)
         }
         EngineKind::Vllm => {
-            let opts = vllm::VllmOptions {
-                url: engine_url(&args)?,
-                role,
-                page_size,
-                served_model_name: model.clone(),
-                ready_timeout: args.real_engine.ready_timeout(),
-                timeout: args.real_engine.timeout(),
-                kv_events_endpoint: args.real_engine.engine_kv_events.clone(),
-                replay_endpoint: args.real_engine.engine_replay.clone(),
-            };
+            let opts = super::adapter_options(&args.real_engine, engine_url(&args)?, role, page_size, &model);
             spawn(id, vllm::connect(&opts).await?, inbox, publisher, ring)
         }
     };

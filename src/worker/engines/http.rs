@@ -81,6 +81,33 @@ pub trait Dialect: Send + Sync + 'static {
     fn reset(&self, client: &reqwest::Client) -> impl Future<Output = ()> + Send;
 }
 
+/// What a worker knows before it meets its engine (the same for every adapter).
+#[derive(Debug, Clone)]
+pub struct AdapterOptions {
+    /// `http://host:port` of the engine.
+    pub url: String,
+    pub role: crate::contract::WorkerRole,
+    pub page_size: u32,
+    /// The model name kvgate serves; the engine must serve the same one.
+    pub served_model_name: String,
+    pub ready_timeout: Duration,
+    /// For an answer to begin, and between a stream's chunks.
+    pub timeout: Duration,
+    /// Overrides of the discovered KV-event endpoints.
+    pub kv_events_endpoint: Option<String>,
+    pub replay_endpoint: Option<String>,
+}
+
+/// GETs `path` of the engine at `url` as JSON (start-up only).
+pub async fn get_json(client: &reqwest::Client, url: &str, path: &str) -> Result<serde_json::Value, String> {
+    let r =
+        client.get(format!("{url}{path}")).timeout(Duration::from_secs(30)).send().await.map_err(|e| e.to_string())?;
+    if !r.status().is_success() {
+        return Err(format!("{path} answered {}", r.status()));
+    }
+    r.json().await.map_err(|e| e.to_string())
+}
+
 /// Where an engine publishes its KV events (one rank).
 #[derive(Debug, Clone)]
 pub struct EventSource {

@@ -24,28 +24,11 @@ use crate::contract::{
 use crate::worker::engine::EngineCard;
 
 use super::http::{
-    client, reachable_endpoint, send_within, status_error, wait_ready, Dialect, EngineStartError, EventSource,
-    HttpAdapter, SseReader, CALL_TIMEOUT,
+    client, get_json, reachable_endpoint, send_within, status_error, wait_ready, AdapterOptions, Dialect,
+    EngineStartError, EventSource, HttpAdapter, SseReader, CALL_TIMEOUT,
 };
 
 const ENGINE: &str = "sglang";
-
-/// What the worker knows before it meets the engine.
-#[derive(Debug, Clone)]
-pub struct SglangOptions {
-    /// `http://host:port` of the SGLang server.
-    pub url: String,
-    pub role: WorkerRole,
-    pub page_size: u32,
-    /// The model name kvgate serves; the engine must serve the same one.
-    pub served_model_name: String,
-    pub ready_timeout: Duration,
-    /// For an answer to begin, and between a stream's chunks.
-    pub timeout: Duration,
-    /// Overrides of the discovered KV-event endpoints.
-    pub kv_events_endpoint: Option<String>,
-    pub replay_endpoint: Option<String>,
-}
 
 /// SGLang's API, as [`HttpAdapter`] runs it.
 #[derive(Debug)]
@@ -62,11 +45,11 @@ pub struct Sglang {
 
 /// Meets the engine at `opts.url`: waits until it generates, checks it against kvgate's
 /// settings, and finds its KV-event stream and bootstrap server.
-pub async fn connect(opts: &SglangOptions) -> Result<HttpAdapter<Sglang>, EngineStartError> {
+pub async fn connect(opts: &AdapterOptions) -> Result<HttpAdapter<Sglang>, EngineStartError> {
     let url = opts.url.trim_end_matches('/').to_string();
     let client = client();
     wait_ready(&client, ENGINE, &url, "/health_generate", opts.ready_timeout).await?;
-    let info: Value = get_json(&client, &url, "/server_info").await?;
+    let info = server_info(&client, &url).await?;
     let host = url_host(&url);
     let mismatch = |what, engine_value: String, ours: String, fix: String| EngineStartError::Mismatch {
         engine: ENGINE,
@@ -174,27 +157,17 @@ pub(crate) fn url_host(url: &str) -> &str {
     authority.rsplit_once(':').map_or(authority, |(h, _)| h)
 }
 
-async fn get_json(client: &reqwest::Client, url: &str, path: &str) -> Result<Value, EngineStartError> {
-    let protocol = |detail: String| EngineStartError::Protocol {
+async fn server_info(client: &reqwest::Client, url: &str) -> Result<Value, EngineStartError> {
+    get_json(client, url, "/server_info").await.map_err(|detail| EngineStartError::Protocol {
         engine: ENGINE,
         url: url.to_string(),
         what: "its server info",
         detail,
-    };
-    let r = client
-        .get(format!("{url}{path}"))
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await
-        .map_err(|source| EngineStartError::Unreachable { engine: ENGINE, url: url.to_string(), source })?;
-    if !r.status().is_success() {
-        return Err(protocol(format!("{path} answered {}", r.status())));
-    }
-    r.json().await.map_err(|e| protocol(e.to_string()))
+    })
 }
 
 /// The KV-event stream `/server_info` advertises (or the flags give).
-fn event_source(info: &Value, host: &str, opts: &SglangOptions) -> Option<EventSource> {
+fn event_source(info: &Value, host: &str, opts: &AdapterOptions) -> Option<EventSource> {
     let kv = &info["kv_events"];
     let topic = kv["topic"].as_str().unwrap_or_default().to_string();
     let advertised = kv["endpoint_port_base"].as_u64().map(|port| {

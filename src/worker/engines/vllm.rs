@@ -20,31 +20,16 @@ use tokio::sync::mpsc;
 
 use crate::contract::{
     DisaggLeg, DisaggStyle, EngineKind, FinishReason, GenerateRequest, LoadReport, TokenId, WorkerError, WorkerOutput,
-    WorkerRole,
 };
 use crate::worker::engine::EngineCard;
 
 use super::http::{
-    client, reachable_endpoint, send_within, status_error, wait_ready, Dialect, EngineStartError, EventSource,
-    HttpAdapter, SseReader, CALL_TIMEOUT,
+    client, get_json, reachable_endpoint, send_within, status_error, wait_ready, AdapterOptions, Dialect,
+    EngineStartError, EventSource, HttpAdapter, SseReader, CALL_TIMEOUT,
 };
 use super::sglang::url_host;
 
 const ENGINE: &str = "vllm";
-
-/// What the worker knows before it meets the engine.
-#[derive(Debug, Clone)]
-pub struct VllmOptions {
-    pub url: String,
-    pub role: WorkerRole,
-    pub page_size: u32,
-    pub served_model_name: String,
-    pub ready_timeout: Duration,
-    /// For an answer to begin, and between a stream's chunks.
-    pub timeout: Duration,
-    pub kv_events_endpoint: Option<String>,
-    pub replay_endpoint: Option<String>,
-}
 
 /// vLLM's API, as [`HttpAdapter`] runs it.
 #[derive(Debug)]
@@ -56,7 +41,7 @@ pub struct Vllm {
 }
 
 /// Meets the engine at `opts.url`: waits for `/health`, checks it, finds its KV events.
-pub async fn connect(opts: &VllmOptions) -> Result<HttpAdapter<Vllm>, EngineStartError> {
+pub async fn connect(opts: &AdapterOptions) -> Result<HttpAdapter<Vllm>, EngineStartError> {
     let url = opts.url.trim_end_matches('/').to_string();
     let client = client();
     wait_ready(&client, ENGINE, &url, "/health", opts.ready_timeout).await?;
@@ -119,17 +104,8 @@ pub async fn connect(opts: &VllmOptions) -> Result<HttpAdapter<Vllm>, EngineStar
     })
 }
 
-async fn get_json(client: &reqwest::Client, url: &str, path: &str) -> Result<Value, String> {
-    let r =
-        client.get(format!("{url}{path}")).timeout(Duration::from_secs(30)).send().await.map_err(|e| e.to_string())?;
-    if !r.status().is_success() {
-        return Err(format!("{path} answered {}", r.status()));
-    }
-    r.json().await.map_err(|e| e.to_string())
-}
-
 /// Rank 0's stream from `/kv_event_sources` (`{"0": {"endpoint", "replay_endpoint", "topic"}}`).
-fn event_source(sources: &Value, host: &str, opts: &VllmOptions) -> Option<EventSource> {
+fn event_source(sources: &Value, host: &str, opts: &AdapterOptions) -> Option<EventSource> {
     let rank = &sources["0"];
     let on = rank["enable_kv_cache_events"].as_bool().unwrap_or(false) && rank["publisher"].as_str() == Some("zmq");
     let advertised = on.then(|| rank["endpoint"].as_str()).flatten().map(|e| reachable_endpoint(e, host));
