@@ -42,6 +42,8 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(330);
 pub const LOAD_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Events forwarded to the runtime as one batch at most (what is ready, without waiting).
 pub const MAX_EVENTS_PER_BATCH: usize = 1024;
+/// Events read after a response's end before its connection is given up (see [`SseReader::drain`]).
+pub const MAX_DRAIN_EVENTS: usize = 16;
 /// Bytes one SSE event may take before the stream is refused (a chunk of token ids is small).
 pub const MAX_SSE_EVENT_BYTES: usize = 16 << 20;
 
@@ -263,6 +265,17 @@ impl SseReader {
             }
             if self.buf.len() > MAX_SSE_EVENT_BYTES {
                 return Err(WorkerError::worker("the engine sent an oversized stream event"));
+            }
+        }
+    }
+
+    /// Reads what is left of the response (the `[DONE]` after a finish chunk, the body's end),
+    /// at most [`MAX_DRAIN_EVENTS`] events: a body read to its end lets the client reuse the
+    /// connection; one left unread costs a new connection per request.
+    pub async fn drain(mut self) {
+        for _ in 0..MAX_DRAIN_EVENTS {
+            if !matches!(self.next().await, Ok(Some(_))) {
+                return;
             }
         }
     }

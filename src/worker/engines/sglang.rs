@@ -409,7 +409,9 @@ impl Sglang {
                     if !new.is_empty() {
                         send(WorkerOutput::Tokens(new)).await?;
                     }
-                    return send(WorkerOutput::Finished { reason }).await;
+                    send(WorkerOutput::Finished { reason }).await?;
+                    sse.drain().await;
+                    return Ok(());
                 }
                 Some(Err(e)) => return Err(Some(e)),
             }

@@ -278,6 +278,7 @@ impl Vllm {
         let mut usage = None;
         while let Some(data) = sse.next().await.map_err(Some)? {
             if data == "[DONE]" {
+                sse.drain().await;
                 break;
             }
             let mut c = parse_chunk(&data).map_err(Some)?;
