@@ -2,6 +2,10 @@
 //!
 //! - [`source`]: where the model comes from ([`ModelSource`]: built in, a directory, the HF hub).
 //! - [`tokenizer`]: the built-in byte-level tokenizer, special-token lookups, the sample text.
+//! - [`bpe`]: [`bpe::FastBpe`], the fast encoder for byte-level BPE models (HF's exact ids);
+//!   chosen once at load when the model's tokenizer is one it reproduces, HF `tokenizers`
+//!   otherwise (one info line at load says which encodes, and why the fallback). Decoding is
+//!   always HF's.
 //! - [`template`]: chat templates rendered like transformers' `apply_chat_template`.
 //! - [`detok`]: [`IncrementalDecoder`], token ids → text, a small window per step.
 //! - [`stop`]: [`StopMatcher`], cuts the text stream at the earliest stop string.
@@ -12,6 +16,7 @@
 //! without locks (the tokenizer and the compiled template are only read). Per-request state
 //! ([`IncrementalDecoder`], [`StopMatcher`]) is owned by the request's task.
 
+pub mod bpe;
 pub mod config;
 pub mod detok;
 pub mod error;
@@ -37,6 +42,8 @@ use template::ChatTemplate;
 pub struct Preprocessor {
     description: String,
     tokenizer: Tokenizer,
+    /// Encodes instead of `tokenizer` when the model is one it reproduces exactly.
+    fast: Option<bpe::FastBpe>,
     template: Option<ChatTemplate>,
     eos_token_ids: Vec<u32>,
     model_config: Option<ModelConfig>,
@@ -129,22 +136,41 @@ impl Preprocessor {
         model_config: Option<ModelConfig>,
     ) -> Self {
         let vocab_size = tokenizer.get_vocab_size(true);
-        let sample: Vec<u32> = match tokenizer.encode_fast(tokenizer::SAMPLE_TEXT, false) {
-            Ok(enc) => enc.get_ids().to_vec(),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not tokenize the sample text");
-                Vec::new()
+        let fast = match bpe::FastBpe::from_hf(&tokenizer) {
+            Ok(fast) => {
+                tracing::info!(model = %description, encoder = %fast.describe(), "tokenizer: the fast path encodes (HF tokenizers decodes)");
+                Some(fast)
+            }
+            Err(why) => {
+                tracing::info!(model = %description, fallback = %why, "tokenizer: HF tokenizers encodes (the fast path does not support this model)");
+                None
             }
         };
-        Preprocessor {
+        let mut p = Preprocessor {
             description,
             tokenizer,
+            fast,
             template,
             eos_token_ids,
             model_config,
             vocab_size,
-            sample_text_tokens: sample.into(),
+            sample_text_tokens: Arc::from([]),
+        };
+        match p.encode(tokenizer::SAMPLE_TEXT, false) {
+            Ok(ids) => p.sample_text_tokens = ids.into(),
+            Err(e) => tracing::warn!(error = %e, "could not tokenize the sample text"),
         }
+        p
+    }
+
+    /// True when [`bpe::FastBpe`] encodes for this model (HF `tokenizers` otherwise).
+    pub fn uses_fast_tokenizer(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// HF's tokenizer, as loaded (it decodes; it encodes when the fast path does not).
+    pub fn hf_tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
     }
 
     /// Where this model came from, for logs.
@@ -164,6 +190,9 @@ impl Preprocessor {
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, PreprocessError> {
+        if let Some(fast) = &self.fast {
+            return Ok(fast.encode(text, add_special_tokens));
+        }
         let encoding = self
             .tokenizer
             .encode_fast(text, add_special_tokens)

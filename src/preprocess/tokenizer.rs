@@ -46,7 +46,7 @@ it, and that was exactly how he liked it.
 ";
 
 /// GPT-2's reversible byte → printable-char map (the ByteLevel alphabet).
-fn byte_char(b: u8) -> char {
+pub(crate) fn byte_char(b: u8) -> char {
     let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
     if printable(b) {
         return char::from(b);
