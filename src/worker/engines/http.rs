@@ -233,6 +233,33 @@ async fn run_adapter<D: Dialect>(adapter: HttpAdapter<D>, io: EngineIo) {
     tracing::debug!(engine = card.kind.as_str(), "adapter stopped");
 }
 
+/// What ended one request's call: `Err(Some)` a failure to report, `Err(None)` a closed reply.
+pub type CallOutcome = Result<(), Option<WorkerError>>;
+
+/// Runs `call` until it ends or `reply` closes: a failure goes to the client as the stream's
+/// last message; a closed reply (client gone, migration, the other leg failed) runs `abort`,
+/// so the engine stops the request too.
+pub async fn run_call(
+    engine: &str,
+    rid: &str,
+    call: impl Future<Output = CallOutcome>,
+    reply: &mpsc::Sender<WorkerOutput>,
+    abort: impl Future<Output = ()>,
+) {
+    let outcome = tokio::select! {
+        r = call => r,
+        () = reply.closed() => Err(None),
+    };
+    match outcome {
+        Ok(()) => {}
+        Err(Some(e)) => {
+            tracing::debug!(engine, rid, error = %e, "engine request failed");
+            let _ = reply.send(WorkerOutput::Error(e)).await;
+        }
+        Err(None) => abort.await,
+    }
+}
+
 /// Reads a streaming response as SSE `data:` payloads, one call per event.
 pub struct SseReader {
     body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,

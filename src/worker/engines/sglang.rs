@@ -24,7 +24,7 @@ use crate::contract::{
 use crate::worker::engine::EngineCard;
 
 use super::http::{
-    client, get_json, reachable_endpoint, send_within, status_error, wait_ready, AdapterOptions, Dialect,
+    client, get_json, reachable_endpoint, run_call, send_within, status_error, wait_ready, AdapterOptions, Dialect,
     EngineStartError, EventSource, HttpAdapter, SseReader, CALL_TIMEOUT,
 };
 
@@ -303,19 +303,8 @@ impl Dialect for Sglang {
         let rid = self.rid(request.request_id);
         let prefill_leg = matches!(request.disagg, Some(DisaggLeg::Prefill { .. }));
         let body = generate_body(&request, &rid, !prefill_leg);
-        let outcome = tokio::select! {
-            r = self.run(&client, &request, body, prefill_leg, &reply) => r,
-            () = reply.closed() => Err(None),
-        };
-        match outcome {
-            Ok(()) => {}
-            Err(Some(e)) => {
-                tracing::debug!(rid, error = %e, "SGLang request failed");
-                let _ = reply.send(WorkerOutput::Error(e)).await;
-            }
-            // The client went away: the engine must stop too.
-            Err(None) => self.abort(&client, &rid).await,
-        }
+        let call = self.run(&client, &request, body, prefill_leg, &reply);
+        run_call(ENGINE, &rid, call, &reply, self.abort(&client, &rid)).await;
     }
 
     async fn load(&self, client: &reqwest::Client) -> Option<LoadReport> {

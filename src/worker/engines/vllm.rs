@@ -24,7 +24,7 @@ use crate::contract::{
 use crate::worker::engine::EngineCard;
 
 use super::http::{
-    client, get_json, reachable_endpoint, send_within, status_error, wait_ready, AdapterOptions, Dialect,
+    client, get_json, reachable_endpoint, run_call, send_within, status_error, wait_ready, AdapterOptions, Dialect,
     EngineStartError, EventSource, HttpAdapter, SseReader, CALL_TIMEOUT,
 };
 use super::sglang::url_host;
@@ -316,18 +316,8 @@ impl Dialect for Vllm {
         reply: mpsc::Sender<WorkerOutput>,
     ) {
         let rid = self.rid(&request);
-        let outcome = tokio::select! {
-            r = self.run(&client, &request, &rid, &reply) => r,
-            () = reply.closed() => Err(None),
-        };
-        match outcome {
-            Ok(()) => {}
-            Err(Some(e)) => {
-                tracing::debug!(rid, error = %e, "vLLM request failed");
-                let _ = reply.send(WorkerOutput::Error(e)).await;
-            }
-            Err(None) => self.abort(&client, &rid).await,
-        }
+        let call = self.run(&client, &request, &rid, &reply);
+        run_call(ENGINE, &rid, call, &reply, self.abort(&client, &rid)).await;
     }
 
     async fn load(&self, client: &reqwest::Client) -> Option<LoadReport> {
