@@ -242,10 +242,12 @@ fn added_tokens(v: Option<&Value>) -> Result<Vec<(String, u32)>, Unsupported> {
 }
 
 type ByString = std::collections::HashMap<String, u32>;
+/// Vocab entries as raw bytes with their ids.
+type ByBytes = Vec<(Vec<u8>, u32)>;
 
 /// The vocab as raw bytes (entries with chars outside the byte alphabet cannot come out of
 /// merging bytes and are left out), by string, and each byte's id.
-fn vocab(model: &Value) -> Result<(Vec<(Vec<u8>, u32)>, ByString, [u32; 256]), Unsupported> {
+fn vocab(model: &Value) -> Result<(ByBytes, ByString, [u32; 256]), Unsupported> {
     let map = model.get("vocab").and_then(Value::as_object).ok_or(Unsupported::Malformed("model.vocab"))?;
     let mut unbyte = std::collections::HashMap::with_capacity(256);
     for b in 0..=255u8 {
