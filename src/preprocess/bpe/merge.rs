@@ -100,12 +100,26 @@ pub(super) struct Bpe {
     words: FxMap<Box<[u8]>, u32>,
 }
 
-/// Reusable buffers for merging, owned by one encode call.
+/// Merged words one thread keeps: at most this many, then the cache starts over. A long prompt's
+/// distinct multi-token words fit many times over (a 40k-token prompt has a few thousand), and a
+/// chat's next turn re-sends the earlier ones; ~100 B an entry, ~6 MiB per thread at most.
+pub(super) const WORD_CACHE_ENTRIES: usize = 65_536;
+
+/// Reusable buffers for merging and the cache of merged words, owned by one thread and used for
+/// one model at a time (the caller clears it when the model changes).
 #[derive(Default)]
 pub(super) struct Scratch {
     ids: Vec<u32>,
     ranks: Vec<u64>,
     heap: HeapScratch,
+    /// Words that merge to more than one id (one-id words are in [`Bpe::words`]).
+    cache: FxMap<Box<[u8]>, Box<[u32]>>,
+}
+
+impl Scratch {
+    pub(super) fn clear_cache(&mut self) {
+        self.cache.clear();
+    }
 }
 
 impl Bpe {
@@ -161,16 +175,27 @@ impl Bpe {
         word.windows(2).map(|w| self.byte_pairs[usize::from(w[0]) << 8 | usize::from(w[1])])
     }
 
-    /// Appends the ids of one pre-token (its raw bytes) to `out`.
+    /// Appends the ids of one pre-token (its raw bytes) to `out`. `scratch` must have been used
+    /// with this model only since its cache was last cleared.
     #[inline]
     pub(super) fn encode_word(&self, word: &[u8], scratch: &mut Scratch, out: &mut Vec<u32>) {
         match word {
             [] => {}
             [b] => out.push(self.byte_ids[usize::from(*b)]),
-            _ => match self.words.get(word) {
-                Some(&id) => out.push(id),
-                None => self.merge(word, scratch, out),
-            },
+            _ => {
+                if let Some(&id) = self.words.get(word) {
+                    return out.push(id);
+                }
+                if let Some(ids) = scratch.cache.get(word) {
+                    return out.extend_from_slice(ids);
+                }
+                let start = out.len();
+                self.merge(word, scratch, out);
+                if scratch.cache.len() >= WORD_CACHE_ENTRIES {
+                    scratch.cache.clear();
+                }
+                scratch.cache.insert(word.into(), out[start..].into());
+            }
         }
     }
 
