@@ -129,20 +129,38 @@ pub struct HttpAdapter<D> {
     pub counters: Arc<Counters>,
 }
 
-/// Sends `call`, waiting at most `timeout` for the answer to begin.
-pub async fn send_within(
+/// Sends one generate call: a whole (non-streaming) call is bounded by [`CALL_TIMEOUT`], a
+/// stream's answer must begin within `timeout`; an HTTP error status becomes the request's
+/// failure ([`status_error`]).
+pub async fn send_call(
     call: reqwest::RequestBuilder,
+    whole: bool,
     timeout: Duration,
     engine: &str,
     url: &str,
 ) -> Result<reqwest::Response, WorkerError> {
-    match tokio::time::timeout(timeout, call.send()).await {
-        Ok(Ok(r)) => Ok(r),
-        Ok(Err(e)) => Err(WorkerError::worker(format!("{engine} at {url} is unreachable: {e}"))),
-        Err(_) => Err(WorkerError::worker(format!(
-            "{engine} at {url} did not answer within {timeout:?} (--engine-timeout-s)"
-        ))),
+    let (call, wait) = if whole { (call.timeout(CALL_TIMEOUT), CALL_TIMEOUT) } else { (call, timeout) };
+    let resp = match tokio::time::timeout(wait, call.send()).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(WorkerError::worker(format!("{engine} at {url} is unreachable: {e}"))),
+        Err(_) => {
+            return Err(WorkerError::worker(format!(
+                "{engine} at {url} did not answer within {wait:?} (--engine-timeout-s)"
+            )))
+        }
+    };
+    if !resp.status().is_success() {
+        let status = resp.status();
+        return Err(status_error(engine, status, &resp.text().await.unwrap_or_default()));
     }
+    Ok(resp)
+}
+
+/// The host part of `http://host:port`.
+pub fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
 }
 
 /// The client every adapter uses (no proxies: engines are addressed directly).

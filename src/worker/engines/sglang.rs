@@ -24,8 +24,8 @@ use crate::contract::{
 use crate::worker::engine::EngineCard;
 
 use super::http::{
-    client, get_json, reachable_endpoint, run_call, send_within, status_error, wait_ready, AdapterOptions, Dialect,
-    EngineStartError, EventSource, HttpAdapter, SseReader, CALL_TIMEOUT,
+    client, get_json, reachable_endpoint, run_call, send_call, url_host, wait_ready, AdapterOptions, Dialect,
+    EngineStartError, EventSource, HttpAdapter, SseReader,
 };
 
 const ENGINE: &str = "sglang";
@@ -148,13 +148,6 @@ fn role_name(r: WorkerRole) -> &'static str {
         WorkerRole::Prefill => "prefill",
         WorkerRole::Decode => "decode",
     }
-}
-
-/// The host part of `http://host:port`.
-pub(crate) fn url_host(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
 }
 
 async fn server_info(client: &reqwest::Client, url: &str) -> Result<Value, EngineStartError> {
@@ -344,17 +337,8 @@ impl Sglang {
         prefill_leg: bool,
         reply: &mpsc::Sender<WorkerOutput>,
     ) -> Result<(), Option<WorkerError>> {
-        let mut call = client.post(format!("{}/generate", self.url)).json(&body);
-        if prefill_leg {
-            call = call.timeout(CALL_TIMEOUT);
-        }
-        let wait = if prefill_leg { CALL_TIMEOUT } else { self.timeout };
-        let resp = send_within(call, wait, "SGLang", &self.url).await.map_err(Some)?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            let text = resp.text().await.unwrap_or_default();
-            return Err(Some(status_error(ENGINE, status, &text)));
-        }
+        let call = client.post(format!("{}/generate", self.url)).json(&body);
+        let resp = send_call(call, prefill_leg, self.timeout, ENGINE, &self.url).await.map_err(Some)?;
         let send = |o| async { reply.send(o).await.map_err(|_| None) };
         let prompt_len = request.token_ids.len() as u32;
         if prefill_leg {

@@ -24,10 +24,9 @@ use crate::contract::{
 use crate::worker::engine::EngineCard;
 
 use super::http::{
-    client, get_json, reachable_endpoint, run_call, send_within, status_error, wait_ready, AdapterOptions, Dialect,
-    EngineStartError, EventSource, HttpAdapter, SseReader, CALL_TIMEOUT,
+    client, get_json, reachable_endpoint, run_call, send_call, url_host, wait_ready, AdapterOptions, Dialect,
+    EngineStartError, EventSource, HttpAdapter, SseReader,
 };
-use super::sglang::url_host;
 
 const ENGINE: &str = "vllm";
 
@@ -243,17 +242,8 @@ impl Vllm {
     ) -> Result<(), Option<WorkerError>> {
         let body = generate_body(r, rid).map_err(Some)?;
         let prefill_leg = matches!(r.disagg, Some(DisaggLeg::Prefill { .. }));
-        let mut call =
-            client.post(format!("{}/inference/v1/generate", self.url)).header("X-Request-Id", rid).json(&body);
-        if prefill_leg {
-            call = call.timeout(CALL_TIMEOUT);
-        }
-        let wait = if prefill_leg { CALL_TIMEOUT } else { self.timeout };
-        let resp = send_within(call, wait, "vLLM", &self.url).await.map_err(Some)?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            return Err(Some(status_error(ENGINE, status, &resp.text().await.unwrap_or_default())));
-        }
+        let call = client.post(format!("{}/inference/v1/generate", self.url)).header("X-Request-Id", rid).json(&body);
+        let resp = send_call(call, prefill_leg, self.timeout, ENGINE, &self.url).await.map_err(Some)?;
         let send = |o| async { reply.send(o).await.map_err(|_| None) };
         let prompt_len = r.token_ids.len() as u32;
         if prefill_leg {
