@@ -534,7 +534,7 @@ mod tests {
         }
     }
 
-    /// Writes the fuzz seed corpus: `cargo test --lib kv::codec -- --ignored write_fuzz_seeds`.
+    /// Writes the fuzz seed corpus: `cargo test --lib contract::codec -- --ignored write_fuzz_seeds`.
     #[test]
     #[ignore = "writes fuzz/corpus/kv_event_decode/"]
     fn write_fuzz_seeds() {

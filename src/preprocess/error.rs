@@ -2,7 +2,7 @@
 //!
 //! Invariant: every variant says who is at fault ([`PreprocessError::is_client_error`]) and keeps
 //! its source; model-loading errors carry a message that says what to change. The HTTP layer maps
-//! these to a status in exactly one place (`http::error`). Plain data: `Send + Sync`, no state.
+//! these to a status in exactly one place (`frontend::data::error`). Plain data: `Send + Sync`, no state.
 
 use std::path::PathBuf;
 

@@ -1,7 +1,7 @@
 //! Frontend side of the TCP request plane: [`TcpRequestPlane`].
 //!
-//! Concurrency: worker addresses are published whole by one atomic swap (written by discovery,
-//! read by every shard). Connections live in a thread-local table keyed by (plane, worker), so
+//! Concurrency: the plane keeps no worker table: each call's [`Target`](crate::contract::Target)
+//! carries the worker's address from the frontend's worker snapshot. Connections live in a thread-local table keyed by (plane, worker), so
 //! each monoio shard dials and owns its own connection to each worker, lazily, and never shares
 //! it (on a tokio runtime each worker thread does the same). A connection is one task on the
 //! thread that dialled it, running the frame reader (which owns the table of open streams) and
