@@ -27,6 +27,7 @@ struct Lossy {
     inner: InProcessSubscriber,
     truth: KvIndexWriter,
     seen: Arc<AtomicUsize>,
+    dropped: Arc<AtomicUsize>,
     drop: Arc<dyn Fn(usize) -> bool + Send + Sync>,
 }
 
@@ -41,6 +42,7 @@ impl EventSubscriber for Lossy {
             if !(self.drop)(n) {
                 return Some(batch);
             }
+            self.dropped.fetch_add(1, Ordering::SeqCst);
         }
     }
 }
@@ -57,6 +59,7 @@ async fn run_case(
     ring: EventRing,
     drop: Arc<dyn Fn(usize) -> bool + Send + Sync>,
     rounds: usize,
+    min_dropped: usize,
     losing: Arc<AtomicBool>,
 ) -> (u64, u64) {
     let page = 16u32;
@@ -75,7 +78,8 @@ async fn run_case(
     ));
     let recovery = Arc::new(InProcessRecovery::new());
     let seen = Arc::new(AtomicUsize::new(0));
-    let lossy = Lossy { inner: subscriber, truth: truth_writer, seen: seen.clone(), drop };
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let lossy = Lossy { inner: subscriber, truth: truth_writer, seen: seen.clone(), dropped: dropped.clone(), drop };
     tokio::spawn(control::run(fe.clone(), writer, discovery.subscribe(), lossy, recovery.clone()));
 
     let id = WorkerId(42);
@@ -97,26 +101,44 @@ async fn run_case(
         kv_events: true,
     });
 
-    // Prompts sharing prefixes, enough of them to evict when the cache is small.
-    let mut prompts = Vec::new();
-    for r in 0..rounds {
+    // Prompts sharing prefixes, enough of them to evict when the cache is small. The runtime
+    // coalesces events into fewer batches when the machine is busy, so keep sending new prompts
+    // until the event plane has really lost `min_dropped` batches: a case that lost nothing
+    // would prove nothing.
+    let prompt = |r: usize| -> Vec<u32> {
         let mut p: Vec<u32> = (0..64).collect();
         p.extend((0..(48 + (r % 5) * 16) as u32).map(|t| t * 31 + r as u32));
-        prompts.push(p);
-    }
-    for (i, p) in prompts.iter().enumerate() {
+        p
+    };
+    let mut prompts = Vec::new();
+    let losses_deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut r = 0;
+    while r < rounds || dropped.load(Ordering::SeqCst) < min_dropped {
+        assert!(
+            tokio::time::Instant::now() < losses_deadline,
+            "the event plane lost only {} batches of {} seen",
+            dropped.load(Ordering::SeqCst),
+            seen.load(Ordering::SeqCst)
+        );
+        let p = prompt(r);
         let req = GenerateRequest {
-            request_id: i as u64,
+            request_id: r as u64,
             token_ids: p.clone(),
             sampling: SamplingParams { max_tokens: 20, ignore_eos: true, ..SamplingParams::default() },
             eos_token_ids: vec![],
             disagg: None,
         };
+        prompts.push(p);
+        r += 1;
         let mut rx = plane.generate(Target::in_process(id), req).await.unwrap();
         while let Some(out) = rx.recv().await {
             if matches!(out, WorkerOutput::Finished { .. } | WorkerOutput::Error(_)) {
                 break;
             }
+        }
+        if r >= rounds {
+            // Let the publisher catch up before deciding more prompts are needed.
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     losing.store(false, Ordering::SeqCst);
@@ -158,7 +180,7 @@ async fn short_gap_recovers_by_replay() {
     // Drop a few batches early on: well inside the worker's replay ring.
     let losing = Arc::new(AtomicBool::new(true));
     let (replays, dumps) =
-        run_case(mocker(4096), EventRing::default(), Arc::new(|n| (3..6).contains(&n)), 12, losing).await;
+        run_case(mocker(4096), EventRing::default(), Arc::new(|n| (3..6).contains(&n)), 12, 3, losing).await;
     assert!(replays >= 1 && dumps == 0, "replays {replays}, dumps {dumps}");
 }
 
@@ -169,7 +191,7 @@ async fn long_gap_recovers_from_a_dump() {
     let losing = Arc::new(AtomicBool::new(true));
     let l = losing.clone();
     let drop = Arc::new(move |n| n >= 1 && l.load(Ordering::SeqCst));
-    let (_, dumps) = run_case(mocker(64), EventRing::default(), drop, 1500, losing).await;
+    let (_, dumps) = run_case(mocker(64), EventRing::default(), drop, 1500, 1, losing).await;
     assert!(dumps >= 1, "expected a dump recovery");
 }
 
@@ -179,12 +201,13 @@ async fn long_gap_recovers_from_a_dump() {
 async fn an_engine_that_cannot_dump_is_recovered_by_the_runtime() {
     let echo = || (EchoEngine { page_size: 16, capacity_blocks: 24 }, 24);
     let losing = Arc::new(AtomicBool::new(true));
-    let (replays, dumps) = run_case(echo(), EventRing::default(), Arc::new(|n| (3..6).contains(&n)), 12, losing).await;
+    let (replays, dumps) =
+        run_case(echo(), EventRing::default(), Arc::new(|n| (3..6).contains(&n)), 12, 3, losing).await;
     assert!(replays >= 1 && dumps == 0, "replays {replays}, dumps {dumps}");
 
     let losing = Arc::new(AtomicBool::new(true));
     let l = losing.clone();
     let drop = Arc::new(move |n| n >= 1 && l.load(Ordering::SeqCst));
-    let (_, dumps) = run_case(echo(), EventRing::new(4, 1 << 10), drop, 60, losing).await;
+    let (_, dumps) = run_case(echo(), EventRing::new(4, 1 << 10), drop, 60, 1, losing).await;
     assert!(dumps >= 1, "expected a dump recovery");
 }
