@@ -31,7 +31,7 @@ use crate::worker::engine::Placement;
 use crate::worker::engines::http::{AdapterOptions, EngineStartError};
 use crate::worker::engines::mocker::transfer;
 use crate::worker::engines::mocker::{MockerConfig, MockerConfigError};
-use crate::worker::engines::{sglang, vllm};
+use crate::worker::engines::{llama_cpp, openai, sglang, vllm};
 use crate::worker::{spawn, Engine, EventRing, Mocker, WorkerHandle};
 
 #[derive(Debug, Error)]
@@ -79,7 +79,7 @@ pub struct WorkerSlot<'a> {
     pub role: WorkerRole,
     pub args: &'a ServeArgs,
     /// The served model's tokenizer and sizing.
-    pub preprocessor: &'a Preprocessor,
+    pub preprocessor: &'a Arc<Preprocessor>,
 }
 
 /// Starts the frontend and its workers (mocker engines, or adapters to the `--engine-url`
@@ -94,6 +94,16 @@ pub fn start(args: &ServeArgs) -> Result<Server, ServeError> {
         EngineKind::Vllm => start_with(args, |slot| {
             let opts = adapter_options(slot)?;
             Ok(on_engine_runtime(vllm::connect(&opts))?)
+        }),
+        // The tokenizer checks llama.cpp's vocabulary and re-encodes text a server sends without ids.
+        EngineKind::LlamaCpp => start_with(args, |slot| {
+            let opts = adapter_options(slot)?;
+            Ok(on_engine_runtime(llama_cpp::connect(&opts, Some(slot.preprocessor.clone())))?)
+        }),
+        EngineKind::Openai => start_with(args, |slot| {
+            let opts = adapter_options(slot)?;
+            let tokenizer = args.model.model_path.is_some().then(|| slot.preprocessor.clone());
+            Ok(on_engine_runtime(openai::connect(&opts, tokenizer))?)
         }),
     }
 }

@@ -189,7 +189,7 @@ pub struct RouterArgs {
     pub disagg_local_cached_ratio: f64,
 }
 
-/// A real engine behind kvgate (`--engine sglang|vllm`).
+/// A real engine behind kvgate (`--engine sglang|vllm|llama-cpp|openai`).
 #[derive(Args, Debug, Clone)]
 pub struct EngineArgs {
     /// The engine's HTTP address. `kvgate serve` takes it repeatedly, one worker per engine,
@@ -236,7 +236,7 @@ impl EngineArgs {
         let urls = self.urls()?;
         match engine {
             EngineKind::Mocker if !urls.is_empty() => {
-                Err(invalid("--engine-url", "the mocker needs no engine URL; add --engine sglang or --engine vllm"))
+                Err(invalid("--engine-url", "the mocker needs no engine URL; add --engine sglang|vllm|llama-cpp|openai"))
             }
             EngineKind::Mocker => Ok(()),
             _ if urls.is_empty() => Err(invalid("--engine-url", format!("--engine {} needs the engine's address: --engine-url http://HOST:PORT", engine.as_str()))),
@@ -245,8 +245,28 @@ impl EngineArgs {
                 "--engine-kv-events",
                 "an endpoint override applies to one engine; with several --engine-url, let each engine advertise its own",
             )),
+            EngineKind::LlamaCpp | EngineKind::Openai => self.validate_without_events(engine, &urls),
             _ => Ok(()),
         }
+    }
+
+    /// Engines that publish no KV events and cannot disaggregate (llama.cpp, OpenAI API).
+    fn validate_without_events(&self, engine: EngineKind, urls: &[EngineUrl]) -> Result<(), ConfigError> {
+        let name = engine.as_str();
+        if self.engine_kv_events.is_some() || self.engine_replay.is_some() {
+            let flag = if self.engine_kv_events.is_some() { "--engine-kv-events" } else { "--engine-replay" };
+            return Err(invalid(
+                flag,
+                format!("--engine {name} publishes no KV events; drop the flag (kvgate predicts its cache)"),
+            ));
+        }
+        if urls.iter().any(|u| u.role != WorkerRole::Aggregated) {
+            return Err(invalid(
+                "--engine-url",
+                format!("--engine {name} does not support disaggregation; give plain URLs without prefill=/decode="),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -520,6 +540,15 @@ impl WorkerArgs {
         }
         self.transfer.validate()?;
         self.real_engine.validate(self.engine, false)?;
+        if matches!(self.engine, EngineKind::LlamaCpp | EngineKind::Openai) && self.disaggregation_mode.is_some() {
+            return Err(invalid(
+                "--disaggregation-mode",
+                format!(
+                    "--engine {} does not support disaggregated serving; drop the flag (the worker serves aggregated)",
+                    self.engine.as_str()
+                ),
+            ));
+        }
         if self.transfer.disaggregation_transfer_backend == TransferBackend::InProcess {
             return Err(invalid(
                 "--disaggregation-transfer-backend",
@@ -581,6 +610,44 @@ mod tests {
         assert_eq!(s.http.shard_count(), 3);
         let e = parse(&["--shards", "3", "--max-connections", "2"]).validate().unwrap_err();
         assert_eq!(e.flag, "--max-connections");
+    }
+
+    #[test]
+    fn engines_without_kv_events_refuse_disaggregation_and_event_flags() {
+        let s = parse(&[
+            "--engine",
+            "llama-cpp",
+            "--engine-url",
+            "http://127.0.0.1:8080",
+            "--engine-url",
+            "http://127.0.0.1:8081",
+        ]);
+        s.validate().unwrap();
+        assert_eq!(s.engine, EngineKind::LlamaCpp);
+        assert_eq!(s.roles(), vec![WorkerRole::Aggregated; 2]);
+        let s = parse(&["--engine", "openai", "--engine-url", "http://127.0.0.1:8000"]);
+        s.validate().unwrap();
+        let e =
+            parse(&["--engine", "llama-cpp", "--engine-url", "prefill=http://127.0.0.1:8080"]).validate().unwrap_err();
+        assert_eq!(e.flag, "--engine-url");
+        assert!(e.message.contains("disaggregation"), "{e}");
+        let e =
+            parse(&["--engine", "openai", "--engine-url", "http://127.0.0.1:8000", "--engine-kv-events", "tcp://x:1"])
+                .validate()
+                .unwrap_err();
+        assert_eq!(e.flag, "--engine-kv-events");
+        let w = |extra: &[&str]| {
+            let mut v = vec!["kvgate", "worker", "--engine", "llama-cpp", "--engine-url", "http://127.0.0.1:8080"];
+            v.extend_from_slice(extra);
+            match Cli::try_parse_from(v).unwrap().command {
+                Command::Worker(w) => w,
+                _ => unreachable!(),
+            }
+        };
+        w(&[]).validate().unwrap();
+        let e = w(&["--disaggregation-mode", "prefill"]).validate().unwrap_err();
+        assert_eq!(e.flag, "--disaggregation-mode");
+        assert!(e.message.contains("llama-cpp"), "{e}");
     }
 
     #[test]

@@ -216,6 +216,10 @@ pub enum EngineKind {
     Sglang,
     /// A stock vLLM server (`/inference/v1/generate`, ZMQ KV events).
     Vllm,
+    /// llama.cpp's `llama-server` (`/completion` with token ids; no KV events).
+    LlamaCpp,
+    /// Any server taking token-id prompts on OpenAI's `/v1/completions` (no KV events).
+    Openai,
 }
 
 impl EngineKind {
@@ -224,6 +228,8 @@ impl EngineKind {
             EngineKind::Mocker => "mocker",
             EngineKind::Sglang => "sglang",
             EngineKind::Vllm => "vllm",
+            EngineKind::LlamaCpp => "llama-cpp",
+            EngineKind::Openai => "openai",
         }
     }
 }

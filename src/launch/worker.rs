@@ -24,7 +24,7 @@ use crate::worker::engine::Placement;
 use crate::worker::engines::http::EngineStartError;
 use crate::worker::engines::mocker::transfer;
 use crate::worker::engines::mocker::{MockerConfig, MockerConfigError};
-use crate::worker::engines::{sglang, vllm};
+use crate::worker::engines::{llama_cpp, openai, sglang, vllm};
 use crate::worker::{spawn, EventRing, Mocker};
 
 #[derive(Debug, Error)]
@@ -88,6 +88,15 @@ async fn mocker(args: &WorkerArgs, id: WorkerId, role: WorkerRole, host: &str) -
     Ok(Mocker::disaggregated(id, mocker, pre.sample_text_tokens(), setup))
 }
 
+/// The served model's tokenizer, for adapters that check the engine's vocabulary or re-encode
+/// its text (llama.cpp, OpenAI API).
+async fn tokenizer(args: &WorkerArgs) -> Result<std::sync::Arc<Preprocessor>, WorkerLaunchError> {
+    let source = ModelSource::parse(args.model.model_path.as_deref());
+    let pre =
+        tokio::task::spawn_blocking(move || Preprocessor::load(&source)).await.expect("model loading panicked")?;
+    Ok(std::sync::Arc::new(pre))
+}
+
 /// Runs one worker until `shutdown` resolves.
 pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<(), WorkerLaunchError> {
     args.validate()?;
@@ -117,6 +126,19 @@ pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = (
         EngineKind::Vllm => {
             let opts = super::adapter_options(&args.real_engine, engine_url(&args)?, role, page_size, &model);
             spawn(id, vllm::connect(&opts).await?, inbox, publisher, ring)
+        }
+        EngineKind::LlamaCpp => {
+            let opts = super::adapter_options(&args.real_engine, engine_url(&args)?, role, page_size, &model);
+            let tokenizer = Some(tokenizer(&args).await?);
+            spawn(id, llama_cpp::connect(&opts, tokenizer).await?, inbox, publisher, ring)
+        }
+        EngineKind::Openai => {
+            let opts = super::adapter_options(&args.real_engine, engine_url(&args)?, role, page_size, &model);
+            let tokenizer = match args.model.model_path {
+                Some(_) => Some(tokenizer(&args).await?),
+                None => None,
+            };
+            spawn(id, openai::connect(&opts, tokenizer).await?, inbox, publisher, ring)
         }
     };
     let transfer_address = handle.card.bootstrap.clone();

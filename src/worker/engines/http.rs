@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::contract::events::KvEventKind;
-use crate::contract::{GenerateRequest, LoadReport, WorkerError, WorkerOutput};
+use crate::contract::{FinishReason, GenerateRequest, LoadReport, TokenId, WorkerError, WorkerOutput};
 use crate::worker::engine::{Engine, EngineCard, EngineIo};
 
 use super::zmq_events::{self, Counters, SubscriberConfig, SubscriberHandle};
@@ -278,6 +278,46 @@ pub async fn run_call(
     }
 }
 
+/// Holds back a trailing end-of-sequence token until the engine says why it stopped: the eos
+/// token that ended a generation is not output (kvgate's contract), but an engine may send it
+/// one chunk before its finish (llama.cpp) or in the same chunk (vLLM).
+#[derive(Debug)]
+pub struct EosHold<'a> {
+    eos: &'a [TokenId],
+    on: bool,
+    held: Option<TokenId>,
+}
+
+impl<'a> EosHold<'a> {
+    /// `on`: eos ends the request (not `ignore_eos`).
+    pub fn new(eos: &'a [TokenId], on: bool) -> Self {
+        Self { eos, on, held: None }
+    }
+
+    /// The tokens to send now: what was held, then `tokens` minus a trailing eos candidate.
+    pub fn push(&mut self, tokens: Vec<TokenId>) -> Vec<TokenId> {
+        if tokens.is_empty() {
+            return tokens;
+        }
+        let mut out: Vec<TokenId> = self.held.take().into_iter().collect();
+        out.extend(tokens);
+        if self.on && out.last().is_some_and(|t| self.eos.contains(t)) {
+            self.held = out.pop();
+        }
+        out
+    }
+
+    /// At the finish: the held token is dropped when it was the eos that stopped generation.
+    pub fn finish(&mut self, reason: FinishReason) -> Option<TokenId> {
+        let held = self.held.take();
+        if reason == FinishReason::Eos {
+            None
+        } else {
+            held
+        }
+    }
+}
+
 /// Reads a streaming response as SSE `data:` payloads, one call per event.
 pub struct SseReader {
     body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
@@ -443,6 +483,22 @@ mod tests {
         assert_eq!(reachable_endpoint("tcp://*:5557", "10.1.2.3"), "tcp://10.1.2.3:5557");
         assert_eq!(reachable_endpoint("tcp://127.0.0.1:5557", "10.1.2.3"), "tcp://127.0.0.1:5557");
         assert_eq!(reachable_endpoint("ipc:///tmp/x", "h"), "ipc:///tmp/x");
+    }
+
+    #[test]
+    fn a_trailing_eos_is_held_until_the_finish_says_why() {
+        let eos = [9];
+        let mut h = EosHold::new(&eos, true);
+        assert_eq!(h.push(vec![1, 9]), vec![1]);
+        assert_eq!(h.push(vec![]), Vec::<TokenId>::new());
+        assert_eq!(h.finish(FinishReason::Eos), None);
+        let mut h = EosHold::new(&eos, true);
+        assert_eq!(h.push(vec![9]), Vec::<TokenId>::new());
+        assert_eq!(h.push(vec![2]), vec![9, 2]);
+        assert_eq!(h.push(vec![9]), Vec::<TokenId>::new());
+        assert_eq!(h.finish(FinishReason::Length), Some(9));
+        let mut h = EosHold::new(&eos, false);
+        assert_eq!(h.push(vec![9]), vec![9]);
     }
 
     #[test]
