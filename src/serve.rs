@@ -186,7 +186,9 @@ pub fn start_with<E: Engine>(
         disagg: args.router.disagg_policy(),
     };
     let fe = Arc::new(
-        Frontend::new(plane.clone(), index, router_config, limits, shards).with_parsers(args.http.parsers.flags()),
+        Frontend::new(plane.clone(), index, router_config, limits, shards)
+            .with_parsers(args.http.parsers.flags())
+            .with_token_cache(args.http.token_cache()),
     );
     fe.add_model(&model_name, preprocessor.clone(), page_size);
 

@@ -11,6 +11,7 @@ use thiserror::Error;
 use crate::contract::{EngineKind, WorkerRole};
 use crate::kv::hash::MAX_BLOCK_SIZE;
 use crate::openai::parse::{ParserFlags, ReasoningFlag, ToolCallFlag};
+use crate::preprocess::token_cache::{TokenCache, DEFAULT_BUDGET_MB};
 use crate::router::{RouterMode, MAX_SHARDS};
 use crate::worker::engines::mocker::MockerArgs;
 
@@ -23,6 +24,8 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Ceiling of `--max-connections`: past a million, file descriptors and memory run out first.
 pub const MAX_CONNECTIONS_CEILING: usize = 1 << 20;
+/// Ceiling of `--token-cache-mb` (1 TiB): a larger figure is a typo, not a cache.
+pub const TOKEN_CACHE_MB_CEILING: usize = 1 << 20;
 
 /// The command line.
 #[derive(Parser, Debug)]
@@ -136,6 +139,11 @@ pub struct HttpArgs {
     pub max_connections: usize,
     #[command(flatten)]
     pub parsers: ParserArgs,
+    /// Token cache budget in MiB (0 disables it): the token ids of long prompt segments (the
+    /// text between two special tokens, 256 bytes or more), shared by every shard, so a
+    /// conversation's next turn tokenizes only its new text. Fast-path models only.
+    #[arg(long, default_value_t = DEFAULT_BUDGET_MB, env = "KVGATE_TOKEN_CACHE_MB")]
+    pub token_cache_mb: usize,
 }
 
 /// How a model's raw text becomes OpenAI's `reasoning_content` and `tool_calls` (vLLM's flags
@@ -403,7 +411,18 @@ impl HttpArgs {
                 format!("{n} is not in {shards}..={MAX_CONNECTIONS_CEILING} (at least one per shard)"),
             ));
         }
+        if self.token_cache_mb > TOKEN_CACHE_MB_CEILING {
+            return Err(invalid(
+                "--token-cache-mb",
+                format!("{} is more than {TOKEN_CACHE_MB_CEILING} (MiB; 0 disables the cache)", self.token_cache_mb),
+            ));
+        }
         Ok(())
+    }
+
+    /// The token cache `--token-cache-mb` asks for (`None` for 0).
+    pub fn token_cache(&self) -> Option<std::sync::Arc<TokenCache>> {
+        TokenCache::from_mb(self.token_cache_mb)
     }
 
     /// Where and how the data plane listens.

@@ -4,7 +4,8 @@
 //! Concurrency: [`Frontend`] is shared (`Arc`) by every data-plane shard and the control plane.
 //! Everything a shard reads on the request path is either immutable or published whole by one
 //! atomic swap (the model table, each model's worker group) or read lock-free (the KV index,
-//! per-shard load slots). Only the control plane ([`super::control`]) writes: it owns the index writer
+//! per-shard load slots). The token cache ([`crate::preprocess::token_cache`]) is the exception:
+//! shards write it, under its own striped locks. Only the control plane ([`super::control`]) writes: it owns the index writer
 //! and rebuilds worker groups from discovery snapshots.
 
 use std::collections::HashMap;
@@ -22,7 +23,7 @@ use crate::kv::index::KvIndex;
 use crate::metrics::{Metrics, WorkerGauge};
 use crate::openai::parse::ParserFlags;
 use crate::planes::discovery::WorkerInfo;
-use crate::preprocess::Preprocessor;
+use crate::preprocess::{Preprocessor, TokenCache};
 use crate::router::{Candidate, Router, RouterConfig, WorkerLoad};
 
 /// One worker as the frontend knows it: its registration, where to reach it, its load cell
@@ -212,6 +213,9 @@ pub struct Frontend<P> {
     pub limits: HttpLimits,
     /// `--reasoning-parser` and `--tool-call-parser`, resolved per model's chat template.
     pub parsers: ParserFlags,
+    /// The ids of prompt segments already tokenized, for every model (`--token-cache-mb`;
+    /// `None` when 0).
+    pub token_cache: Option<Arc<TokenCache>>,
     router_config: RouterConfig,
     models: ArcSwap<HashMap<String, Arc<ModelState>>>,
 }
@@ -224,6 +228,7 @@ impl<P> Frontend<P> {
             metrics: Arc::new(Metrics::new(shards)),
             limits,
             parsers: ParserFlags::default(),
+            token_cache: None,
             router_config,
             models: ArcSwap::from_pointee(HashMap::new()),
         }
@@ -232,6 +237,12 @@ impl<P> Frontend<P> {
     /// How model outputs are parsed (default: `auto` for both).
     pub fn with_parsers(mut self, parsers: ParserFlags) -> Self {
         self.parsers = parsers;
+        self
+    }
+
+    /// The token cache prompts are encoded with (default: none).
+    pub fn with_token_cache(mut self, cache: Option<Arc<TokenCache>>) -> Self {
+        self.token_cache = cache;
         self
     }
 
@@ -321,7 +332,8 @@ impl<P> Frontend<P> {
                 });
             }
         }
-        self.metrics.render(&gauges, self.index.num_entries() as u64)
+        let token_cache = self.token_cache.as_ref().map(|c| c.stats()).unwrap_or_default();
+        self.metrics.render(&gauges, self.index.num_entries() as u64, &token_cache)
     }
 }
 

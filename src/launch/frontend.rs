@@ -139,7 +139,9 @@ pub fn start(args: &FrontendArgs) -> Result<FrontendServer, FrontendLaunchError>
         disagg: args.router.disagg_policy(),
     };
     let fe = Arc::new(
-        Frontend::new(plane.clone(), index, router_config, limits, shards).with_parsers(args.http.parsers.flags()),
+        Frontend::new(plane.clone(), index, router_config, limits, shards)
+            .with_parsers(args.http.parsers.flags())
+            .with_token_cache(args.http.token_cache()),
     );
 
     let cluster = args.cluster.clone();

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use crossbeam_utils::CachePadded;
 
+use crate::preprocess::token_cache::{TokenCacheStats, MIN_SEGMENT_BYTES};
+
 /// Histogram bucket upper bounds, in seconds (latencies from 100 µs to a minute).
 const BUCKETS_S: [f64; 16] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0];
@@ -115,7 +117,7 @@ impl Metrics {
     }
 
     /// Prometheus text exposition of everything.
-    pub fn render(&self, workers: &[WorkerGauge], index_entries: u64) -> String {
+    pub fn render(&self, workers: &[WorkerGauge], index_entries: u64, token_cache: &TokenCacheStats) -> String {
         let mut out = String::with_capacity(8192);
         let counters: [(&str, &str, u64); 18] = [
             (
@@ -234,6 +236,7 @@ impl Metrics {
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
         }
+        render_token_cache(&mut out, token_cache);
         let _ = writeln!(out, "# HELP kvgate_kv_index_entries Block-holder pairs in the KV index.\n# TYPE kvgate_kv_index_entries gauge\nkvgate_kv_index_entries {index_entries}");
         let gauges: [(&str, &str, GaugeOf); 4] = [
             ("kvgate_worker_active_requests", "Requests in flight per worker, as booked by the router.", |w| {
@@ -273,6 +276,38 @@ impl Metrics {
     }
 }
 
+/// The token cache's counters and gauges (all 0 when `--token-cache-mb 0`).
+fn render_token_cache(out: &mut String, s: &TokenCacheStats) {
+    let misses = format!(
+        "Prompt text segments of {MIN_SEGMENT_BYTES} bytes or more tokenized because the token cache lacked them."
+    );
+    let counters = [
+        (
+            "kvgate_token_cache_hits_total",
+            "Prompt text segments whose token ids came from the token cache.".into(),
+            s.hits,
+        ),
+        ("kvgate_token_cache_misses_total", misses, s.misses),
+        ("kvgate_token_cache_hit_tokens_total", "Prompt tokens taken from the token cache.".into(), s.hit_tokens),
+        (
+            "kvgate_token_cache_evictions_total",
+            "Token cache entries evicted to stay within --token-cache-mb.".into(),
+            s.evictions,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    }
+    let gauges = [
+        ("kvgate_token_cache_bytes", "Bytes the token cache holds (token ids and per-entry overhead).", s.bytes),
+        ("kvgate_token_cache_capacity_bytes", "The token cache's budget, --token-cache-mb.", s.capacity_bytes),
+        ("kvgate_token_cache_entries", "Text segments the token cache holds.", s.entries),
+    ];
+    for (name, help, v) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+}
+
 /// Picks one histogram out of a shard's metrics.
 type HistogramOf = fn(&ShardMetrics) -> &Histogram;
 /// Picks one value out of a worker's gauges.
@@ -295,7 +330,10 @@ mod tests {
         m.shard(1).cached_tokens.fetch_add(25, Relaxed);
         m.shard(0).ttft.observe(Duration::from_millis(3));
         m.shard(1).ttft.observe(Duration::from_secs(100));
-        let text = m.render(&[], 0);
+        let cache = TokenCacheStats { hits: 3, bytes: 4096, ..Default::default() };
+        let text = m.render(&[], 0, &cache);
+        assert!(text.contains("kvgate_token_cache_hits_total 3\n"));
+        assert!(text.contains("# TYPE kvgate_token_cache_bytes gauge\nkvgate_token_cache_bytes 4096\n"));
         assert!(text.contains("kvgate_requests_total 5\n"));
         assert!(text.contains("kvgate_kv_hit_rate 0.25\n"));
         assert!(text.contains("kvgate_time_to_first_token_seconds_bucket{le=\"0.005\"} 1\n"));

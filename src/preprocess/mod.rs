@@ -6,6 +6,9 @@
 //!   chosen once at load when the model's tokenizer is one it reproduces, HF `tokenizers`
 //!   otherwise (one info line at load says which encodes, and why the fallback). Decoding is
 //!   always HF's.
+//! - [`token_cache`]: [`TokenCache`], the ids of long text segments already tokenized (shared
+//!   by every shard and model, bounded in bytes), so a conversation's next turn pays only for
+//!   its new text; the fast path uses it, HF's fallback does not.
 //! - [`template`]: chat templates rendered like transformers' `apply_chat_template`.
 //! - [`detok`]: [`IncrementalDecoder`], token ids → text, a small window per step.
 //! - [`stop`]: [`StopMatcher`], cuts the text stream at the earliest stop string.
@@ -24,6 +27,7 @@ pub mod source;
 pub mod stop;
 mod strftime;
 pub mod template;
+pub mod token_cache;
 pub mod tokenizer;
 
 use std::sync::Arc;
@@ -37,6 +41,7 @@ pub use error::PreprocessError;
 pub use source::ModelSource;
 pub use stop::StopMatcher;
 use template::ChatTemplate;
+pub use token_cache::TokenCache;
 
 /// A model's tokenizer, chat template and figures. Immutable after load.
 pub struct Preprocessor {
@@ -190,8 +195,19 @@ impl Preprocessor {
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, PreprocessError> {
+        self.encode_with(text, add_special_tokens, None)
+    }
+
+    /// [`Self::encode`] with the ids of long segments taken from (and added to) `cache`, when the
+    /// fast path encodes; HF's fallback does not use it (see [`token_cache`]).
+    pub fn encode_with(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+        cache: Option<&TokenCache>,
+    ) -> Result<Vec<u32>, PreprocessError> {
         if let Some(fast) = &self.fast {
-            return Ok(fast.encode(text, add_special_tokens));
+            return Ok(fast.encode_with(text, add_special_tokens, cache));
         }
         let encoding = self
             .tokenizer

@@ -101,7 +101,7 @@ fn prepare_chat<P>(
     let prefill =
         tool_call.map(|k| forced_prefill(k, &v.tool_choice, reasoning.is_some(), prompt_end)).unwrap_or_default();
     text.push_str(&prefill);
-    let ids = pre.encode(&text, false)?;
+    let ids = pre.encode_with(&text, false, fe.token_cache.as_deref())?;
     let spec = ParserSpec { reasoning, tool_call, prompt_end, prefill, id_seed: rand::random() };
     Ok((ids, OutputParser::new(spec)))
 }
@@ -120,8 +120,10 @@ fn prepare<P>(fe: &Frontend<P>, kind: ResponseKind, body: &[u8]) -> Result<Prepa
             let v = r.validate()?;
             let model = fe.model(&v.model).ok_or_else(|| ApiError::ModelNotFound(v.model.clone()))?;
             let ids = match r.prompt {
-                Prompt::Text(t) => model.preprocessor.encode(&t, true)?,
-                Prompt::TextBatch(mut v) => model.preprocessor.encode(&v.swap_remove(0), true)?,
+                Prompt::Text(t) => model.preprocessor.encode_with(&t, true, fe.token_cache.as_deref())?,
+                Prompt::TextBatch(mut v) => {
+                    model.preprocessor.encode_with(&v.swap_remove(0), true, fe.token_cache.as_deref())?
+                }
                 Prompt::Tokens(ids) => check_ids(ids, model.preprocessor.vocab_size())?,
                 Prompt::TokenBatch(mut v) => check_ids(v.swap_remove(0), model.preprocessor.vocab_size())?,
             };

@@ -13,6 +13,9 @@
 //! [`Unsupported`] reason, and the caller keeps HF ([`super::Preprocessor`] logs which serves).
 //! Decoding is not here: kvgate decodes with HF.
 //!
+//! With a [`TokenCache`] ([`FastBpe::encode_with`]), the ids of each long text segment come from
+//! the cache when it holds them, and go into it when it does not; the ids are the same.
+//!
 //! Concurrency: built once at load, immutable afterwards; `Send + Sync`, shared by every shard,
 //! which encode concurrently without locks. Mutable state is per thread (a thread-local, so
 //! shared-nothing): merge buffers and a cache of merged words, bounded by
@@ -26,6 +29,8 @@ mod merge;
 mod pretok;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod token_cache_tests;
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -38,6 +43,8 @@ use unicode_normalization_alignments::{is_nfc_quick, IsNormalized, UnicodeNormal
 
 pub use config::Unsupported;
 use config::{Normalizer, PreTokenizer, Spec};
+
+use super::token_cache::{TokenCache, MIN_SEGMENT_BYTES};
 
 thread_local! {
     /// This thread's merge buffers and word cache, and the model they were filled for.
@@ -106,6 +113,13 @@ impl FastBpe {
 
     /// The ids of `text`; with `add_special_tokens`, the post-processor's ids around them.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Vec<u32> {
+        self.encode_with(text, add_special_tokens, None)
+    }
+
+    /// [`Self::encode`], taking the ids of long segments between added tokens from `cache` and
+    /// storing those it lacks (the same ids: each segment tokenizes on its own; see
+    /// [`TokenCache`]).
+    pub fn encode_with(&self, text: &str, add_special_tokens: bool, cache: Option<&TokenCache>) -> Vec<u32> {
         // About 4 bytes per token in English; a reallocation or two for other text.
         let mut out = Vec::with_capacity(text.len() / 4 + 8);
         if add_special_tokens {
@@ -121,7 +135,18 @@ impl FastBpe {
             }
             self.added.split(text, |segment| match segment {
                 added::Segment::Added(id) => out.push(id),
-                added::Segment::Text(t) => self.encode_segment(t, scratch, &mut out),
+                added::Segment::Text(t) => match cache {
+                    Some(cache) if t.len() >= MIN_SEGMENT_BYTES => {
+                        let key = cache.key(self.id, t);
+                        if let Some(ids) = cache.get(&key) {
+                            return out.extend_from_slice(&ids);
+                        }
+                        let start = out.len();
+                        self.encode_segment(t, scratch, &mut out);
+                        cache.insert(key, &out[start..]);
+                    }
+                    _ => self.encode_segment(t, scratch, &mut out),
+                },
             });
         });
         if add_special_tokens {

@@ -46,9 +46,9 @@ fn qwen_tokenizer_json() -> PathBuf {
 }
 
 /// A reference tokenizer and the fast one built from it.
-struct Pair {
-    hf: Tokenizer,
-    fast: FastBpe,
+pub(super) struct Pair {
+    pub(super) hf: Tokenizer,
+    pub(super) fast: FastBpe,
 }
 
 impl Pair {
@@ -90,14 +90,14 @@ fn qwen_json() -> &'static Value {
     JSON.get_or_init(|| serde_json::from_slice(&std::fs::read(qwen_tokenizer_json()).unwrap()).unwrap())
 }
 
-fn qwen() -> &'static Pair {
+pub(super) fn qwen() -> &'static Pair {
     static PAIR: OnceLock<Pair> = OnceLock::new();
     PAIR.get_or_init(|| Pair::from_json(qwen_json()))
 }
 
 /// Qwen3's vocab and merges in Llama 3's configuration: numbers of up to 3 digits, no
 /// normalizer, `ignore_merges`, and a BOS added by TemplateProcessing.
-fn llama3_like() -> &'static Pair {
+pub(super) fn llama3_like() -> &'static Pair {
     static PAIR: OnceLock<Pair> = OnceLock::new();
     PAIR.get_or_init(|| {
         let mut json = qwen_json().clone();
@@ -217,7 +217,7 @@ fn fragment() -> impl Strategy<Value = String> {
     ]
 }
 
-fn text() -> impl Strategy<Value = String> {
+pub(super) fn text() -> impl Strategy<Value = String> {
     prop::collection::vec(fragment(), 0..40).prop_map(|v| v.concat())
 }
 
@@ -312,7 +312,7 @@ fn repo_files() -> Vec<(PathBuf, String)> {
 
 /// About `bytes` of mixed-script text: words of nine scripts, numbers, code, URLs and odd white
 /// space, from a fixed seed.
-fn generated_corpus(bytes: usize, seed: u64) -> String {
+pub(super) fn generated_corpus(bytes: usize, seed: u64) -> String {
     const WORDS: &[&str] = &[
         "the",
         " quick",
