@@ -2051,7 +2051,8 @@ class VLLMAPI:
             return vllm_error(f"Request id {ext_id} already running.")
         req = self.start_req(request, ext_id, prompt, sp, bool(body.get("stream")), body)
         req.sp["output_mode"] = "text"
-        req.sp["return_token_ids"] = bool(body.get("return_token_ids"))
+        # --text-only: an OpenAI-compatible server that answers text alone (no vLLM extras).
+        req.sp["return_token_ids"] = bool(body.get("return_token_ids")) and not self.a.text_only
         so = body.get("stream_options") or {}
         include_usage = bool(so.get("include_usage")) if isinstance(so, dict) else False
         cont_usage = include_usage and bool(so.get("continuous_usage_stats"))
@@ -2400,6 +2401,8 @@ def parse_args(argv=None):
     p.add_argument("--tokens-only", action="store_true")
     p.add_argument("--enable-scale-out", action="store_true")
     p.add_argument("--enable-server-load-tracking", action="store_true")
+    p.add_argument("--text-only", action="store_true",
+                   help="vLLM /v1/completions answers text only (ignores return_token_ids), as a plain OpenAI-API server")
     a = p.parse_args(argv)
     a.kv_events = a.kv_events == "on"
     return a

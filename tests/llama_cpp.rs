@@ -1,0 +1,142 @@
+//! kvgate in front of engines that publish no KV events, frontend-direct (`kvgate serve
+//! --engine llama-cpp|openai --engine-url ... --engine-url ...`): the frontend predicts their
+//! caches from what it routes (approximate mode).
+//!
+//! - `--engine openai` against the fake engine's vLLM `/v1/completions` (token-id prompts):
+//!   ids from `return_token_ids`, and a text-only server (`--text-only`) whose text the adapter
+//!   re-encodes.
+
+mod common;
+#[path = "common/fake_engine.rs"]
+mod fake_engine;
+
+use common::*;
+use fake_engine::FakeEngine;
+use serde_json::{json, Value};
+
+const MODEL: &str = "Qwen/Qwen3-0.6B";
+
+fn serve_engines(engine: &str, urls: &[String], extra: &[&str]) -> kvgate::serve::Server {
+    let qwen = qwen_dir();
+    let mut argv: Vec<String> = [
+        "--engine",
+        engine,
+        "--model-path",
+        qwen.to_str().unwrap(),
+        "--served-model-name",
+        MODEL,
+        "--engine-ready-timeout-s",
+        "60",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for u in urls {
+        argv.push("--engine-url".into());
+        argv.push(u.clone());
+    }
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("KVGATE_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    kvgate::serve::start(&serve_args(&argv)).expect("kvgate serve starts in front of the engines")
+}
+
+/// The three client checks of the Dynamo setup, with the official OpenAI client.
+async fn checks(base: &str) {
+    let py = openai_venv_python();
+    let base = format!("{base}/v1");
+    tokio::task::spawn_blocking(move || {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/dynamo_checks.py");
+        let out = std::process::Command::new(py).arg(script).arg(&base).arg(MODEL).arg("aggregated").output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "dynamo checks failed\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
+    })
+    .await
+    .unwrap();
+}
+
+/// The fake's words (`fake_engine.py` `WORDS`, `gen_token`) for a prompt: what it generates.
+fn fake_words(prompt: &[u64], n: usize) -> String {
+    const WORDS: [&str; 13] =
+        [" the", " cat", " sat", " on", " a", " mat", " and", " dog", " ran", " to", " park", " in", " sun"];
+    let off = (prompt.iter().sum::<u64>() as usize + prompt.len()) % WORDS.len();
+    (0..n).map(|i| WORDS[(off + i) % WORDS.len()]).collect()
+}
+
+/// The last `/v1/completions` body the fake received.
+async fn last_completion(e: &FakeEngine) -> Value {
+    let stats = e.get("/fake/stats").await;
+    stats["last_requests"].as_array().unwrap().iter().rev().find(|r| r["path"] == "/v1/completions").unwrap()["body"]
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_engine_takes_token_ids_from_return_token_ids() {
+    let a = FakeEngine::start(&["--engine", "vllm", "--enable-prompt-tokens-details"]);
+    let b = FakeEngine::start(&["--engine", "vllm", "--enable-prompt-tokens-details"]);
+    let s = serve_engines("openai", &[a.url.clone(), b.url.clone()], &[]);
+    checks(&base_url(&s)).await;
+    let (c, base) = (reqwest::Client::new(), base_url(&s));
+    for stream in [false, true] {
+        let body = json!({"model": MODEL, "prompt": "Tell me about Lyon.", "max_tokens": 6, "ignore_eos": true, "stream": stream});
+        let r = c.post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let worker = r.headers()["x-kvgate-worker"].to_str().unwrap().to_string();
+        let text = r.text().await.unwrap();
+        assert!(!text.contains("\"error\""), "{text}");
+        let e = if worker == s.worker_ids[0].to_string() { &a } else { &b };
+        let sent = last_completion(e).await;
+        assert!(sent["prompt"].is_array() && sent["return_token_ids"] == true, "{sent}");
+        assert_eq!((sent["stream"].as_bool(), sent["max_tokens"].as_u64()), (Some(true), Some(6)), "{sent}");
+        assert_eq!(sent["stream_options"]["include_usage"], true, "{sent}");
+        let prompt: Vec<u64> = sent["prompt"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+        let words = fake_words(&prompt, 6);
+        if stream {
+            let joined: String = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+                .filter_map(|v| v["choices"][0]["text"].as_str().map(str::to_string))
+                .collect();
+            assert_eq!(joined, words, "{text}");
+        } else {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["choices"][0]["text"], words.as_str(), "{v}");
+            assert_eq!(v["usage"]["completion_tokens"], 6, "{v}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_engine_re_encodes_a_text_only_server() {
+    let a = FakeEngine::start(&["--engine", "vllm", "--enable-prompt-tokens-details", "--text-only"]);
+    let b = FakeEngine::start(&["--engine", "vllm", "--enable-prompt-tokens-details", "--text-only"]);
+    let s = serve_engines("openai", &[a.url.clone(), b.url.clone()], &[]);
+    checks(&base_url(&s)).await;
+    let (c, base) = (reqwest::Client::new(), base_url(&s));
+    let body = json!({"model": MODEL, "prompt": "Tell me about Lyon.", "max_tokens": 7, "ignore_eos": true});
+    let r = c.post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let worker = r.headers()["x-kvgate-worker"].to_str().unwrap().to_string();
+    let v: Value = r.json().await.unwrap();
+    let e = if worker == s.worker_ids[0].to_string() { &a } else { &b };
+    let sent = last_completion(e).await;
+    assert!(sent.get("logprobs").is_none() && sent.get("return_token_ids").is_none(), "{sent}");
+    let prompt: Vec<u64> = sent["prompt"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+    // The server's text, exactly; its words are single Qwen3 tokens, so the count is exact too.
+    assert_eq!(v["choices"][0]["text"], fake_words(&prompt, 7).as_str(), "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 7, "{v}");
+    // A text-only server without the model's tokenizer is refused at start-up.
+    let url = a.url.clone();
+    let err = tokio::task::spawn_blocking(move || {
+        let argv = ["--engine", "openai", "--engine-url", url.as_str(), "--engine-ready-timeout-s", "30"];
+        kvgate::serve::start(&serve_args(&argv)).err().expect("refused without --model-path").to_string()
+    })
+    .await
+    .unwrap();
+    assert!(err.contains("--model-path"), "{err}");
+}
