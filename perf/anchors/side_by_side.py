@@ -30,6 +30,9 @@ prompts on /v1/completions):
                 1,024-word system prompt, 64 words of their own, 64 output tokens)
   rate          open loop, Poisson: multi-turn sessions (8 groups of 1,000-word system
                 prompts, 4 turns of 50 words each resending the history, 64 output tokens)
+  longctx       closed loop, 8 in flight: 8 multi-turn sessions of 8 turns, each turn adding
+                4,700 one-token words and resending the history (prompts grow to ~38k tokens), 32
+                output tokens (issue #13: long prompts)
   mooncake      open loop: the Mooncake conversation trace as token ids (not for sglang)
 
 Besides the bench's figures, the script reads /proc for the CPU time of every process of the
@@ -304,6 +307,10 @@ def workloads(a):
                        "--groups", "16", "--prefix-tokens", "1024", "--suffix-tokens", "64", "--output-tokens", "64"],
         "rate": ["--request-rate", str(a.session_rate), "sessions", "--sessions", str(a.sessions), "--turns", "4",
                  "--groups", "8", "--system-words", "1000", "--user-words", "50", "--output-tokens", "64"],
+        # Issue #13: agentic long-context traffic. 8 sessions in parallel, 8 turns each, every turn
+        # adds ~4,700 one-token words and resends the whole history (prompts grow to ~38k Qwen3 tokens).
+        "longctx": ["--concurrency", "8", "sessions", "--sessions", "8", "--turns", "8", "--groups", "8",
+                    "--system-words", "200", "--user-words", "4700", "--output-tokens", "32"],
         "mooncake": tok + ["--request-rate", str(a.mooncake_rate), "mooncake", "--trace", a.trace,
                            "--max-requests", str(a.mooncake_requests), "--max-input-tokens", "8192",
                            "--max-output-tokens", "64"],
@@ -441,7 +448,7 @@ def version(python, module):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--systems", default="kvgate,dynamo,sglang", help=f"comma-separated, of {','.join(SYSTEMS)}")
-    p.add_argument("--runs", default="saturation,rate", help="comma-separated, of saturation,rate,mooncake")
+    p.add_argument("--runs", default="saturation,rate", help="comma-separated, of saturation,rate,longctx,mooncake")
     p.add_argument("--kvgate", default=os.path.join(ROOT, "target/release/kvgate"))
     p.add_argument("--bench", default=os.path.join(ROOT, "target/release/kvgate-bench"))
     p.add_argument("--dynamo-python", default="/work/anchors-venv/bin/python")
