@@ -4,11 +4,13 @@
 //!
 //! - `--engine openai` against the fake engine's vLLM `/v1/completions` (token-id prompts):
 //!   ids from `return_token_ids`, and a text-only server (`--text-only`) whose text the adapter
-//!   re-encodes.
+//!   re-encodes; frontend-direct and worker-side (etcd + NATS + `kvgate worker --engine openai`).
+//! - Both engines refuse disaggregation with a configuration error.
 
 mod common;
 #[path = "common/fake_engine.rs"]
 mod fake_engine;
+mod support;
 
 use common::*;
 use fake_engine::FakeEngine;
@@ -139,4 +141,61 @@ async fn openai_engine_re_encodes_a_text_only_server() {
     .await
     .unwrap();
     assert!(err.contains("--model-path"), "{err}");
+}
+
+#[test]
+fn openai_workers_behind_etcd_and_nats() {
+    use support::{kvgate_command, Etcd, FrontendProc, KvgateProc, Nats, WorkerProc};
+    let (etcd, nats) = (Etcd::start(), Nats::start());
+    let (etcd_url, nats_url) = (etcd.endpoint(), nats.url());
+    let dir = qwen_dir();
+    let dir = dir.to_str().unwrap().to_string();
+    let engines: Vec<FakeEngine> =
+        (0..2).map(|_| FakeEngine::start(&["--engine", "vllm", "--enable-prompt-tokens-details"])).collect();
+    let workers: Vec<KvgateProc> = engines
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let mut args = vec!["worker", "--etcd-endpoints", &etcd_url, "--nats-server", &nats_url];
+            args.extend(["--advertise-host", "127.0.0.1", "--lease-ttl", "2", "--engine", "openai"]);
+            args.extend(["--engine-url", &e.url, "--model-path", &dir, "--served-model-name", MODEL]);
+            KvgateProc::spawn(format!("openai worker {i}"), kvgate_command(&args))
+        })
+        .collect();
+    let mut args = vec!["frontend", "--http-host", "127.0.0.1", "--http-port", "0"];
+    args.extend(["--etcd-endpoints", &etcd_url, "--nats-server", &nats_url, "--router-min-initial-workers", "2"]);
+    let frontend = KvgateProc::spawn("frontend", kvgate_command(&args));
+    let _workers: Vec<WorkerProc> = workers.into_iter().map(WorkerProc::ready).collect();
+    let frontend = FrontendProc::ready(frontend);
+    frontend.wait_workers(2, std::time::Duration::from_secs(15));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(checks(&frontend.base));
+    for e in &engines {
+        let body = rt.block_on(last_completion(e));
+        assert!(body["prompt"].is_array() && body["return_token_ids"] == true, "{body}");
+    }
+}
+
+#[test]
+fn engines_without_kv_events_refuse_disaggregation() {
+    use support::{kvgate_command, KvgateProc};
+    for engine in ["llama-cpp", "openai"] {
+        let args =
+            ["worker", "--engine", engine, "--engine-url", "http://127.0.0.1:9", "--disaggregation-mode", "prefill"];
+        let mut p = KvgateProc::spawn(format!("{engine} worker"), kvgate_command(&args));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let ok = loop {
+            if let Some(ok) = p.exited() {
+                break ok;
+            }
+            assert!(std::time::Instant::now() < deadline, "{}", p.output());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let out = p.output();
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains("--disaggregation-mode") && out.contains("does not support disaggregated serving"),
+            "{out}"
+        );
+    }
 }
