@@ -153,7 +153,8 @@ fn start_mockers(args: &ServeArgs) -> Result<Server, ServeError> {
             bytes_per_block,
         )
         .map_err(ServeError::Transfer)?;
-        Ok(Mocker::disaggregated(slot.id, mocker.clone(), slot.preprocessor.sample_text_tokens(), setup))
+        let mocker = Mocker::disaggregated(slot.id, mocker.clone(), slot.preprocessor.sample_text_tokens(), setup);
+        Ok(mocker.with_kv_events(!slot.args.router.no_kv_events))
     })
 }
 
@@ -187,6 +188,7 @@ pub fn start_with<E: Engine>(
     };
     let fe = Arc::new(
         Frontend::new(plane.clone(), index, router_config, limits, shards)
+            .with_approx(args.router.approx())
             .with_parsers(args.http.parsers.flags())
             .with_token_cache(args.http.token_cache()),
     );

@@ -109,6 +109,10 @@ pub struct WorkerArgs {
     /// Lease TTL in seconds: a worker that dies leaves discovery within this time.
     #[arg(long, default_value_t = 10)]
     pub lease_ttl: u64,
+    /// The mocker publishes no KV events and registers so: frontends predict its cache
+    /// (approximate mode), as they do for engines without events.
+    #[arg(long)]
+    pub no_kv_events: bool,
 }
 
 /// `--disaggregation-mode`.
@@ -195,6 +199,15 @@ pub struct RouterArgs {
     /// above 1: never.
     #[arg(long, default_value_t = 1.0)]
     pub disagg_local_cached_ratio: f64,
+    /// Approximate mode for every worker (Dynamo's flag): ignore KV events and predict each
+    /// worker's cache from the prompts routed to it. `kvgate serve` also runs its mocker
+    /// workers without events. Workers that register no events are approximate without it.
+    #[arg(long)]
+    pub no_kv_events: bool,
+    /// Approximate mode: seconds a predicted block lives after the last request that sent it
+    /// to its worker (Dynamo's default, 120).
+    #[arg(long, default_value_t = 120.0)]
+    pub approx_ttl_s: f64,
 }
 
 /// A real engine behind kvgate (`--engine sglang|vllm|llama-cpp|openai`).
@@ -462,9 +475,24 @@ impl RouterArgs {
         if !r.is_finite() || r < 0.0 {
             return Err(invalid("--disagg-local-cached-ratio", format!("{r} must be a finite number >= 0")));
         }
+        let ttl = self.approx_ttl_s;
+        if !ttl.is_finite() || !(1.0..=MAX_APPROX_TTL_S).contains(&ttl) {
+            return Err(invalid("--approx-ttl-s", format!("{ttl} is not in 1..={MAX_APPROX_TTL_S} (seconds)")));
+        }
         Ok(())
     }
+
+    /// Approximate mode's settings.
+    pub fn approx(&self) -> crate::kv::approx::ApproxConfig {
+        crate::kv::approx::ApproxConfig {
+            all: self.no_kv_events,
+            ttl: std::time::Duration::from_secs_f64(self.approx_ttl_s),
+        }
+    }
 }
+
+/// Ceiling of `--approx-ttl-s` (a day): a prediction older than that says nothing about a cache.
+pub const MAX_APPROX_TTL_S: f64 = 86_400.0;
 
 impl ModelArgs {
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -681,5 +709,19 @@ mod tests {
         assert_eq!(e.flag, "--workers");
         let e = parse(&["--disagg-transfer-timeout-s", "0"]).validate().unwrap_err();
         assert_eq!(e.flag, "--disagg-transfer-timeout-s");
+    }
+
+    #[test]
+    fn approximate_mode_flags() {
+        let s = parse(&[]);
+        assert_eq!(s.router.approx(), crate::kv::approx::ApproxConfig::default());
+        let s = parse(&["--no-kv-events", "--approx-ttl-s", "30"]);
+        s.validate().unwrap();
+        assert!(s.router.approx().all);
+        assert_eq!(s.router.approx().ttl, std::time::Duration::from_secs(30));
+        let e = parse(&["--approx-ttl-s", "0"]).validate().unwrap_err();
+        assert_eq!(e.flag, "--approx-ttl-s");
+        assert!(Cli::try_parse_from(["kvgate", "frontend", "--no-kv-events"]).is_ok());
+        assert!(Cli::try_parse_from(["kvgate", "worker", "--no-kv-events"]).is_ok());
     }
 }

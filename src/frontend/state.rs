@@ -7,18 +7,24 @@
 //! per-shard load slots). The token cache ([`crate::preprocess::token_cache`]) is the exception:
 //! shards write it, under its own striped locks. Only the control plane ([`super::control`]) writes: it owns the index writer
 //! and rebuilds worker groups from discovery snapshots.
+//!
+//! Approximate mode ([`crate::kv::approx`]): each worker's [`KvTracking`] cell says whether its
+//! cache is known from its events or predicted; shards read it when they route and, after
+//! dispatching to an approximate worker, queue a [`Prediction`] for the control plane
+//! ([`Frontend::predict`]: a bounded channel, `try_send`, dropped and counted when full).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
 use crate::contract::{DisaggStyle, Target, WorkerId, WorkerRole};
-use crate::kv::hash::BlockHasher;
+use crate::kv::approx::ApproxConfig;
+use crate::kv::hash::{BlockHasher, SeqHash};
 use crate::kv::index::KvIndex;
 use crate::metrics::{Metrics, WorkerGauge};
 use crate::openai::parse::ParserFlags;
@@ -37,6 +43,8 @@ pub struct WorkerEntry {
     pub load: Arc<WorkerLoad>,
     pub health: Arc<Health>,
     pub peer: Peer,
+    /// Whether its cache is known from its KV events or predicted (survives snapshot swaps).
+    pub kv: Arc<KvTracking>,
 }
 
 impl WorkerEntry {
@@ -64,6 +72,63 @@ impl Health {
         at != 0 && (epoch().elapsed().as_millis() as u64).saturating_sub(at) < WORKER_DOWN_FOR.as_millis() as u64
     }
 }
+
+/// How the frontend knows a worker's cache: from its KV events (exact), or predicted from what
+/// it routed there (approximate: `--no-kv-events`, or the worker registers `kv_events: false`).
+/// Set when the worker first appears; the control plane alone turns it exact, once, when the
+/// worker's events begin. Shards read it with a relaxed load (a request racing the switch may
+/// send one prediction the control plane then ignores).
+#[derive(Debug)]
+pub struct KvTracking {
+    approximate: AtomicBool,
+}
+
+impl KvTracking {
+    pub fn new(approximate: bool) -> Self {
+        Self { approximate: AtomicBool::new(approximate) }
+    }
+
+    pub fn is_approximate(&self) -> bool {
+        self.approximate.load(Relaxed)
+    }
+
+    /// The worker's events began (control plane only).
+    pub fn set_exact(&self) {
+        self.approximate.store(false, Relaxed);
+    }
+
+    /// `"approximate"` or `"exact"`, as `/health` says it.
+    pub fn state(&self) -> &'static str {
+        if self.is_approximate() {
+            "approximate"
+        } else {
+            "exact"
+        }
+    }
+}
+
+/// Approximate mode: a prompt's blocks dispatched to an approximate worker, for the control
+/// plane to record as that worker's predicted cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prediction {
+    pub worker: WorkerId,
+    pub blocks: Box<[SeqHash]>,
+}
+
+impl Prediction {
+    /// `worker` was sent a prompt of blocks `seq` (its first [`MAX_PREDICTION_BLOCKS`] kept).
+    pub fn of(worker: WorkerId, seq: &[SeqHash]) -> Self {
+        Self { worker, blocks: seq[..seq.len().min(MAX_PREDICTION_BLOCKS)].into() }
+    }
+}
+
+/// Predictions queued from the shards to the control plane: the control plane applies one in a
+/// few µs, so 1,024 is seconds of slack at any request rate a frontend serves; past it a
+/// prediction is dropped (counted), which costs a later request a cache miss, never a stall.
+pub const PREDICTION_QUEUE_DEPTH: usize = 1024;
+/// Blocks one prediction carries at most (its prompt's prefix): 128 Ki tokens at 16 per block,
+/// so a full queue holds at most 64 MiB of hashes.
+pub const MAX_PREDICTION_BLOCKS: usize = 8192;
 
 /// A request-plane address as a socket address (a literal, else one DNS lookup; control plane only).
 fn resolve(address: &str) -> Option<SocketAddr> {
@@ -145,6 +210,16 @@ impl WorkerGroup {
         !self.prefill.is_empty() && !self.decode.is_empty()
     }
 
+    /// Whether `worker`'s cache is predicted (approximate mode) rather than known from events.
+    pub fn is_approximate(&self, worker: WorkerId) -> bool {
+        self.entries.get(&worker).is_some_and(|e| e.kv.is_approximate())
+    }
+
+    /// `"approximate"` or `"exact"` for `worker` (`/health`).
+    pub fn kv_state(&self, worker: WorkerId) -> &'static str {
+        self.entries.get(&worker).map_or("exact", |e| e.kv.state())
+    }
+
     /// Every worker with its load cell and role (metrics).
     pub fn all(&self) -> impl Iterator<Item = &Candidate> {
         self.candidates.iter().chain(self.prefill.iter())
@@ -218,11 +293,20 @@ pub struct Frontend<P> {
     pub token_cache: Option<Arc<TokenCache>>,
     router_config: RouterConfig,
     models: ArcSwap<HashMap<String, Arc<ModelState>>>,
+    /// Approximate mode's settings (`--no-kv-events`, `--approx-ttl-s`).
+    pub approx: ApproxConfig,
+    predictions: tokio::sync::mpsc::Sender<Prediction>,
+    /// The receiving end, taken once by the control plane ([`Frontend::take_predictions`]).
+    predictions_rx: Mutex<Option<tokio::sync::mpsc::Receiver<Prediction>>>,
 }
 
 impl<P> Frontend<P> {
     pub fn new(plane: P, index: Arc<KvIndex>, router_config: RouterConfig, limits: HttpLimits, shards: usize) -> Self {
+        let (predictions, rx) = tokio::sync::mpsc::channel(PREDICTION_QUEUE_DEPTH);
         Self {
+            approx: ApproxConfig::default(),
+            predictions,
+            predictions_rx: Mutex::new(Some(rx)),
             plane,
             index,
             metrics: Arc::new(Metrics::new(shards)),
@@ -244,6 +328,25 @@ impl<P> Frontend<P> {
     pub fn with_token_cache(mut self, cache: Option<Arc<TokenCache>>) -> Self {
         self.token_cache = cache;
         self
+    }
+
+    /// Approximate mode's settings (default: exact unless a worker registers no events).
+    pub fn with_approx(mut self, approx: ApproxConfig) -> Self {
+        self.approx = approx;
+        self
+    }
+
+    /// Queues `worker`'s predicted blocks for the control plane (a shard, after dispatching to
+    /// an approximate worker). Never waits: a full queue drops the prediction and counts it.
+    pub fn predict(&self, shard: usize, prediction: Prediction) {
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) = self.predictions.try_send(prediction) {
+            self.metrics.shard(shard).kv_predictions_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The receiving end of [`Frontend::predict`]'s queue: `Some` once (the control plane's).
+    pub fn take_predictions(&self) -> Option<tokio::sync::mpsc::Receiver<Prediction>> {
+        self.predictions_rx.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Where to reach `worker`, from its model's current snapshot (recovery's address).
@@ -300,6 +403,8 @@ impl<P> Frontend<P> {
                 let kept = old.entries.get(&info.id);
                 let load = kept.map_or_else(WorkerLoad::new, |e| e.load.clone());
                 let health = kept.map_or_else(Arc::default, |e| e.health.clone());
+                let approximate = self.approx.all || !info.kv_events;
+                let kv = kept.map_or_else(|| Arc::new(KvTracking::new(approximate)), |e| e.kv.clone());
                 let c = Candidate { id: info.id, load: load.clone() };
                 match info.role {
                     WorkerRole::Aggregated => group.candidates.push(c),
@@ -311,7 +416,7 @@ impl<P> Frontend<P> {
                 }
                 let peer = Peer { style: info.disagg, bootstrap: info.bootstrap.as_deref().map(Arc::from) };
                 let endpoint = info.address.as_deref().and_then(resolve);
-                group.entries.insert(info.id, WorkerEntry { info: info.clone(), endpoint, load, health, peer });
+                group.entries.insert(info.id, WorkerEntry { info: info.clone(), endpoint, load, health, peer, kv });
             }
             model.workers.store(Arc::new(group));
         }
@@ -321,7 +426,8 @@ impl<P> Frontend<P> {
     pub fn render_metrics(&self) -> String {
         let mut gauges = Vec::new();
         for m in self.models() {
-            for c in m.workers.load().all() {
+            let group = m.workers.load();
+            for c in group.all() {
                 gauges.push(WorkerGauge {
                     model: m.name.clone(),
                     worker: c.id.to_string(),
@@ -329,6 +435,7 @@ impl<P> Frontend<P> {
                     active_prefill_tokens: c.load.active_prefill_tokens(),
                     active_decode_blocks: c.load.active_decode_blocks(),
                     cached_blocks: self.index.cached_blocks(c.id),
+                    kv_approximate: group.is_approximate(c.id),
                 });
             }
         }

@@ -4,7 +4,10 @@
 //! - [`events`]: the events workers publish when they store, evict or clear blocks.
 //! - [`codec`]: their wire format: rkyv archives validated (bytecheck) and read in place.
 //! - [`index`]: sequence hash → workers holding it; one writer, lock-free readers.
+//! - [`approx`]: approximate mode: the predicted caches of workers without KV events, kept in the
+//!   index by its writer.
 
+pub mod approx;
 pub mod hash;
 pub mod index;
 

@@ -140,6 +140,7 @@ pub fn start(args: &FrontendArgs) -> Result<FrontendServer, FrontendLaunchError>
     };
     let fe = Arc::new(
         Frontend::new(plane.clone(), index, router_config, limits, shards)
+            .with_approx(args.router.approx())
             .with_parsers(args.http.parsers.flags())
             .with_token_cache(args.http.token_cache()),
     );

@@ -85,7 +85,7 @@ async fn mocker(args: &WorkerArgs, id: WorkerId, role: WorkerRole, host: &str) -
     let listen = transfer::Listen::Tcp { bind: transfer_bind, advertise_host: host };
     let setup = transfer::setup(role, bytes_per_block, args.transfer.timeout(), listen)
         .map_err(|source| WorkerLaunchError::Bind { addr: transfer_bind, source })?;
-    Ok(Mocker::disaggregated(id, mocker, pre.sample_text_tokens(), setup))
+    Ok(Mocker::disaggregated(id, mocker, pre.sample_text_tokens(), setup).with_kv_events(!args.no_kv_events))
 }
 
 /// The served model's tokenizer, for adapters that check the engine's vocabulary or re-encode

@@ -68,6 +68,8 @@ pub struct ShardMetrics {
     pub prompt_tokens_computed_prefill: AtomicU64,
     pub prompt_tokens_computed_decode: AtomicU64,
     pub prompt_tokens_computed_aggregated: AtomicU64,
+    /// Approximate mode: predictions dropped because the control plane's queue was full.
+    pub kv_predictions_dropped: AtomicU64,
 }
 
 /// Counters of the control plane (KV event application).
@@ -81,6 +83,10 @@ pub struct ControlMetrics {
     pub kv_recoveries_dump: AtomicU64,
     /// Recoveries that failed (the worker could not answer).
     pub kv_recoveries_failed: AtomicU64,
+    /// Approximate mode: predicted blocks added, evicted beyond a worker's capacity, expired.
+    pub kv_predicted_blocks_stored: AtomicU64,
+    pub kv_predicted_blocks_evicted: AtomicU64,
+    pub kv_predicted_blocks_expired: AtomicU64,
 }
 
 /// All metrics of one frontend.
@@ -97,6 +103,8 @@ pub struct WorkerGauge {
     pub active_prefill_tokens: u64,
     pub active_decode_blocks: u64,
     pub cached_blocks: u64,
+    /// Its cache is predicted (approximate mode), not known from its KV events.
+    pub kv_approximate: bool,
 }
 
 impl Metrics {
@@ -256,6 +264,7 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{model=\"{}\",worker=\"{}\"}} {}", escape(&w.model), w.worker, f(w));
             }
         }
+        self.render_approx(&mut out, workers);
         out
     }
 
@@ -312,6 +321,49 @@ fn render_token_cache(out: &mut String, s: &TokenCacheStats) {
 type HistogramOf = fn(&ShardMetrics) -> &Histogram;
 /// Picks one value out of a worker's gauges.
 type GaugeOf = fn(&WorkerGauge) -> u64;
+
+impl Metrics {
+    /// Approximate mode: which workers are approximate, and what their predictions did.
+    fn render_approx(&self, out: &mut String, workers: &[WorkerGauge]) {
+        let name = "kvgate_worker_kv_approximate";
+        let _ = writeln!(out, "# HELP {name} 1 when the worker's cache is predicted from what was routed to it (no KV events), 0 when its KV events keep it exact.\n# TYPE {name} gauge");
+        for w in workers {
+            let _ = writeln!(
+                out,
+                "{name}{{model=\"{}\",worker=\"{}\"}} {}",
+                escape(&w.model),
+                w.worker,
+                u8::from(w.kv_approximate)
+            );
+        }
+        let c = &self.control;
+        let dropped = self.sum(|s| &s.kv_predictions_dropped);
+        for (name, help, v) in [
+            (
+                "kvgate_kv_predicted_blocks_stored_total",
+                "Approximate mode: blocks predicted on a worker when a prompt was sent to it.",
+                c.kv_predicted_blocks_stored.load(Relaxed),
+            ),
+            (
+                "kvgate_kv_predicted_blocks_evicted_total",
+                "Approximate mode: predicted blocks evicted beyond a worker's KV capacity (least recently sent first).",
+                c.kv_predicted_blocks_evicted.load(Relaxed),
+            ),
+            (
+                "kvgate_kv_predicted_blocks_expired_total",
+                "Approximate mode: predicted blocks expired (--approx-ttl-s after the last request that sent them).",
+                c.kv_predicted_blocks_expired.load(Relaxed),
+            ),
+            (
+                "kvgate_kv_predictions_dropped_total",
+                "Approximate mode: predictions dropped because the control plane's queue was full.",
+                dropped,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+    }
+}
 
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")

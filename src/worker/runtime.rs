@@ -7,6 +7,10 @@
 //! N" from the ring, else a dump of the mirror stamped with the last id; resets go to the engine
 //! and are answered once their events are published.
 //!
+//! An engine whose card says `kv_events: false` (the mocker with `--no-kv-events`) publishes
+//! nothing: its batches are dropped here, so its ring and mirror stay empty and the frontend
+//! predicts its cache (approximate mode, [`crate::kv::approx`]).
+//!
 //! Invariant: the ring, the mirror and the live stream agree on the last published id at every
 //! answer, because one task does all three. Concurrency: the runtime task owns ring, mirror,
 //! stamper and publisher; the engine reaches it only through its bounded [`EventSink`].
@@ -60,7 +64,9 @@ pub fn spawn<E: Engine>(
     let (resets_tx, resets) = mpsc::channel(CONTROL_QUEUE_DEPTH);
     let io = EngineIo { intake: Intake::new(inbox, stop_rx), events, load: load_tx, resets };
     let engine = tokio::spawn(engine.run(io));
-    let rt = Runtime { worker: id, next_id: 1, ring, mirror: Mirror::default(), publisher, resets: resets_tx };
+    let publishing = card.kv_events;
+    let rt =
+        Runtime { worker: id, next_id: 1, ring, mirror: Mirror::default(), publisher, resets: resets_tx, publishing };
     let runtime = tokio::spawn(rt.run(events_rx, control_rx));
     WorkerHandle { id, card, load, engine: Some(engine), runtime: Some(runtime), stop: Some(stop_tx), control }
 }
@@ -123,6 +129,8 @@ struct Runtime<P> {
     mirror: Mirror,
     publisher: P,
     resets: mpsc::Sender<oneshot::Sender<()>>,
+    /// The card's `kv_events`: false drops every batch.
+    publishing: bool,
 }
 
 impl<P: EventPublisher> Runtime<P> {
@@ -152,7 +160,8 @@ impl<P: EventPublisher> Runtime<P> {
 
     async fn on_sink(&mut self, msg: SinkMsg) {
         match msg {
-            SinkMsg::Batch(kinds) => self.publish(kinds).await,
+            SinkMsg::Batch(kinds) if self.publishing => self.publish(kinds).await,
+            SinkMsg::Batch(_) => {}
             SinkMsg::Ack(reply) => {
                 let _ = reply.send(());
             }

@@ -12,6 +12,14 @@
 //! replay or a dump (see [`crate::contract::control`] for how each is applied); then the held
 //! events past the recovered id are applied. A buffer that overflows is dropped: the next live
 //! event shows a gap again and triggers another recovery.
+//!
+//! Approximate mode ([`crate::kv::approx`]): the loop also owns the [`Predictions`] of workers
+//! without events. Shards queue what they dispatched to such workers ([`Frontend::predict`]);
+//! here it becomes their predicted blocks in the index, expired every
+//! [`APPROX_EXPIRY_INTERVAL`]. Approximate workers are not asked for replays. When events
+//! arrive for a worker that was approximate, its predictions are dropped and it turns exact
+//! (logged once at info) before the event is applied; with `--no-kv-events` every event is
+//! ignored instead.
 
 pub mod recovery;
 
@@ -26,7 +34,8 @@ use crate::contract::control::Recovery;
 use crate::contract::control::{RecoveryError, RecoverySource};
 use crate::contract::events::KvEvent;
 use crate::contract::WorkerId;
-use crate::frontend::Frontend;
+use crate::frontend::{Frontend, KvTracking, Prediction};
+use crate::kv::approx::{Changed, Predictions};
 use crate::kv::index::KvIndexWriter;
 use crate::planes::discovery::WorkerSnapshot;
 use crate::planes::events::EventSubscriber;
@@ -44,6 +53,17 @@ const KV_SYNC_INTERVAL: Duration = Duration::from_secs(10);
 /// After a failed recovery, a worker's events are applied as they come for this long before
 /// another recovery is tried (no storm of recoveries against a worker that cannot answer).
 const RECOVERY_BACKOFF: Duration = Duration::from_secs(1);
+/// How often predicted blocks past their TTL are dropped: a block outlives its TTL by at most
+/// this (small against Dynamo's 120 s default), and each pass is bounded
+/// ([`crate::kv::approx::MAX_EXPIRED_PER_TICK`]).
+const APPROX_EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A worker as approximate mode sees it: its mode cell (shared with the shards) and its KV
+/// capacity in blocks (its registration's; 0 if unknown).
+struct Tracked {
+    kv: Arc<KvTracking>,
+    capacity_blocks: u64,
+}
 
 #[derive(Default)]
 struct Stream {
@@ -59,6 +79,10 @@ struct State<'a, P, R> {
     recovery: Arc<R>,
     streams: HashMap<WorkerId, Stream>,
     results: mpsc::Sender<(WorkerId, Result<Recovery, RecoveryError>)>,
+    predictions: Predictions,
+    tracked: HashMap<WorkerId, Tracked>,
+    /// `--no-kv-events` and an event was seen (logged once).
+    ignoring_logged: bool,
 }
 
 /// Runs until both the discovery watch and the event plane are closed.
@@ -70,7 +94,21 @@ pub async fn run<P: Send + Sync + 'static, R: RecoverySource>(
     recovery: Arc<R>,
 ) {
     let (results, mut results_rx) = mpsc::channel(RECOVERY_RESULTS_DEPTH);
-    let mut st = State { frontend: &frontend, writer, recovery, streams: HashMap::new(), results };
+    let predictions = Predictions::new(frontend.approx.ttl);
+    let mut st = State {
+        frontend: &frontend,
+        writer,
+        recovery,
+        streams: HashMap::new(),
+        results,
+        predictions,
+        tracked: HashMap::new(),
+        ignoring_logged: false,
+    };
+    // `None` only if a second control loop runs for this frontend: it then takes no predictions.
+    let mut predicted = frontend.take_predictions();
+    let mut expiry = tokio::time::interval(APPROX_EXPIRY_INTERVAL);
+    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut known: HashSet<WorkerId> = HashSet::new();
     let first = discovery.borrow_and_update().clone();
     st.apply_snapshot(&mut known, &first);
@@ -94,6 +132,11 @@ pub async fn run<P: Send + Sync + 'static, R: RecoverySource>(
                 st.apply_snapshot(&mut known, &snap);
             }
             Some((worker, result)) = results_rx.recv() => st.on_recovered(worker, result),
+            Some(p) = async { predicted.as_mut()?.recv().await }, if predicted.is_some() => st.on_prediction(p),
+            _ = expiry.tick() => {
+                let changed = st.predictions.expire(&mut st.writer, Instant::now());
+                st.count(changed);
+            }
             batch = events.next_batch() => {
                 let Some(batch) = batch else { break };
                 for event in batch {
@@ -111,12 +154,78 @@ impl<P, R: RecoverySource> State<'_, P, R> {
             tracing::info!(worker = %gone, "worker left; dropping its blocks from the index");
             self.writer.remove_worker(*gone);
             self.streams.remove(gone);
+            self.predictions.remove(*gone);
         }
         for new in now.difference(known) {
             tracing::info!(worker = %new, "worker joined");
         }
         *known = now;
         self.frontend.set_workers(snap);
+        self.track(snap);
+    }
+
+    /// Refreshes each worker's mode cell and capacity from the groups just published.
+    fn track(&mut self, snap: &WorkerSnapshot) {
+        let mut tracked = HashMap::with_capacity(snap.len());
+        for model in self.frontend.models() {
+            let group = model.workers.load();
+            for info in snap.iter().filter(|w| w.model == model.name) {
+                let Some(e) = group.entries.get(&info.id) else { continue };
+                if !self.tracked.contains_key(&info.id) && e.kv.is_approximate() {
+                    let why = if self.frontend.approx.all { "--no-kv-events" } else { "it publishes no KV events" };
+                    tracing::info!(worker = %info.id, engine = info.engine.as_str(), capacity_blocks = info.kv_capacity_blocks, "routing approximately to this worker ({why})");
+                }
+                tracked.insert(info.id, Tracked { kv: e.kv.clone(), capacity_blocks: info.kv_capacity_blocks });
+            }
+        }
+        self.tracked = tracked;
+    }
+
+    /// Whether `w`'s cache is predicted.
+    fn is_approximate(&self, w: WorkerId) -> bool {
+        self.tracked.get(&w).is_some_and(|t| t.kv.is_approximate())
+    }
+
+    /// A shard dispatched a prompt to an approximate worker: record its blocks there. Ignored
+    /// once the worker turned exact (or left).
+    fn on_prediction(&mut self, p: Prediction) {
+        let Some(t) = self.tracked.get(&p.worker).filter(|t| t.kv.is_approximate()) else { return };
+        let capacity = t.capacity_blocks;
+        let changed = self.predictions.store(&mut self.writer, p.worker, capacity, &p.blocks, Instant::now());
+        self.count(changed);
+    }
+
+    fn count(&self, c: Changed) {
+        let m = &self.frontend.metrics.control;
+        for (counter, n) in [
+            (&m.kv_predicted_blocks_stored, c.stored),
+            (&m.kv_predicted_blocks_evicted, c.evicted),
+            (&m.kv_predicted_blocks_expired, c.expired),
+        ] {
+            if n > 0 {
+                counter.fetch_add(n, Relaxed);
+            }
+        }
+    }
+
+    /// Whether `event` is to be dropped: `--no-kv-events` ignores every event. Otherwise, the
+    /// first event of a worker that was approximate turns it exact (its predictions dropped).
+    fn approximate_event(&mut self, event: &KvEvent) -> bool {
+        if self.frontend.approx.all {
+            if !self.ignoring_logged {
+                self.ignoring_logged = true;
+                tracing::info!(worker = %event.worker, "ignoring KV events (--no-kv-events): every worker is routed approximately");
+            }
+            return true;
+        }
+        let w = event.worker;
+        if let Some(t) = self.tracked.get(&w).filter(|t| t.kv.is_approximate()) {
+            t.kv.set_exact();
+            let predicted = self.predictions.len_of(w);
+            self.predictions.forget(&mut self.writer, w);
+            tracing::info!(worker = %w, event_id = event.event_id, predicted_blocks_dropped = predicted, "KV events arrived: worker switches from approximate to exact");
+        }
+        false
     }
 
     fn apply(&mut self, event: &KvEvent) {
@@ -131,6 +240,9 @@ impl<P, R: RecoverySource> State<'_, P, R> {
     }
 
     fn on_event(&mut self, event: KvEvent) {
+        if self.approximate_event(&event) {
+            return;
+        }
         let w = event.worker;
         let stream = self.streams.entry(w).or_default();
         if stream.recovering {
@@ -155,6 +267,9 @@ impl<P, R: RecoverySource> State<'_, P, R> {
 
     /// The periodic check of one worker: replay whatever came after the last event applied.
     fn sync(&mut self, w: WorkerId) {
+        if self.frontend.approx.all || self.is_approximate(w) {
+            return;
+        }
         let stream = self.streams.entry(w).or_default();
         if stream.recovering || stream.no_recovery_until.is_some_and(|t| Instant::now() < t) {
             return;

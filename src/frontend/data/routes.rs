@@ -67,7 +67,7 @@ fn health<P>(fe: &Frontend<P>) -> Response<Body> {
             let workers: Vec<_> = g
                 .infos()
                 .into_iter()
-                .map(|w| json!({"id": w.id.to_string(), "role": w.role, "page_size": w.page_size, "kv_capacity_blocks": w.kv_capacity_blocks}))
+                .map(|w| json!({"id": w.id.to_string(), "role": w.role, "page_size": w.page_size, "kv_capacity_blocks": w.kv_capacity_blocks, "kv_state": g.kv_state(w.id)}))
                 .collect();
             json!({"model": m.name, "disaggregated": g.disaggregated(), "workers": workers})
         })

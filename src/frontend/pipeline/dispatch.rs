@@ -14,6 +14,11 @@
 //! Invariants: every [`Dispatched`] holds a booking ([`LoadGuard`](crate::router::LoadGuard)) for each leg it started;
 //! a leg that cannot be sent drops the other (cancelling it on its worker). A worker that
 //! could not be reached is never chosen again for the request and leaves routing for a while.
+//! Approximate mode: a request sent to a worker whose cache is predicted (no KV events) queues
+//! its prompt's blocks for the control plane once the send succeeded ([`Frontend::predict`]);
+//! the hashes are copied while planning, since the shard's scratch is reused across awaits.
+//! The routing debug log says `approx=true` when the chosen worker is approximate.
+//!
 //! Concurrency: runs on the request's shard; routing decisions are synchronous (the shard's
 //! scratch buffers are borrowed only between awaits).
 
@@ -31,7 +36,7 @@ use crate::contract::{
 };
 use crate::frontend::data::error::ApiError;
 use crate::frontend::data::ShardCtx;
-use crate::frontend::{Frontend, ModelState, WorkerGroup};
+use crate::frontend::{Frontend, ModelState, Prediction, WorkerGroup};
 use crate::kv::index::OverlapScores;
 use crate::kv::SeqHash;
 use crate::planes::request::ResponseStream;
@@ -53,6 +58,7 @@ use crate::router::{Candidate, RouteDecision, RouteRequest, Router};
 fn route_among(
     shard: &ShardCtx,
     model: &ModelState,
+    group: &WorkerGroup,
     router: &Router,
     candidates: &[Candidate],
     seq: &[SeqHash],
@@ -83,6 +89,7 @@ fn route_among(
             overlap_blocks = decision.overlap_blocks,
             cache_hit_rate = format_args!("{hit:.3}"),
             workers = %scores.join(" "),
+            approx = group.is_approximate(decision.worker),
             "route"
         );
     }
@@ -92,7 +99,7 @@ fn route_among(
 /// What to send where.
 enum Plan {
     /// The whole request to one worker (`local`: a decode worker prefilling itself).
-    Whole { decision: RouteDecision, local: bool, to: Target },
+    Whole { decision: RouteDecision, local: bool, to: Target, predicted: Option<Prediction> },
     /// Prefill and decode legs, run as `style` says; `bootstrap` goes with the legs that need
     /// it (the decode worker's transfer address on the prefill leg for a push, the prefill
     /// worker's bootstrap server on both for a pull).
@@ -104,7 +111,14 @@ enum Plan {
         style: DisaggStyle,
         bootstrap: Option<Arc<str>>,
         skip_blocks: u32,
+        /// Approximate workers' predicted blocks (both legs' workers hold the prompt's KV).
+        predicted: Vec<Prediction>,
     },
+}
+
+/// `worker`'s prediction of blocks `seq` when its cache is predicted (approximate mode).
+fn prediction(group: &WorkerGroup, worker: WorkerId, seq: &[SeqHash]) -> Option<Prediction> {
+    (group.is_approximate(worker) && !seq.is_empty()).then(|| Prediction::of(worker, seq))
 }
 
 /// Everything needed to send (or re-send) one request to workers.
@@ -141,19 +155,31 @@ impl<P: RequestPlane> Dispatch<P> {
         let (prefill, decode) = (self.filter(&group, &group.prefill), self.filter(&group, &group.decode));
         if !prefill.is_empty() && !decode.is_empty() {
             let (model, id) = (&self.model, self.request_id);
-            let d =
-                route_among(&self.shard, model, &model.decode_router, &decode, &seq, None, prompt.len(), id, "decode")?;
+            let d = route_among(
+                &self.shard,
+                model,
+                &group,
+                &model.decode_router,
+                &decode,
+                &seq,
+                None,
+                prompt.len(),
+                id,
+                "decode",
+            )?;
             // One index lookup serves both: blocks the decode worker holds already are not sent
             // again, and the prefill worker is chosen by its overlap.
             let overlaps = self.fe.index.find_matches(&seq);
             let skip_blocks = overlaps.overlap(d.worker);
             let cached = (skip_blocks as usize * model.hasher.block_size()).min(prompt.len());
             if policy.prefill_locally(prompt.len() as u32, cached as u32) {
-                return Ok(Plan::Whole { to: group.target(d.worker), decision: d, local: true });
+                let predicted = prediction(&group, d.worker, &seq);
+                return Ok(Plan::Whole { to: group.target(d.worker), decision: d, local: true, predicted });
             }
             let p = route_among(
                 &self.shard,
                 model,
+                &group,
                 &model.router,
                 &prefill,
                 &seq,
@@ -172,10 +198,12 @@ impl<P: RequestPlane> Dispatch<P> {
                 let (who, worker) =
                     if style == DisaggStyle::Push { ("decode", d.worker) } else { ("prefill", p.worker) };
                 tracing::warn!(%worker, "{who} worker advertises no bootstrap address; prefilling on the decode worker");
-                return Ok(Plan::Whole { to: group.target(d.worker), decision: d, local: true });
+                let predicted = prediction(&group, d.worker, &seq);
+                return Ok(Plan::Whole { to: group.target(d.worker), decision: d, local: true, predicted });
             }
             let targets = (group.target(p.worker), group.target(d.worker));
-            return Ok(Plan::Split { prefill: p, decode: d, targets, style, bootstrap, skip_blocks });
+            let predicted = [p.worker, d.worker].into_iter().filter_map(|w| prediction(&group, w, &seq)).collect();
+            return Ok(Plan::Split { prefill: p, decode: d, targets, style, bootstrap, skip_blocks, predicted });
         }
         if policy.enforce {
             let missing = if prefill.is_empty() { "prefill" } else { "decode" };
@@ -188,6 +216,7 @@ impl<P: RequestPlane> Dispatch<P> {
         let decision = route_among(
             &self.shard,
             &self.model,
+            &group,
             &self.model.router,
             &whole,
             &seq,
@@ -197,7 +226,8 @@ impl<P: RequestPlane> Dispatch<P> {
             "whole",
         )?;
         let local = group.decode.iter().any(|c| c.id == decision.worker);
-        Ok(Plan::Whole { to: group.target(decision.worker), decision, local })
+        let predicted = prediction(&group, decision.worker, &seq);
+        Ok(Plan::Whole { to: group.target(decision.worker), decision, local, predicted })
     }
 
     fn request(&self, prompt: &[TokenId], max_tokens: u32, disagg: Option<DisaggLeg>) -> GenerateRequest {
@@ -265,10 +295,13 @@ impl<P: RequestPlane> Dispatch<P> {
         let m = self.fe.metrics.shard(self.shard.id);
         loop {
             match self.plan(prompt)? {
-                Plan::Whole { decision, local, to } => {
+                Plan::Whole { decision, local, to, predicted } => {
                     let worker = decision.worker;
                     match self.fe.plane.generate(to, self.request(prompt, max_tokens, None)).await {
                         Ok(rx) => {
+                            if let Some(p) = predicted {
+                                self.fe.predict(self.shard.id, p);
+                            }
                             if local {
                                 m.disagg_local.fetch_add(1, Relaxed);
                             }
@@ -279,7 +312,7 @@ impl<P: RequestPlane> Dispatch<P> {
                         Err(e) => return Err(ApiError::Transport(e)),
                     }
                 }
-                Plan::Split { prefill, decode, targets: (p_to, d_to), style, bootstrap, skip_blocks } => {
+                Plan::Split { prefill, decode, targets: (p_to, d_to), style, bootstrap, skip_blocks, predicted } => {
                     // A 63-bit room, as SGLang draws its own (it travels as a signed integer).
                     let room: u64 = self.shard.rng.borrow_mut().random::<u64>() >> 1;
                     let (p, d) = (prefill.worker, decode.worker);
@@ -333,6 +366,9 @@ impl<P: RequestPlane> Dispatch<P> {
                         "disaggregated: both legs sent"
                     );
                     m.disagg_remote.fetch_add(1, Relaxed);
+                    for p in predicted {
+                        self.fe.predict(self.shard.id, p);
+                    }
                     // The decode worker computes no prompt: only its decode blocks stay booked.
                     let mut guard = decode.guard;
                     guard.prefill_done();

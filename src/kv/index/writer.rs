@@ -163,6 +163,32 @@ impl KvIndexWriter {
         self.tombstones.insert(worker);
     }
 
+    /// Approximate mode ([`crate::kv::approx`]): publishes `stored` and then unpublishes
+    /// `removed` as `worker`'s blocks, outside the event-id sequence (a predicted block is named
+    /// by its sequence hash as engine hash; the worker's last event id does not move). Ignored
+    /// for a removed worker.
+    pub fn apply_predicted(&mut self, worker: WorkerId, stored: &[SeqHash], removed: &[SeqHash]) {
+        if self.tombstones.set.contains(&worker) {
+            return;
+        }
+        if !stored.is_empty() {
+            let blocks = stored.iter().map(|&s| StoredBlock { seq_hash: s, engine_hash: EngineHash(s.0) }).collect();
+            self.apply_kind(worker, &KvEventKind::Stored { parent: None, blocks });
+        }
+        if !removed.is_empty() {
+            let engine_hashes = removed.iter().map(|s| EngineHash(s.0)).collect();
+            self.apply_kind(worker, &KvEventKind::Removed { engine_hashes });
+        }
+    }
+
+    /// Drops every block the index has for `worker` (a known worker's predictions, when its real
+    /// events begin), keeping its last event id and accepting its later events.
+    pub fn clear_worker(&mut self, worker: WorkerId) {
+        if self.workers.contains_key(&worker) {
+            self.apply_kind(worker, &KvEventKind::Cleared);
+        }
+    }
+
     fn publish_directory(&mut self, dir: Directory) {
         self.directory = Arc::new(dir);
         self.index.cached.store(self.directory.clone());

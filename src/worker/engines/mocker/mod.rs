@@ -53,12 +53,14 @@ pub struct Mocker {
     disagg: DisaggIo,
     /// The decode role's transfer address (advertised so prefill workers can push to it).
     transfer_address: Option<String>,
+    /// Whether it publishes KV events (`--no-kv-events`: no, and it registers so).
+    kv_events: bool,
 }
 
 impl Mocker {
     /// An aggregated mocker; `corpus` is the text (as token ids) the mock model generates from.
     pub fn new(id: WorkerId, config: MockerConfig, corpus: Arc<[TokenId]>) -> Self {
-        Self { id, config, corpus, disagg: DisaggIo::default(), transfer_address: None }
+        Self { id, config, corpus, disagg: DisaggIo::default(), transfer_address: None, kv_events: true }
     }
 
     /// A mocker in a disaggregated role (see [`transfer::setup`]).
@@ -68,7 +70,14 @@ impl Mocker {
         corpus: Arc<[TokenId]>,
         setup: transfer::TransferSetup,
     ) -> Self {
-        Self { id, config, corpus, disagg: setup.io, transfer_address: setup.address }
+        Self { id, config, corpus, disagg: setup.io, transfer_address: setup.address, kv_events: true }
+    }
+
+    /// Whether it publishes KV events; without, it registers `kv_events: false` and the worker
+    /// runtime publishes nothing (the frontend predicts its cache: approximate mode).
+    pub fn with_kv_events(mut self, kv_events: bool) -> Self {
+        self.kv_events = kv_events;
+        self
     }
 }
 
@@ -81,7 +90,7 @@ impl Engine for Mocker {
             max_num_batched_tokens: self.config.max_num_batched_tokens,
             disagg: DisaggStyle::Push,
             bootstrap: self.transfer_address.clone(),
-            kv_events: true,
+            kv_events: self.kv_events,
         }
     }
 
