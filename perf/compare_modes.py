@@ -28,7 +28,10 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ["kv", "round-robin", "random"]
-COLORS = {"kv": "#1f77b4", "round-robin": "#d62728", "random": "#2ca02c"}
+# Pseudo-modes: a router mode plus `kvgate serve` flags. `kv-approx` is approximate mode (the
+# workers publish no KV events; the frontend predicts their caches), against `kv`'s exact index.
+VARIANTS = {"kv-approx": ("kv", ["--no-kv-events"])}
+COLORS = {"kv": "#1f77b4", "round-robin": "#d62728", "random": "#2ca02c", "kv-approx": "#ff7f0e"}
 # Seconds to wait for a server to answer /health before giving up.
 READY_TIMEOUT_S = 60
 
@@ -56,10 +59,11 @@ def wait_ready(port, proc):
 
 def run_mode(mode, a, workload):
     port = free_port()
+    router_mode, variant_args = VARIANTS.get(mode, (mode, []))
     serve = [a.kvgate, "serve", "--http-host", "127.0.0.1", "--http-port", str(port),
-             "--workers", str(a.workers), "--router-mode", mode,
+             "--workers", str(a.workers), "--router-mode", router_mode,
              "--speedup-ratio", str(a.speedup_ratio), "--num-gpu-blocks", str(a.num_gpu_blocks)]
-    serve += a.serve_arg
+    serve += variant_args + a.serve_arg
     nice = ["nice", "-n", str(a.nice)] if a.nice else []
     summary = os.path.join(a.out_dir, f"{mode}.json")
     per_request = os.path.join(a.out_dir, f"{mode}.requests.jsonl")
@@ -192,7 +196,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kvgate", default=os.path.join(ROOT, "target/release/kvgate"))
     p.add_argument("--bench", default=os.path.join(ROOT, "target/release/kvgate-bench"))
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=",".join(MODES), help=f"router modes, or {', '.join(VARIANTS)}")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--speedup-ratio", type=float, default=10)
     p.add_argument("--num-gpu-blocks", type=int, default=131072)

@@ -5,7 +5,7 @@
 //! | module | what it owns |
 //! | --- | --- |
 //! | [`contract`] | the frontend ↔ worker contract: requests, outputs, errors as data, legs, load reports, KV events and their one encoding, recovery, request-plane frames, worker registration |
-//! | [`kv`] | block hashing and the index of which worker caches which block |
+//! | [`kv`] | block hashing, the index of which worker caches which block, and the predicted caches of workers without KV events ([`kv::approx`]) |
 //! | [`planes`] | the seams between processes: [`planes::discovery`] (etcd), [`planes::events`] (NATS), [`planes::request`] (TCP), [`planes::transfer`] (KV bytes); each with an in-process implementation |
 //! | [`router`] | routing policies, the KV cost function, load booking guards |
 //! | [`preprocess`], [`openai`], [`metrics`] | model loading, tokenizer, chat template, detokenizer, stop strings; OpenAI types and the reasoning / tool-call output parsers ([`openai::parse`]); per-shard counters merged on scrape |
@@ -32,7 +32,9 @@
 //!    prefill worker pushes the prompt's KV over the [`planes::transfer`] plane and the decode worker
 //!    streams from the first token.
 //! 6. Meanwhile workers publish KV events ([`planes::events`]); the control plane applies them to the
-//!    index, which every shard reads without locks.
+//!    index, which every shard reads without locks. A worker without events is routed
+//!    approximately: the shard queues the prompt's blocks to the control plane, which records them
+//!    in the index as that worker's predicted cache ([`kv::approx`]).
 
 pub mod config;
 pub mod contract;
