@@ -5,6 +5,10 @@
 //! - `--engine openai` against the fake engine's vLLM `/v1/completions` (token-id prompts):
 //!   ids from `return_token_ids`, and a text-only server (`--text-only`) whose text the adapter
 //!   re-encodes; frontend-direct and worker-side (etcd + NATS + `kvgate worker --engine openai`).
+//! - `--engine llama-cpp` against the fake engine's llama-server API (`--engine llama-cpp`:
+//!   `/completion`, `/props`, `/slots`, `/metrics`, `/tokenize`; its cache is page-granular):
+//!   the client checks, withheld token ids (llama-server's incomplete-UTF-8 chunks), a killed
+//!   server mid-stream.
 //! - Both engines refuse disaggregation with a configuration error.
 
 mod common;
@@ -198,4 +202,82 @@ fn engines_without_kv_events_refuse_disaggregation() {
             "{out}"
         );
     }
+}
+
+/// The last `/completion` body the fake llama-server received.
+async fn last_llama_completion(e: &FakeEngine) -> Value {
+    let stats = e.get("/fake/stats").await;
+    stats["last_requests"].as_array().unwrap().iter().rev().find(|r| r["path"] == "/completion").unwrap()["body"]
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llama_cpp_fake_passes_the_client_checks() {
+    let a = FakeEngine::start(&["--engine", "llama-cpp", "--metrics"]);
+    let b = FakeEngine::start(&["--engine", "llama-cpp", "--no-slots", "--metrics"]);
+    let s = serve_engines("llama-cpp", &[a.url.clone(), b.url.clone()], &[]);
+    checks(&base_url(&s)).await;
+    let body = last_llama_completion(&a).await;
+    assert!(body["prompt"].is_array(), "{body}");
+    for key in ["cache_prompt", "return_tokens", "stream", "timings_per_token"] {
+        assert_eq!(body[key], true, "{key}: {body}");
+    }
+    assert!(body["n_predict"].as_u64().is_some() && body.get("max_tokens").is_none(), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llama_cpp_withheld_token_ids_are_re_encoded_from_the_text() {
+    let e = FakeEngine::start(&["--engine", "llama-cpp", "--withhold-every", "3"]);
+    let s = serve_engines("llama-cpp", std::slice::from_ref(&e.url), &[]);
+    let (c, base) = (reqwest::Client::new(), base_url(&s));
+    for stream in [false, true] {
+        let body = json!({"model": MODEL, "prompt": "Tell me about Lyon.", "max_tokens": 10, "ignore_eos": true, "stream": stream, "stream_options": {"include_usage": true}});
+        let r = c.post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        let sent = last_llama_completion(&e).await;
+        let prompt: Vec<u64> = sent["prompt"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+        let (out, usage) = if stream {
+            let chunks: Vec<Value> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter_map(|d| serde_json::from_str(d).ok())
+                .collect();
+            let out: String = chunks.iter().filter_map(|v| v["choices"][0]["text"].as_str()).collect();
+            (out, chunks.iter().rev().find(|v| v["usage"].is_object()).unwrap()["usage"].clone())
+        } else {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            (v["choices"][0]["text"].as_str().unwrap().to_string(), v["usage"].clone())
+        };
+        assert_eq!(out, fake_words(&prompt, 10), "{text}");
+        assert_eq!(usage["completion_tokens"], 10, "{text}");
+    }
+    assert!(e.get("/fake/stats").await["counters"]["withheld_tokens"].as_u64().unwrap() >= 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llama_cpp_fake_killed_mid_stream_migrates() {
+    let mut a = FakeEngine::start(&["--engine", "llama-cpp", "--itl-ms", "20"]);
+    let b = FakeEngine::start(&["--engine", "llama-cpp", "--itl-ms", "20"]);
+    let s = serve_engines("llama-cpp", &[a.url.clone(), b.url.clone()], &[]);
+    let (c, base) = (reqwest::Client::new(), base_url(&s));
+    let body = json!({"model": MODEL, "prompt": "A long story, please.", "max_tokens": 60, "ignore_eos": true, "stream": true});
+    let mut r = c.post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let first = r.headers()["x-kvgate-worker"].to_str().unwrap().to_string();
+    let mut text = String::new();
+    while text.matches("data: ").count() < 5 {
+        text.push_str(std::str::from_utf8(&r.chunk().await.unwrap().unwrap()).unwrap());
+    }
+    if first == s.worker_ids[0].to_string() {
+        a.kill();
+    } else {
+        drop(b);
+    }
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(!text.contains("\"error\""), "{text}");
+    assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
+    assert_eq!(metric(&c, &base, "kvgate_migrations_total").await, 1.0);
 }

@@ -731,7 +731,10 @@ async def wait_or_abort(req: Req, seconds: float) -> bool:
 class Engine:
     def __init__(self, args):
         self.args = args
-        self.kind = args.engine
+        # llama-cpp: llama-server's HTTP API over the vLLM-shaped core (eos/limit finishes, a
+        # page-granular prompt cache standing in for the slot cache); it publishes no KV events.
+        self.api = args.engine
+        self.kind = "vllm" if args.engine == "llama-cpp" else args.engine
         self.page_size = args.page_size
         self.model = args.served_model_name or args.model_path
         self.ranks: list[Rank] = []
@@ -2128,6 +2131,178 @@ class VLLMAPI:
 
 
 # ---------------------------------------------------------------------------
+# llama.cpp llama-server HTTP API (tools/server: server-context.cpp, server-task.cpp)
+# ---------------------------------------------------------------------------
+LLAMA_PROBE = {"What is the capital of France?": [3838, 374, 279, 6722, 315, 9625, 30]}
+
+
+def llama_error(message: str, code: int = 400, err_type: str = "invalid_request_error") -> web.Response:
+    return jresp({"error": {"code": code, "message": message, "type": err_type}}, code)
+
+
+class LlamaAPI:
+    """`/completion` (token-id prompt, SSE chunks with `tokens`, a final `stop: true` chunk with
+    `stop_type`, no `[DONE]`), `/health`, `/props`, `/slots`, `/metrics` (--metrics), `/tokenize`
+    (the probe text only: no tokenizer here), `/v1/models`. `--withhold-every K`: every K-th
+    generated token gets no chunk of its own (as llama-server does for a token that ends inside a
+    UTF-8 character): its id never appears and its text goes out with the next token's chunk."""
+
+    def __init__(self, eng: Engine):
+        self.eng = eng
+        self.a = eng.args
+        self.n_ctx = self.a.max_model_len // max(self.a.parallel, 1)
+        self.deferred = 0
+
+    def routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_post("/completion", self.completion)
+        r.add_post("/completions", self.completion)
+        r.add_get("/health", self.health)
+        r.add_get("/props", self.props)
+        r.add_get("/slots", self.slots)
+        r.add_get("/metrics", self.metrics)
+        r.add_post("/tokenize", self.tokenize)
+        r.add_get("/v1/models", self.models)
+
+    async def health(self, request):
+        return jresp({"status": "ok"})
+
+    async def models(self, request):
+        return jresp({"object": "list", "data": [{"id": self.eng.model, "object": "model", "owned_by": "llamacpp",
+                                                  "meta": {"n_ctx": self.n_ctx, "n_vocab": 151936}}]})
+
+    async def props(self, request):
+        return jresp({"default_generation_settings": {"params": {}, "n_ctx": self.n_ctx},
+                      "total_slots": self.a.parallel, "model_alias": self.eng.model,
+                      "model_path": self.eng.model + ".gguf", "endpoint_slots": not self.a.no_slots,
+                      "endpoint_props": False, "endpoint_metrics": self.a.metrics, "is_sleeping": False})
+
+    def busy(self) -> int:
+        return sum(r.running for r in self.eng.ranks)
+
+    async def slots(self, request):
+        if self.a.no_slots:
+            return llama_error("This server does not support slots endpoint. Start it with `--slots`", 501,
+                               "not_supported_error")
+        busy = self.busy()
+        running = [q for q in self.eng.reqs.values() if q.phase == "running"]
+        out = []
+        for i in range(self.a.parallel):
+            slot = {"id": i, "n_ctx": self.n_ctx, "speculative": False, "is_processing": i < busy}
+            if i < len(running):
+                q = running[i]
+                slot.update({"id_task": i, "n_prompt_tokens": len(q.prompt), "n_prompt_tokens_cache": q.cached_tokens,
+                             "next_token": [{"has_next_token": True, "has_new_line": False,
+                                             "n_remain": q.sp["max_tokens"] - len(q.out), "n_decoded": len(q.out)}]})
+            out.append(slot)
+        return jresp(out)
+
+    async def metrics(self, request):
+        if not self.a.metrics:
+            return llama_error("This server does not support metrics endpoint. Start it with `--metrics`", 501,
+                               "not_supported_error")
+        e = self.eng
+        lines = [("prompt_tokens_total", "counter", e.total_prefill_uncached),
+                 ("prompt_tokens_cached_total", "counter", e.cache_hits),
+                 ("requests_processing", "gauge", self.busy()),
+                 ("requests_deferred", "gauge", sum(r.waiting for r in e.ranks))]
+        text = "".join(f"# HELP llamacpp:{n} {n}\n# TYPE llamacpp:{n} {t}\nllamacpp:{n} {v}\n" for n, t, v in lines)
+        return web.Response(text=text, content_type="text/plain")
+
+    async def tokenize(self, request):
+        body, _ = await read_json(request)
+        content = body.get("content") if isinstance(body, dict) else None
+        if content not in LLAMA_PROBE:
+            return llama_error("fake engine: no tokenizer (only the probe text is known)", 501, "not_supported_error")
+        return jresp({"tokens": LLAMA_PROBE[content]})
+
+    def timings(self, req: Req) -> dict:
+        return {"cache_n": req.cached_tokens, "prompt_n": len(req.prompt) - req.cached_tokens, "prompt_ms": 1.0,
+                "prompt_per_token_ms": 0.1, "prompt_per_second": 1000.0, "predicted_n": len(req.out),
+                "predicted_ms": 1.0, "predicted_per_token_ms": 1.0, "predicted_per_second": 1000.0}
+
+    def final(self, req: Req, stream: bool) -> dict:
+        fin = req.finish or ("length",)
+        stop_type = "eos" if fin[0] == "eos" else "limit"
+        out = [t for t in req.out]
+        return {"index": 0, "content": "" if stream else "".join(token_text(t) for t in out),
+                "tokens": [] if stream else (out if req.sp["return_tokens"] else []),
+                "id_slot": 0, "stop": True, "model": self.eng.model, "tokens_predicted": len(out),
+                "tokens_evaluated": len(req.prompt), "generation_settings": {}, "prompt": "",
+                "has_new_line": False, "truncated": False, "stop_type": stop_type, "stopping_word": "",
+                "tokens_cached": len(req.prompt) + len(out) - 1, "timings": self.timings(req)}
+
+    async def completion(self, request: web.Request):
+        eng = self.eng
+        body, raw = await read_json(request)
+        eng.last_requests.append({"path": request.path, "ts": time.time(),
+                                  "body": body if body is not ValueError else raw.decode("utf-8", "replace"),
+                                  "headers": {}})
+        if body is ValueError or not isinstance(body, dict):
+            return llama_error("Invalid JSON")
+        prompt = body.get("prompt")
+        if not (isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt)):
+            return llama_error("fake engine: prompt must be a list of token ids")
+        if len(prompt) >= self.n_ctx:
+            return llama_error(f"the request exceeds the available context size, try increasing it", 400,
+                               "exceed_context_size_error")
+        n_predict = body.get("n_predict", body.get("max_tokens", -1))
+        if n_predict is None or n_predict < 0:
+            n_predict = self.n_ctx - len(prompt)
+        sp = {"max_tokens": max(n_predict, 1), "min_tokens": 0, "stop_ids": set(), "stop_strs": [],
+              "ignore_eos": bool(body.get("ignore_eos")), "skip_special": True, "logprobs": None,
+              "include_stop_str_in_output": False, "return_tokens": bool(body.get("return_tokens")),
+              "timings_per_token": bool(body.get("timings_per_token"))}
+        stream = bool(body.get("stream"))
+        req = eng.new_req(eng.pick_rank(None), f"llama-{uuid.uuid4().hex[:12]}", list(prompt), sp, stream)
+        req.task = asyncio.ensure_future(eng.run_guarded(req, eng.flow_aggregated))
+        try:
+            if not stream:
+                try:
+                    await asyncio.shield(req.finished_fut)
+                except asyncio.CancelledError:
+                    req.request_abort()
+                    raise
+                return jresp(self.final(req, False))
+            return await self.stream(request, req)
+        finally:
+            if req.done:
+                eng.forget(req)
+
+    async def stream(self, request, req: Req):
+        resp = await start_sse(request)
+        k = self.a.withhold_every
+        held_text = ""
+        n = 0
+        try:
+            while True:
+                deltas, finished = await drain(req)
+                for t in (t for d in deltas for t in d):
+                    n += 1
+                    text = token_text(t)
+                    if k > 0 and n % k == 0 and n < req.sp["max_tokens"]:
+                        held_text += text
+                        self.eng.stats["withheld_tokens"] += 1
+                        continue
+                    chunk = {"index": 0, "content": held_text + text, "tokens": [t], "stop": False, "id_slot": 0,
+                             "tokens_predicted": n, "tokens_evaluated": len(req.prompt)}
+                    held_text = ""
+                    if req.sp["timings_per_token"]:
+                        chunk["timings"] = self.timings(req)
+                    await sse_write(resp, jdump(chunk))
+                if finished:
+                    if req.finish and req.finish[0] == "abort":
+                        break
+                    await sse_write(resp, jdump(self.final(req, True)))
+                    break
+        except (ClientGone, asyncio.CancelledError):
+            self.eng.stats["client_disconnects"] += 1
+            req.request_abort()
+            raise asyncio.CancelledError()
+        return resp
+
+
+# ---------------------------------------------------------------------------
 # Disaggregation side servers
 # ---------------------------------------------------------------------------
 def bootstrap_app(eng: Engine) -> web.Application:
@@ -2315,7 +2490,7 @@ async def serve(args) -> None:
     runners = []
 
     app = web.Application(middlewares=[hang_middleware(eng)], client_max_size=64 * 1024 * 1024)
-    api = SGLangAPI(eng) if eng.kind == "sglang" else VLLMAPI(eng)
+    api = LlamaAPI(eng) if eng.api == "llama-cpp" else SGLangAPI(eng) if eng.kind == "sglang" else VLLMAPI(eng)
     api.routes(app)
     fake_routes(app, eng)
     sock = bound_socket(args.host, args.port)
@@ -2342,7 +2517,7 @@ async def serve(args) -> None:
 
     ready = {"port": eng.port, "kv_events_port": eng.kv_port, "replay_port": eng.replay_port,
              "bootstrap_port": eng.bootstrap_port, "side_channel_port": eng.side_channel_port,
-             "dp_size": args.dp_size, "engine": eng.kind}
+             "dp_size": args.dp_size, "engine": eng.api}
     sys.stdout.write("READY " + json.dumps(ready) + "\n")
     sys.stdout.flush()
     stop = asyncio.Event()
@@ -2362,7 +2537,7 @@ async def serve(args) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Fake SGLang 0.5.23 / vLLM 0.34.0 engine (token ids, no model)")
     p.add_argument("--self-test", action="store_true", help="check the golden wire bytes and exit")
-    p.add_argument("--engine", choices=["sglang", "vllm"], default="sglang")
+    p.add_argument("--engine", choices=["sglang", "vllm", "llama-cpp"], default="sglang")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 = pick a free port")
     p.add_argument("--page-size", "--block-size", dest="page_size", type=int, default=16)
@@ -2403,8 +2578,14 @@ def parse_args(argv=None):
     p.add_argument("--enable-server-load-tracking", action="store_true")
     p.add_argument("--text-only", action="store_true",
                    help="vLLM /v1/completions answers text only (ignores return_token_ids), as a plain OpenAI-API server")
+    # llama.cpp
+    p.add_argument("--parallel", "-np", dest="parallel", type=int, default=4, help="llama-cpp: slots")
+    p.add_argument("--metrics", action="store_true", help="llama-cpp: serve /metrics")
+    p.add_argument("--no-slots", action="store_true", help="llama-cpp: /slots answers 501")
+    p.add_argument("--withhold-every", type=int, default=0,
+                   help="llama-cpp: every K-th token gets no chunk (an incomplete UTF-8 character in the real server)")
     a = p.parse_args(argv)
-    a.kv_events = a.kv_events == "on"
+    a.kv_events = a.kv_events == "on" and a.engine != "llama-cpp"
     return a
 
 
