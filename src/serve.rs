@@ -186,8 +186,10 @@ pub fn start_with<E: Engine>(
         migration_limit: args.router.migration_limit,
         disagg: args.router.disagg_policy(),
     };
+    let prep_pool = args.http.prep_pool().map_err(ServeError::Runtime)?;
     let fe = Arc::new(
         Frontend::new(plane.clone(), index, router_config, limits, shards)
+            .with_prep_pool(prep_pool)
             .with_approx(args.router.approx())
             .with_parsers(args.http.parsers.flags())
             .with_token_cache(args.http.token_cache()),

@@ -22,6 +22,8 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// KiB), so 10,000 bounds them to a few hundred MiB, far above what a frontend behind a load
 /// balancer keeps open.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Ceiling of `--preprocess-threads`: more threads than this only contend with the shards.
+pub const MAX_PREPROCESS_THREADS: usize = 256;
 /// Ceiling of `--max-connections`: past a million, file descriptors and memory run out first.
 pub const MAX_CONNECTIONS_CEILING: usize = 1 << 20;
 /// Ceiling of `--token-cache-mb` (1 TiB): a larger figure is a typo, not a cache.
@@ -143,6 +145,12 @@ pub struct HttpArgs {
     pub max_connections: usize,
     #[command(flatten)]
     pub parsers: ParserArgs,
+    /// Threads that prepare long requests (bodies over 16 KiB: JSON parse, chat template,
+    /// tokenization) off the shards, at a lower priority, so a long prompt never stalls the
+    /// other streams of its shard; 0 prepares everything on the shards. Default: half the
+    /// cores, at least one. Their queue holds 64 requests per thread; past that, 503.
+    #[arg(long)]
+    pub preprocess_threads: Option<usize>,
     /// Token cache budget in MiB (0 disables it): the token ids of long prompt segments (the
     /// text between two special tokens, 256 bytes or more), shared by every shard, so a
     /// conversation's next turn tokenizes only its new text. Fast-path models only.
@@ -414,6 +422,12 @@ impl HttpArgs {
                 return Err(invalid("--shards", format!("{n} is not in 1..={MAX_SHARDS}")));
             }
         }
+        if self.preprocess_threads.is_some_and(|n| n > MAX_PREPROCESS_THREADS) {
+            return Err(invalid(
+                "--preprocess-threads",
+                format!("at most {MAX_PREPROCESS_THREADS} (0 prepares on the shards)"),
+            ));
+        }
         if self.max_body_bytes < 1024 {
             return Err(invalid("--max-body-bytes", "must be at least 1024"));
         }
@@ -436,6 +450,19 @@ impl HttpArgs {
     /// The token cache `--token-cache-mb` asks for (`None` for 0).
     pub fn token_cache(&self) -> Option<std::sync::Arc<TokenCache>> {
         TokenCache::from_mb(self.token_cache_mb)
+    }
+
+    /// Preprocessing threads to run: the flag, or half the cores (at least one).
+    pub fn preprocess_thread_count(&self) -> usize {
+        self.preprocess_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).div_ceil(2))
+    }
+
+    /// The preprocessing pool `--preprocess-threads` asks for.
+    pub fn prep_pool(&self) -> std::io::Result<crate::frontend::pipeline::offload::PrepPool> {
+        use crate::frontend::pipeline::offload::{PrepPool, QUEUE_PER_THREAD};
+        let threads = self.preprocess_thread_count();
+        PrepPool::new(threads, threads * QUEUE_PER_THREAD)
     }
 
     /// Where and how the data plane listens.

@@ -291,6 +291,8 @@ pub struct Frontend<P> {
     /// The ids of prompt segments already tokenized, for every model (`--token-cache-mb`;
     /// `None` when 0).
     pub token_cache: Option<Arc<TokenCache>>,
+    /// Prepares long requests off the shards (`--preprocess-threads`; inline by default).
+    pub prep_pool: crate::frontend::pipeline::offload::PrepPool,
     router_config: RouterConfig,
     models: ArcSwap<HashMap<String, Arc<ModelState>>>,
     /// Approximate mode's settings (`--no-kv-events`, `--approx-ttl-s`).
@@ -313,6 +315,7 @@ impl<P> Frontend<P> {
             limits,
             parsers: ParserFlags::default(),
             token_cache: None,
+            prep_pool: crate::frontend::pipeline::offload::PrepPool::inline(),
             router_config,
             models: ArcSwap::from_pointee(HashMap::new()),
         }
@@ -321,6 +324,12 @@ impl<P> Frontend<P> {
     /// How model outputs are parsed (default: `auto` for both).
     pub fn with_parsers(mut self, parsers: ParserFlags) -> Self {
         self.parsers = parsers;
+        self
+    }
+
+    /// Prepares requests whose body is not small on `pool` ([`crate::frontend::pipeline::offload`]).
+    pub fn with_prep_pool(mut self, pool: crate::frontend::pipeline::offload::PrepPool) -> Self {
+        self.prep_pool = pool;
         self
     }
 

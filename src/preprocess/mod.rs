@@ -12,6 +12,7 @@
 //! - [`template`]: chat templates rendered like transformers' `apply_chat_template`.
 //! - [`detok`]: [`IncrementalDecoder`], token ids → text, a small window per step.
 //! - [`stop`]: [`StopMatcher`], cuts the text stream at the earliest stop string.
+//! - [`budget`]: a lower bound on a text's tokens from its bytes (refuse before encoding).
 //! - [`config`]: [`ModelConfig`], the `config.json` figures that size the KV cache.
 //!
 //! Invariant: a [`Preprocessor`] is loaded once at start-up and immutable afterwards; it is
@@ -20,6 +21,7 @@
 //! ([`IncrementalDecoder`], [`StopMatcher`]) is owned by the request's task.
 
 pub mod bpe;
+pub mod budget;
 pub mod config;
 pub mod detok;
 pub mod error;
@@ -53,6 +55,8 @@ pub struct Preprocessor {
     eos_token_ids: Vec<u32>,
     model_config: Option<ModelConfig>,
     vocab_size: usize,
+    /// The longest token in bytes, when a lower bound on token counts exists ([`budget`]).
+    token_bytes: Option<budget::TokenBytes>,
     sample_text_tokens: Arc<[u32]>,
 }
 
@@ -151,10 +155,12 @@ impl Preprocessor {
                 None
             }
         };
+        let token_bytes = budget::TokenBytes::of(&tokenizer, fast.is_some());
         let mut p = Preprocessor {
             description,
             tokenizer,
             fast,
+            token_bytes,
             template,
             eos_token_ids,
             model_config,

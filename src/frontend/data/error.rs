@@ -10,6 +10,7 @@ use thiserror::Error;
 
 use super::body::{full, Body};
 use crate::contract::{Fault, WorkerError};
+use crate::frontend::pipeline::offload::PoolError;
 use crate::openai::ValidationError;
 use crate::planes::request::TransportError;
 use crate::preprocess::PreprocessError;
@@ -41,9 +42,14 @@ pub enum ApiError {
     #[error("{0}")]
     Preprocess(#[source] PreprocessError),
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
-    TokenOutOfRange { id: u32, vocab: usize },
+    TokenOutOfRange { id: u32, vocab: usize, param: &'static str },
     #[error("the prompt has {prompt} tokens; this model's context is {limit}")]
     PromptTooLong { prompt: usize, limit: usize },
+    /// Refused before tokenizing: a lower bound on the count already exceeds the context.
+    #[error("the prompt has at least {at_least} tokens ({bytes} bytes); this model's context is {limit}")]
+    PromptCannotFit { bytes: usize, at_least: usize, limit: usize },
+    #[error("{0}")]
+    Offload(#[source] PoolError),
     #[error("no worker is serving model `{0}`")]
     NoWorkers(String),
     #[error("model `{0}` has no {1} worker available and the frontend runs with --enforce-disagg")]
@@ -67,9 +73,14 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
-            InvalidJson(_) | Invalid(_) | TokenOutOfRange { .. } | PromptTooLong { .. } | BodyRead(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            InvalidJson(_)
+            | Invalid(_)
+            | TokenOutOfRange { .. }
+            | PromptTooLong { .. }
+            | PromptCannotFit { .. }
+            | BodyRead(_) => StatusCode::BAD_REQUEST,
+            Offload(PoolError::Full { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            Offload(PoolError::Lost) => StatusCode::INTERNAL_SERVER_ERROR,
             Preprocess(e) if e.is_client_error() => StatusCode::BAD_REQUEST,
             Preprocess(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ModelNotFound(_) | NotFound { .. } => StatusCode::NOT_FOUND,
@@ -101,7 +112,8 @@ impl ApiError {
         match self {
             ApiError::Invalid(v) => v.param.as_deref(),
             ApiError::ModelNotFound(_) => Some("model"),
-            ApiError::TokenOutOfRange { .. } | ApiError::PromptTooLong { .. } => Some("prompt"),
+            ApiError::TokenOutOfRange { param, .. } => Some(param),
+            ApiError::PromptTooLong { .. } | ApiError::PromptCannotFit { .. } => Some("prompt"),
             _ => None,
         }
     }
@@ -110,7 +122,7 @@ impl ApiError {
         match self {
             ApiError::ModelNotFound(_) => Some("model_not_found"),
             ApiError::BodyTooLarge { .. } => Some("request_too_large"),
-            ApiError::PromptTooLong { .. } => Some("context_length_exceeded"),
+            ApiError::PromptTooLong { .. } | ApiError::PromptCannotFit { .. } => Some("context_length_exceeded"),
             _ => None,
         }
     }
@@ -132,6 +144,14 @@ impl ApiError {
         serde_json::to_vec(&v).expect("json")
     }
 
+    /// Seconds a client should wait before retrying (`Retry-After`), for refusals under load.
+    pub fn retry_after_s(&self) -> Option<u32> {
+        match self {
+            ApiError::Offload(PoolError::Full { .. }) | ApiError::TooManyConnections { .. } => Some(1),
+            _ => None,
+        }
+    }
+
     pub fn into_response(self) -> http::Response<Body> {
         let status = self.status();
         if status.is_server_error() {
@@ -142,6 +162,9 @@ impl ApiError {
         let mut resp = http::Response::new(full(Bytes::from(self.body_json())));
         *resp.status_mut() = status;
         resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        if let Some(s) = self.retry_after_s() {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(s));
+        }
         resp
     }
 }
@@ -173,5 +196,26 @@ mod tests {
         assert_eq!(ApiError::BodyTooLarge { limit: 1 }.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(ApiError::NoWorkers("m".into()).status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(ApiError::DisaggUnavailable("m".into(), "prefill").status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn context_refusals_agree_and_a_full_pool_says_when_to_retry() {
+        let counted = ApiError::PromptTooLong { prompt: 50_000, limit: 40_960 };
+        let bounded = ApiError::PromptCannotFit { bytes: 10 << 20, at_least: 81_920, limit: 40_960 };
+        for e in [&counted, &bounded] {
+            let v: serde_json::Value = serde_json::from_slice(&e.body_json()).unwrap();
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+            assert_eq!(
+                (v["error"]["code"].as_str(), v["error"]["param"].as_str()),
+                (Some("context_length_exceeded"), Some("prompt"))
+            );
+        }
+        let full = ApiError::Offload(PoolError::Full { queue: 64 });
+        assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(full.into_response().headers()[http::header::RETRY_AFTER], "1");
+        assert_eq!(ApiError::Offload(PoolError::Lost).status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let tok = ApiError::TokenOutOfRange { id: 9, vocab: 3, param: "tokens" };
+        let v: serde_json::Value = serde_json::from_slice(&tok.body_json()).unwrap();
+        assert_eq!(v["error"]["param"], "tokens");
     }
 }

@@ -11,7 +11,8 @@ use serde_json::json;
 use super::body::{full, json_response, Body};
 use super::error::ApiError;
 use super::ShardCtx;
-use crate::frontend::pipeline::generate;
+use crate::frontend::pipeline::tokenize::Direction;
+use crate::frontend::pipeline::{generate, tokenize};
 use crate::frontend::Frontend;
 use crate::openai::ResponseKind;
 use crate::planes::request::RequestPlane;
@@ -27,13 +28,25 @@ pub async fn handle<P: RequestPlane>(
     let result = match (&method, path.as_str()) {
         (&Method::POST, "/v1/chat/completions") => generate::handle(&fe, &shard, ResponseKind::Chat, req).await,
         (&Method::POST, "/v1/completions") => generate::handle(&fe, &shard, ResponseKind::Completion, req).await,
+        (&Method::POST, "/tokenize" | "/v1/tokenize") => tokenize::handle(&fe, Direction::Tokenize, req).await,
+        (&Method::POST, "/detokenize" | "/v1/detokenize") => tokenize::handle(&fe, Direction::Detokenize, req).await,
         (&Method::GET, "/v1/models") => Ok(models(&fe)),
         (&Method::GET, "/health") => Ok(health(&fe)),
         (&Method::GET, "/live") => Ok(json_response(br#"{"status":"live"}"#.to_vec())),
         (&Method::GET, "/metrics") => Ok(metrics(&fe)),
-        (_, "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health" | "/live" | "/metrics") => {
-            Err(ApiError::MethodNotAllowed { method: method.to_string(), path })
-        }
+        (
+            _,
+            "/v1/chat/completions"
+            | "/v1/completions"
+            | "/v1/models"
+            | "/health"
+            | "/live"
+            | "/metrics"
+            | "/tokenize"
+            | "/v1/tokenize"
+            | "/detokenize"
+            | "/v1/detokenize",
+        ) => Err(ApiError::MethodNotAllowed { method: method.to_string(), path }),
         _ => Err(ApiError::NotFound { method: method.to_string(), path }),
     };
     result.unwrap_or_else(|e| {

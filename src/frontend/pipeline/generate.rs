@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::dispatch::Dispatch;
+use super::offload::INLINE_MAX_BODY_BYTES;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
@@ -44,7 +45,7 @@ pub const DISAGG_HEADER: &str = "x-kvgate-disagg";
 const MAX_DRAIN_BYTES: usize = 256 * 1024 * 1024;
 
 /// Reads the whole body, refusing more than `limit` bytes with 413.
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
     let declared = req
         .headers()
         .get(http::header::CONTENT_LENGTH)
@@ -101,6 +102,7 @@ fn prepare_chat<P>(
     let prefill =
         tool_call.map(|k| forced_prefill(k, &v.tool_choice, reasoning.is_some(), prompt_end)).unwrap_or_default();
     text.push_str(&prefill);
+    refuse_unfit(model, &text)?;
     let ids = pre.encode_with(&text, false, fe.token_cache.as_deref())?;
     let spec = ParserSpec { reasoning, tool_call, prompt_end, prefill, id_seed: rand::random() };
     Ok((ids, OutputParser::new(spec)))
@@ -120,12 +122,17 @@ fn prepare<P>(fe: &Frontend<P>, kind: ResponseKind, body: &[u8]) -> Result<Prepa
             let v = r.validate()?;
             let model = fe.model(&v.model).ok_or_else(|| ApiError::ModelNotFound(v.model.clone()))?;
             let ids = match r.prompt {
-                Prompt::Text(t) => model.preprocessor.encode_with(&t, true, fe.token_cache.as_deref())?,
-                Prompt::TextBatch(mut v) => {
-                    model.preprocessor.encode_with(&v.swap_remove(0), true, fe.token_cache.as_deref())?
+                Prompt::Text(t) => {
+                    refuse_unfit(&model, &t)?;
+                    model.preprocessor.encode_with(&t, true, fe.token_cache.as_deref())?
                 }
-                Prompt::Tokens(ids) => check_ids(ids, model.preprocessor.vocab_size())?,
-                Prompt::TokenBatch(mut v) => check_ids(v.swap_remove(0), model.preprocessor.vocab_size())?,
+                Prompt::TextBatch(mut v) => {
+                    let t = v.swap_remove(0);
+                    refuse_unfit(&model, &t)?;
+                    model.preprocessor.encode_with(&t, true, fe.token_cache.as_deref())?
+                }
+                Prompt::Tokens(ids) => check_ids(ids, model.preprocessor.vocab_size(), "prompt")?,
+                Prompt::TokenBatch(mut v) => check_ids(v.swap_remove(0), model.preprocessor.vocab_size(), "prompt")?,
             };
             (v, model, ids, None)
         }
@@ -136,17 +143,33 @@ fn prepare<P>(fe: &Frontend<P>, kind: ResponseKind, body: &[u8]) -> Result<Prepa
             message: "the prompt tokenizes to nothing".into(),
         }));
     }
-    if let Some(limit) = model.preprocessor.model_config().and_then(|c| c.max_position_embeddings) {
-        if prompt.len() >= limit as usize {
-            return Err(ApiError::PromptTooLong { prompt: prompt.len(), limit: limit as usize });
+    if let Some(limit) = context_limit(&model) {
+        if prompt.len() >= limit {
+            return Err(ApiError::PromptTooLong { prompt: prompt.len(), limit });
         }
     }
     Ok(Prepared { validated, model, prompt, parser })
 }
 
-fn check_ids(ids: Vec<TokenId>, vocab: usize) -> Result<Vec<TokenId>, ApiError> {
+/// The model's context in tokens, when its `config.json` says.
+pub(crate) fn context_limit(model: &ModelState) -> Option<usize> {
+    model.preprocessor.model_config().and_then(|c| c.max_position_embeddings).map(|l| l as usize)
+}
+
+/// Refuses, before encoding it, a prompt whose text has more tokens than the context holds by
+/// a lower bound alone ([`crate::preprocess::budget`]); the same 400 as a counted prompt.
+fn refuse_unfit(model: &ModelState, text: &str) -> Result<(), ApiError> {
+    let Some(limit) = context_limit(model) else { return Ok(()) };
+    let at_least = model.preprocessor.min_tokens(text);
+    if at_least >= limit {
+        return Err(ApiError::PromptCannotFit { bytes: text.len(), at_least, limit });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_ids(ids: Vec<TokenId>, vocab: usize, param: &'static str) -> Result<Vec<TokenId>, ApiError> {
     match ids.iter().find(|&&t| t as usize >= vocab) {
-        Some(&id) => Err(ApiError::TokenOutOfRange { id, vocab }),
+        Some(&id) => Err(ApiError::TokenOutOfRange { id, vocab, param }),
         None => Ok(ids),
     }
 }
@@ -163,7 +186,10 @@ pub async fn handle<P: RequestPlane>(
     let m = fe.metrics.shard(shard.id);
     m.requests.fetch_add(1, Relaxed);
     let body = read_body(req, fe.limits.max_body_bytes).await?;
-    let mut p = prepare(fe, kind, &body)?;
+    // A long body is parsed, rendered and tokenized off the shard ([`super::offload`]).
+    let small = body.len() <= INLINE_MAX_BODY_BYTES;
+    let shared = fe.clone();
+    let mut p = fe.prep_pool.run(small, move || prepare(&shared, kind, &body)).await.map_err(ApiError::Offload)??;
     let request_id = shard.next_request_id();
     let prompt_tokens = p.prompt.len() as u32;
     let migration_limit = fe.limits.migration_limit;

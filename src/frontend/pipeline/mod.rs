@@ -4,11 +4,17 @@
 //!   dispatch, and answer as JSON or SSE (the status waits for the worker's first answer).
 //! - [`dispatch`]: routing and the disaggregation plan (legs together or in sequence), sending,
 //!   retries on unreachable workers, migration.
+//! - [`offload`]: the preprocessing pool: long requests are parsed, rendered and tokenized on
+//!   its threads (bounded queue, 503 when full), so they never stall a shard.
+//! - [`tokenize`]: `/tokenize` and `/detokenize` (vLLM's shape).
 //! - [`stream`]: a worker's outputs → text deltas (detokenization, stop strings, accounting,
 //!   migration on a worker's failure) and the SSE body.
 //!
-//! Concurrency: runs on the shard that accepted the connection; nothing here is shared.
+//! Concurrency: runs on the shard that accepted the connection; nothing here is shared, but for
+//! the preparation of a long request, which a pool thread does while its shard awaits the answer.
 
 pub mod dispatch;
 pub mod generate;
+pub mod offload;
 pub mod stream;
+pub mod tokenize;
