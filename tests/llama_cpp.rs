@@ -281,3 +281,45 @@ async fn llama_cpp_fake_killed_mid_stream_migrates() {
     assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
     assert_eq!(metric(&c, &base, "kvgate_migrations_total").await, 1.0);
 }
+
+/// `llamacpp:prompt_tokens_cached_total` of a server's `/metrics` (`--metrics`).
+async fn engine_cached_tokens(url: &str) -> f64 {
+    let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("llamacpp:prompt_tokens_cached_total ")?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A shared-prefix workload through kvgate: `groups` system prompts, `rounds` questions each,
+/// interleaved (group 0, 1, ..., then the next round), one at a time. Returns the prompt tokens
+/// the engines themselves report as cached (their `/metrics`), summed.
+async fn shared_prefix_hits(base: &str, engines: &[String], groups: usize, rounds: usize) -> f64 {
+    let c = reqwest::Client::new();
+    let before: f64 = futures::future::join_all(engines.iter().map(|u| engine_cached_tokens(u))).await.iter().sum();
+    for round in 0..rounds {
+        for g in 0..groups {
+            let messages = json!([
+                {"role": "system", "content": rail_system_prompt(&format!("group {g}"))},
+                {"role": "user", "content": format!("Question {round} of group {g}: which platform for Lyon?")},
+            ]);
+            let body = json!({"model": MODEL, "messages": messages, "max_tokens": 2});
+            let r = c.post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        }
+    }
+    let after: f64 = futures::future::join_all(engines.iter().map(|u| engine_cached_tokens(u))).await.iter().sum();
+    after - before
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llama_cpp_fake_cache_hits_are_higher_under_kv_routing_than_round_robin() {
+    let mut hits = Vec::new();
+    for mode in ["kv", "round-robin"] {
+        let engines: Vec<FakeEngine> =
+            (0..2).map(|_| FakeEngine::start(&["--engine", "llama-cpp", "--metrics"])).collect();
+        let urls: Vec<String> = engines.iter().map(|e| e.url.clone()).collect();
+        let s = serve_engines("llama-cpp", &urls, &["--router-mode", mode]);
+        hits.push(shared_prefix_hits(&base_url(&s), &urls, 5, 4).await);
+    }
+    assert!(hits[0] > hits[1], "engine-reported cached prompt tokens: kv {} vs round-robin {}", hits[0], hits[1]);
+}
