@@ -4,11 +4,12 @@
 //!
 //! - `--engine openai` against the fake engine's vLLM `/v1/completions` (token-id prompts):
 //!   ids from `return_token_ids`, and a text-only server (`--text-only`) whose text the adapter
-//!   re-encodes; frontend-direct and worker-side (etcd + NATS + `kvgate worker --engine openai`).
+//!   re-encodes.
 //! - `--engine llama-cpp` against the fake engine's llama-server API (`--engine llama-cpp`:
 //!   `/completion`, `/props`, `/slots`, `/metrics`, `/tokenize`; its cache is page-granular):
 //!   the client checks, withheld token ids (llama-server's incomplete-UTF-8 chunks), a killed
-//!   server mid-stream.
+//!   server mid-stream, engine-reported cache hits higher under `kv` routing than round-robin.
+//! - Both frontend-direct and worker-side (etcd + NATS + `kvgate worker --engine openai|llama-cpp`).
 //! - Both engines refuse disaggregation with a configuration error.
 
 mod common;
@@ -147,23 +148,23 @@ async fn openai_engine_re_encodes_a_text_only_server() {
     assert!(err.contains("--model-path"), "{err}");
 }
 
-#[test]
-fn openai_workers_behind_etcd_and_nats() {
+/// Two `kvgate worker --engine ENGINE` next to two fakes started with `fake_args`, behind etcd,
+/// NATS and a `kvgate frontend`: the client checks; returns the fakes for inspection.
+fn workers_behind_etcd_and_nats(engine: &str, fake_args: &[&str]) -> Vec<FakeEngine> {
     use support::{kvgate_command, Etcd, FrontendProc, KvgateProc, Nats, WorkerProc};
     let (etcd, nats) = (Etcd::start(), Nats::start());
     let (etcd_url, nats_url) = (etcd.endpoint(), nats.url());
     let dir = qwen_dir();
     let dir = dir.to_str().unwrap().to_string();
-    let engines: Vec<FakeEngine> =
-        (0..2).map(|_| FakeEngine::start(&["--engine", "vllm", "--enable-prompt-tokens-details"])).collect();
+    let engines: Vec<FakeEngine> = (0..2).map(|_| FakeEngine::start(fake_args)).collect();
     let workers: Vec<KvgateProc> = engines
         .iter()
         .enumerate()
         .map(|(i, e)| {
             let mut args = vec!["worker", "--etcd-endpoints", &etcd_url, "--nats-server", &nats_url];
-            args.extend(["--advertise-host", "127.0.0.1", "--lease-ttl", "2", "--engine", "openai"]);
+            args.extend(["--advertise-host", "127.0.0.1", "--lease-ttl", "2", "--engine", engine]);
             args.extend(["--engine-url", &e.url, "--model-path", &dir, "--served-model-name", MODEL]);
-            KvgateProc::spawn(format!("openai worker {i}"), kvgate_command(&args))
+            KvgateProc::spawn(format!("{engine} worker {i}"), kvgate_command(&args))
         })
         .collect();
     let mut args = vec!["frontend", "--http-host", "127.0.0.1", "--http-port", "0"];
@@ -174,9 +175,26 @@ fn openai_workers_behind_etcd_and_nats() {
     frontend.wait_workers(2, std::time::Duration::from_secs(15));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(checks(&frontend.base));
+    engines
+}
+
+#[test]
+fn openai_workers_behind_etcd_and_nats() {
+    let engines = workers_behind_etcd_and_nats("openai", &["--engine", "vllm", "--enable-prompt-tokens-details"]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     for e in &engines {
         let body = rt.block_on(last_completion(e));
         assert!(body["prompt"].is_array() && body["return_token_ids"] == true, "{body}");
+    }
+}
+
+#[test]
+fn llama_cpp_workers_behind_etcd_and_nats() {
+    let engines = workers_behind_etcd_and_nats("llama-cpp", &["--engine", "llama-cpp", "--metrics"]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for e in &engines {
+        let body = rt.block_on(last_llama_completion(e));
+        assert!(body["prompt"].is_array() && body["cache_prompt"] == true, "{body}");
     }
 }
 
