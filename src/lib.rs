@@ -10,7 +10,7 @@
 //! | [`router`] | routing policies, the KV cost function, load booking guards |
 //! | [`preprocess`], [`openai`], [`metrics`] | model loading, tokenizer, chat template, detokenizer, stop strings; OpenAI types and the reasoning / tool-call output parsers ([`openai::parse`]); per-shard counters merged on scrape |
 //! | [`frontend`] | shared state ([`frontend::state`]), the control plane ([`frontend::control`]), the data plane ([`frontend::data`]: shards, HTTP, error → status) and the request pipeline ([`frontend::pipeline`]) |
-//! | [`worker`] | the engine-neutral worker runtime, the [`worker::Engine`] trait, and the engines (mocker, SGLang, vLLM) |
+//! | [`worker`] | the engine-neutral worker runtime, the [`worker::Engine`] trait, and the engines (mocker, SGLang, vLLM, llama.cpp, any OpenAI-API server taking token ids) |
 //! | [`config`] | typed configuration: CLI flags, env vars, validation |
 //! | [`serve`], [`launch`] | the commands: `kvgate serve` (everything in one process), `kvgate frontend`, `kvgate worker` |
 //!

@@ -14,7 +14,8 @@
 //! batch in one task and reports events per step; SGLang and vLLM stream token ids over HTTP per
 //! request (a task per request, cancellation by request id) while their KV events arrive from a
 //! separate ZMQ stream — both fit [`Engine::run`] owning its own loop and feeding the sink from
-//! wherever its events come from. Engine-specific bootstrap information (kvgate's transfer
+//! wherever its events come from; llama.cpp and other OpenAI-API servers publish none (their card
+//! says `kv_events: false`, an empty sink). Engine-specific bootstrap information (kvgate's transfer
 //! address, SGLang's bootstrap host/port) is advertised through [`EngineCard::bootstrap`].
 //!
 //! Concurrency: the engine's task owns the engine; it reaches the runtime only through bounded
