@@ -1,6 +1,8 @@
 //! Shared test set-up: embedded servers on port 0, the Qwen3 model files, HTTP helpers.
 #![allow(dead_code)]
 
+pub mod llama_server;
+
 use std::path::PathBuf;
 use std::process::Command;
 
