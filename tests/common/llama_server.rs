@@ -106,7 +106,7 @@ pub struct LlamaServer {
     /// `http://127.0.0.1:PORT`, no trailing slash.
     pub url: String,
     pub slots: usize,
-    /// The server's stdout and stderr.
+    /// The server's stdout and stderr (removed on drop unless the test is failing).
     pub log: PathBuf,
 }
 
@@ -203,6 +203,10 @@ impl LlamaServer {
 impl Drop for LlamaServer {
     fn drop(&mut self) {
         self.kill();
+        // The log stays for a failing test to look at.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 
