@@ -10,6 +10,12 @@
 //!   the client checks, withheld token ids (llama-server's incomplete-UTF-8 chunks), a killed
 //!   server mid-stream, engine-reported cache hits higher under `kv` routing than round-robin.
 //! - Both frontend-direct and worker-side (etcd + NATS + `kvgate worker --engine openai|llama-cpp`).
+//! - Two real `llama-server`s (`common::llama_server`: llama.cpp built from PyPI's sdist, a tiny
+//!   random-weight model with Qwen3's vocabulary, 4 slots each, no host-memory prompt cache):
+//!   the client checks under `--engine llama-cpp` and `--engine openai` (its `/v1/completions`,
+//!   ids from `logprobs`); a conversation's second turn on the same server, which reports its
+//!   own cache hit; the servers' own cache hits higher under `kv` routing than round-robin on a
+//!   shared-prefix workload; a server killed mid-stream migrates the stream.
 //! - Both engines refuse disaggregation with a configuration error.
 
 mod common;
@@ -17,6 +23,7 @@ mod common;
 mod fake_engine;
 mod support;
 
+use common::llama_server::LlamaServer;
 use common::*;
 use fake_engine::FakeEngine;
 use serde_json::{json, Value};
@@ -340,4 +347,90 @@ async fn llama_cpp_fake_cache_hits_are_higher_under_kv_routing_than_round_robin(
         hits.push(shared_prefix_hits(&base_url(&s), &urls, 5, 4).await);
     }
     assert!(hits[0] > hits[1], "engine-reported cached prompt tokens: kv {} vs round-robin {}", hits[0], hits[1]);
+}
+
+/// Two real llama-servers of 4 slots each (started off the async runtime: they block).
+async fn real_servers() -> Vec<LlamaServer> {
+    tokio::task::spawn_blocking(|| (0..2).map(|_| LlamaServer::start(4, &[])).collect()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_llama_servers_pass_the_client_checks_and_keep_a_conversation_on_its_cache() {
+    let servers = real_servers().await;
+    let urls: Vec<String> = servers.iter().map(|l| l.url.clone()).collect();
+    let s = serve_engines("llama-cpp", &urls, &[]);
+    checks(&base_url(&s)).await;
+
+    // A conversation: the second turn goes to the server of the first, which reports its own hit.
+    let (c, base) = (reqwest::Client::new(), base_url(&s));
+    let mut messages = vec![
+        json!({"role": "system", "content": rail_system_prompt("conversation")}),
+        json!({"role": "user", "content": "When is the first train to Geneva?"}),
+    ];
+    let ask = |messages: Vec<Value>| {
+        let (c, base) = (c.clone(), base.clone());
+        async move {
+            let body = json!({"model": MODEL, "messages": messages, "max_tokens": 8});
+            let r = c.post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let worker = r.headers()["x-kvgate-worker"].to_str().unwrap().to_string();
+            (worker, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (w1, first) = ask(messages.clone()).await;
+    let engine = &urls[s.worker_ids.iter().position(|w| w.to_string() == w1).unwrap()];
+    let before = engine_cached_tokens(engine).await;
+    messages.push(json!({"role": "assistant", "content": first["choices"][0]["message"]["content"]}));
+    messages.push(json!({"role": "user", "content": "And the last one back?"}));
+    let (w2, second) = ask(messages).await;
+    assert_eq!(w1, w2, "the second turn moved to another server");
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached > 0, "{second}");
+    // The server's own counter moved by what kvgate reported (its timings.cache_n).
+    assert_eq!(engine_cached_tokens(engine).await - before, cached as f64, "{second}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_llama_servers_behind_the_openai_engine() {
+    let servers = real_servers().await;
+    let urls: Vec<String> = servers.iter().map(|l| l.url.clone()).collect();
+    let s = serve_engines("openai", &urls, &[]);
+    checks(&base_url(&s)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_llama_servers_hit_their_caches_more_under_kv_routing_than_round_robin() {
+    let mut hits = Vec::new();
+    for mode in ["kv", "round-robin"] {
+        let servers = real_servers().await;
+        let urls: Vec<String> = servers.iter().map(|l| l.url.clone()).collect();
+        let s = serve_engines("llama-cpp", &urls, &["--router-mode", mode]);
+        hits.push(shared_prefix_hits(&base_url(&s), &urls, 5, 4).await);
+    }
+    eprintln!("engine-reported cached prompt tokens: kv {}, round-robin {}", hits[0], hits[1]);
+    assert!(hits[0] > hits[1], "engine-reported cached prompt tokens: kv {} vs round-robin {}", hits[0], hits[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_llama_server_killed_mid_stream_migrates_the_stream() {
+    let mut servers = real_servers().await;
+    let urls: Vec<String> = servers.iter().map(|l| l.url.clone()).collect();
+    let s = serve_engines("llama-cpp", &urls, &[]);
+    let (c, base) = (reqwest::Client::new(), base_url(&s));
+    let body = json!({"model": MODEL, "prompt": "A long story, please.", "max_tokens": 1500, "ignore_eos": true, "stream": true});
+    let mut r = c.post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let first = r.headers()["x-kvgate-worker"].to_str().unwrap().to_string();
+    let mut text = String::new();
+    while text.matches("data: ").count() < 5 {
+        text.push_str(std::str::from_utf8(&r.chunk().await.unwrap().unwrap()).unwrap());
+    }
+    let victim = s.worker_ids.iter().position(|w| w.to_string() == first).unwrap();
+    servers[victim].kill();
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(!text.contains("\"error\""), "{}", &text[text.len().saturating_sub(2000)..]);
+    assert!(text.contains("\"finish_reason\":\"length\""), "{}", &text[text.len().saturating_sub(2000)..]);
+    assert_eq!(metric(&c, &base, "kvgate_migrations_total").await, 1.0);
 }
