@@ -15,7 +15,10 @@
 //!   the client checks under `--engine llama-cpp` and `--engine openai` (its `/v1/completions`,
 //!   ids from `logprobs`); a conversation's second turn on the same server, which reports its
 //!   own cache hit; the servers' own cache hits higher under `kv` routing than round-robin on a
-//!   shared-prefix workload; a server killed mid-stream migrates the stream.
+//!   shared-prefix workload; a server killed mid-stream migrates the stream; the adapter's
+//!   registration (`kv_events: false`, slots and capacity from `/props`) and its load from
+//!   `/slots`, or `/metrics` when the server runs `--no-slots`; `kvgate worker --engine
+//!   llama-cpp` next to each behind etcd and NATS.
 //! - Both engines refuse disaggregation with a configuration error.
 
 mod common;
@@ -155,22 +158,21 @@ async fn openai_engine_re_encodes_a_text_only_server() {
     assert!(err.contains("--model-path"), "{err}");
 }
 
-/// Two `kvgate worker --engine ENGINE` next to two fakes started with `fake_args`, behind etcd,
-/// NATS and a `kvgate frontend`: the client checks; returns the fakes for inspection.
-fn workers_behind_etcd_and_nats(engine: &str, fake_args: &[&str]) -> Vec<FakeEngine> {
+/// A `kvgate worker --engine ENGINE` next to each engine of `urls`, behind etcd, NATS and a
+/// `kvgate frontend`: the client checks.
+fn workers_behind_etcd_and_nats(engine: &str, urls: &[String]) {
     use support::{kvgate_command, Etcd, FrontendProc, KvgateProc, Nats, WorkerProc};
     let (etcd, nats) = (Etcd::start(), Nats::start());
     let (etcd_url, nats_url) = (etcd.endpoint(), nats.url());
     let dir = qwen_dir();
     let dir = dir.to_str().unwrap().to_string();
-    let engines: Vec<FakeEngine> = (0..2).map(|_| FakeEngine::start(fake_args)).collect();
-    let workers: Vec<KvgateProc> = engines
+    let workers: Vec<KvgateProc> = urls
         .iter()
         .enumerate()
-        .map(|(i, e)| {
+        .map(|(i, url)| {
             let mut args = vec!["worker", "--etcd-endpoints", &etcd_url, "--nats-server", &nats_url];
             args.extend(["--advertise-host", "127.0.0.1", "--lease-ttl", "2", "--engine", engine]);
-            args.extend(["--engine-url", &e.url, "--model-path", &dir, "--served-model-name", MODEL]);
+            args.extend(["--engine-url", url, "--model-path", &dir, "--served-model-name", MODEL]);
             KvgateProc::spawn(format!("{engine} worker {i}"), kvgate_command(&args))
         })
         .collect();
@@ -179,15 +181,20 @@ fn workers_behind_etcd_and_nats(engine: &str, fake_args: &[&str]) -> Vec<FakeEng
     let frontend = KvgateProc::spawn("frontend", kvgate_command(&args));
     let _workers: Vec<WorkerProc> = workers.into_iter().map(WorkerProc::ready).collect();
     let frontend = FrontendProc::ready(frontend);
-    frontend.wait_workers(2, std::time::Duration::from_secs(15));
+    frontend.wait_workers(urls.len(), std::time::Duration::from_secs(15));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(checks(&frontend.base));
-    engines
+}
+
+fn urls_of(engines: &[FakeEngine]) -> Vec<String> {
+    engines.iter().map(|e| e.url.clone()).collect()
 }
 
 #[test]
 fn openai_workers_behind_etcd_and_nats() {
-    let engines = workers_behind_etcd_and_nats("openai", &["--engine", "vllm", "--enable-prompt-tokens-details"]);
+    let engines: Vec<FakeEngine> =
+        (0..2).map(|_| FakeEngine::start(&["--engine", "vllm", "--enable-prompt-tokens-details"])).collect();
+    workers_behind_etcd_and_nats("openai", &urls_of(&engines));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     for e in &engines {
         let body = rt.block_on(last_completion(e));
@@ -197,7 +204,8 @@ fn openai_workers_behind_etcd_and_nats() {
 
 #[test]
 fn llama_cpp_workers_behind_etcd_and_nats() {
-    let engines = workers_behind_etcd_and_nats("llama-cpp", &["--engine", "llama-cpp", "--metrics"]);
+    let engines: Vec<FakeEngine> = (0..2).map(|_| FakeEngine::start(&["--engine", "llama-cpp", "--metrics"])).collect();
+    workers_behind_etcd_and_nats("llama-cpp", &urls_of(&engines));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     for e in &engines {
         let body = rt.block_on(last_llama_completion(e));
@@ -433,4 +441,43 @@ async fn a_real_llama_server_killed_mid_stream_migrates_the_stream() {
     assert!(!text.contains("\"error\""), "{}", &text[text.len().saturating_sub(2000)..]);
     assert!(text.contains("\"finish_reason\":\"length\""), "{}", &text[text.len().saturating_sub(2000)..]);
     assert_eq!(metric(&c, &base, "kvgate_migrations_total").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_llama_server_registers_without_events_and_reports_its_load() {
+    use kvgate::worker::engines::{http::AdapterOptions, http::Dialect, llama_cpp};
+    let servers = tokio::task::spawn_blocking(|| [LlamaServer::start(2, &[]), LlamaServer::start(2, &["--no-slots"])])
+        .await
+        .unwrap();
+    for server in &servers {
+        let opts = AdapterOptions {
+            url: server.url.clone(),
+            role: kvgate::contract::WorkerRole::Aggregated,
+            page_size: 16,
+            served_model_name: MODEL.into(),
+            ready_timeout: std::time::Duration::from_secs(30),
+            timeout: std::time::Duration::from_secs(30),
+            kv_events_endpoint: None,
+            replay_endpoint: None,
+        };
+        let adapter = llama_cpp::connect(&opts, None).await.unwrap();
+        assert!(!adapter.card.kv_events && adapter.events.is_none());
+        assert_eq!(adapter.card.max_num_seqs, 2);
+        assert_eq!(adapter.card.kv_capacity_blocks, 2 * common::llama_server::CTX_PER_SLOT as u64 / 16);
+        let idle = adapter.dialect.load(&adapter.client).await.expect("a load from /slots or /metrics");
+        assert_eq!(idle.running_requests, 0, "{idle:?}");
+        // A long stream keeps one slot busy.
+        let body = json!({"prompt": [3838, 374, 279, 6722], "n_predict": 1900, "ignore_eos": true, "stream": true});
+        let mut r = adapter.client.post(format!("{}/completion", server.url)).json(&body).send().await.unwrap();
+        r.chunk().await.unwrap().unwrap();
+        let busy = adapter.dialect.load(&adapter.client).await.unwrap();
+        assert_eq!(busy.running_requests, 1, "{busy:?}");
+        drop(r);
+    }
+}
+
+#[test]
+fn real_llama_servers_behind_etcd_and_nats() {
+    let servers: Vec<LlamaServer> = (0..2).map(|_| LlamaServer::start(4, &[])).collect();
+    workers_behind_etcd_and_nats("llama-cpp", &servers.iter().map(|l| l.url.clone()).collect::<Vec<_>>());
 }
