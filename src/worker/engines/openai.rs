@@ -13,6 +13,10 @@
 //!    server's text; only the ids (and so `completion_tokens`) may differ from the server's
 //!    own segmentation. A text-only server without `--model-path` is refused at start-up.
 //!
+//! llama-server's `/v1/completions` (source 2) sends no chunk for a token that ends inside a
+//! UTF-8 character, so that token's id is missing there; `--engine llama-cpp` notices the gap
+//! (`tokens_predicted`) and re-encodes the text, so prefer it for llama-server.
+//!
 //! Cached prompt tokens come from `usage.prompt_tokens_details.cached_tokens` (vLLM needs
 //! `--enable-prompt-tokens-details`; llama-server always reports it), in the stream's usage
 //! chunk, so `Started` is sent at the end as for vLLM. Such servers publish no KV events
