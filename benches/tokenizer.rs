@@ -11,7 +11,8 @@
 //!   template, special tokens included.
 //!
 //! Both encoders cache words: HF's BPE keeps up to 10,000 merged words (and stops adding when
-//! full), kvgate's fast path 65,536 per thread. The plain benches repeat one prompt, so every
+//! full), kvgate's fast path 65,536 per thread, of up to 24 bytes (a CJK clause, one pre-token,
+//! is longer: kvgate merges it every time). The plain benches repeat one prompt, so every
 //! word is cached after the first pass (a chat's next turn re-sends its history, so this is
 //! not unrealistic); the `_cold` ones start each encode with empty caches (HF: a clone, made
 //! outside the timing; kvgate: the thread's cache cleared), as a prompt of new text meets them.

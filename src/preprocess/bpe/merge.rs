@@ -105,6 +105,15 @@ pub(super) struct Bpe {
 /// chat's next turn re-sends the earlier ones; ~100 B an entry, ~6 MiB per thread at most.
 pub(super) const WORD_CACHE_ENTRIES: usize = 65_536;
 
+/// Longer pre-tokens are merged every time, neither looked up in nor added to the word cache.
+/// Such a pre-token is nearly always a CJK clause (CJK text has no spaces: a clause between
+/// punctuation is one pre-token, 3 bytes a char) or a rare long run, and seldom repeats, while
+/// an insert costs two allocations (and their frees when the cache starts over). New CJK text
+/// encodes 1.2-1.5x faster so (perf/RESULTS.md, issue #13); CJK text sent again is the token
+/// cache's job ([`crate::preprocess::token_cache`]). English words and code identifiers are
+/// shorter.
+pub(super) const WORD_CACHE_MAX_BYTES: usize = 24;
+
 /// Reusable buffers for merging and the cache of merged words, owned by one thread and used for
 /// one model at a time (the caller clears it when the model changes).
 #[derive(Default)]
@@ -185,6 +194,9 @@ impl Bpe {
             _ => {
                 if let Some(&id) = self.words.get(word) {
                     return out.push(id);
+                }
+                if word.len() > WORD_CACHE_MAX_BYTES {
+                    return self.merge(word, scratch, out);
                 }
                 if let Some(ids) = scratch.cache.get(word) {
                     return out.extend_from_slice(ids);
