@@ -5,7 +5,8 @@
 //! What is checked: requests through the frontend (both response kinds, real tokenizer); etcd's
 //! worker listing; KV-aware routing fed by NATS events; a worker killed mid-stream (the stream
 //! migrates and completes, its key leaves with its lease, later requests go elsewhere); NATS and
-//! etcd restarted under load (no request fails, routing recovers).
+//! etcd restarted under load (no request fails, routing recovers); approximate mode (workers
+//! without events, or a frontend ignoring them).
 //!
 //! Each test runs its own cluster. Workers run the mocker fast (`--speedup-ratio 100`) except
 //! where a test needs a stream that lasts, and use `--lease-ttl 2`; tests other than the first
@@ -267,6 +268,32 @@ async fn shared_prefix_requests_go_to_the_worker_that_cached_it() {
     assert!(cluster.worker_ids().contains(&w));
     let hit = common::metric(&c, cluster.base(), "kvgate_cached_prompt_tokens_total").await;
     assert!(hit > 0.0, "the frontend's metrics should count the cached prompt tokens");
+}
+
+/// Approximate mode across processes: workers that register `kv_events: false` (`kvgate worker
+/// --no-kv-events`), then a frontend that ignores the events of workers that publish them
+/// (`kvgate frontend --no-kv-events`). Either way prefixes follow their worker on predictions
+/// alone, and `/health` and `/metrics` say every worker is approximate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_without_events_are_routed_approximately() {
+    let c = http();
+    for (worker_args, frontend_args, tag) in [
+        (&["--speedup-ratio", "100", "--no-kv-events"][..], &[][..], "worker-side"),
+        (&["--speedup-ratio", "100"][..], &["--no-kv-events"][..], "frontend-side"),
+    ] {
+        let cluster = Cluster::start(3, worker_args, frontend_args);
+        let base = cluster.base();
+        let health: Value = c.get(format!("{base}/health")).send().await.unwrap().json().await.unwrap();
+        let workers = health["models"][0]["workers"].as_array().unwrap();
+        assert!(workers.iter().all(|w| w["kv_state"] == "approximate"), "[{tag}] {health}");
+        check_prefix_routing(&c, base, tag, 4).await;
+        assert_eq!(common::metric(&c, base, "kvgate_kv_events_applied_total").await, 0.0, "[{tag}]");
+        assert!(common::metric(&c, base, "kvgate_kv_predicted_blocks_stored_total").await > 0.0, "[{tag}]");
+        let text = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+        let flags: Vec<&str> = text.lines().filter(|l| l.starts_with("kvgate_worker_kv_approximate{")).collect();
+        assert_eq!(flags.len(), 3, "[{tag}] {flags:?}");
+        assert!(flags.iter().all(|l| l.ends_with(" 1")), "[{tag}] {flags:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
