@@ -38,6 +38,13 @@
 //!   `llamacpp:requests_processing`, `llamacpp:requests_deferred`,
 //!   `llamacpp:n_busy_slots_per_decode`.
 //! - `GET /props`: `total_slots`, `chat_template`, `bos_token`, `eos_token`, `build_info`, ...
+//! - Errors: `{"error":{"code","message","type"}}`, e.g. 400 `invalid_request_error` "Prompt
+//!   contains invalid tokens" for an id >= 151,936; 503 `unavailable_error` "Loading model"
+//!   while loading. An `id_slot` beyond the slots is not an error (another slot serves it).
+//! - **A streamed `/completion` closes the connection after its last chunk**, although the
+//!   response says `Transfer-Encoding: chunked` and `Keep-Alive: timeout=5, max=100`: a client
+//!   that pools connections must not reuse it (send `Connection: close` with streamed requests,
+//!   or retry a request that fails on a reused connection). Non-streamed answers keep it alive.
 
 mod common;
 
@@ -59,9 +66,11 @@ async fn post(c: &reqwest::Client, url: &str, body: Value) -> Value {
     r.json().await.unwrap()
 }
 
-/// A streamed `/completion`: the SSE events' JSON objects.
+/// A streamed `/completion`: the SSE events' JSON objects. `Connection: close`, because the
+/// server closes the connection after a stream anyway (see
+/// `a_stream_ends_by_closing_the_connection`): a pooled client would reuse a dead connection.
 async fn post_stream(c: &reqwest::Client, url: &str, body: Value) -> Vec<Value> {
-    let r = c.post(url).json(&body).send().await.unwrap();
+    let r = c.post(url).header("connection", "close").json(&body).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"), "{:?}", r.headers());
     let text = r.text().await.unwrap();
@@ -244,4 +253,52 @@ async fn slots_metrics_and_props() {
 fn value(text: &str, name: &str) -> Option<f64> {
     let prefix = format!("{name} ");
     text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
+}
+
+/// llama-server ends a streamed answer by closing the connection (its headers promise
+/// keep-alive): a second request on it gets no answer. Non-streamed answers keep it open.
+#[test]
+fn a_stream_ends_by_closing_the_connection() {
+    use std::io::{Read, Write};
+    let server = LlamaServer::start(1, &[]);
+    let exchange = |stream: bool| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+        let body = json!({"prompt": [3838, 374, 279], "n_predict": 2, "stream": stream}).to_string();
+        let request = format!(
+            "POST /completion HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(request.as_bytes()).unwrap();
+        // Read until the server closes, or until a complete answer has sat there for a second.
+        s.set_read_timeout(Some(std::time::Duration::from_secs(1))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        let started = std::time::Instant::now();
+        let closed = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    let text = String::from_utf8_lossy(&got);
+                    let complete = if stream { text.ends_with("\r\n0\r\n\r\n") } else { text.ends_with('}') };
+                    if complete {
+                        break false;
+                    }
+                    assert!(started.elapsed().as_secs() < 60, "no complete answer: {text}");
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let text = String::from_utf8_lossy(&got).to_string();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains("Keep-Alive: timeout="), "{text}");
+        (closed, text)
+    };
+    let (closed, text) = exchange(true);
+    assert!(text.contains("Transfer-Encoding: chunked"), "{text}");
+    assert!(closed, "the server kept the connection open after a stream (a newer llama.cpp?)");
+    let (closed, _) = exchange(false);
+    assert!(!closed, "the server closed the connection after a non-streamed answer");
 }

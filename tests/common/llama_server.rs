@@ -106,6 +106,9 @@ pub struct LlamaServer {
     /// `http://127.0.0.1:PORT`, no trailing slash.
     pub url: String,
     pub slots: usize,
+    /// The GGUF it serves (`tiny_qwen3_gguf()`; kvgate's side of the same vocabulary is
+    /// `qwen_dir()`).
+    pub model: PathBuf,
     /// The server's stdout and stderr (removed on drop unless the test is failing).
     pub log: PathBuf,
 }
@@ -166,7 +169,14 @@ impl LlamaServer {
             .stderr(file)
             .spawn()
             .map_err(|e| format!("spawning {}: {e}", bin.display()))?;
-        let mut server = LlamaServer { child, port, url: format!("http://127.0.0.1:{port}"), slots, log: log.clone() };
+        let mut server = LlamaServer {
+            child,
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            slots,
+            model: model.to_path_buf(),
+            log: log.clone(),
+        };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Ok(Some(status)) = server.child.try_wait() {
