@@ -20,7 +20,9 @@
 //!   generated - 1).
 //! - Streamed (`"stream":true`): SSE `data: {json}\n\n` events, no `[DONE]`. One per token:
 //!   `index`, `content`, `tokens` ([one id], even without `return_tokens`), `stop` (false),
-//!   `id_slot` (-1!), `tokens_predicted`, `tokens_evaluated`. Then a final event with
+//!   `id_slot` (-1!), `tokens_predicted`, `tokens_evaluated`, and with `"timings_per_token":
+//!   true` also `timings` (`cache_n` and `prompt_n` final from the first token on; without it
+//!   token events have no `timings`). Then a final event with
 //!   `stop: true`, `content: ""`, `tokens: []`, the real `id_slot` and every field of the
 //!   non-streamed answer (`timings.cache_n`, `tokens_cached`, `stop_type`, ...).
 //! - `GET /slots`: array, one object per slot: `id`, `n_ctx` (per slot: `-c` / `-np`),
@@ -141,10 +143,13 @@ async fn health_tokenize_and_prefix_cached_completions() {
     assert_eq!(b["timings"]["prompt_n"], 3, "{b}");
     assert_eq!(b["tokens_evaluated"], 21, "cached or not, every prompt token counts: {b}");
 
-    // Streamed: one event per token (slot -1 until the end), then the summary.
+    // Streamed: one event per token (slot -1 until the end), then the summary. With
+    // `timings_per_token` every token event carries `timings`, so the hit is known at once.
     let mut third = second[..20].to_vec();
     third.push(4);
-    let events = post_stream(&c, &url, body(&third, true)).await;
+    let mut streamed = body(&third, true);
+    streamed["timings_per_token"] = json!(true);
+    let events = post_stream(&c, &url, streamed).await;
     let (last, tokens) = events.split_last().expect("events");
     assert_eq!(tokens.len(), 3, "{events:?}");
     for (i, e) in tokens.iter().enumerate() {
@@ -154,6 +159,8 @@ async fn health_tokenize_and_prefix_cached_completions() {
         assert_eq!(e["tokens_predicted"], i + 1, "{e}");
         assert_eq!(e["tokens_evaluated"], 21, "{e}");
         assert_eq!(e["id_slot"], -1, "token events carry no slot: {e}");
+        assert_eq!(e["timings"]["cache_n"], 20, "{e}");
+        assert_eq!(e["timings"]["prompt_n"], 1, "{e}");
     }
     assert_eq!(last["stop"], true, "{last}");
     assert_eq!(last["tokens"], json!([]), "{last}");
