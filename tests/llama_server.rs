@@ -29,7 +29,8 @@
 //!   `speculative`, `is_processing`; a slot that has served a task also has `id_task`,
 //!   `n_prompt_tokens`, `n_prompt_tokens_processed`, `n_prompt_tokens_cache`, `params`,
 //!   `next_token [{has_next_token, has_new_line, n_remain, n_decoded}]`. No token ids.
-//!   `?fail_on_no_slot=1` answers 503 when no slot is idle.
+//!   `?fail_on_no_slot=1` answers 200 with a slot idle (503 with none, per llama.cpp's docs;
+//!   not checked here).
 //! - `GET /metrics` (`--metrics`), Prometheus text: counters `llamacpp:prompt_tokens_total`
 //!   (computed prompt tokens, cache hits excluded), `llamacpp:prompt_tokens_cached_total`,
 //!   `llamacpp:prompt_seconds_total`, `llamacpp:tokens_predicted_total`,
@@ -42,7 +43,7 @@
 //! - `GET /props`: `total_slots`, `chat_template`, `bos_token`, `eos_token`, `build_info`, ...
 //! - Errors: `{"error":{"code","message","type"}}`, e.g. 400 `invalid_request_error` "Prompt
 //!   contains invalid tokens" for an id >= 151,936; 503 `unavailable_error` "Loading model"
-//!   while loading. An `id_slot` beyond the slots is not an error (another slot serves it).
+//!   from `/completion` while loading. An `id_slot` beyond the slots is not an error (another slot serves it).
 //! - **A streamed `/completion` closes the connection after its last chunk**, although the
 //!   response says `Transfer-Encoding: chunked` and `Keep-Alive: timeout=5, max=100`: a client
 //!   that pools connections must not reuse it (send `Connection: close` with streamed requests,
