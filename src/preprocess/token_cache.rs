@@ -24,13 +24,15 @@
 //! entries it evicts, at most its own size over the smallest entry's (plus the second chances),
 //! so it is proportional to the segment it stores, which the caller has just tokenized.
 //!
-//! Concurrency: one cache per process, shared by every shard (`Arc`) and every model (the
-//! model's identity is in the key). Each stripe is a mutex held for one hash-map lookup and an
+//! Concurrency: one cache per process, shared (`Arc`) by every thread that encodes prompts (the
+//! shards, or the preprocessing pool of `--preprocess-threads`) and by every model (the model's
+//! identity is in the key). Each stripe is a mutex held for one hash-map lookup and an
 //! `Arc` clone (the ids are copied out after it is released), or for one insert and its
 //! evictions; counters live in the stripes, under the same locks, and a scrape sums them. A
-//! shared cache rather than one per shard: a client's next turn comes on whatever connection,
-//! so on whatever shard; per-shard caches would hit only when it lands on the shard of the
-//! turn before (1 in N, for N shards), and would hold N copies of the hot histories. The lock
+//! shared cache rather than one per thread: a client's next turn comes on whatever connection,
+//! so on whatever shard (and is encoded on whatever pool thread); per-thread caches would hit
+//! only when it lands on the thread of the turn before (1 in N, for N threads), and would hold
+//! N copies of the hot histories. The lock
 //! costs tens of nanoseconds against the microseconds of tokenizing even one segment, and 16
 //! stripes keep shards apart (perf/RESULTS.md, issue #13, measures a warm turn).
 
