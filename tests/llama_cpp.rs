@@ -396,6 +396,8 @@ async fn real_llama_servers_pass_the_client_checks_and_keep_a_conversation_on_it
     assert!(cached > 0, "{second}");
     // The server's own counter moved by what kvgate reported (its timings.cache_n).
     assert_eq!(engine_cached_tokens(engine).await - before, cached as f64, "{second}");
+    // No request failed over: streams never reuse a connection the server closed.
+    assert_eq!(metric(&c, &base, "kvgate_migrations_total").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,6 +406,7 @@ async fn real_llama_servers_behind_the_openai_engine() {
     let urls: Vec<String> = servers.iter().map(|l| l.url.clone()).collect();
     let s = serve_engines("openai", &urls, &[]);
     checks(&base_url(&s)).await;
+    assert_eq!(metric(&reqwest::Client::new(), &base_url(&s), "kvgate_migrations_total").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

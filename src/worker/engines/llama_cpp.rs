@@ -23,11 +23,14 @@
 //!   the ids it saw.
 //!
 //! Cancellation is dropping the HTTP stream: the server stops the slot when its client goes.
+//! A streamed answer ends with the server closing the connection (despite its keep-alive
+//! headers), so streams are sent with `Connection: close` and never reuse a pooled connection.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use reqwest::header::CONNECTION;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -277,7 +280,10 @@ impl LlamaCpp {
         r: &GenerateRequest,
         reply: &mpsc::Sender<WorkerOutput>,
     ) -> Result<(), Option<WorkerError>> {
-        let call = client.post(format!("{}/completion", self.url)).json(&completion_body(r));
+        // llama-server closes the connection after a stream although its headers say keep-alive:
+        // a pooled connection would be reused dead, so the stream asks for the close itself.
+        let call =
+            client.post(format!("{}/completion", self.url)).header(CONNECTION, "close").json(&completion_body(r));
         let resp = send_call(call, false, self.timeout, ENGINE, &self.url).await.map_err(Some)?;
         let send = |o| async { reply.send(o).await.map_err(|_| None) };
         let prompt_len = r.token_ids.len() as u32;

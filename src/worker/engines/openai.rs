@@ -62,6 +62,8 @@ pub struct OpenAi {
     ids: IdSource,
     timeout: Duration,
     tokenizer: Option<Arc<Preprocessor>>,
+    /// Sends streams with `Connection: close` (llama-server, which closes them anyway).
+    close_streams: bool,
 }
 
 impl std::fmt::Debug for OpenAi {
@@ -96,6 +98,8 @@ pub async fn connect(
         detail,
     })?;
     let model = pick_model(&models, &opts.served_model_name);
+    // llama-server closes the connection after a stream despite keep-alive (see llama_cpp).
+    let close_streams = models["data"][0]["owned_by"].as_str() == Some("llamacpp");
     if model != opts.served_model_name {
         tracing::info!(url = %url, engine_model = %model, "the server names the model differently; kvgate sends its name");
     }
@@ -122,7 +126,7 @@ pub async fn connect(
         kv_events: false,
     };
     tracing::info!(url = %url, model = %model, ?ids, "OpenAI-API engine ready (no KV events: routing to it is approximate)");
-    let dialect = OpenAi { url, model, ids, timeout: opts.timeout, tokenizer };
+    let dialect = OpenAi { url, model, ids, timeout: opts.timeout, tokenizer, close_streams };
     Ok(HttpAdapter {
         dialect: Arc::new(dialect),
         client,
@@ -286,7 +290,11 @@ impl OpenAi {
         r: &GenerateRequest,
         reply: &mpsc::Sender<WorkerOutput>,
     ) -> Result<(), Option<WorkerError>> {
-        let call = client.post(format!("{}/v1/completions", self.url)).json(&completion_body(r, &self.model, self.ids));
+        let mut call = client.post(format!("{}/v1/completions", self.url));
+        if self.close_streams {
+            call = call.header(reqwest::header::CONNECTION, "close");
+        }
+        let call = call.json(&completion_body(r, &self.model, self.ids));
         let resp = send_call(call, false, self.timeout, ENGINE, &self.url).await.map_err(Some)?;
         let send = |o| async { reply.send(o).await.map_err(|_| None) };
         let mut sse = SseReader::new(resp, self.timeout);
