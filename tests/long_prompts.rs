@@ -117,7 +117,7 @@ async fn long_prompts_beside_a_stream(threads: &str) -> Stall {
     )
     .unwrap();
     let long: Vec<String> = (0..3).map(|i| varied_text(LONG_PROMPT_BYTES, 7 + i)).collect();
-    // ~60k tokens each, as /tokenize counts them (a body past 16 KiB: the pool tokenizes it).
+    // ~60k tokens each, as /tokenize counts them (a body past 8 KiB: the pool tokenizes it).
     let r = c.post(format!("{base}/tokenize")).json(&json!({"model": "qwen", "prompt": long[0]})).send().await.unwrap();
     let v: Value = r.json().await.unwrap();
     let count = v["count"].as_u64().unwrap();

@@ -60,7 +60,7 @@ async fn tokenize_and_detokenize_like_vllm() {
     .await;
     assert_eq!(v["prompt"], format!("user\n{QUESTION}\nassistant\n"));
 
-    // A body past 16 KiB is tokenized on the preprocessing pool: the same ids.
+    // A body past 8 KiB is tokenized on the preprocessing pool: the same ids.
     let long = QUESTION.repeat(2000);
     let (status, v) = post(&c, format!("{base}/tokenize"), json!({"model": "qwen", "prompt": long})).await;
     assert_eq!(status, 200);

@@ -145,7 +145,7 @@ pub struct HttpArgs {
     pub max_connections: usize,
     #[command(flatten)]
     pub parsers: ParserArgs,
-    /// Threads that prepare long requests (bodies over 16 KiB: JSON parse, chat template,
+    /// Threads that prepare long requests (bodies over 8 KiB: JSON parse, chat template,
     /// tokenization) off the shards, at a lower priority, so a long prompt never stalls the
     /// other streams of its shard; 0 prepares everything on the shards. Default: half the
     /// cores, at least one. Their queue holds 64 requests per thread; past that, 503.

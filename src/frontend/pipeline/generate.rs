@@ -44,8 +44,35 @@ pub const DISAGG_HEADER: &str = "x-kvgate-disagg";
 /// closes.
 const MAX_DRAIN_BYTES: usize = 256 * 1024 * 1024;
 
+/// A request body as it arrived, in chunks: joining a long one into one buffer (a copy of up to
+/// `--max-body-bytes`) is left to whoever prepares it, off the shard when it is long.
+#[derive(Default)]
+pub(crate) struct BodyChunks {
+    chunks: Vec<Bytes>,
+    len: usize,
+}
+
+impl BodyChunks {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// One buffer (no copy when the body came in one chunk).
+    pub(crate) fn into_bytes(mut self) -> Bytes {
+        match self.chunks.len() {
+            0 => Bytes::new(),
+            1 => self.chunks.swap_remove(0),
+            _ => {
+                let mut v = Vec::with_capacity(self.len);
+                self.chunks.iter().for_each(|c| v.extend_from_slice(c));
+                Bytes::from(v)
+            }
+        }
+    }
+}
+
 /// Reads the whole body, refusing more than `limit` bytes with 413.
-pub(crate) async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(req: Request<Incoming>, limit: usize) -> Result<BodyChunks, ApiError> {
     let declared = req
         .headers()
         .get(http::header::CONTENT_LENGTH)
@@ -53,12 +80,21 @@ pub(crate) async fn read_body(req: Request<Incoming>, limit: usize) -> Result<By
         .and_then(|v| v.parse::<u64>().ok());
     let mut body = req.into_body();
     if declared.is_none_or(|n| n <= limit as u64) {
-        match Limited::new(&mut body, limit).collect().await {
-            Ok(c) => return Ok(c.to_bytes()),
-            Err(e) => {
-                if let Ok(h) = e.downcast::<hyper::Error>() {
-                    return Err(ApiError::BodyRead(*h));
+        let mut limited = Limited::new(&mut body, limit);
+        let mut read = BodyChunks::default();
+        loop {
+            match limited.frame().await {
+                None => return Ok(read),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        read.len += data.len();
+                        read.chunks.push(data);
+                    }
                 }
+                Some(Err(e)) => match e.downcast::<hyper::Error>() {
+                    Ok(h) => return Err(ApiError::BodyRead(*h)),
+                    Err(_) => break,
+                },
             }
         }
     }
@@ -189,7 +225,11 @@ pub async fn handle<P: RequestPlane>(
     // A long body is parsed, rendered and tokenized off the shard ([`super::offload`]).
     let small = body.len() <= INLINE_MAX_BODY_BYTES;
     let shared = fe.clone();
-    let mut p = fe.prep_pool.run(small, move || prepare(&shared, kind, &body)).await.map_err(ApiError::Offload)??;
+    let mut p = fe
+        .prep_pool
+        .run(small, move || prepare(&shared, kind, &body.into_bytes()))
+        .await
+        .map_err(ApiError::Offload)??;
     let request_id = shard.next_request_id();
     let prompt_tokens = p.prompt.len() as u32;
     let migration_limit = fe.limits.migration_limit;

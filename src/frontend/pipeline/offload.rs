@@ -2,11 +2,13 @@
 //! runs here, off the shards, so a long prompt never stalls the other streams of its shard.
 //!
 //! Why a pool rather than chunk-and-yield on the shard: a 10 MB body is one `serde_json` parse
-//! and one template render, neither of which can yield, and the tokenizer's cost per byte
-//! varies; measured on the shard, one 10 MB chat message held it for seconds and a 60k-token
-//! prompt for ~50 ms (perf/RESULTS.md, "Long prompts and the shard"). Requests whose body is at
-//! most [`INLINE_MAX_BODY_BYTES`] stay inline: their preparation takes well under a
-//! millisecond, less than the hop would add.
+//! and one template render (~26 ms together on one core, perf/RESULTS.md, "Long prompts and the
+//! shard"), neither of which can yield, and its encode took 1.4 s (8 s in the issue); a
+//! 60k-token prompt's encode takes 6–16 ms. Measured with one shard, a stream's largest gap while
+//! such requests arrive is ~10 ms with the pool against 55–236 ms on the shard. Requests whose
+//! body is at most [`INLINE_MAX_BODY_BYTES`] stay inline: their preparation takes about a
+//! millisecond at most, and the hop would cost more than it saves. The body's chunks are
+//! joined into one buffer on the pool thread too (a copy of up to `--max-body-bytes`).
 //!
 //! Concurrency: `threads` std threads (`--preprocess-threads`) take jobs from one bounded queue
 //! ([`PrepPool::new`]'s `queue`); a shard submits a job and awaits its answer on a oneshot, so
@@ -26,9 +28,10 @@ use std::thread::JoinHandle;
 use thiserror::Error;
 use tokio::sync::oneshot;
 
-/// Bodies up to this size are prepared inline on the shard: their preparation costs a few
-/// hundred microseconds at most (perf/RESULTS.md), below the stall budget of ~1 ms.
-pub const INLINE_MAX_BODY_BYTES: usize = 16 * 1024;
+/// Bodies up to this size are prepared inline on the shard: at most ~4k tokens, whose encode
+/// costs ~1 ms cold on the worst text measured (made-up words, 3.9M tokens/s on one core;
+/// English prose is ~3× faster), the stall budget; the hop would cost more than it saves.
+pub const INLINE_MAX_BODY_BYTES: usize = 8 * 1024;
 /// Jobs waiting per pool thread before new ones are refused: bounds the bodies held waiting.
 pub const QUEUE_PER_THREAD: usize = 64;
 /// The pool threads' nice value: above the shards' 0, so a shard that wakes runs first.

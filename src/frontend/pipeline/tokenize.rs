@@ -138,8 +138,8 @@ pub async fn handle<P: crate::planes::request::RequestPlane>(
     let json = fe
         .prep_pool
         .run(small, move || match direction {
-            Direction::Tokenize => tokenize(&shared, &body),
-            Direction::Detokenize => detokenize(&shared, &body),
+            Direction::Tokenize => tokenize(&shared, &body.into_bytes()),
+            Direction::Detokenize => detokenize(&shared, &body.into_bytes()),
         })
         .await
         .map_err(ApiError::Offload)??;
