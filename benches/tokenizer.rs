@@ -11,11 +11,11 @@
 //!   template, special tokens included.
 //!
 //! Both encoders cache words: HF's BPE keeps up to 10,000 merged words (and stops adding when
-//! full), kvgate's fast path 65,536 per thread, of up to 24 bytes (a CJK clause, one pre-token,
-//! is longer: kvgate merges it every time). The plain benches repeat one prompt, so every
-//! word is cached after the first pass (a chat's next turn re-sends its history, so this is
-//! not unrealistic); the `_cold` ones start each encode with empty caches (HF: a clone, made
-//! outside the timing; kvgate: the thread's cache cleared), as a prompt of new text meets them.
+//! full), kvgate's fast path 65,536 per thread (words of up to 256 bytes, in arenas). The
+//! plain benches repeat one prompt, so every word is cached after the first pass (a chat's next
+//! turn re-sends its history, so this is not unrealistic); the `_cold` ones start each encode
+//! with empty caches (HF: a clone, made outside the timing; kvgate: the thread's cache cleared),
+//! as a prompt of new text meets them.
 //! Throughput is in tokens (criterion's elements/s). Both encoders are single-threaded; run it
 //! pinned to show one core: `taskset -c 0 cargo bench --bench tokenizer`. Every prompt's ids are
 //! checked equal before timing. With `KVGATE_TOKENIZER_CORPUS_DIR=dir` set, the prompts are also

@@ -102,17 +102,15 @@ pub(super) struct Bpe {
 
 /// Merged words one thread keeps: at most this many, then the cache starts over. A long prompt's
 /// distinct multi-token words fit many times over (a 40k-token prompt has a few thousand), and a
-/// chat's next turn re-sends the earlier ones; ~100 B an entry, ~6 MiB per thread at most.
+/// chat's next turn re-sends the earlier ones. Bytes are bounded too ([`WORD_CACHE_ARENA_BYTES`]).
 pub(super) const WORD_CACHE_ENTRIES: usize = 65_536;
 
-/// Longer pre-tokens are merged every time, neither looked up in nor added to the word cache.
-/// Such a pre-token is nearly always a CJK clause (CJK text has no spaces: a clause between
-/// punctuation is one pre-token, 3 bytes a char) or a rare long run, and seldom repeats, while
-/// an insert costs two allocations (and their frees when the cache starts over). New CJK text
-/// encodes 1.2-1.5x faster so (perf/RESULTS.md, issue #13); CJK text sent again is the token
-/// cache's job ([`crate::preprocess::token_cache`]). English words and code identifiers are
-/// shorter.
-pub(super) const WORD_CACHE_MAX_BYTES: usize = 24;
+/// Longer pre-tokens are merged every time, neither looked up in nor added to the word cache:
+/// they are rare runs (of one char, or text without a split) that seldom repeat and would fill
+/// the arenas. CJK clauses (one pre-token each, 3 bytes a char) are shorter and cached; the
+/// arenas make an insert cheap enough that new CJK text encodes as fast with the cache as
+/// without it (perf/RESULTS.md, issue #13).
+pub(super) const WORD_CACHE_MAX_BYTES: usize = 256;
 
 /// Reusable buffers for merging and the cache of merged words, owned by one thread and used for
 /// one model at a time (the caller clears it when the model changes).
@@ -122,7 +120,71 @@ pub(super) struct Scratch {
     ranks: Vec<u64>,
     heap: HeapScratch,
     /// Words that merge to more than one id (one-id words are in [`Bpe::words`]).
-    cache: FxMap<Box<[u8]>, Box<[u32]>>,
+    cache: WordCache,
+}
+
+/// Start the word cache over past this many bytes of words (and 4 bytes an id): ~8 MiB per
+/// thread at most, a few times what [`WORD_CACHE_ENTRIES`] average words take.
+const WORD_CACHE_ARENA_BYTES: usize = 4 << 20;
+
+/// Merged words, kept in two arenas (their bytes, their ids) with a map from a word's hash to
+/// where they lie: an insert appends, without an allocation of its own, and starting over
+/// truncates (no frees). A lookup compares the bytes, so a hash collision is a miss (the later
+/// word takes the slot).
+#[derive(Default)]
+struct WordCache {
+    slots: FxMap<u64, WordSlot>,
+    bytes: Vec<u8>,
+    ids: Vec<u32>,
+}
+
+#[derive(Clone, Copy)]
+struct WordSlot {
+    bytes_at: u32,
+    bytes_len: u32,
+    ids_at: u32,
+    ids_len: u32,
+}
+
+impl WordCache {
+    fn hash(word: &[u8]) -> u64 {
+        let mut h = FxBuild.build_hasher();
+        h.write(word);
+        h.write_usize(word.len());
+        h.finish()
+    }
+
+    #[inline]
+    fn get(&self, word: &[u8]) -> Option<&[u32]> {
+        let s = self.slots.get(&Self::hash(word))?;
+        let bytes = &self.bytes[s.bytes_at as usize..][..s.bytes_len as usize];
+        (bytes == word).then(|| &self.ids[s.ids_at as usize..][..s.ids_len as usize])
+    }
+
+    fn insert(&mut self, word: &[u8], ids: &[u32]) {
+        if self.slots.len() >= WORD_CACHE_ENTRIES
+            || self.bytes.len() + word.len() > WORD_CACHE_ARENA_BYTES
+            || self.ids.len() + ids.len() > WORD_CACHE_ARENA_BYTES / 4
+        {
+            self.clear();
+        }
+        // Words over the arena's size are refused by the caller (WORD_CACHE_MAX_BYTES).
+        let slot = WordSlot {
+            bytes_at: self.bytes.len() as u32,
+            bytes_len: word.len() as u32,
+            ids_at: self.ids.len() as u32,
+            ids_len: ids.len() as u32,
+        };
+        self.bytes.extend_from_slice(word);
+        self.ids.extend_from_slice(ids);
+        self.slots.insert(Self::hash(word), slot);
+    }
+
+    fn clear(&mut self) {
+        self.slots.clear();
+        self.bytes.clear();
+        self.ids.clear();
+    }
 }
 
 impl Scratch {
@@ -203,10 +265,7 @@ impl Bpe {
                 }
                 let start = out.len();
                 self.merge(word, scratch, out);
-                if scratch.cache.len() >= WORD_CACHE_ENTRIES {
-                    scratch.cache.clear();
-                }
-                scratch.cache.insert(word.into(), out[start..].into());
+                scratch.cache.insert(word, &out[start..]);
             }
         }
     }

@@ -19,8 +19,9 @@
 //! Concurrency: built once at load, immutable afterwards; `Send + Sync`, shared by every shard,
 //! which encode concurrently without locks. Mutable state is per thread (a thread-local, so
 //! shared-nothing): merge buffers and a cache of merged words (of up to
-//! [`merge::WORD_CACHE_MAX_BYTES`] bytes), bounded by [`merge::WORD_CACHE_ENTRIES`] and tagged with the model it was filled for, so a thread that
-//! encodes for another model starts it over.
+//! [`merge::WORD_CACHE_MAX_BYTES`] bytes), bounded by [`merge::WORD_CACHE_ENTRIES`] and its
+//! arenas' size, and tagged with the model it was filled for, so a thread that encodes for
+//! another model starts it over.
 
 mod added;
 mod classes;
