@@ -106,7 +106,7 @@ mod tests {
         // The built-in model: one token per byte at most 13 bytes long (its specials).
         assert!(p.min_tokens("hello") <= 5);
         let mut t = crate::preprocess::tokenizer::builtin_tokenizer();
-        t.with_normalizer(Some(tokenizers::normalizers::Lowercase));
+        t.with_normalizer(Some(tokenizers::normalizers::Lowercase)).expect("a normalizer is accepted");
         assert_eq!(TokenBytes::of(&t, true), None);
         assert_eq!(TokenBytes::of(&crate::preprocess::tokenizer::builtin_tokenizer(), false), None);
     }
