@@ -20,7 +20,10 @@
 //!    HTTP/1.1 ([`frontend::data::server`]).
 //! 2. The body is parsed into an OpenAI request and validated ([`openai`]); bad input becomes an
 //!    [`frontend::data::error::ApiError`], the one place errors map to HTTP status.
-//! 3. The model's [`preprocess::Preprocessor`] applies the chat template and tokenizes.
+//! 3. The model's [`preprocess::Preprocessor`] applies the chat template and tokenizes; a prompt
+//!    that cannot fit the context by its bytes alone is refused first ([`preprocess::budget`]).
+//!    Bodies over 8 KiB go through steps 2 and 3 on the preprocessing pool
+//!    ([`frontend::pipeline::offload`]) while the shard serves its other streams.
 //! 4. The prompt is hashed into blocks ([`kv::hash`]); the [`kv::index`] reports how many
 //!    leading blocks each worker holds; the [`router`] picks the worker of least cost and books
 //!    its load with a guard that releases on every exit path.
