@@ -30,7 +30,7 @@ prompts on /v1/completions):
                 1,024-word system prompt, 64 words of their own, 64 output tokens)
   rate          open loop, Poisson: multi-turn sessions (8 groups of 1,000-word system
                 prompts, 4 turns of 50 words each resending the history, 64 output tokens)
-  longctx       closed loop, 8 in flight: 8 multi-turn sessions of 8 turns, each turn adding
+  longctx       closed loop, 8 in flight: --longctx-sessions (32) multi-turn sessions of 8 turns, each turn adding
                 4,700 one-token words and resending the history (prompts grow to ~38k tokens), 32
                 output tokens (issue #13: long prompts)
   mooncake      open loop: the Mooncake conversation trace as token ids (not for sglang)
@@ -309,7 +309,7 @@ def workloads(a):
                  "--groups", "8", "--system-words", "1000", "--user-words", "50", "--output-tokens", "64"],
         # Issue #13: agentic long-context traffic. 8 sessions in parallel, 8 turns each, every turn
         # adds ~4,700 one-token words and resends the whole history (prompts grow to ~38k Qwen3 tokens).
-        "longctx": ["--concurrency", "8", "sessions", "--sessions", "8", "--turns", "8", "--groups", "8",
+        "longctx": ["--concurrency", "8", "sessions", "--sessions", str(a.longctx_sessions), "--turns", "8", "--groups", "8",
                     "--system-words", "200", "--user-words", "4700", "--output-tokens", "32"],
         "mooncake": tok + ["--request-rate", str(a.mooncake_rate), "mooncake", "--trace", a.trace,
                            "--max-requests", str(a.mooncake_requests), "--max-input-tokens", "8192",
@@ -467,6 +467,8 @@ def main():
     p.add_argument("--sat-requests", type=int, default=4000)
     p.add_argument("--session-rate", type=float, default=4, help="rate run: new sessions per second")
     p.add_argument("--sessions", type=int, default=120)
+    p.add_argument("--longctx-sessions", type=int, default=32,
+                   help="longctx run: sessions in all (8 in flight); more than 8 so the CPU figures rise above /proc's 10 ms tick")
     p.add_argument("--mooncake-rate", type=float, default=20)
     p.add_argument("--mooncake-requests", type=int, default=1000)
     p.add_argument("--log-level", default="warn", help="log level of every system (per-request INFO lines cost CPU)")
