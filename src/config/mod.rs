@@ -15,6 +15,9 @@ use crate::preprocess::token_cache::{TokenCache, DEFAULT_BUDGET_MB};
 use crate::router::{RouterMode, MAX_SHARDS};
 use crate::worker::engines::mocker::MockerArgs;
 
+mod admission;
+pub use admission::AdmissionArgs;
+
 /// Bodies above this are refused with 413 before they are read: a chat request of a
 /// million-token context is ~10 MiB of JSON, so 32 MiB leaves room without inviting abuse.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -216,6 +219,8 @@ pub struct RouterArgs {
     /// to its worker (Dynamo's default, 120).
     #[arg(long, default_value_t = 120.0)]
     pub approx_ttl_s: f64,
+    #[command(flatten)]
+    pub admission: AdmissionArgs,
 }
 
 /// A real engine behind kvgate (`--engine sglang|vllm|llama-cpp|openai`).
@@ -506,7 +511,7 @@ impl RouterArgs {
         if !ttl.is_finite() || !(1.0..=MAX_APPROX_TTL_S).contains(&ttl) {
             return Err(invalid("--approx-ttl-s", format!("{ttl} is not in 1..={MAX_APPROX_TTL_S} (seconds)")));
         }
-        Ok(())
+        self.admission.validate()
     }
 
     /// Approximate mode's settings.

@@ -291,6 +291,8 @@ pub struct Frontend<P> {
     /// The ids of prompt segments already tokenized, for every model (`--token-cache-mb`;
     /// `None` when 0).
     pub token_cache: Option<Arc<TokenCache>>,
+    /// When requests wait for a worker to free (off by default; [`crate::frontend::pipeline::admission`]).
+    pub admission: crate::frontend::pipeline::admission::AdmissionConfig,
     /// Prepares long requests off the shards (`--preprocess-threads`; inline by default).
     pub prep_pool: crate::frontend::pipeline::offload::PrepPool,
     router_config: RouterConfig,
@@ -307,6 +309,7 @@ impl<P> Frontend<P> {
         let (predictions, rx) = tokio::sync::mpsc::channel(PREDICTION_QUEUE_DEPTH);
         Self {
             approx: ApproxConfig::default(),
+            admission: Default::default(),
             predictions,
             predictions_rx: Mutex::new(Some(rx)),
             plane,
@@ -336,6 +339,12 @@ impl<P> Frontend<P> {
     /// The token cache prompts are encoded with (default: none).
     pub fn with_token_cache(mut self, cache: Option<Arc<TokenCache>>) -> Self {
         self.token_cache = cache;
+        self
+    }
+
+    /// Busy thresholds and the admission queue (default: off).
+    pub fn with_admission(mut self, admission: crate::frontend::pipeline::admission::AdmissionConfig) -> Self {
+        self.admission = admission;
         self
     }
 

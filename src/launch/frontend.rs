@@ -143,6 +143,7 @@ pub fn start(args: &FrontendArgs) -> Result<FrontendServer, FrontendLaunchError>
         Frontend::new(plane.clone(), index, router_config, limits, shards)
             .with_prep_pool(prep_pool)
             .with_approx(args.router.approx())
+            .with_admission(args.router.admission.config(shards))
             .with_parsers(args.http.parsers.flags())
             .with_token_cache(args.http.token_cache()),
     );

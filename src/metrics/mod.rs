@@ -70,6 +70,13 @@ pub struct ShardMetrics {
     pub prompt_tokens_computed_aggregated: AtomicU64,
     /// Approximate mode: predictions dropped because the control plane's queue was full.
     pub kv_predictions_dropped: AtomicU64,
+    /// Admission: requests waiting on this shard for a worker to free (a gauge).
+    pub queue_depth: AtomicU64,
+    /// Admission: time spent queued by requests that waited (admitted or timed out).
+    pub queue_wait: Histogram,
+    /// Admission: refusals because the shard's queue was full, or the wait timed out.
+    pub queue_rejected_full: AtomicU64,
+    pub queue_rejected_timeout: AtomicU64,
 }
 
 /// Counters of the control plane (KV event application).
@@ -265,7 +272,21 @@ impl Metrics {
             }
         }
         self.render_approx(&mut out, workers);
+        self.render_queue(&mut out);
         out
+    }
+
+    /// Admission (issue #15): the queue's depth, waits and refusals.
+    fn render_queue(&self, out: &mut String) {
+        let depth = self.sum(|s| &s.queue_depth);
+        let _ = writeln!(out, "# HELP kvgate_queue_depth Requests waiting for a worker below the busy thresholds.\n# TYPE kvgate_queue_depth gauge\nkvgate_queue_depth {depth}");
+        self.render_histogram(out, "kvgate_queue_wait_seconds", "Time requests waited in the admission queue.", |s| {
+            &s.queue_wait
+        });
+        let name = "kvgate_queue_rejected_total";
+        let _ = writeln!(out, "# HELP {name} Requests refused 503 by admission: the queue was full, or the wait timed out.\n# TYPE {name} counter");
+        let _ = writeln!(out, "{name}{{reason=\"full\"}} {}", self.sum(|s| &s.queue_rejected_full));
+        let _ = writeln!(out, "{name}{{reason=\"timeout\"}} {}", self.sum(|s| &s.queue_rejected_timeout));
     }
 
     fn render_histogram(&self, out: &mut String, name: &str, help: &str, f: fn(&ShardMetrics) -> &Histogram) {

@@ -106,6 +106,10 @@ pub struct CommonParams {
     pub ignore_eos: bool,
     #[serde(default)]
     pub n: Option<i64>,
+    /// Admission order when every worker is busy (vLLM's and SGLang's field): lower is served
+    /// first, ties in arrival order; default 0.
+    #[serde(default)]
+    pub priority: Option<i64>,
 }
 
 /// A client error in a request's fields: which field (OpenAI's `param`, such as `max_tokens` or
@@ -138,6 +142,8 @@ pub struct Validated {
     pub sampling: SamplingParams,
     /// Chat requests: what the model may do with the request's tools.
     pub tool_choice: ToolChoice,
+    /// Admission order while queued: lower first (vLLM's meaning), default 0.
+    pub priority: i32,
 }
 
 fn validate_max_tokens(param: &'static str, v: Option<i64>, default: u32) -> Result<u32, ValidationError> {
@@ -172,6 +178,12 @@ impl CommonParams {
             Some(StopSpec::One(s)) => vec![s.clone()],
             Some(StopSpec::Many(v)) => v.clone(),
         };
+        let priority = match self.priority {
+            None => 0,
+            Some(p) => {
+                i32::try_from(p).map_err(|_| bad("priority", format!("priority must fit in 32 bits, got {p}")))?
+            }
+        };
         if stop.len() > MAX_STOP_STRINGS {
             return Err(bad("stop", format!("at most {MAX_STOP_STRINGS} stop strings, got {}", stop.len())));
         }
@@ -188,6 +200,7 @@ impl CommonParams {
                 ignore_eos: self.ignore_eos,
             },
             tool_choice: ToolChoice::None,
+            priority,
         })
     }
 }

@@ -64,6 +64,12 @@ pub enum ApiError {
     Detokenize(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// Every worker was busy and this shard's admission queue was full.
+    #[error("every worker is busy and the queue is full ({limit} requests wait on this shard; --max-queued-requests); retry later")]
+    QueueFull { limit: usize },
+    /// Every worker stayed busy for the whole queue timeout.
+    #[error("every worker stayed busy for {}s (--queue-timeout-s); retry later", .waited.as_secs_f64())]
+    QueueTimeout { waited: std::time::Duration },
     #[error("too many open connections: this shard serves at most {limit} (--max-connections); retry later")]
     TooManyConnections { limit: usize },
 }
@@ -89,6 +95,7 @@ impl ApiError {
             NoWorkers(_) | DisaggUnavailable(..) | Transport(_) | ShuttingDown | TooManyConnections { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            QueueFull { .. } | QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Worker(e) => match e.fault {
                 Fault::Client => StatusCode::BAD_REQUEST,
                 Fault::Worker | Fault::Transport => StatusCode::BAD_GATEWAY,
@@ -148,6 +155,7 @@ impl ApiError {
     pub fn retry_after_s(&self) -> Option<u32> {
         match self {
             ApiError::Offload(PoolError::Full { .. }) | ApiError::TooManyConnections { .. } => Some(1),
+            ApiError::QueueFull { .. } | ApiError::QueueTimeout { .. } => Some(1),
             _ => None,
         }
     }
@@ -214,6 +222,13 @@ mod tests {
         assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(full.into_response().headers()[http::header::RETRY_AFTER], "1");
         assert_eq!(ApiError::Offload(PoolError::Lost).status(), StatusCode::INTERNAL_SERVER_ERROR);
+        for e in
+            [ApiError::QueueFull { limit: 4 }, ApiError::QueueTimeout { waited: std::time::Duration::from_secs(2) }]
+        {
+            assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(e.kind(), "service_unavailable");
+            assert_eq!(e.into_response().headers()[http::header::RETRY_AFTER], "1");
+        }
         let tok = ApiError::TokenOutOfRange { id: 9, vocab: 3, param: "tokens" };
         let v: serde_json::Value = serde_json::from_slice(&tok.body_json()).unwrap();
         assert_eq!(v["error"]["param"], "tokens");

@@ -230,6 +230,8 @@ pub async fn handle<P: RequestPlane>(
         .run(small, move || prepare(&shared, kind, &body.into_bytes()))
         .await
         .map_err(ApiError::Offload)??;
+    // Every worker busy: wait in the shard's queue, or 503 ([`super::admission`]).
+    let waited = super::admission::admit(fe, shard.id, &p.model, p.validated.priority).await?;
     let request_id = shard.next_request_id();
     let prompt_tokens = p.prompt.len() as u32;
     let migration_limit = fe.limits.migration_limit;
@@ -243,7 +245,7 @@ pub async fn handle<P: RequestPlane>(
         failed: RefCell::new(Vec::new()),
     });
     let sent = dispatch.send(&dispatch.prompt.clone(), dispatch.sampling.max_tokens, migration_limit + 1).await?;
-    m.routing_overhead.observe(arrived.elapsed());
+    m.routing_overhead.observe(arrived.elapsed().saturating_sub(waited));
     let worker = sent.worker;
     let headers = legs_headers(worker, &sent.legs);
     let decoder = p.model.preprocessor.decoder();

@@ -2,6 +2,8 @@
 //!
 //! - [`generate`]: `/v1/chat/completions` and `/v1/completions`: parse, validate, preprocess,
 //!   dispatch, and answer as JSON or SSE (the status waits for the worker's first answer).
+//! - [`admission`]: while every worker of the model is busy, the request waits in its shard's
+//!   bounded queue (priority, then arrival) up to a timeout; 503 with `Retry-After` otherwise.
 //! - [`dispatch`]: routing and the disaggregation plan (legs together or in sequence), sending,
 //!   retries on unreachable workers, migration.
 //! - [`offload`]: the preprocessing pool: long requests are parsed, rendered and tokenized on
@@ -13,6 +15,7 @@
 //! Concurrency: runs on the shard that accepted the connection; nothing here is shared, but for
 //! the preparation of a long request, which a pool thread does while its shard awaits the answer.
 
+pub mod admission;
 pub mod dispatch;
 pub mod generate;
 pub mod offload;
