@@ -6,7 +6,7 @@
 //! | --- | --- |
 //! | [`contract`] | the frontend ↔ worker contract: requests, outputs, errors as data, legs, load reports, KV events and their one encoding, recovery, request-plane frames, worker registration |
 //! | [`kv`] | block hashing, the index of which worker caches which block, and the predicted caches of workers without KV events ([`kv::approx`]) |
-//! | [`planes`] | the seams between processes: [`planes::discovery`] (etcd), [`planes::events`] (NATS), [`planes::request`] (TCP), [`planes::transfer`] (KV bytes); each with an in-process implementation |
+//! | [`planes`] | the seams between processes: [`planes::discovery`] (etcd), [`planes::events`] (NATS), [`planes::load`] (workers' load reports, NATS), [`planes::request`] (TCP), [`planes::transfer`] (KV bytes); each with an in-process implementation |
 //! | [`router`] | routing policies, the KV cost function, load booking guards |
 //! | [`preprocess`], [`openai`], [`metrics`] | model loading, tokenizer and the token cache of prompt segments already tokenized, chat template, detokenizer, stop strings; OpenAI types and the reasoning / tool-call output parsers ([`openai::parse`]); per-shard counters merged on scrape |
 //! | [`frontend`] | shared state ([`frontend::state`]), the control plane ([`frontend::control`]), the data plane ([`frontend::data`]: shards, HTTP, error → status) and the request pipeline ([`frontend::pipeline`]) |
@@ -38,6 +38,9 @@
 //!    index, which every shard reads without locks. A worker without events is routed
 //!    approximately: the shard queues the prompt's blocks to the control plane, which records them
 //!    in the index as that worker's predicted cache ([`kv::approx`]).
+//!    Workers also publish their load ([`planes::load`], at most every 50 ms); the router counts
+//!    a worker's last report plus this frontend's bookings it does not cover yet
+//!    ([`router::load`]), so several frontends on one fleet see each other's load.
 
 pub mod config;
 pub mod contract;

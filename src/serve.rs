@@ -175,6 +175,7 @@ pub fn start_with<E: Engine>(
     let plane = InProcessRequestPlane::new();
     let discovery = InProcessDiscovery::new();
     let (publisher, subscriber) = events::in_process();
+    let (load_publisher, load_subscriber) = crate::planes::load::in_process();
     let router_config = RouterConfig {
         mode: args.router.router_mode,
         overlap_weight: args.router.kv_overlap_score_weight,
@@ -200,6 +201,7 @@ pub fn start_with<E: Engine>(
     let recovery = Arc::new(InProcessRecovery::new());
     let control_rt = shards::tokio_runtime("kvgate-control", 1).map_err(ServeError::Runtime)?;
     control_rt.spawn(control::run(fe.clone(), writer, discovery.subscribe(), subscriber, recovery.clone()));
+    control_rt.spawn(control::load::run(fe.clone(), load_subscriber));
 
     // Disaggregated workers copy real KV bytes: a second thread lets transfers overlap steps.
     let engine_threads = if args.prefill_workers + args.decode_workers > 0 { 2 } else { 1 };
@@ -214,7 +216,9 @@ pub fn start_with<E: Engine>(
         let handle = {
             let _ctx = engine_rt.enter();
             let e = engine(&WorkerSlot { index, id, role, args, preprocessor: &preprocessor })?;
-            spawn(id, e, inbox, publisher.clone(), EventRing::default())
+            let handle = spawn(id, e, inbox, publisher.clone(), EventRing::default());
+            tokio::spawn(crate::worker::load::publish_load(id, handle.load.clone(), load_publisher.clone()));
+            handle
         };
         recovery.insert(handle.control());
         let placement = Placement {

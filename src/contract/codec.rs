@@ -356,6 +356,93 @@ where
     }
 }
 
+/// First four bytes of every load message ([`encode_load`]).
+pub const LOAD_MAGIC: [u8; 4] = *b"KVLR";
+/// Bytes before a load message's archive: magic, [`FORMAT_VERSION`], three zero bytes.
+const LOAD_HEADER_LEN: usize = 8;
+/// The largest load message accepted: a few dozen bytes are sent; anything larger is not one.
+pub const MAX_LOAD_BYTES: usize = 512;
+
+const _: () = assert!(LOAD_HEADER_LEN % ARCHIVE_ALIGN == 0);
+
+/// One worker's load as it goes on the load plane ([`crate::planes::load`]): the engine's
+/// report, the worker's sequence number (from 1, one per message, so a frontend can drop a
+/// reordered older one) and the worker's wall clock when it was sampled (for logs only: clocks
+/// of different machines are not compared).
+#[derive(Debug, Clone, Copy, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct LoadMessage {
+    pub worker: WorkerId,
+    pub seq: u64,
+    pub issued_at_us: u64,
+    pub report: crate::contract::LoadReport,
+}
+
+/// Encodes one load message: [`LOAD_MAGIC`], the format version, three zero bytes, then an rkyv
+/// archive of [`LoadMessage`] (bytecheck-validated on read).
+pub fn encode_load(msg: &LoadMessage) -> Result<AlignedVec, CodecError> {
+    let mut out = AlignedVec::<16>::new();
+    out.extend_from_slice(&LOAD_MAGIC);
+    out.extend_from_slice(&[FORMAT_VERSION, 0, 0, 0]);
+    rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(msg, out).map_err(CodecError::Encode)
+}
+
+/// Validates a load message at any alignment (it is copied: it is tiny) and returns it owned.
+/// Untrusted bytes never panic; every refusal is a [`CodecError`].
+pub fn decode_load(bytes: &[u8]) -> Result<LoadMessage, CodecError> {
+    let len = bytes.len();
+    if len > MAX_LOAD_BYTES {
+        return Err(CodecError::TooLarge { len, max: MAX_LOAD_BYTES });
+    }
+    let Some((header, body)) = bytes.split_first_chunk::<LOAD_HEADER_LEN>() else {
+        return Err(CodecError::Truncated { len, expected: LOAD_HEADER_LEN });
+    };
+    let magic = [header[0], header[1], header[2], header[3]];
+    if magic != LOAD_MAGIC {
+        return Err(CodecError::BadMagic { found: magic });
+    }
+    if header[4] != FORMAT_VERSION {
+        return Err(CodecError::UnsupportedVersion { found: header[4], supported: FORMAT_VERSION });
+    }
+    if header[5..8] != [0, 0, 0] {
+        return Err(CodecError::Reserved { found: [header[5], header[6], header[7]] });
+    }
+    let mut aligned = AlignedVec::<16>::with_capacity(body.len());
+    aligned.extend_from_slice(body);
+    let archived = rkyv::access::<ArchivedLoadMessage, rkyv::rancor::Error>(&aligned).map_err(CodecError::Invalid)?;
+    rkyv::deserialize::<LoadMessage, rkyv::rancor::Error>(archived).map_err(CodecError::Invalid)
+}
+
+#[cfg(test)]
+mod load_tests {
+    use super::*;
+    use crate::contract::LoadReport;
+
+    #[test]
+    fn load_messages_round_trip_and_garbage_is_refused() {
+        let report = LoadReport {
+            active_blocks: 7,
+            total_blocks: 100,
+            running_requests: 2,
+            blocks_known: true,
+            ..LoadReport::default()
+        };
+        let msg = LoadMessage { worker: WorkerId(9), seq: 3, issued_at_us: 12, report };
+        let bytes = encode_load(&msg).unwrap();
+        assert!(bytes.len() <= MAX_LOAD_BYTES);
+        assert_eq!(decode_load(&bytes).unwrap(), msg);
+        // At an odd offset too.
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&bytes);
+        assert_eq!(decode_load(&shifted[1..]).unwrap(), msg);
+        assert!(matches!(decode_load(b"KVLR"), Err(CodecError::Truncated { .. })));
+        assert!(matches!(decode_load(&encode_batch(&[]).unwrap()), Err(CodecError::BadMagic { .. })));
+        let mut bad = bytes.to_vec();
+        bad.truncate(bad.len() - 3);
+        assert!(decode_load(&bad).is_err());
+        assert!(decode_load(&vec![0u8; MAX_LOAD_BYTES + 1]).is_err());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rand::rngs::SmallRng;

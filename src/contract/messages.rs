@@ -195,13 +195,24 @@ impl WorkerError {
 }
 
 /// A worker's load as it reports it (engine-side truth; the router also books its own view).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+/// Published on the load plane ([`crate::planes::load`]) in [`crate::contract::codec`]'s
+/// encoding. An engine that cannot tell its blocks or its pending prefill leaves the `*_known`
+/// flag false, and the frontend keeps its own bookings for that quantity.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct LoadReport {
     pub active_blocks: u64,
     pub total_blocks: u64,
     pub waiting_requests: u64,
     pub running_requests: u64,
     pub prefill_tokens: u64,
+    /// `active_blocks` is the engine's count (false: the engine does not say).
+    #[serde(default)]
+    pub blocks_known: bool,
+    /// `prefill_tokens` is the engine's count (false: the engine does not say).
+    #[serde(default)]
+    pub prefill_known: bool,
 }
 
 /// Which engine a worker runs (registered in discovery; selects the engine's own flags).

@@ -458,7 +458,9 @@ impl<P> Frontend<P> {
             }
         }
         let token_cache = self.token_cache.as_ref().map(|c| c.stats()).unwrap_or_default();
-        self.metrics.render(&gauges, self.index.num_entries() as u64, &token_cache)
+        let mut out = self.metrics.render(&gauges, self.index.num_entries() as u64, &token_cache);
+        crate::frontend::control::load::render(self, &mut out);
+        out
     }
 }
 

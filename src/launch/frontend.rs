@@ -23,6 +23,7 @@ use crate::kv::index::KvIndex;
 use crate::planes::discovery::etcd::{EtcdDiscovery, EtcdError};
 use crate::planes::discovery::{WorkerInfo, WorkerSnapshot};
 use crate::planes::events::nats::{self, NatsError, NatsSubscriber};
+use crate::planes::load::NatsLoadSubscriber;
 use crate::planes::request::tcp::TcpRequestPlane;
 use crate::preprocess::{ModelSource, Preprocessor};
 use crate::router::RouterConfig;
@@ -149,14 +150,17 @@ pub fn start(args: &FrontendArgs) -> Result<FrontendServer, FrontendLaunchError>
     );
 
     let cluster = args.cluster.clone();
-    let (events, mut raw) = control_rt.block_on(async {
+    let (events, loads, mut raw) = control_rt.block_on(async {
         let client = nats::connect(&cluster.nats_server, "kvgate-frontend").await?;
         // Subscribe before reading discovery: every event after a registration is seen.
         let events = NatsSubscriber::subscribe(&client, &cluster.namespace, None).await?;
+        let loads = NatsLoadSubscriber::subscribe(&client, &cluster.namespace).await?;
         let etcd = EtcdDiscovery::connect(&cluster.etcd_endpoints, &cluster.namespace).await?;
         let raw = etcd.watch(None).await?;
-        Ok::<_, FrontendLaunchError>((events, raw))
+        Ok::<_, FrontendLaunchError>((events, loads, raw))
     })?;
+    // Every worker's reported load, reconciled with this frontend's bookings.
+    control_rt.spawn(control::load::run(fe.clone(), loads));
 
     let mut admission =
         Admission { fe: fe.clone(), page_size: args.page_size, refused: HashSet::new(), failed_models: HashMap::new() };

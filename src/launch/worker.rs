@@ -17,6 +17,7 @@ use crate::contract::EngineKind;
 use crate::contract::{WorkerId, WorkerRole};
 use crate::planes::discovery::etcd::{EtcdDiscovery, EtcdError};
 use crate::planes::events::nats::{self, NatsError, NatsPublisher};
+use crate::planes::load::NatsLoadPublisher;
 use crate::planes::request::tcp::serve_worker;
 use crate::planes::request::WORKER_QUEUE_DEPTH;
 use crate::preprocess::{ModelSource, PreprocessError, Preprocessor};
@@ -111,6 +112,7 @@ pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = (
     let host = args.advertise_host.clone().unwrap_or_else(primary_host);
 
     let nats_client = nats::connect(&args.cluster.nats_server, &format!("kvgate-worker-{id}")).await?;
+    let load_publisher = NatsLoadPublisher::new(nats_client.clone(), &args.cluster.namespace, &model);
     let publisher = NatsPublisher::new(nats_client, &args.cluster.namespace, &model);
     let (inbox_tx, inbox) = tokio::sync::mpsc::channel(WORKER_QUEUE_DEPTH);
     let ring = EventRing::default();
@@ -142,6 +144,8 @@ pub async fn run(args: WorkerArgs, shutdown: impl std::future::Future<Output = (
         }
     };
     let transfer_address = handle.card.bootstrap.clone();
+    // Ends when the engine does (it drops its load sender).
+    tokio::spawn(crate::worker::load::publish_load(id, handle.load.clone(), load_publisher));
 
     let bind: SocketAddr = (IpAddr::from([0, 0, 0, 0]), args.port).into();
     let listener =

@@ -3,11 +3,13 @@
 //!
 //! - [`discovery`]: which workers exist (etcd leases; in-process snapshots).
 //! - [`events`]: the KV event plane (NATS; in-process channel).
+//! - [`load`]: workers' load reports (NATS; in-process channel), superseding each other.
 //! - [`request`]: the request plane to workers (TCP frames; in-process channels).
 //! - [`transfer`]: kvgate's own KV transfer plane for disaggregated mocker workers (TCP;
 //!   in-process memory copy). Real engines move KV by their own backends.
 
 pub mod discovery;
 pub mod events;
+pub mod load;
 pub mod request;
 pub mod transfer;

@@ -26,7 +26,7 @@ use crate::kv::index::{KvIndex, OverlapScores};
 
 pub use cost::WorkerScore;
 use cost::{kv_cost, pick_min, prompt_blocks, sample_softmax, uncached_tokens, CostInputs};
-pub use load::{Booking, LoadGuard, WorkerLoad, MAX_SHARDS};
+pub use load::{Booking, LoadGuard, LoadView, WorkerLoad, MAX_SHARDS, REPORT_FRESH_FOR};
 
 /// The routing policy, chosen once from config.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -178,9 +178,11 @@ impl Router {
                     None if use_index => self.index.cached_blocks(c.id),
                     None => 0,
                 };
+                // The worker's last report plus the bookings it does not cover yet.
+                let load = c.load.view();
                 let x = CostInputs {
-                    active_prefill_tokens: c.load.active_prefill_tokens(),
-                    active_decode_blocks: c.load.active_decode_blocks(),
+                    active_prefill_tokens: load.prefill_tokens,
+                    active_decode_blocks: load.decode_blocks,
                     prompt_tokens: req.prompt_tokens,
                     overlap_blocks,
                 };

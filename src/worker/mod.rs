@@ -14,6 +14,7 @@
 
 pub mod engine;
 pub mod engines;
+pub mod load;
 pub mod mirror;
 pub mod reply;
 pub mod ring;

@@ -11,7 +11,11 @@
 //! worker's later events are held in a bounded buffer while a recovery asks the worker for a
 //! replay or a dump (see [`crate::contract::control`] for how each is applied); then the held
 //! events past the recovered id are applied. A buffer that overflows is dropped: the next live
-//! event shows a gap again and triggers another recovery.
+//! event shows a gap again and triggers another recovery. A worker is also synced (replay since
+//! its last applied id) when it joins, so a frontend started late is exact without waiting for
+//! the worker's next event, and every [`KV_SYNC_INTERVAL`].
+//!
+//! Load reports are reconciled by a task of their own ([`load`]).
 //!
 //! Approximate mode ([`crate::kv::approx`]): the loop also owns the [`Predictions`] of workers
 //! without events. Shards queue what they dispatched to such workers ([`Frontend::predict`]);
@@ -21,6 +25,7 @@
 //! (logged once at info) before the event is applied; with `--no-kv-events` every event is
 //! ignored instead.
 
+pub mod load;
 pub mod recovery;
 
 use std::collections::{HashMap, HashSet};
@@ -156,12 +161,18 @@ impl<P, R: RecoverySource> State<'_, P, R> {
             self.streams.remove(gone);
             self.predictions.remove(*gone);
         }
-        for new in now.difference(known) {
+        let joined: Vec<WorkerId> = now.difference(known).copied().collect();
+        for new in &joined {
             tracing::info!(worker = %new, "worker joined");
         }
         *known = now;
         self.frontend.set_workers(snap);
         self.track(snap);
+        // Sync each new worker at once: a frontend started beside a warm, idle fleet is exact
+        // within one round trip, not at its first event or the next periodic sync.
+        for w in joined {
+            self.sync(w);
+        }
     }
 
     /// Refreshes each worker's mode cell and capacity from the groups just published.

@@ -246,7 +246,7 @@ fn stop_reason(stop_type: Option<&str>) -> Result<FinishReason, WorkerError> {
 /// `/slots` as a load: busy slots, and the tokens they hold.
 pub fn load_from_slots(slots: &Value, page_size: u32, total_blocks: u64) -> Option<LoadReport> {
     let page = u64::from(page_size.max(1));
-    let mut l = LoadReport { total_blocks, ..LoadReport::default() };
+    let mut l = LoadReport { total_blocks, blocks_known: true, ..LoadReport::default() };
     for s in slots.as_array()? {
         if s["is_processing"].as_bool().unwrap_or(false) {
             l.running_requests += 1;

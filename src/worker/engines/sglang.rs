@@ -309,7 +309,7 @@ impl Dialect for Sglang {
             .ok()?;
         let v: Value = r.json().await.ok()?;
         let page = u64::from(self.page_size.max(1));
-        let mut l = LoadReport::default();
+        let mut l = LoadReport { blocks_known: true, prefill_known: true, ..LoadReport::default() };
         for d in v["loads"].as_array()? {
             l.running_requests += d["num_running_reqs"].as_u64().unwrap_or(0);
             l.waiting_requests += d["num_waiting_reqs"].as_u64().unwrap_or(0);

@@ -260,6 +260,8 @@ impl Scheduler {
             waiting_requests: self.waiting.len() as u64,
             running_requests: self.running.len() as u64,
             prefill_tokens: prefill as u64,
+            blocks_known: true,
+            prefill_known: true,
         }
     }
 
