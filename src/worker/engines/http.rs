@@ -100,6 +100,24 @@ pub struct AdapterOptions {
     pub replay_endpoint: Option<String>,
 }
 
+impl AdapterOptions {
+    /// Refuses a prefill or decode role for an engine that has no disaggregation of its own;
+    /// `fix` says how to run it instead.
+    pub fn aggregated_only(&self, engine: &'static str, url: &str, fix: &str) -> Result<(), EngineStartError> {
+        if self.role == crate::contract::WorkerRole::Aggregated {
+            return Ok(());
+        }
+        Err(EngineStartError::Mismatch {
+            engine,
+            url: url.to_string(),
+            what: "disaggregation support",
+            engine_value: "none".into(),
+            ours: format!("{:?}", self.role).to_lowercase(),
+            fix: fix.into(),
+        })
+    }
+}
+
 /// GETs `path` of the engine at `url` as JSON (start-up only).
 pub async fn get_json(client: &reqwest::Client, url: &str, path: &str) -> Result<serde_json::Value, String> {
     let r =

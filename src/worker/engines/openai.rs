@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::contract::{
-    DisaggStyle, EngineKind, FinishReason, GenerateRequest, LoadReport, TokenId, WorkerError, WorkerOutput, WorkerRole,
+    DisaggStyle, EngineKind, FinishReason, GenerateRequest, LoadReport, TokenId, WorkerError, WorkerOutput,
 };
 use crate::preprocess::Preprocessor;
 use crate::worker::engine::EngineCard;
@@ -79,16 +79,11 @@ pub async fn connect(
     tokenizer: Option<Arc<Preprocessor>>,
 ) -> Result<HttpAdapter<OpenAi>, EngineStartError> {
     let url = opts.url.trim_end_matches('/').to_string();
-    if opts.role != WorkerRole::Aggregated {
-        return Err(EngineStartError::Mismatch {
-            engine: ENGINE,
-            url,
-            what: "disaggregation support",
-            engine_value: "none".into(),
-            ours: format!("{:?}", opts.role).to_lowercase(),
-            fix: "run OpenAI-API workers aggregated (no --disaggregation-mode, no prefill=/decode= prefix)".into(),
-        });
-    }
+    opts.aggregated_only(
+        ENGINE,
+        &url,
+        "run OpenAI-API workers aggregated (no --disaggregation-mode, no prefill=/decode= prefix)",
+    )?;
     let client = client();
     wait_ready(&client, ENGINE, &url, "/v1/models", opts.ready_timeout).await?;
     let models = get_json(&client, &url, "/v1/models").await.map_err(|detail| EngineStartError::Protocol {
