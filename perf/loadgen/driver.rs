@@ -63,7 +63,10 @@ pub enum Loop {
 }
 
 pub struct Driver {
-    pub client: Rc<Client>,
+    /// One client per `--url`; requests take them in turn (several frontends behind a
+    /// round-robin balancer).
+    pub clients: Vec<Rc<Client>>,
+    pub next_client: std::cell::Cell<usize>,
     pub model: String,
     pub space: TokenSpace,
     pub timeout: Duration,
@@ -252,7 +255,10 @@ impl Driver {
         collect: bool,
         out: &mut Outcome,
     ) -> Result<(), (&'static str, String)> {
-        let resp = self.client.post(path, body).await.map_err(|e| ("connect", e.to_string()))?;
+        let i = self.next_client.get();
+        self.next_client.set(i.wrapping_add(1));
+        let client = &self.clients[i % self.clients.len()];
+        let resp = client.post(path, body).await.map_err(|e| ("connect", e.to_string()))?;
         out.worker = resp.worker.clone();
         if resp.status != 200 {
             let status = resp.status;

@@ -53,9 +53,10 @@ struct Cli {
 
 #[derive(Args, Debug)]
 struct Common {
-    /// Server base URL (http only).
-    #[arg(long, global = true, default_value = "http://127.0.0.1:8000")]
-    url: String,
+    /// Server base URL (http only). Several (repeated, or comma-separated): requests go to
+    /// them in turn, like a round-robin load balancer in front of several frontends.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8000", value_delimiter = ',')]
+    url: Vec<String>,
     /// Model name sent in every request.
     #[arg(long, global = true, default_value = "kvgate-mock")]
     model: String,
@@ -243,12 +244,13 @@ fn build_jobs(cli: &Cli) -> anyhow::Result<Vec<workload::Scheduled>> {
 }
 
 async fn run(c: &Common, jobs: Vec<workload::Scheduled>, mode: Loop) -> anyhow::Result<()> {
-    let client = http::Client::new(&c.url)?;
+    let clients = c.url.iter().map(|u| http::Client::new(u)).collect::<anyhow::Result<Vec<_>>>()?;
     let probe = c.server_pid.map(cpu::ServerProbe::start).transpose().context("--server-pid")?;
     let cpu0 = cpu::self_cpu();
     let start = Instant::now();
     let driver = Rc::new(Driver {
-        client,
+        clients,
+        next_client: std::cell::Cell::new(0),
         model: c.model.clone(),
         space: TokenSpace { lo: c.token_id_min, hi: c.token_id_max },
         timeout: Duration::from_secs_f64(c.request_timeout_s),
