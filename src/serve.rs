@@ -242,7 +242,7 @@ pub fn start_with<E: Engine>(
         std::thread::sleep(Duration::from_millis(1));
     }
 
-    let data_plane = shards::DataPlane::start(fe, &args.http.listen())?;
+    let data_plane = shards::DataPlane::start(fe, &args.http.listen()?)?;
     let addr = data_plane.addr;
     tracing::info!(%addr, model = %model_name, source = %preprocessor.source_description(), workers = roles.len(), prefill_workers = args.prefill_workers, decode_workers = args.decode_workers, shards, "kvgate serving");
     Ok(Server {

@@ -326,7 +326,7 @@ async fn health_is_503_until_a_model_has_a_worker() {
     let fe = std::sync::Arc::new(Frontend::new(plane, index, cfg, limits, 1));
     let dp = kvgate::frontend::data::shards::DataPlane::start(
         fe.clone(),
-        &kvgate::frontend::data::shards::Listen { host: "127.0.0.1".into(), port: 0, shards: 1, max_connections: 16 },
+        &kvgate::frontend::data::shards::Listen { max_connections: 16, ..Default::default() },
     )
     .unwrap();
     let url = format!("http://{}/health", dp.addr);

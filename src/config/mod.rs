@@ -159,6 +159,67 @@ pub struct HttpArgs {
     /// conversation's next turn tokenizes only its new text. Fast-path models only.
     #[arg(long, default_value_t = DEFAULT_BUDGET_MB, env = "KVGATE_TOKEN_CACHE_MB")]
     pub token_cache_mb: usize,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// Seconds in-flight requests may run after SIGTERM or SIGINT before their streams are cut;
+    /// meanwhile no connection is accepted and `/health` answers 503 `draining`.
+    #[arg(long, default_value_t = DEFAULT_DRAIN_TIMEOUT_S, env = "KVGATE_DRAIN_TIMEOUT_S")]
+    pub drain_timeout_s: f64,
+}
+
+/// Default of `--drain-timeout-s`: Kubernetes' default grace period, so a pod is not killed
+/// (SIGKILL) while it still drains.
+pub const DEFAULT_DRAIN_TIMEOUT_S: f64 = 30.0;
+/// Ceiling of `--drain-timeout-s` (an hour): a longer drain is a deployment that never stops.
+pub const MAX_DRAIN_TIMEOUT_S: f64 = 3600.0;
+
+/// API keys (vLLM's `--api-key`): when any is set, every endpoint serving model work requires
+/// `Authorization: Bearer <key>`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct AuthArgs {
+    /// An API key clients must send as `Authorization: Bearer <key>` (repeatable; the env var
+    /// takes several, comma-separated). Without any key the endpoint is open.
+    #[arg(long = "api-key", env = "KVGATE_API_KEY", value_delimiter = ',', hide_env_values = true)]
+    pub api_key: Vec<String>,
+    /// A file of API keys, one a line; blank lines and lines starting with `#` are ignored.
+    #[arg(long, env = "KVGATE_API_KEY_FILE")]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// Require a key on `/health`, `/live` and `/metrics` too (by default they stay open for
+    /// load balancers and Prometheus).
+    #[arg(long)]
+    pub api_key_protect_health: bool,
+}
+
+impl AuthArgs {
+    /// The configured keys (flags, env and file), read and checked once at start-up.
+    pub fn load(&self) -> Result<crate::frontend::data::auth::ApiKeys, ConfigError> {
+        let mut keys: Vec<String> = self.api_key.iter().map(|k| k.trim().to_string()).collect();
+        if keys.iter().any(|k| k.is_empty()) {
+            return Err(invalid("--api-key", "an API key must not be empty"));
+        }
+        if let Some(path) = &self.api_key_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid("--api-key-file", format!("cannot read {}: {e}", path.display())))?;
+            let from_file: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string)
+                .collect();
+            if from_file.is_empty() {
+                return Err(invalid("--api-key-file", format!("{} holds no key", path.display())));
+            }
+            keys.extend(from_file);
+        }
+        if let Some(k) = keys.iter().find(|k| k.bytes().any(|b| !(0x21..=0x7e).contains(&b))) {
+            let flag = if self.api_key.iter().any(|a| a.trim() == k) { "--api-key" } else { "--api-key-file" };
+            return Err(invalid(flag, "an API key must be printable ASCII without spaces (it travels in a header)"));
+        }
+        if self.api_key_protect_health && keys.is_empty() {
+            return Err(invalid("--api-key-protect-health", "needs --api-key or --api-key-file"));
+        }
+        Ok(crate::frontend::data::auth::ApiKeys::new(keys, self.api_key_protect_health))
+    }
 }
 
 /// How a model's raw text becomes OpenAI's `reasoning_content` and `tool_calls` (vLLM's flags
@@ -443,6 +504,11 @@ impl HttpArgs {
                 format!("{n} is not in {shards}..={MAX_CONNECTIONS_CEILING} (at least one per shard)"),
             ));
         }
+        let d = self.drain_timeout_s;
+        if !d.is_finite() || !(0.0..=MAX_DRAIN_TIMEOUT_S).contains(&d) {
+            return Err(invalid("--drain-timeout-s", format!("{d} is not in 0..={MAX_DRAIN_TIMEOUT_S} (seconds)")));
+        }
+        self.auth.load()?;
         if self.token_cache_mb > TOKEN_CACHE_MB_CEILING {
             return Err(invalid(
                 "--token-cache-mb",
@@ -470,14 +536,16 @@ impl HttpArgs {
         PrepPool::new(threads, threads * QUEUE_PER_THREAD)
     }
 
-    /// Where and how the data plane listens.
-    pub fn listen(&self) -> crate::frontend::data::shards::Listen {
-        crate::frontend::data::shards::Listen {
+    /// Where and how the data plane listens (reads `--api-key-file`).
+    pub fn listen(&self) -> Result<crate::frontend::data::shards::Listen, ConfigError> {
+        Ok(crate::frontend::data::shards::Listen {
             host: self.http_host.clone(),
             port: self.http_port,
             shards: self.shard_count(),
             max_connections: self.max_connections,
-        }
+            drain_timeout: std::time::Duration::from_secs_f64(self.drain_timeout_s),
+            auth: std::sync::Arc::new(self.auth.load()?),
+        })
     }
 }
 

@@ -192,7 +192,7 @@ pub fn start(args: &FrontendArgs) -> Result<FrontendServer, FrontendLaunchError>
     fe.set_workers(&admitted_rx.borrow());
     control_rt.spawn(control::run(fe.clone(), writer, admitted_rx, events, Arc::new(plane)));
 
-    let data_plane = shards::DataPlane::start(fe, &args.http.listen())?;
+    let data_plane = shards::DataPlane::start(fe, &args.http.listen()?)?;
     let addr = data_plane.addr;
     tracing::info!(%addr, shards, namespace = %args.cluster.namespace, "kvgate frontend serving");
     Ok(FrontendServer { addr, data_plane, control_rt: Some(control_rt) })

@@ -44,6 +44,8 @@ pub struct ShardMetrics {
     pub streams_cancelled: AtomicU64,
     /// Connections answered 503 and closed: their shard had its share of `--max-connections`.
     pub connections_refused: AtomicU64,
+    /// Requests refused 401: no or a wrong API key.
+    pub unauthorized: AtomicU64,
     /// Streams moved to another worker after theirs failed.
     pub migrations: AtomicU64,
     pub prompt_tokens: AtomicU64,
@@ -134,7 +136,7 @@ impl Metrics {
     /// Prometheus text exposition of everything.
     pub fn render(&self, workers: &[WorkerGauge], index_entries: u64, token_cache: &TokenCacheStats) -> String {
         let mut out = String::with_capacity(8192);
-        let counters: [(&str, &str, u64); 18] = [
+        let counters: [(&str, &str, u64); 19] = [
             (
                 "kvgate_disagg_remote_prefill_total",
                 "Disaggregated requests prefilled on a prefill worker, their KV transferred.",
@@ -196,6 +198,11 @@ impl Metrics {
                 "kvgate_http_connections_refused_total",
                 "Connections answered 503 and closed because their shard had its share of --max-connections open.",
                 self.sum(|s| &s.connections_refused),
+            ),
+            (
+                "kvgate_http_unauthorized_total",
+                "Requests refused 401 for a missing or wrong API key (--api-key).",
+                self.sum(|s| &s.unauthorized),
             ),
             (
                 "kvgate_streams_cancelled_total",

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use thiserror::Error;
 
+use super::auth::AuthFailure;
 use super::body::{full, Body};
 use crate::contract::{Fault, WorkerError};
 use crate::frontend::pipeline::offload::PoolError;
@@ -62,8 +63,11 @@ pub enum ApiError {
     MigrationFailed { cause: WorkerError, then: Box<ApiError> },
     #[error("detokenization failed: {0}")]
     Detokenize(String),
-    #[error("the server is shutting down")]
+    #[error("the server is shutting down; retry on another replica")]
     ShuttingDown,
+    /// No or a wrong API key (`--api-key`); the message never repeats the key sent.
+    #[error("{}", unauthorized_message(*.0))]
+    Unauthorized(AuthFailure),
     /// Every worker was busy and this shard's admission queue was full.
     #[error("every worker is busy and the queue is full ({limit} requests wait on this shard; --max-queued-requests); retry later")]
     QueueFull { limit: usize },
@@ -92,6 +96,7 @@ impl ApiError {
             ModelNotFound(_) | NotFound { .. } => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Unauthorized(_) => StatusCode::UNAUTHORIZED,
             NoWorkers(_) | DisaggUnavailable(..) | Transport(_) | ShuttingDown | TooManyConnections { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -129,6 +134,7 @@ impl ApiError {
         match self {
             ApiError::ModelNotFound(_) => Some("model_not_found"),
             ApiError::BodyTooLarge { .. } => Some("request_too_large"),
+            ApiError::Unauthorized(_) => Some("invalid_api_key"),
             ApiError::PromptTooLong { .. } | ApiError::PromptCannotFit { .. } => Some("context_length_exceeded"),
             _ => None,
         }
@@ -154,7 +160,9 @@ impl ApiError {
     /// Seconds a client should wait before retrying (`Retry-After`), for refusals under load.
     pub fn retry_after_s(&self) -> Option<u32> {
         match self {
-            ApiError::Offload(PoolError::Full { .. }) | ApiError::TooManyConnections { .. } => Some(1),
+            ApiError::Offload(PoolError::Full { .. })
+            | ApiError::TooManyConnections { .. }
+            | ApiError::ShuttingDown => Some(1),
             ApiError::QueueFull { .. } | ApiError::QueueTimeout { .. } => Some(1),
             _ => None,
         }
@@ -173,6 +181,17 @@ impl ApiError {
         if let Some(s) = self.retry_after_s() {
             resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(s));
         }
+        match self {
+            // RFC 6750: a 401 names the scheme the client must use.
+            ApiError::Unauthorized(_) => {
+                resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+            }
+            // A draining server lets go of the connection so the client reconnects elsewhere.
+            ApiError::ShuttingDown => {
+                resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
         resp
     }
 }
@@ -186,6 +205,16 @@ impl From<ValidationError> for ApiError {
 impl From<PreprocessError> for ApiError {
     fn from(e: PreprocessError) -> Self {
         ApiError::Preprocess(e)
+    }
+}
+
+/// OpenAI's wording, without the key that was sent.
+fn unauthorized_message(f: AuthFailure) -> &'static str {
+    match f {
+        AuthFailure::Missing => {
+            "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        }
+        AuthFailure::Wrong => "Incorrect API key provided.",
     }
 }
 
@@ -232,5 +261,23 @@ mod tests {
         let tok = ApiError::TokenOutOfRange { id: 9, vocab: 3, param: "tokens" };
         let v: serde_json::Value = serde_json::from_slice(&tok.body_json()).unwrap();
         assert_eq!(v["error"]["param"], "tokens");
+    }
+
+    #[test]
+    fn auth_and_drain_refusals_say_what_to_do() {
+        let e = ApiError::Unauthorized(AuthFailure::Wrong);
+        assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
+        let v: serde_json::Value = serde_json::from_slice(&e.body_json()).unwrap();
+        assert_eq!(
+            (v["error"]["type"].as_str(), v["error"]["code"].as_str()),
+            (Some("invalid_request_error"), Some("invalid_api_key"))
+        );
+        assert_eq!(e.into_response().headers()[http::header::WWW_AUTHENTICATE], "Bearer");
+        let r = ApiError::ShuttingDown.into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            (&r.headers()[http::header::RETRY_AFTER], &r.headers()[http::header::CONNECTION]),
+            (&"1".parse::<http::HeaderValue>().unwrap(), &"close".parse::<http::HeaderValue>().unwrap())
+        );
     }
 }

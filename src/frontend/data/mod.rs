@@ -6,10 +6,12 @@
 //!   generation, `/tokenize` and `/detokenize` go to [`crate::frontend::pipeline`].
 //! - [`body`]: response bodies (full, or SSE).
 //! - [`error`]: [`error::ApiError`], the one mapping from failure to HTTP status.
+//! - [`auth`]: API keys (`--api-key`), checked before any route runs.
 //!
 //! Concurrency: everything here runs on the shard that accepted the connection; per-shard state
 //! ([`ShardCtx`]) is `!Sync` and never leaves its thread.
 
+pub mod auth;
 pub mod body;
 pub mod error;
 pub mod routes;
@@ -18,15 +20,24 @@ pub mod shards;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use rand::rngs::SmallRng;
 
 use crate::kv::SeqHash;
 use rand::SeedableRng;
 
-/// Per-shard state: the shard's id, its random source, request ids, in-flight count.
+/// Per-shard state: the shard's id, its random source, request ids, in-flight count, the API
+/// keys, and where the shard is in a drain.
 pub struct ShardCtx {
     pub id: usize,
+    /// The configured API keys (shared, read-only).
+    pub auth: Arc<auth::ApiKeys>,
+    /// Set when shutdown begins: new requests are refused (503) and `/health` says `draining`.
+    pub draining: Cell<bool>,
+    /// Set when `--drain-timeout-s` has passed: streams still running end with an error event
+    /// and `[DONE]` at their next chunk.
+    pub cut: Cell<bool>,
     pub rng: RefCell<SmallRng>,
     next_request: Cell<u64>,
     /// Requests being served on this shard (drained at shutdown).
@@ -36,12 +47,15 @@ pub struct ShardCtx {
 }
 
 impl ShardCtx {
-    pub fn new(id: usize) -> Self {
+    pub fn new(id: usize, auth: Arc<auth::ApiKeys>) -> Self {
         // Request ids: shard in the top byte, a per-process random start below, so ids from
         // different shards and restarts do not collide in logs.
         let start = rand::random::<u64>() & 0x00ff_ffff_0000_0000;
         Self {
             id,
+            auth,
+            draining: Cell::new(false),
+            cut: Cell::new(false),
             rng: RefCell::new(SmallRng::from_os_rng()),
             next_request: Cell::new(start),
             inflight: Cell::new(0),

@@ -1,6 +1,10 @@
 //! Path dispatch and the small routes.
+//!
+//! Before any route runs, a request passes two gates: its API key ([`super::auth`]) and the
+//! shard's drain (while draining, everything but the probes is answered 503 `Retry-After`).
 
 use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -8,7 +12,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use super::body::{full, json_response, Body};
+use super::body::{full, json_response, Body, DrainableSse};
 use super::error::ApiError;
 use super::ShardCtx;
 use crate::frontend::pipeline::tokenize::Direction;
@@ -25,13 +29,16 @@ pub async fn handle<P: RequestPlane>(
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
+    if let Err(e) = gate(&fe, &shard, &path, req.headers()) {
+        return refused(&fe, &shard, e);
+    }
     let result = match (&method, path.as_str()) {
         (&Method::POST, "/v1/chat/completions") => generate::handle(&fe, &shard, ResponseKind::Chat, req).await,
         (&Method::POST, "/v1/completions") => generate::handle(&fe, &shard, ResponseKind::Completion, req).await,
         (&Method::POST, "/tokenize" | "/v1/tokenize") => tokenize::handle(&fe, Direction::Tokenize, req).await,
         (&Method::POST, "/detokenize" | "/v1/detokenize") => tokenize::handle(&fe, Direction::Detokenize, req).await,
         (&Method::GET, "/v1/models") => Ok(models(&fe)),
-        (&Method::GET, "/health") => Ok(health(&fe)),
+        (&Method::GET, "/health") => Ok(health(&fe, shard.draining.get())),
         (&Method::GET, "/live") => Ok(json_response(br#"{"status":"live"}"#.to_vec())),
         (&Method::GET, "/metrics") => Ok(metrics(&fe)),
         (
@@ -49,12 +56,39 @@ pub async fn handle<P: RequestPlane>(
         ) => Err(ApiError::MethodNotAllowed { method: method.to_string(), path }),
         _ => Err(ApiError::NotFound { method: method.to_string(), path }),
     };
-    result.unwrap_or_else(|e| {
-        let m = fe.metrics.shard(shard.id);
-        let counter = if e.status().is_server_error() { &m.requests_server_error } else { &m.requests_client_error };
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        e.into_response()
-    })
+    match result {
+        Ok(r) => r.map(|b| cut_on_drain(b, &shard)),
+        Err(e) => refused(&fe, &shard, e),
+    }
+}
+
+/// The API key, then the drain: the first refusal, if any.
+fn gate<P>(fe: &Frontend<P>, shard: &ShardCtx, path: &str, headers: &http::HeaderMap) -> Result<(), ApiError> {
+    if shard.auth.needs_key(path) {
+        if let Err(f) = shard.auth.check(headers) {
+            fe.metrics.shard(shard.id).unauthorized.fetch_add(1, Relaxed);
+            return Err(ApiError::Unauthorized(f));
+        }
+    }
+    if shard.draining.get() && !matches!(path, "/health" | "/live" | "/metrics") {
+        return Err(ApiError::ShuttingDown);
+    }
+    Ok(())
+}
+
+fn refused<P>(fe: &Frontend<P>, shard: &ShardCtx, e: ApiError) -> Response<Body> {
+    let m = fe.metrics.shard(shard.id);
+    let counter = if e.status().is_server_error() { &m.requests_server_error } else { &m.requests_client_error };
+    counter.fetch_add(1, Relaxed);
+    e.into_response()
+}
+
+/// A stream ends early, cleanly, when the shard's drain runs out of time.
+fn cut_on_drain(b: Body, shard: &Rc<ShardCtx>) -> Body {
+    match b {
+        Body::Sse(s) => Body::Drainable(Box::new(DrainableSse::new(s, shard.clone()))),
+        other => other,
+    }
 }
 
 fn models<P>(fe: &Frontend<P>) -> Response<Body> {
@@ -68,10 +102,10 @@ fn models<P>(fe: &Frontend<P>) -> Response<Body> {
 
 /// 200 when every served model has a worker; 503 otherwise, and while no model is served at
 /// all (a `kvgate frontend` before its first worker registers), so that a load balancer sends
-/// no traffic to a frontend that could only answer 503.
-fn health<P>(fe: &Frontend<P>) -> Response<Body> {
+/// no traffic to a frontend that could only answer 503. 503 `draining` once shutdown began.
+fn health<P>(fe: &Frontend<P>, draining: bool) -> Response<Body> {
     let served = fe.models();
-    let mut healthy = !served.is_empty();
+    let mut healthy = !served.is_empty() && !draining;
     let models: Vec<_> = served
         .iter()
         .map(|m| {
@@ -85,7 +119,12 @@ fn health<P>(fe: &Frontend<P>) -> Response<Body> {
             json!({"model": m.name, "disaggregated": g.disaggregated(), "workers": workers})
         })
         .collect();
-    let body = json!({"status": if healthy { "healthy" } else { "unhealthy" }, "models": models});
+    let status = match (draining, healthy) {
+        (true, _) => "draining",
+        (false, true) => "healthy",
+        (false, false) => "unhealthy",
+    };
+    let body = json!({"status": status, "models": models});
     let mut r = json_response(serde_json::to_vec(&body).expect("json"));
     if !healthy {
         *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;

@@ -5,8 +5,15 @@
 //! each connection task holding a [`SlotGuard`]; past that, a new connection is answered 503
 //! (OpenAI's error shape, `Connection: close`) and closed by a refusal task, at most
 //! [`MAX_REFUSING`] at once (beyond, it is closed unanswered). Connections already open are
-//! never touched. Shutdown: stop accepting when the signal flips, then wait for this shard's
-//! in-flight requests to drain (bounded by [`DRAIN_TIMEOUT`]).
+//! never touched.
+//!
+//! Shutdown (the drain): when the signal flips the shard closes its listener (a load balancer's
+//! next connect is refused and goes to another replica), marks itself draining (a request that
+//! still arrives on an open connection is answered 503 `Retry-After: 1`, `Connection: close`;
+//! `/health` answers 503 `draining`), and asks hyper to close every connection once its current
+//! response is written. In-flight requests run on for up to `--drain-timeout-s`; then the
+//! streams still open end with an error event and `[DONE]` at their next chunk, and after
+//! [`CUT_GRACE`] the shard stops whatever is left.
 //!
 //! Why answer rather than just close: a bare close reads to a client as a crashed server
 //! ("connection reset", "empty reply"), and most clients do not retry a POST after it; a 503
@@ -36,8 +43,9 @@ use super::ShardCtx;
 use crate::frontend::Frontend;
 use crate::planes::request::RequestPlane;
 
-/// How long in-flight streams may keep running after a shutdown signal.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// After the drain timeout, how long cut streams get to write their last event (a stream whose
+/// worker sends nothing is not polled again, and is dropped with its shard after this).
+const CUT_GRACE: Duration = Duration::from_secs(2);
 /// A client has this long to send its request headers (slowloris bound).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Refusals in progress per shard: a flood of connections past the bound must not become a
@@ -116,6 +124,7 @@ pub async fn serve_shard<P: RequestPlane>(
     shard: Rc<ShardCtx>,
     listener: std::net::TcpListener,
     max_connections: usize,
+    drain_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let listener = monoio::net::TcpListener::from_std(listener)?;
@@ -130,7 +139,7 @@ pub async fn serve_shard<P: RequestPlane>(
         }
         monoio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => admit(&fe, &shard, &bounds, stream),
+                Ok((stream, _peer)) => admit(&fe, &shard, &bounds, stream, &shutdown),
                 Err(e) => {
                     // EMFILE and friends: back off briefly rather than spin.
                     tracing::warn!(error = %e, "accept failed");
@@ -141,11 +150,41 @@ pub async fn serve_shard<P: RequestPlane>(
         }
     }
     drop(listener);
-    let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
-    while shard.inflight.get() > 0 && std::time::Instant::now() < deadline {
-        monoio::time::sleep(Duration::from_millis(20)).await;
+    shard.draining.set(true);
+    if shard.inflight.get() > 0 {
+        tracing::info!(shard = shard.id, inflight = shard.inflight.get(), "draining in-flight requests");
+    }
+    if !wait_drained(&shard, drain_timeout).await {
+        tracing::warn!(
+            shard = shard.id,
+            inflight = shard.inflight.get(),
+            "drain timed out (--drain-timeout-s); ending the streams left"
+        );
+        shard.cut.set(true);
+        wait_drained(&shard, CUT_GRACE).await;
     }
     Ok(())
+}
+
+/// Waits up to `limit` for the shard's in-flight requests to end; whether they did.
+async fn wait_drained(shard: &ShardCtx, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while shard.inflight.get() > 0 {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// Resolves once `shutdown` is true (or its sender is gone).
+async fn shutting_down(mut shutdown: watch::Receiver<bool>) {
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Serves a new connection if the shard has a slot for it, else refuses it.
@@ -154,6 +193,7 @@ fn admit<P: RequestPlane>(
     shard: &Rc<ShardCtx>,
     bounds: &Bounds,
     stream: monoio::net::TcpStream,
+    shutdown: &watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let io = match stream.try_into_poll_io() {
@@ -164,7 +204,7 @@ fn admit<P: RequestPlane>(
         }
     };
     if let Some(slot) = bounds.connections.try_take() {
-        monoio::spawn(serve_connection(fe.clone(), shard.clone(), io, slot));
+        monoio::spawn(serve_connection(fe.clone(), shard.clone(), io, slot, shutdown.clone()));
         return;
     }
     fe.metrics.shard(shard.id).connections_refused.fetch_add(1, Relaxed);
@@ -199,6 +239,7 @@ async fn serve_connection<P: RequestPlane>(
     shard: Rc<ShardCtx>,
     io: TcpStreamPoll,
     _slot: SlotGuard,
+    shutdown: watch::Receiver<bool>,
 ) {
     let service = service_fn(move |req| {
         let fe = fe.clone();
@@ -210,7 +251,20 @@ async fn serve_connection<P: RequestPlane>(
         .keep_alive(true)
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(MonoioIo::new(io), service);
-    if let Err(e) = conn.await {
+    let mut conn = std::pin::pin!(conn);
+    let ended = monoio::select! {
+        r = conn.as_mut() => Some(r),
+        _ = shutting_down(shutdown) => None,
+    };
+    // Draining: an idle connection closes now, a busy one after its response.
+    let result = match ended {
+        Some(r) => r,
+        None => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }

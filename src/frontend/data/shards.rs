@@ -10,11 +10,12 @@ use std::net::{SocketAddr, TcpListener};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
-use crate::frontend::data::{server::serve_shard, ShardCtx};
+use crate::frontend::data::{auth::ApiKeys, server::serve_shard, ShardCtx};
 use crate::frontend::Frontend;
 use crate::planes::request::RequestPlane;
 
@@ -70,21 +71,23 @@ fn block_on_monoio<F: std::future::Future>(shard: usize, f: F) -> std::io::Resul
     Ok(rt.block_on(f))
 }
 
-/// Starts one thread per listener, each serving HTTP until `shutdown` flips to true, with at
-/// most `max_connections_per_shard` connections open on each.
+/// Starts one thread per listener, each serving HTTP until `shutdown` flips to true (then
+/// draining), with at most its share of `listen.max_connections` connections open on each.
 pub fn spawn_shards<P: RequestPlane>(
     fe: Arc<Frontend<P>>,
     listeners: Vec<TcpListener>,
-    max_connections_per_shard: usize,
+    listen: &Listen,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     let mut threads = Vec::with_capacity(listeners.len());
+    let (per_shard, drain_timeout) = (listen.max_connections_per_shard(), listen.drain_timeout);
     for (i, listener) in listeners.into_iter().enumerate() {
         let fe = fe.clone();
         let shutdown = shutdown.clone();
+        let auth = listen.auth.clone();
         let t = std::thread::Builder::new().name(format!("kvgate-shard-{i}")).spawn(move || {
-            let ctx = Rc::new(ShardCtx::new(i));
-            match block_on_monoio(i, serve_shard(fe, ctx, listener, max_connections_per_shard, shutdown)) {
+            let ctx = Rc::new(ShardCtx::new(i, auth));
+            match block_on_monoio(i, serve_shard(fe, ctx, listener, per_shard, drain_timeout, shutdown)) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) | Err(e) => tracing::error!(shard = i, error = %e, "shard stopped with an error"),
             }
@@ -114,6 +117,24 @@ pub struct Listen {
     /// `ceil(max_connections / shards)`. (The kernel spreads connections over the shards'
     /// listeners by address hash, so a shard can reach its share a little before the total.)
     pub max_connections: usize,
+    /// How long in-flight requests may run after the shutdown signal (`--drain-timeout-s`).
+    pub drain_timeout: Duration,
+    /// The API keys requests must carry (none: open).
+    pub auth: Arc<ApiKeys>,
+}
+
+impl Default for Listen {
+    /// 127.0.0.1 on a free port, one shard, the flags' defaults, no API key.
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 0,
+            shards: 1,
+            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
+            drain_timeout: Duration::from_secs_f64(crate::config::DEFAULT_DRAIN_TIMEOUT_S),
+            auth: Arc::default(),
+        }
+    }
 }
 
 impl Listen {
@@ -142,7 +163,7 @@ impl DataPlane {
             .ok_or_else(|| err(std::io::Error::other("the address resolved to nothing")))?;
         let (addr, listeners) = bind_listeners(addr, listen.shards).map_err(err)?;
         let (shutdown, rx) = watch::channel(false);
-        let threads = spawn_shards(fe, listeners, listen.max_connections_per_shard(), rx).map_err(err)?;
+        let threads = spawn_shards(fe, listeners, listen, rx).map_err(err)?;
         Ok(Self { addr, shutdown, threads })
     }
 
