@@ -24,6 +24,9 @@
 //!    that cannot fit the context by its bytes alone is refused first ([`preprocess::budget`]).
 //!    Bodies over 8 KiB go through steps 2 and 3 on the preprocessing pool
 //!    ([`frontend::pipeline::offload`]) while the shard serves its other streams.
+//!    When every worker of the model is over the busy thresholds, the request first waits in its
+//!    shard's bounded queue, by priority then arrival, or is refused 503
+//!    ([`frontend::pipeline::admission`]).
 //! 4. The prompt is hashed into blocks ([`kv::hash`]); the [`kv::index`] reports how many
 //!    leading blocks each worker holds; the [`router`] picks the worker of least cost and books
 //!    its load with a guard that releases on every exit path.
