@@ -121,3 +121,46 @@ fn an_overlong_drain_timeout_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--drain-timeout-s"), "{err}");
 }
+
+/// A `kvgate worker` of a real etcd + NATS cluster stopped with SIGTERM revokes its lease: the
+/// frontend stops routing to it at once (not after `--lease-ttl`), and both exit 0. The frontend
+/// also guards its endpoints with `--api-key`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_with_sigterm_leaves_routing_at_once_and_exits_0() {
+    let etcd = support::Etcd::start();
+    let nats = support::Nats::start();
+    let (etcd_url, nats_url) = (etcd.endpoint(), nats.url());
+    let cluster = ["--etcd-endpoints", &etcd_url, "--nats-server", &nats_url];
+    let worker = |n: usize| {
+        let mut args = vec!["worker", "--lease-ttl", "60", "--speedup-ratio", "100"];
+        args.extend_from_slice(&cluster);
+        support::WorkerProc::ready(KvgateProc::spawn(format!("worker {n}"), kvgate_command(&args)))
+    };
+    let (mut w1, _w2) = (worker(1), worker(2));
+    let mut args =
+        vec!["frontend", "--http-host", "127.0.0.1", "--http-port", "0", "--router-min-initial-workers", "2"];
+    args.extend_from_slice(&cluster);
+    args.extend_from_slice(&["--api-key", "sk-fleet"]);
+    let mut fe = support::FrontendProc::ready(KvgateProc::spawn("frontend", kvgate_command(&args)));
+    fe.wait_workers(2, Duration::from_secs(20));
+
+    let c = reqwest::Client::new();
+    let models = format!("{}/v1/models", fe.base);
+    assert_eq!(c.get(&models).send().await.unwrap().status(), 401);
+    assert_eq!(c.get(&models).bearer_auth("sk-fleet").send().await.unwrap().status(), 200);
+
+    let t0 = Instant::now();
+    sigterm(&w1.proc);
+    fe.wait_workers(1, Duration::from_secs(5));
+    assert!(t0.elapsed() < Duration::from_secs(5), "left routing after {:?} (lease TTL 60 s)", t0.elapsed());
+    let (ok, _) = wait_exit(&mut w1.proc, Duration::from_secs(10));
+    assert!(ok, "worker exit status not 0:\n{}", w1.proc.tail());
+    let body = json!({"model": "kvgate-mock", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4});
+    let r =
+        c.post(format!("{}/v1/chat/completions", fe.base)).bearer_auth("sk-fleet").json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the worker left serves");
+
+    sigterm(&fe.proc);
+    let (ok, _) = wait_exit(&mut fe.proc, Duration::from_secs(10));
+    assert!(ok, "frontend exit status not 0:\n{}", fe.proc.tail());
+}
