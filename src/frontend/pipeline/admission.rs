@@ -10,7 +10,7 @@
 //! or an expired wait is refused with 503 and `Retry-After` ([`ApiError::QueueFull`],
 //! [`ApiError::QueueTimeout`]).
 //!
-//! Invariants: a waiting request holds a [`Ticket`], its place in the queue; the ticket leaves the
+//! Invariants: a waiting request holds a `Ticket`, its place in the queue; the ticket leaves the
 //! queue in `Drop` (admitted, timed out, or its client gone: the handler's future is dropped), so
 //! the queue and its depth gauge hold exactly the live waiters. Only a model's head waiter admits
 //! itself; when it leaves it wakes the next, so order holds within a shard.
