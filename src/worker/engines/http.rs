@@ -103,6 +103,7 @@ pub struct AdapterOptions {
 impl AdapterOptions {
     /// Refuses a prefill or decode role for an engine that has no disaggregation of its own;
     /// `fix` says how to run it instead.
+    #[allow(clippy::result_large_err)] // start-up only, once per engine: the size costs nothing
     pub fn aggregated_only(&self, engine: &'static str, url: &str, fix: &str) -> Result<(), EngineStartError> {
         if self.role == crate::contract::WorkerRole::Aggregated {
             return Ok(());
