@@ -35,9 +35,9 @@ pub async fn publish_load(worker: WorkerId, mut load: watch::Receiver<LoadReport
         seq += 1;
         publisher.publish(LoadMessage { worker, seq, issued_at_us: now_us(), report }).await;
         tokio::time::sleep(LOAD_PUBLISH_MIN_INTERVAL).await;
-        match tokio::time::timeout(LOAD_HEARTBEAT - LOAD_PUBLISH_MIN_INTERVAL, load.changed()).await {
-            Ok(Err(_)) => break,
-            Ok(Ok(())) | Err(_) => {}
+        // A change or the heartbeat: publish again; the sender gone: the engine has ended.
+        if let Ok(Err(_)) = tokio::time::timeout(LOAD_HEARTBEAT - LOAD_PUBLISH_MIN_INTERVAL, load.changed()).await {
+            break;
         }
     }
 }
