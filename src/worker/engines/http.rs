@@ -119,6 +119,26 @@ impl AdapterOptions {
     }
 }
 
+/// An OpenAI-API completion choice's `finish_reason` (vLLM and any OpenAI server): `None` while
+/// the stream goes on; an unknown reason is the engine's fault (`who` names it in the message).
+pub fn openai_finish(choice: &serde_json::Value, who: &str) -> Option<Result<FinishReason, WorkerError>> {
+    match choice["finish_reason"].as_str()? {
+        "length" => Some(Ok(FinishReason::Length)),
+        "stop" => Some(Ok(FinishReason::Eos)),
+        other => Some(Err(WorkerError::worker(format!("{who} finished the request with `{other}`")))),
+    }
+}
+
+/// An OpenAI-API chunk's `usage` as (prompt tokens, cached prompt tokens), when it has one.
+pub fn openai_usage(chunk: &serde_json::Value) -> Option<(u32, u32)> {
+    let u = &chunk["usage"];
+    u.is_object().then(|| {
+        let prompt = u["prompt_tokens"].as_u64().unwrap_or(0) as u32;
+        let cached = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0) as u32;
+        (prompt, cached)
+    })
+}
+
 /// GETs `path` of the engine at `url` as JSON (start-up only).
 pub async fn get_json(client: &reqwest::Client, url: &str, path: &str) -> Result<serde_json::Value, String> {
     let r =

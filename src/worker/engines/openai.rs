@@ -37,8 +37,8 @@ use crate::preprocess::Preprocessor;
 use crate::worker::engine::EngineCard;
 
 use super::http::{
-    client, error_message, get_json, run_call, send_call, wait_ready, AdapterOptions, Dialect, EngineStartError,
-    EosHold, HttpAdapter, SseReader,
+    client, error_message, get_json, openai_finish, openai_usage, run_call, send_call, wait_ready, AdapterOptions,
+    Dialect, EngineStartError, EosHold, HttpAdapter, SseReader,
 };
 
 const ENGINE: &str = "openai";
@@ -250,19 +250,9 @@ pub fn parse_chunk(data: &str, ids: IdSource) -> Result<Chunk, WorkerError> {
             IdSource::Text => Vec::new(),
         };
         c.text = choice["text"].as_str().unwrap_or_default().to_string();
-        c.finish = match choice["finish_reason"].as_str() {
-            None => None,
-            Some("length") => Some(Ok(FinishReason::Length)),
-            Some("stop") => Some(Ok(FinishReason::Eos)),
-            Some(other) => Some(Err(WorkerError::worker(format!("the server finished the request with `{other}`")))),
-        };
+        c.finish = openai_finish(choice, "the server");
     }
-    let u = &v["usage"];
-    if u.is_object() {
-        let prompt = u["prompt_tokens"].as_u64().unwrap_or(0) as u32;
-        let cached = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0) as u32;
-        c.usage = Some((prompt, cached));
-    }
+    c.usage = openai_usage(&v);
     Ok(c)
 }
 

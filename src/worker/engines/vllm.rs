@@ -24,8 +24,8 @@ use crate::contract::{
 use crate::worker::engine::EngineCard;
 
 use super::http::{
-    client, get_json, reachable_endpoint, run_call, send_call, url_host, wait_ready, AdapterOptions, Dialect,
-    EngineStartError, EventSource, HttpAdapter, SseReader,
+    client, get_json, openai_finish, openai_usage, reachable_endpoint, run_call, send_call, url_host, wait_ready,
+    AdapterOptions, Dialect, EngineStartError, EventSource, HttpAdapter, SseReader,
 };
 
 const ENGINE: &str = "vllm";
@@ -192,19 +192,9 @@ pub fn parse_chunk(data: &str) -> Result<Chunk, WorkerError> {
         c.token_ids = choice["token_ids"]
             .as_array()
             .map_or_else(Vec::new, |a| a.iter().filter_map(|t| t.as_u64().map(|t| t as u32)).collect());
-        c.finish = match choice["finish_reason"].as_str() {
-            None => None,
-            Some("length") => Some(Ok(FinishReason::Length)),
-            Some("stop") => Some(Ok(FinishReason::Eos)),
-            Some(other) => Some(Err(WorkerError::worker(format!("vLLM finished the request with `{other}`")))),
-        };
+        c.finish = openai_finish(choice, "vLLM");
     }
-    let u = &v["usage"];
-    if u.is_object() {
-        let prompt = u["prompt_tokens"].as_u64().unwrap_or(0) as u32;
-        let cached = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0) as u32;
-        c.usage = Some((prompt, cached));
-    }
+    c.usage = openai_usage(&v);
     Ok(c)
 }
 
