@@ -157,16 +157,13 @@ fn prepare<P>(fe: &Frontend<P>, kind: ResponseKind, body: &[u8]) -> Result<Prepa
             let r: CompletionRequest = serde_json::from_slice(body).map_err(ApiError::InvalidJson)?;
             let v = r.validate()?;
             let model = fe.model(&v.model).ok_or_else(|| ApiError::ModelNotFound(v.model.clone()))?;
+            let encode = |t: &str| -> Result<Vec<TokenId>, ApiError> {
+                refuse_unfit(&model, t)?;
+                Ok(model.preprocessor.encode_with(t, true, fe.token_cache.as_deref())?)
+            };
             let ids = match r.prompt {
-                Prompt::Text(t) => {
-                    refuse_unfit(&model, &t)?;
-                    model.preprocessor.encode_with(&t, true, fe.token_cache.as_deref())?
-                }
-                Prompt::TextBatch(mut v) => {
-                    let t = v.swap_remove(0);
-                    refuse_unfit(&model, &t)?;
-                    model.preprocessor.encode_with(&t, true, fe.token_cache.as_deref())?
-                }
+                Prompt::Text(t) => encode(&t)?,
+                Prompt::TextBatch(mut v) => encode(&v.swap_remove(0))?,
                 Prompt::Tokens(ids) => check_ids(ids, model.preprocessor.vocab_size(), "prompt")?,
                 Prompt::TokenBatch(mut v) => check_ids(v.swap_remove(0), model.preprocessor.vocab_size(), "prompt")?,
             };
