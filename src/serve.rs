@@ -194,7 +194,8 @@ pub fn start_with<E: Engine>(
             .with_approx(args.router.approx())
             .with_admission(args.router.admission.config(shards))
             .with_parsers(args.http.parsers.flags())
-            .with_token_cache(args.http.token_cache()),
+            .with_token_cache(args.http.token_cache())
+            .with_decision_log(args.router.decision_log.open().map_err(ServeError::Runtime)?),
     );
     fe.add_model(&model_name, preprocessor.clone(), page_size);
 

@@ -284,6 +284,8 @@ pub struct RouterArgs {
     pub approx_ttl_s: f64,
     #[command(flatten)]
     pub admission: AdmissionArgs,
+    #[command(flatten)]
+    pub decision_log: crate::router::quality::DecisionLogArgs,
 }
 
 /// The KV transfer plane of disaggregated serving (prefill and decode workers).

@@ -299,6 +299,8 @@ pub struct Frontend<P> {
     models: ArcSwap<HashMap<String, Arc<ModelState>>>,
     /// Approximate mode's settings (`--no-kv-events`, `--approx-ttl-s`).
     pub approx: ApproxConfig,
+    /// `--decision-log`: one JSON line per routing decision (off by default).
+    pub decision_log: Option<Arc<crate::router::quality::DecisionLog>>,
     predictions: tokio::sync::mpsc::Sender<Prediction>,
     /// The receiving end, taken once by the control plane ([`Frontend::take_predictions`]).
     predictions_rx: Mutex<Option<tokio::sync::mpsc::Receiver<Prediction>>>,
@@ -309,6 +311,7 @@ impl<P> Frontend<P> {
         let (predictions, rx) = tokio::sync::mpsc::channel(PREDICTION_QUEUE_DEPTH);
         Self {
             approx: ApproxConfig::default(),
+            decision_log: None,
             admission: Default::default(),
             predictions,
             predictions_rx: Mutex::new(Some(rx)),
@@ -339,6 +342,12 @@ impl<P> Frontend<P> {
     /// The token cache prompts are encoded with (default: none).
     pub fn with_token_cache(mut self, cache: Option<Arc<TokenCache>>) -> Self {
         self.token_cache = cache;
+        self
+    }
+
+    /// The routing decision log (default: none).
+    pub fn with_decision_log(mut self, log: Option<Arc<crate::router::quality::DecisionLog>>) -> Self {
+        self.decision_log = log;
         self
     }
 

@@ -146,7 +146,8 @@ pub fn start(args: &FrontendArgs) -> Result<FrontendServer, FrontendLaunchError>
             .with_approx(args.router.approx())
             .with_admission(args.router.admission.config(shards))
             .with_parsers(args.http.parsers.flags())
-            .with_token_cache(args.http.token_cache()),
+            .with_token_cache(args.http.token_cache())
+            .with_decision_log(args.router.decision_log.open().map_err(FrontendLaunchError::Runtime)?),
     );
 
     let cluster = args.cluster.clone();

@@ -79,6 +79,8 @@ pub struct ShardMetrics {
     /// Admission: refusals because the shard's queue was full, or the wait timed out.
     pub queue_rejected_full: AtomicU64,
     pub queue_rejected_timeout: AtomicU64,
+    /// Routing decision quality (issue #16): overlap regret per KV-routed decision.
+    pub routing_regret: crate::router::quality::RegretMetrics,
 }
 
 /// Counters of the control plane (KV event application).
@@ -280,6 +282,7 @@ impl Metrics {
         }
         self.render_approx(&mut out, workers);
         self.render_queue(&mut out);
+        self.render_routing_quality(&mut out);
         out
     }
 
@@ -294,6 +297,45 @@ impl Metrics {
         let _ = writeln!(out, "# HELP {name} Requests refused 503 by admission: the queue was full, or the wait timed out.\n# TYPE {name} counter");
         let _ = writeln!(out, "{name}{{reason=\"full\"}} {}", self.sum(|s| &s.queue_rejected_full));
         let _ = writeln!(out, "{name}{{reason=\"timeout\"}} {}", self.sum(|s| &s.queue_rejected_timeout));
+    }
+
+    /// Routing decision quality (issue #16): what each decision gave away in prefix overlap.
+    fn render_routing_quality(&self, out: &mut String) {
+        use crate::router::quality::REGRET_BUCKETS_BLOCKS;
+        let name = "kvgate_routing_overlap_regret_blocks";
+        let _ = writeln!(out, "# HELP {name} Per routing decision: the best prefix overlap any candidate worker had minus the chosen worker's, in KV blocks.\n# TYPE {name} histogram");
+        let mut cumulative = 0u64;
+        for (i, b) in REGRET_BUCKETS_BLOCKS.iter().enumerate() {
+            cumulative += self.sum(|s| &s.routing_regret.buckets[i]);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.sum(|s| &s.routing_regret.decisions);
+        let total = self.sum(|s| &s.routing_regret.regret_blocks);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {total}\n{name}_count {count}");
+        for (name, help, v) in [
+            (
+                "kvgate_routing_overlap_regret_blocks_total",
+                "Sum over routing decisions of best minus chosen prefix overlap, in KV blocks.",
+                total,
+            ),
+            (
+                "kvgate_routing_best_overlap_blocks_total",
+                "Sum over routing decisions of the best prefix overlap any candidate had, in KV blocks.",
+                self.sum(|s| &s.routing_regret.best_overlap_blocks),
+            ),
+            (
+                "kvgate_routing_chosen_overlap_blocks_total",
+                "Sum over routing decisions of the chosen worker's prefix overlap, in KV blocks.",
+                self.sum(|s| &s.routing_regret.chosen_overlap_blocks),
+            ),
+            (
+                "kvgate_routing_decision_log_dropped_total",
+                "Decision-log records dropped because the writer's queue was full (--decision-log).",
+                self.sum(|s| &s.routing_regret.log_dropped),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
     }
 
     fn render_histogram(&self, out: &mut String, name: &str, help: &str, f: fn(&ShardMetrics) -> &Histogram) {

@@ -2,6 +2,8 @@
 //!
 //! - [`cost`]: the KV cost function and min / softmax selection (pure).
 //! - [`load`]: per-worker load cells (one padded slot per shard) and the [`LoadGuard`].
+//! - [`quality`]: each decision's overlap regret (best candidate's overlap − chosen's), its
+//!   metric and the optional decision log.
 //!
 //! Invariant: every successful [`Router::select`] returns a [`LoadGuard`] that has booked the
 //! request on the chosen worker; the booking is released when the guard drops.
@@ -13,6 +15,7 @@
 
 pub mod cost;
 pub mod load;
+pub mod quality;
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;

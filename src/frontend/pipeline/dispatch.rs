@@ -50,12 +50,16 @@ struct Handed {
     report: ResponseStream,
 }
 use crate::planes::request::RequestPlane;
+use crate::router::quality::Recorder;
 use crate::router::{Candidate, RouteDecision, RouteRequest, Router};
 
 /// Picks a worker among `candidates` with `router`, logging the decision at debug level.
-/// `overlaps`: the index lookup of `seq`, if already made.
+/// `overlaps`: the index lookup of `seq`, if already made. KV-routed legs (`whole`, `prefill`)
+/// have their overlap regret recorded by `quality` ([`crate::router::quality`]); the decode
+/// leg, chosen by load alone, does not.
 #[allow(clippy::too_many_arguments)]
 fn route_among(
+    quality: Recorder<'_>,
     shard: &ShardCtx,
     model: &ModelState,
     group: &WorkerGroup,
@@ -69,8 +73,15 @@ fn route_among(
 ) -> Result<RouteDecision, ApiError> {
     let req =
         RouteRequest { seq_hashes: seq, prompt_tokens: prompt_tokens as u32, candidates, shard: shard.id, overlaps };
+    let kv_routed = leg != "decode";
+    let loads = if kv_routed { quality.loads_before(candidates) } else { None };
     let decision =
         router.select(req, &mut *shard.rng.borrow_mut()).map_err(|_| ApiError::NoWorkers(model.name.clone()))?;
+    let q = kv_routed.then(|| {
+        let (per, q) = quality.assess(router, &decision, candidates, seq, overlaps);
+        quality.log(&model.name, leg, request_id, prompt_tokens, seq, &decision, candidates, &per, loads, q);
+        q
+    });
     if tracing::enabled!(tracing::Level::DEBUG) {
         let block = model.hasher.block_size();
         let hit = (decision.overlap_blocks as usize * block) as f64 / prompt_tokens.max(1) as f64;
@@ -87,6 +98,9 @@ fn route_among(
             prompt_blocks = seq.len(),
             chosen = %decision.worker,
             overlap_blocks = decision.overlap_blocks,
+            chosen_overlap_blocks = q.map(|q| q.chosen_overlap_blocks),
+            best_overlap_blocks = q.map(|q| q.best_overlap_blocks),
+            regret_blocks = q.map(|q| q.regret_blocks()),
             cache_hit_rate = format_args!("{hit:.3}"),
             workers = %scores.join(" "),
             approx = group.is_approximate(decision.worker),
@@ -134,6 +148,15 @@ pub struct Dispatch<P> {
 }
 
 impl<P: RequestPlane> Dispatch<P> {
+    /// Where this shard records routing decision quality.
+    fn quality(&self) -> Recorder<'_> {
+        Recorder {
+            index: &self.fe.index,
+            metrics: &self.fe.metrics.shard(self.shard.id).routing_regret,
+            log: self.fe.decision_log.as_deref(),
+        }
+    }
+
     /// `workers` without those that failed this request or are down: borrowed (no allocation)
     /// in the usual case where none is excluded.
     fn filter<'a>(&self, group: &WorkerGroup, workers: &'a [Candidate]) -> Cow<'a, [Candidate]> {
@@ -156,6 +179,7 @@ impl<P: RequestPlane> Dispatch<P> {
         if !prefill.is_empty() && !decode.is_empty() {
             let (model, id) = (&self.model, self.request_id);
             let d = route_among(
+                self.quality(),
                 &self.shard,
                 model,
                 &group,
@@ -177,6 +201,7 @@ impl<P: RequestPlane> Dispatch<P> {
                 return Ok(Plan::Whole { to: group.target(d.worker), decision: d, local: true, predicted });
             }
             let p = route_among(
+                self.quality(),
                 &self.shard,
                 model,
                 &group,
@@ -214,6 +239,7 @@ impl<P: RequestPlane> Dispatch<P> {
             return Err(ApiError::NoWorkers(self.model.name.clone()));
         }
         let decision = route_among(
+            self.quality(),
             &self.shard,
             &self.model,
             &group,
