@@ -7,6 +7,8 @@
 //! - [`data`]: the data plane: thread-per-core shards on io_uring ([`data::shards`]), each with
 //!   its own listener and bounded connections ([`data::server`]), routes, the SSE body, and the
 //!   one error → status mapping ([`data::error`]).
+//! - [`index_state`]: each worker's index state (exact, recovering, approximate, blind).
+//! - [`dashboard`]: the live routing page (`/dashboard`) and its SSE snapshots.
 //! - [`pipeline`]: one request on its shard: prepare (parse, template, tokenize) → dispatch
 //!   (route, plan the legs, send) → generation (detokenize, stop strings, migration).
 //!
@@ -14,8 +16,11 @@
 //! is the only writer of the index and of the worker groups, which shards read lock-free.
 
 pub mod control;
+pub mod dashboard;
 pub mod data;
+pub mod index_state;
 pub mod pipeline;
 pub mod state;
 
+pub use index_state::{IndexState, KvTracking};
 pub use state::*;

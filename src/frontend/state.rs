@@ -8,21 +8,23 @@
 //! shards write it, under its own striped locks. Only the control plane ([`super::control`]) writes: it owns the index writer
 //! and rebuilds worker groups from discovery snapshots.
 //!
-//! Approximate mode ([`crate::kv::approx`]): each worker's [`KvTracking`] cell says whether its
-//! cache is known from its events or predicted; shards read it when they route and, after
+//! Approximate mode ([`crate::kv::approx`]): each worker's [`KvTracking`] cell holds its index
+//! state ([`crate::frontend::index_state`]), so whether its cache is known from its events or
+//! predicted (approximate, or blind); shards read it when they route and, after
 //! dispatching to an approximate worker, queue a [`Prediction`] for the control plane
 //! ([`Frontend::predict`]: a bounded channel, `try_send`, dropped and counted when full).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
 use crate::contract::{DisaggStyle, Target, WorkerId, WorkerRole};
+use crate::frontend::index_state::KvTracking;
 use crate::kv::approx::ApproxConfig;
 use crate::kv::hash::{BlockHasher, SeqHash};
 use crate::kv::index::KvIndex;
@@ -70,40 +72,6 @@ impl Health {
     pub fn is_down(&self) -> bool {
         let at = self.down_at_ms.load(Relaxed);
         at != 0 && (epoch().elapsed().as_millis() as u64).saturating_sub(at) < WORKER_DOWN_FOR.as_millis() as u64
-    }
-}
-
-/// How the frontend knows a worker's cache: from its KV events (exact), or predicted from what
-/// it routed there (approximate: `--no-kv-events`, or the worker registers `kv_events: false`).
-/// Set when the worker first appears; the control plane alone turns it exact, once, when the
-/// worker's events begin. Shards read it with a relaxed load (a request racing the switch may
-/// send one prediction the control plane then ignores).
-#[derive(Debug)]
-pub struct KvTracking {
-    approximate: AtomicBool,
-}
-
-impl KvTracking {
-    pub fn new(approximate: bool) -> Self {
-        Self { approximate: AtomicBool::new(approximate) }
-    }
-
-    pub fn is_approximate(&self) -> bool {
-        self.approximate.load(Relaxed)
-    }
-
-    /// The worker's events began (control plane only).
-    pub fn set_exact(&self) {
-        self.approximate.store(false, Relaxed);
-    }
-
-    /// `"approximate"` or `"exact"`, as `/health` says it.
-    pub fn state(&self) -> &'static str {
-        if self.is_approximate() {
-            "approximate"
-        } else {
-            "exact"
-        }
     }
 }
 
@@ -215,7 +183,7 @@ impl WorkerGroup {
         self.entries.get(&worker).is_some_and(|e| e.kv.is_approximate())
     }
 
-    /// `"approximate"` or `"exact"` for `worker` (`/health`).
+    /// `worker`'s index state as `/health` says it ([`crate::frontend::index_state`]).
     pub fn kv_state(&self, worker: WorkerId) -> &'static str {
         self.entries.get(&worker).map_or("exact", |e| e.kv.state())
     }
@@ -263,6 +231,8 @@ pub struct ModelState {
     /// Picks decode workers of disaggregated requests: by load alone (overlap weight 0).
     pub decode_router: Router,
     pub workers: ArcSwap<WorkerGroup>,
+    /// Its last routing decisions, recorded while a dashboard page is open.
+    pub recent: crate::frontend::dashboard::Recent,
     /// Unix seconds when the model was first served (`/v1/models`).
     pub created: u64,
 }
@@ -299,6 +269,8 @@ pub struct Frontend<P> {
     models: ArcSwap<HashMap<String, Arc<ModelState>>>,
     /// Approximate mode's settings (`--no-kv-events`, `--approx-ttl-s`).
     pub approx: ApproxConfig,
+    /// The live routing page's viewers ([`crate::frontend::dashboard`]).
+    pub dashboard: crate::frontend::dashboard::Board,
     /// `--decision-log`: one JSON line per routing decision (off by default).
     pub decision_log: Option<Arc<crate::router::quality::DecisionLog>>,
     predictions: tokio::sync::mpsc::Sender<Prediction>,
@@ -311,6 +283,7 @@ impl<P> Frontend<P> {
         let (predictions, rx) = tokio::sync::mpsc::channel(PREDICTION_QUEUE_DEPTH);
         Self {
             approx: ApproxConfig::default(),
+            dashboard: crate::frontend::dashboard::Board::new(shards),
             decision_log: None,
             admission: Default::default(),
             predictions,
@@ -395,6 +368,7 @@ impl<P> Frontend<P> {
             router: Router::new(config.clone(), self.index.clone()),
             decode_router: Router::new(RouterConfig { overlap_weight: 0.0, ..config }, self.index.clone()),
             workers: ArcSwap::from_pointee(WorkerGroup::default()),
+            recent: self.dashboard.recent(),
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -469,6 +443,7 @@ impl<P> Frontend<P> {
         let token_cache = self.token_cache.as_ref().map(|c| c.stats()).unwrap_or_default();
         let mut out = self.metrics.render(&gauges, self.index.num_entries() as u64, &token_cache);
         crate::frontend::control::load::render(self, &mut out);
+        crate::frontend::index_state::render_frontend(self, &mut out);
         out
     }
 }

@@ -135,6 +135,16 @@ impl Metrics {
         self.shards.iter().map(|s| f(s).load(Relaxed)).sum()
     }
 
+    /// One counter summed over the shards (the dashboard's rolling rates).
+    pub fn total(&self, f: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
+        self.sum(f)
+    }
+
+    /// One histogram's observation count and sum in nanoseconds, over the shards.
+    pub fn histogram_totals(&self, f: impl Fn(&ShardMetrics) -> &Histogram) -> (u64, u64) {
+        self.shards.iter().fold((0, 0), |(n, ns), s| (n + f(s).count.load(Relaxed), ns + f(s).sum_ns.load(Relaxed)))
+    }
+
     /// Prometheus text exposition of everything.
     pub fn render(&self, workers: &[WorkerGauge], index_entries: u64, token_cache: &TokenCacheStats) -> String {
         let mut out = String::with_capacity(8192);

@@ -24,6 +24,12 @@
 //! arrive for a worker that was approximate, its predictions are dropped and it turns exact
 //! (logged once at info) before the event is applied; with `--no-kv-events` every event is
 //! ignored instead.
+//!
+//! Index states ([`crate::frontend::index_state`]): the loop is the only writer of each worker's
+//! state. A gap or a join makes it `recovering` until the recovery answers (`exact`) or fails
+//! (`blind`); every [`CHECK_INTERVAL`] a worker busy and silent for [`SILENT_BOUND`] turns
+//! `blind` (logged once, at warn); a blind worker is routed on predictions until a full resync
+//! (its next event, or the periodic sync) brings it back through `recovering` to `exact`.
 
 pub mod load;
 pub mod recovery;
@@ -39,11 +45,13 @@ use crate::contract::control::Recovery;
 use crate::contract::control::{RecoveryError, RecoverySource};
 use crate::contract::events::KvEvent;
 use crate::contract::WorkerId;
-use crate::frontend::{Frontend, KvTracking, Prediction};
+use crate::frontend::index_state::{Silence, CHECK_INTERVAL, SILENT_BOUND};
+use crate::frontend::{Frontend, IndexState, KvTracking, Prediction};
 use crate::kv::approx::{Changed, Predictions};
 use crate::kv::index::KvIndexWriter;
 use crate::planes::discovery::WorkerSnapshot;
 use crate::planes::events::EventSubscriber;
+use crate::router::WorkerLoad;
 
 /// Events held per worker while its recovery is in flight (a recovery takes one round trip; a
 /// worker publishes one batch per engine step).
@@ -62,12 +70,18 @@ const RECOVERY_BACKOFF: Duration = Duration::from_secs(1);
 /// this (small against Dynamo's 120 s default), and each pass is bounded
 /// ([`crate::kv::approx::MAX_EXPIRED_PER_TICK`]).
 const APPROX_EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+const _: () = assert!(APPROX_EXPIRY_INTERVAL.as_millis() == CHECK_INTERVAL.as_millis(), "one tick serves both");
 
-/// A worker as approximate mode sees it: its mode cell (shared with the shards) and its KV
-/// capacity in blocks (its registration's; 0 if unknown).
+/// A worker as approximate mode and the index states see it: its state cell (shared with the
+/// shards), its KV capacity in blocks (its registration's; 0 if unknown), its load cell (is it
+/// busy?), when it was first tracked and its last event arrived, and its silence watch.
 struct Tracked {
     kv: Arc<KvTracking>,
     capacity_blocks: u64,
+    load: Arc<WorkerLoad>,
+    first_seen: Instant,
+    last_event: Option<Instant>,
+    silence: Silence,
 }
 
 #[derive(Default)]
@@ -141,6 +155,7 @@ pub async fn run<P: Send + Sync + 'static, R: RecoverySource>(
             _ = expiry.tick() => {
                 let changed = st.predictions.expire(&mut st.writer, Instant::now());
                 st.count(changed);
+                st.check_silence(Instant::now());
             }
             batch = events.next_batch() => {
                 let Some(batch) = batch else { break };
@@ -182,19 +197,69 @@ impl<P, R: RecoverySource> State<'_, P, R> {
             let group = model.workers.load();
             for info in snap.iter().filter(|w| w.model == model.name) {
                 let Some(e) = group.entries.get(&info.id) else { continue };
-                if !self.tracked.contains_key(&info.id) && e.kv.is_approximate() {
+                let old = self.tracked.remove(&info.id);
+                if old.is_none() && e.kv.get() == IndexState::Approximate {
                     let why = if self.frontend.approx.all { "--no-kv-events" } else { "it publishes no KV events" };
                     tracing::info!(worker = %info.id, engine = info.engine.as_str(), capacity_blocks = info.kv_capacity_blocks, "routing approximately to this worker ({why})");
                 }
-                tracked.insert(info.id, Tracked { kv: e.kv.clone(), capacity_blocks: info.kv_capacity_blocks });
+                let (first_seen, last_event, silence) =
+                    old.map_or((Instant::now(), None, Silence::default()), |t| (t.first_seen, t.last_event, t.silence));
+                let (kv, load) = (e.kv.clone(), e.load.clone());
+                let capacity_blocks = info.kv_capacity_blocks;
+                tracked.insert(info.id, Tracked { kv, capacity_blocks, load, first_seen, last_event, silence });
             }
         }
         self.tracked = tracked;
     }
 
-    /// Whether `w`'s cache is predicted.
-    fn is_approximate(&self, w: WorkerId) -> bool {
-        self.tracked.get(&w).is_some_and(|t| t.kv.is_approximate())
+    /// `w`'s index state (`None`: not tracked).
+    fn state_of(&self, w: WorkerId) -> Option<IndexState> {
+        self.tracked.get(&w).map(|t| t.kv.get())
+    }
+
+    /// Moves `w` to `to`; returns whether it changed.
+    fn set_state(&self, w: WorkerId, to: IndexState) -> bool {
+        self.tracked.get(&w).is_some_and(|t| t.kv.set(to))
+    }
+
+    /// `w` turns blind (logged once per transition): routed on predictions from now on.
+    fn turn_blind(&self, w: WorkerId, why: &str) {
+        if self.set_state(w, IndexState::Blind) {
+            let silent_s = self.tracked.get(&w).and_then(|t| t.kv.since_event()).map(|d| d.as_secs_f64());
+            tracing::warn!(worker = %w, silent_s, "index blind ({why}): routing this worker approximately until its events resume");
+        }
+    }
+
+    /// The periodic look for exact workers that are busy and silent ([`Silence`]).
+    fn check_silence(&mut self, now: Instant) {
+        if self.frontend.approx.all {
+            return;
+        }
+        let mut silent = Vec::new();
+        for (&w, t) in self.tracked.iter_mut() {
+            if t.kv.get() != IndexState::Exact {
+                t.silence = Silence::default();
+                continue;
+            }
+            let busy = t.load.view().requests > 0;
+            if t.silence.check(now, busy, t.last_event.unwrap_or(t.first_seen), SILENT_BOUND) {
+                silent.push(w);
+            }
+        }
+        for w in silent {
+            self.turn_blind(w, "no KV event while it had requests in flight");
+        }
+    }
+
+    /// Brings a blind worker back: drops its predictions and blocks (they may mix guesses with
+    /// facts) and asks for everything from event 0 (a replay from its first event, or a dump).
+    fn resync_blind(&mut self, w: WorkerId) {
+        let predicted = self.predictions.len_of(w);
+        self.predictions.remove(w);
+        self.writer.apply_dump(w, &[], 0);
+        self.set_state(w, IndexState::Recovering);
+        tracing::info!(worker = %w, predicted_blocks_dropped = predicted, "resyncing a blind worker's index from its first event");
+        self.start_recovery(w, 0);
     }
 
     /// A shard dispatched a prompt to an approximate worker: record its blocks there. Ignored
@@ -230,7 +295,7 @@ impl<P, R: RecoverySource> State<'_, P, R> {
             return true;
         }
         let w = event.worker;
-        if let Some(t) = self.tracked.get(&w).filter(|t| t.kv.is_approximate()) {
+        if let Some(t) = self.tracked.get(&w).filter(|t| t.kv.get() == IndexState::Approximate) {
             t.kv.set_exact();
             let predicted = self.predictions.len_of(w);
             self.predictions.forget(&mut self.writer, w);
@@ -255,7 +320,19 @@ impl<P, R: RecoverySource> State<'_, P, R> {
             return;
         }
         let w = event.worker;
+        let now = Instant::now();
+        if let Some(t) = self.tracked.get_mut(&w) {
+            t.kv.event_at(now);
+            t.last_event = Some(now);
+        }
+        let blind = self.state_of(w) == Some(IndexState::Blind);
         let stream = self.streams.entry(w).or_default();
+        if blind && !stream.recovering && stream.no_recovery_until.is_none_or(|t| now >= t) {
+            // Its events are back: resync, holding this one until the recovery answers.
+            self.resync_blind(w);
+            self.streams.entry(w).or_default().held.push(event);
+            return;
+        }
         if stream.recovering {
             if stream.held.len() < RECOVERY_BUFFER_EVENTS {
                 stream.held.push(event);
@@ -273,17 +350,21 @@ impl<P, R: RecoverySource> State<'_, P, R> {
         let since = self.writer.last_event_id(w).unwrap_or(0);
         tracing::info!(worker = %w, expected, got = event.event_id, since, "kv event gap; asking the worker to replay");
         stream.held.push(event);
+        self.set_state(w, IndexState::Recovering);
         self.start_recovery(w, since);
     }
 
     /// The periodic check of one worker: replay whatever came after the last event applied.
     fn sync(&mut self, w: WorkerId) {
-        if self.frontend.approx.all || self.is_approximate(w) {
+        if self.frontend.approx.all || self.state_of(w) == Some(IndexState::Approximate) {
             return;
         }
         let stream = self.streams.entry(w).or_default();
         if stream.recovering || stream.no_recovery_until.is_some_and(|t| Instant::now() < t) {
             return;
+        }
+        if self.state_of(w) == Some(IndexState::Blind) {
+            return self.resync_blind(w);
         }
         let since = self.writer.last_event_id(w).unwrap_or(0);
         self.start_recovery(w, since);
@@ -306,6 +387,7 @@ impl<P, R: RecoverySource> State<'_, P, R> {
         stream.recovering = false;
         let held = std::mem::take(&mut stream.held);
         let overflowed = std::mem::replace(&mut stream.overflowed, false);
+        let answered = result.is_ok();
         match result {
             Ok(Recovery::Replay(events)) if events.is_empty() => {}
             Ok(Recovery::Replay(events)) => {
@@ -328,6 +410,11 @@ impl<P, R: RecoverySource> State<'_, P, R> {
         }
         if overflowed {
             tracing::warn!(worker = %worker, "events overflowed while recovering; the next event will recover again");
+        }
+        if !answered {
+            self.turn_blind(worker, "its recovery failed");
+        } else if self.set_state(worker, IndexState::Exact) {
+            tracing::debug!(worker = %worker, "index exact");
         }
         let last = self.writer.last_event_id(worker).unwrap_or(0);
         for event in held.into_iter().filter(|e| e.event_id > last) {

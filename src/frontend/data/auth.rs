@@ -9,8 +9,9 @@
 
 use http::HeaderMap;
 
-/// Routes a load balancer or Prometheus probes: open unless `--api-key-protect-health`.
-const PROBES: &[&str] = &["/health", "/live", "/metrics"];
+/// Routes a load balancer or Prometheus probes, and the dashboard (which shows what `/health`
+/// and `/metrics` do): open unless `--api-key-protect-health`.
+const PROBES: &[&str] = &["/health", "/live", "/metrics", "/dashboard", "/dashboard/events"];
 
 /// Why a request was refused (the message the client reads).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -27,6 +27,8 @@ pub enum Body {
     Sse(Box<SseBody>),
     /// An SSE body the shard's drain may end early (what the routes return).
     Drainable(Box<DrainableSse>),
+    /// The dashboard's snapshots ([`crate::frontend::dashboard::stream`]; ends on drain).
+    Events(Box<crate::frontend::dashboard::stream::EventStream>),
 }
 
 /// An SSE stream that ends with an error event and `[DONE]` once its shard's drain timed out.
@@ -77,6 +79,7 @@ impl HttpBody for Body {
             Body::Full(f) => Pin::new(f).poll_frame(cx),
             Body::Sse(s) => Pin::new(s.as_mut()).poll_frame(cx),
             Body::Drainable(d) => d.poll_frame(cx),
+            Body::Events(e) => e.poll_frame(cx),
         }
     }
 
@@ -85,13 +88,14 @@ impl HttpBody for Body {
             Body::Full(f) => f.is_end_stream(),
             Body::Sse(s) => s.is_end_stream(),
             Body::Drainable(d) => d.inner.as_ref().is_none_or(|s| s.is_end_stream()),
+            Body::Events(_) => false,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Body::Full(f) => f.size_hint(),
-            Body::Sse(_) | Body::Drainable(_) => SizeHint::default(),
+            Body::Sse(_) | Body::Drainable(_) | Body::Events(_) => SizeHint::default(),
         }
     }
 }

@@ -76,6 +76,9 @@ pub enum ApiError {
     QueueTimeout { waited: std::time::Duration },
     #[error("too many open connections: this shard serves at most {limit} (--max-connections); retry later")]
     TooManyConnections { limit: usize },
+    /// Too many dashboard pages open at once on this frontend.
+    #[error("too many open dashboard pages: this frontend streams to at most {limit}; close one and retry")]
+    TooManyViewers { limit: usize },
 }
 
 impl ApiError {
@@ -100,7 +103,7 @@ impl ApiError {
             NoWorkers(_) | DisaggUnavailable(..) | Transport(_) | ShuttingDown | TooManyConnections { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            QueueFull { .. } | QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            QueueFull { .. } | QueueTimeout { .. } | TooManyViewers { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Worker(e) => match e.fault {
                 Fault::Client => StatusCode::BAD_REQUEST,
                 Fault::Worker | Fault::Transport => StatusCode::BAD_GATEWAY,

@@ -17,7 +17,7 @@ use super::error::ApiError;
 use super::ShardCtx;
 use crate::frontend::pipeline::tokenize::Direction;
 use crate::frontend::pipeline::{generate, tokenize};
-use crate::frontend::Frontend;
+use crate::frontend::{dashboard, Frontend};
 use crate::openai::ResponseKind;
 use crate::planes::request::RequestPlane;
 
@@ -41,6 +41,9 @@ pub async fn handle<P: RequestPlane>(
         (&Method::GET, "/health") => Ok(health(&fe, shard.draining.get())),
         (&Method::GET, "/live") => Ok(json_response(br#"{"status":"live"}"#.to_vec())),
         (&Method::GET, "/metrics") => Ok(metrics(&fe)),
+        (&Method::GET, "/dashboard") => Ok(page()),
+        (&Method::GET, "/dashboard/events") => dashboard_events(&fe, &shard),
+        (&Method::GET, "/") if accepts_html(req.headers()) => Ok(to_dashboard()),
         (
             _,
             "/v1/chat/completions"
@@ -49,6 +52,8 @@ pub async fn handle<P: RequestPlane>(
             | "/health"
             | "/live"
             | "/metrics"
+            | "/dashboard"
+            | "/dashboard/events"
             | "/tokenize"
             | "/v1/tokenize"
             | "/detokenize"
@@ -114,7 +119,12 @@ fn health<P>(fe: &Frontend<P>, draining: bool) -> Response<Body> {
             let workers: Vec<_> = g
                 .infos()
                 .into_iter()
-                .map(|w| json!({"id": w.id.to_string(), "role": w.role, "page_size": w.page_size, "kv_capacity_blocks": w.kv_capacity_blocks, "kv_state": g.kv_state(w.id)}))
+                .map(|w| {
+                    let kv = g.entries.get(&w.id).map(|e| &e.kv);
+                    let event_age_s = kv.and_then(|k| k.since_event()).map(|d| (d.as_secs_f64() * 10.0).round() / 10.0);
+                    let state_for_s = kv.map(|k| (k.in_state_for().as_secs_f64() * 10.0).round() / 10.0);
+                    json!({"id": w.id.to_string(), "role": w.role, "page_size": w.page_size, "kv_capacity_blocks": w.kv_capacity_blocks, "kv_state": g.kv_state(w.id), "kv_state_for_s": state_for_s, "kv_event_age_s": event_age_s})
+                })
                 .collect();
             json!({"model": m.name, "disaggregated": g.disaggregated(), "workers": workers})
         })
@@ -129,6 +139,37 @@ fn health<P>(fe: &Frontend<P>, draining: bool) -> Response<Body> {
     if !healthy {
         *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     }
+    r
+}
+
+/// The live routing page ([`crate::frontend::dashboard`]).
+fn page() -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from_static(dashboard::PAGE_HTML.as_bytes())));
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/html; charset=utf-8"));
+    r.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// The page's snapshots over SSE; 503 past [`dashboard::MAX_VIEWERS`] open pages.
+fn dashboard_events<P: 'static>(fe: &Arc<Frontend<P>>, shard: &Rc<ShardCtx>) -> Result<Response<Body>, ApiError> {
+    let viewer = fe.dashboard.viewers.join().ok_or(ApiError::TooManyViewers { limit: dashboard::MAX_VIEWERS })?;
+    let stream = dashboard::stream::EventStream::new(fe.clone(), shard.clone(), viewer);
+    let mut r = Response::new(Body::Events(Box::new(stream)));
+    let h = r.headers_mut();
+    h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
+    h.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+    Ok(r)
+}
+
+/// A browser asking for `/` (it accepts HTML) is sent to the page; API clients still get 404.
+fn accepts_html(headers: &http::HeaderMap) -> bool {
+    headers.get(http::header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/html"))
+}
+
+fn to_dashboard() -> Response<Body> {
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::FOUND;
+    r.headers_mut().insert(http::header::LOCATION, http::HeaderValue::from_static("/dashboard"));
     r
 }
 

@@ -36,7 +36,7 @@ use crate::contract::{
 };
 use crate::frontend::data::error::ApiError;
 use crate::frontend::data::ShardCtx;
-use crate::frontend::{Frontend, ModelState, Prediction, WorkerGroup};
+use crate::frontend::{dashboard, Frontend, ModelState, Prediction, WorkerGroup};
 use crate::kv::index::OverlapScores;
 use crate::kv::SeqHash;
 use crate::planes::request::ResponseStream;
@@ -88,7 +88,10 @@ fn route_among(
         let scores: Vec<String> = decision
             .scores
             .iter()
-            .map(|s| format!("{}:overlap={} cost={:.3} cached={}", s.worker, s.overlap_blocks, s.cost, s.cached_blocks))
+            .map(|s| {
+                let (w, o, c, n) = (s.worker, s.overlap_blocks, s.cost, s.cached_blocks);
+                format!("{w}:overlap={o} cost={c:.3} cached={n} index={}", group.kv_state(w))
+            })
             .collect();
         tracing::debug!(
             request = format_args!("{request_id:x}"),
@@ -104,9 +107,12 @@ fn route_among(
             cache_hit_rate = format_args!("{hit:.3}"),
             workers = %scores.join(" "),
             approx = group.is_approximate(decision.worker),
+            index = group.kv_state(decision.worker),
             "route"
         );
     }
+    let block = model.hasher.block_size();
+    model.recent.record(shard.id, || dashboard::decision(request_id, leg, &decision, group, prompt_tokens, block));
     Ok(decision)
 }
 
