@@ -46,6 +46,8 @@ pub enum ServeError {
     Listen(#[from] shards::ListenError),
     #[error("could not start a runtime thread: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error("could not open the decision log: {0}")]
+    DecisionLog(#[source] std::io::Error),
     #[error("could not start the KV transfer plane: {0}")]
     Transfer(#[source] std::io::Error),
     #[error("{0}")]
@@ -195,7 +197,7 @@ pub fn start_with<E: Engine>(
             .with_admission(args.router.admission.config(shards))
             .with_parsers(args.http.parsers.flags())
             .with_token_cache(args.http.token_cache())
-            .with_decision_log(args.router.decision_log.open().map_err(ServeError::Runtime)?),
+            .with_decision_log(args.router.decision_log.open().map_err(ServeError::DecisionLog)?),
     );
     fe.add_model(&model_name, preprocessor.clone(), page_size);
 

@@ -43,6 +43,8 @@ pub enum FrontendLaunchError {
     Listen(#[from] shards::ListenError),
     #[error("could not start a runtime thread: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error("could not open the decision log: {0}")]
+    DecisionLog(#[source] std::io::Error),
 }
 
 /// A running frontend.
@@ -147,7 +149,7 @@ pub fn start(args: &FrontendArgs) -> Result<FrontendServer, FrontendLaunchError>
             .with_admission(args.router.admission.config(shards))
             .with_parsers(args.http.parsers.flags())
             .with_token_cache(args.http.token_cache())
-            .with_decision_log(args.router.decision_log.open().map_err(FrontendLaunchError::Runtime)?),
+            .with_decision_log(args.router.decision_log.open().map_err(FrontendLaunchError::DecisionLog)?),
     );
 
     let cluster = args.cluster.clone();
