@@ -1,0 +1,195 @@
+//! Each worker's index state (issue #18), with real processes: etcd, nats-server, a `kvgate
+//! worker` (mocker) and a `kvgate frontend`. A worker whose KV events stop while it serves
+//! (nats-server killed; requests still go over TCP) is shown blind within a bound, keeps being
+//! routed, and after nats-server is back it is resynced (recovering) and exact again, and stays
+//! exact under load; a frontend with `--no-kv-events` shows its workers approximate, never blind.
+//! Bounds are generous: nothing here measures time.
+
+mod common;
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{kvgate_command, Etcd, FrontendProc, KvgateProc, Nats, WorkerProc};
+
+/// Blind must show within this of the events stopping: 5 s of silence plus a 1 s check, with a
+/// large margin for a loaded machine.
+const BLIND_WITHIN: Duration = Duration::from_secs(30);
+/// Exact again within this of nats-server's restart (clients reconnect within 2 s).
+const EXACT_WITHIN: Duration = Duration::from_secs(30);
+
+fn worker(etcd: &str, nats: &str) -> WorkerProc {
+    let mut args = vec!["worker", "--etcd-endpoints", etcd, "--nats-server", nats];
+    args.extend(["--advertise-host", "127.0.0.1", "--lease-ttl", "3", "--speedup-ratio", "5"]);
+    WorkerProc::ready(KvgateProc::spawn("worker", kvgate_command(&args)))
+}
+
+fn frontend(etcd: &str, nats: &str, extra: &[&str]) -> FrontendProc {
+    let mut args = vec!["frontend", "--http-host", "127.0.0.1", "--http-port", "0"];
+    args.extend(["--etcd-endpoints", etcd, "--nats-server", nats, "--router-min-initial-workers", "1"]);
+    args.extend_from_slice(extra);
+    let f = FrontendProc::ready(KvgateProc::spawn("frontend", kvgate_command(&args)));
+    f.wait_workers(1, Duration::from_secs(30));
+    f
+}
+
+async fn health_worker(c: &reqwest::Client, base: &str) -> Value {
+    let v: Value = c.get(format!("{base}/health")).send().await.unwrap().json().await.unwrap();
+    v["models"][0]["workers"][0].clone()
+}
+
+async fn metrics(c: &reqwest::Client, base: &str) -> String {
+    c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap()
+}
+
+/// The value of the first sample of the labeled metric `name` (one worker here); -1 if absent.
+fn labeled(text: &str, name: &str) -> f64 {
+    let prefix = format!("{name}{{");
+    let line = text.lines().find(|l| l.starts_with(&prefix));
+    line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(-1.0)
+}
+
+fn state_gauge(text: &str, state: &str) -> f64 {
+    let line =
+        text.lines().find(|l| l.starts_with("kvgate_worker_index_state{") && l.contains(&format!("state=\"{state}\"")));
+    line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(-1.0)
+}
+
+fn transitions(text: &str, state: &str) -> f64 {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("kvgate_worker_index_transitions_total{") && l.contains(&format!("state=\"{state}\"")));
+    line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(-1.0)
+}
+
+/// Chat requests in a loop from `n` tasks until `stop`; counts the successes, panics on a failure.
+fn load(
+    c: &reqwest::Client,
+    base: &str,
+    n: usize,
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|i| {
+            let (c, base, stop, ok) = (c.clone(), base.to_string(), stop.clone(), ok.clone());
+            tokio::spawn(async move {
+                let mut turn = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    turn += 1;
+                    let body = json!({"model": "kvgate-mock", "max_tokens": 64, "ignore_eos": true,
+                        "messages": [{"role": "system", "content": common::rail_system_prompt(&format!("task {i}"))},
+                                     {"role": "user", "content": format!("turn {turn}")}]});
+                    let r = c.post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap();
+                    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect()
+}
+
+/// Polls `/health` until the worker's `kv_state` is `want`; returns the worker's entry.
+async fn wait_state(c: &reqwest::Client, base: &str, want: &str, within: Duration, f: &FrontendProc) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let w = health_worker(c, base).await;
+        if w["kv_state"] == want {
+            return w;
+        }
+        assert!(t0.elapsed() < within, "not {want} within {within:?}: {w}\n{}", f.proc.tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_events_stop_is_blind_then_recovering_then_exact() {
+    support::init_logs();
+    let etcd = Etcd::start();
+    let mut nats = Nats::start();
+    let (etcd_url, nats_url) = (etcd.endpoint(), nats.url());
+    let _w = worker(&etcd_url, &nats_url);
+    let f = frontend(&etcd_url, &nats_url, &[]);
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let (stop, ok) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let tasks = load(&c, &f.base, 2, stop.clone(), ok.clone());
+
+    // Events flow: exact, with a recent event.
+    let w = wait_state(&c, &f.base, "exact", Duration::from_secs(30), &f).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let w2 = health_worker(&c, &f.base).await;
+    assert!(w2["kv_event_age_s"].as_f64().is_some(), "no event seen: {w} {w2}");
+    let m = metrics(&c, &f.base).await;
+    assert_eq!(state_gauge(&m, "exact"), 1.0, "{m}");
+    assert_eq!(state_gauge(&m, "blind"), 0.0);
+
+    // The event plane dies; requests keep going to the worker over TCP.
+    nats.kill();
+    let killed = Instant::now();
+    let blind = wait_state(&c, &f.base, "blind", BLIND_WITHIN, &f).await;
+    eprintln!("blind {:?} after nats-server was killed: {blind}", killed.elapsed());
+    assert!(blind["kv_event_age_s"].as_f64().unwrap() >= 4.0, "blind before the silence bound: {blind}");
+    let m = metrics(&c, &f.base).await;
+    assert_eq!(state_gauge(&m, "blind"), 1.0, "{m}");
+    assert_eq!(labeled(&m, "kvgate_worker_kv_approximate"), 1.0, "a blind worker is routed approximately: {m}");
+    let served_blind = ok.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(ok.load(Ordering::Relaxed) > served_blind, "a blind worker is still routed");
+    let recovering_before = transitions(&m, "recovering");
+
+    // The event plane is back: the worker's next event resyncs it (recovering), then exact.
+    nats.restart();
+    let restarted = Instant::now();
+    wait_state(&c, &f.base, "exact", EXACT_WITHIN, &f).await;
+    eprintln!("exact {:?} after nats-server restarted", restarted.elapsed());
+    let m = metrics(&c, &f.base).await;
+    assert!(transitions(&m, "recovering") > recovering_before, "no resync seen: {m}");
+    let out = f.proc.output();
+    assert!(out.contains("index blind"), "the blind transition is logged");
+    assert!(out.contains("resyncing a blind worker"), "the resync is logged");
+
+    // Events flow again: it stays exact under load for longer than the silence bound.
+    let blind_count = transitions(&m, "blind");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let m = metrics(&c, &f.base).await;
+    let now = health_worker(&c, &f.base).await;
+    assert_eq!(transitions(&m, "blind"), blind_count, "blind again while events flow: {now}");
+    assert!(now["kv_event_age_s"].as_f64().unwrap() < 5.0, "{now}");
+    assert!(labeled(&m, "kvgate_worker_cached_blocks") > 0.0, "the resynced index holds its blocks: {m}");
+    assert_eq!(labeled(&m, "kvgate_worker_kv_approximate"), 0.0);
+
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_without_events_are_approximate_and_never_blind() {
+    support::init_logs();
+    let etcd = Etcd::start();
+    let nats = Nats::start();
+    let (etcd_url, nats_url) = (etcd.endpoint(), nats.url());
+    let _w = worker(&etcd_url, &nats_url);
+    let f = frontend(&etcd_url, &nats_url, &["--no-kv-events"]);
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    assert_eq!(health_worker(&c, &f.base).await["kv_state"], "approximate");
+    let (stop, ok) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let tasks = load(&c, &f.base, 2, stop.clone(), ok.clone());
+    // Busy for longer than the silence bound, with no event ever applied: still approximate.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let w = health_worker(&c, &f.base).await;
+    assert_eq!(w["kv_state"], "approximate", "{w}");
+    assert!(w["kv_event_age_s"].is_null(), "events are ignored: {w}");
+    let m = metrics(&c, &f.base).await;
+    assert_eq!(state_gauge(&m, "approximate"), 1.0, "{m}");
+    assert_eq!(transitions(&m, "blind"), 0.0);
+    assert!(ok.load(Ordering::Relaxed) > 0);
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
