@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use crate::http::Client;
-use crate::workload::{render, Job, Prompt, RequestSpec, Scheduled, Session, TokenSpace};
+use crate::workload::{render, Job, Prompt, RequestSpec, Scheduled, Session, TokenSpace, Turns};
 
 /// Inter-token gaps kept for percentiles: 8 B per 2 tokens; 50 M is ~200 MB, beyond any run
 /// this machine can drive (later gaps are dropped and counted).
@@ -72,6 +72,8 @@ pub struct Driver {
     pub timeout: Duration,
     pub start: Instant,
     pub results: RefCell<Results>,
+    /// `--dump-blocks`: each token prompt's segments, one JSON line per request as it is sent.
+    pub dump: RefCell<Option<std::io::BufWriter<std::fs::File>>>,
 }
 
 // ---- the streamed chunk, as far as we read it ----
@@ -170,6 +172,36 @@ impl Driver {
                 self.request(&spec, due, None, false).await;
             }
             Job::Session(s) => self.session(&s, due).await,
+            Job::Turns(t) => self.turns(&t, due).await,
+        }
+    }
+
+    /// A trace conversation: each turn when the previous one finished; a failed turn ends it.
+    async fn turns(&self, t: &Turns, due: Option<Instant>) {
+        for (turn, spec) in t.requests.iter().enumerate() {
+            let due = if turn == 0 { due } else { None };
+            if self.request(spec, due, Some((t.id, turn as u32)), false).await.is_none() {
+                return;
+            }
+        }
+    }
+
+    /// Writes `spec`'s prompt to the `--dump-blocks` file (token prompts only; the CLI refuses
+    /// other workloads with the flag).
+    fn dump(&self, spec: &RequestSpec, session: Option<(u64, u32)>) {
+        use std::io::Write;
+        let mut dump = self.dump.borrow_mut();
+        let (Some(w), Prompt::Tokens(segments)) = (dump.as_mut(), &spec.prompt) else { return };
+        let line = serde_json::json!({
+            "t_s": self.start.elapsed().as_secs_f64(),
+            "session": session.map(|s| s.0),
+            "turn": session.map(|s| s.1),
+            "max_tokens": spec.max_tokens,
+            "segments": segments.iter().map(|s| [s.id, u64::from(s.len)]).collect::<Vec<_>>(),
+        });
+        if serde_json::to_writer(&mut *w, &line).is_err() || w.write_all(b"\n").is_err() {
+            tracing::warn!("--dump-blocks: write failed; no more prompts are dumped");
+            *dump = None;
         }
     }
 
@@ -204,6 +236,7 @@ impl Driver {
         session: Option<(u64, u32)>,
         collect: bool,
     ) -> Option<String> {
+        self.dump(spec, session);
         let (path, body) = render(&self.model, &spec.prompt, spec.max_tokens, self.space);
         let t0 = Instant::now();
         let mut out = Outcome::default();

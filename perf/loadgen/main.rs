@@ -91,6 +91,11 @@ struct Common {
     /// Write one JSON line per request here.
     #[arg(long, global = true)]
     requests_out: Option<PathBuf>,
+    /// Write each request's prompt as sent, one JSON line per request in send order:
+    /// `{"t_s", "session", "turn", "max_tokens", "segments": [[block id, tokens], ...]}` (token-id
+    /// workloads only: `mooncake`, `shared-prefix` without `--chat`). `perf/oracle.py` reads it.
+    #[arg(long, global = true)]
+    dump_blocks: Option<PathBuf>,
     /// A label stored in the JSON (e.g. the router mode).
     #[arg(long, global = true)]
     label: Option<String>,
@@ -121,6 +126,12 @@ enum WorkloadCmd {
         /// Cut each prompt to this many tokens (keeps its prefix structure).
         #[arg(long)]
         max_input_tokens: Option<u32>,
+        /// Replay conversations instead of single requests: group the trace into conversations
+        /// (a request continues the latest one whose hash ids, but perhaps its last, begin its
+        /// own, sharing at least 2) and replay the N with the most turns, each turn when the
+        /// previous one finished (`--concurrency` conversations at once).
+        #[arg(long)]
+        sessions: Option<usize>,
     },
     /// Groups of requests sharing a system prompt (prefix) followed by a unique part.
     SharedPrefix {
@@ -182,6 +193,14 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let jobs = build_jobs(&cli)?;
+    if c.dump_blocks.is_some() {
+        let tokens_only = match &cli.workload {
+            WorkloadCmd::Mooncake { .. } => true,
+            WorkloadCmd::SharedPrefix { chat, .. } => !chat,
+            WorkloadCmd::Sessions { .. } => false,
+        };
+        ensure!(tokens_only, "--dump-blocks needs token-id prompts: mooncake, or shared-prefix without --chat");
+    }
     tracing::info!("{} jobs, {:?}", jobs.len(), mode);
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -194,7 +213,15 @@ fn build_jobs(cli: &Cli) -> anyhow::Result<Vec<workload::Scheduled>> {
     let mut arrivals = Arrivals::new(c.request_rate, c.seed);
     let closed_or_rate = c.concurrency.is_some() || c.request_rate.is_some();
     Ok(match &cli.workload {
-        WorkloadCmd::Mooncake { trace, block_size, max_requests, time_scale, max_output_tokens, max_input_tokens } => {
+        WorkloadCmd::Mooncake {
+            trace,
+            block_size,
+            max_requests,
+            time_scale,
+            max_output_tokens,
+            max_input_tokens,
+            sessions,
+        } => {
             ensure!(*block_size > 0, "--block-size must be > 0");
             ensure!(time_scale.is_finite() && *time_scale >= 0.0, "--time-scale must be a number >= 0");
             let o = workload::TraceOptions {
@@ -205,7 +232,11 @@ fn build_jobs(cli: &Cli) -> anyhow::Result<Vec<workload::Scheduled>> {
                 max_input_tokens: *max_input_tokens,
                 timestamps: !closed_or_rate,
             };
-            let mut jobs = workload::mooncake(trace, &o)?;
+            let mut jobs = match sessions {
+                Some(0) => anyhow::bail!("--sessions must be > 0"),
+                Some(n) => workload::mooncake_sessions(trace, &o, *n)?,
+                None => workload::mooncake(trace, &o)?,
+            };
             if c.request_rate.is_some() && c.concurrency.is_none() {
                 for j in &mut jobs {
                     j.at = arrivals.next_at();
@@ -256,6 +287,12 @@ async fn run(c: &Common, jobs: Vec<workload::Scheduled>, mode: Loop) -> anyhow::
         timeout: Duration::from_secs_f64(c.request_timeout_s),
         start,
         results: RefCell::new(Default::default()),
+        dump: RefCell::new(match &c.dump_blocks {
+            Some(p) => Some(std::io::BufWriter::new(
+                std::fs::File::create(p).with_context(|| format!("--dump-blocks {}", p.display()))?,
+            )),
+            None => None,
+        }),
     });
     let progress = (c.progress_s > 0).then(|| {
         let d = driver.clone();
@@ -273,6 +310,10 @@ async fn run(c: &Common, jobs: Vec<workload::Scheduled>, mode: Loop) -> anyhow::
     let duration_s = start.elapsed().as_secs_f64();
     if let Some(p) = progress {
         p.abort();
+    }
+    if let Some(w) = driver.dump.borrow_mut().as_mut() {
+        use std::io::Write;
+        w.flush().context("--dump-blocks")?;
     }
     let loadgen_cpu_s = (cpu::self_cpu() - cpu0).as_secs_f64();
     let server = probe.map(|p| p.finish()).transpose().context("--server-pid")?;

@@ -6,6 +6,8 @@
 //!   prompt, followed by a part unique to the request.
 //! - Multi-turn sessions: each turn resends the whole history (system prompt, earlier turns and
 //!   the model's earlier answers) plus a new user message.
+//! - Mooncake conversations (`mooncake --sessions N`): the trace's requests grouped into
+//!   conversations ([`conversations`]) and the N with the most turns replayed turn by turn.
 //!
 //! Invariant: prompts are rendered only when sent (a 2,000-request Mooncake replay is ~27 M
 //! prompt tokens; holding them all would cost hundreds of MB). Concurrency: none; the driver
@@ -65,10 +67,19 @@ pub struct Session {
     pub max_tokens: u32,
 }
 
+/// Requests sent one after the other, each when the previous one finished (a conversation of a
+/// trace, whose prompts are fixed by the trace).
+#[derive(Debug, Clone)]
+pub struct Turns {
+    pub id: u64,
+    pub requests: Vec<RequestSpec>,
+}
+
 #[derive(Debug, Clone)]
 pub enum Job {
     Single(RequestSpec),
     Session(Session),
+    Turns(Turns),
 }
 
 /// A job and, for an open loop, when it should start (from the run's start).
@@ -119,13 +130,91 @@ pub struct TraceOptions {
     pub timestamps: bool,
 }
 
+/// One trace request, ready to send, with what grouping it into conversations needs.
+struct TraceRequest {
+    timestamp_ms: f64,
+    hash_ids: Vec<u64>,
+    spec: RequestSpec,
+}
+
 /// Reads a Mooncake-format JSONL trace into jobs (timestamps in ms, relative to the first).
 pub fn mooncake(path: &std::path::Path, o: &TraceOptions) -> anyhow::Result<Vec<Scheduled>> {
+    let reqs = read_trace(path, o, o.max_requests)?;
+    let t0 = reqs[0].timestamp_ms;
+    Ok(reqs.into_iter().map(|r| Scheduled { at: o.at(r.timestamp_ms - t0), job: Job::Single(r.spec) }).collect())
+}
+
+impl TraceOptions {
+    fn at(&self, since_first_ms: f64) -> Option<Duration> {
+        self.timestamps.then(|| Duration::from_secs_f64((since_first_ms.max(0.0) * self.time_scale / 1000.0).max(0.0)))
+    }
+}
+
+/// Shortest common prefix, in hash ids, that links a request to an earlier one of its
+/// conversation: the Mooncake conversation trace starts every prompt with the same block (a
+/// shared system prompt), which alone says nothing about the conversation.
+pub const MIN_CONVERSATION_PREFIX_IDS: usize = 2;
+
+/// Groups requests (hash ids, in arrival order) into conversations: a request continues the
+/// latest earlier request whose hash ids, but perhaps its last (a partial block the next turn
+/// completes), begin its own, with at least [`MIN_CONVERSATION_PREFIX_IDS`] ids in common.
+/// Returns each conversation's request indices, in order, conversations by first request.
+pub fn conversations(hash_ids: &[&[u64]]) -> Vec<Vec<usize>> {
+    let mut by_prefix: std::collections::HashMap<&[u64], usize> = std::collections::HashMap::new();
+    let mut conv_of = Vec::with_capacity(hash_ids.len());
+    let mut convs: Vec<Vec<usize>> = Vec::new();
+    for (i, h) in hash_ids.iter().enumerate() {
+        let parent = (MIN_CONVERSATION_PREFIX_IDS..=h.len()).rev().find_map(|k| by_prefix.get(&h[..k]).copied());
+        let c = match parent {
+            Some(p) => conv_of[p],
+            None => {
+                convs.push(Vec::new());
+                convs.len() - 1
+            }
+        };
+        conv_of.push(c);
+        convs[c].push(i);
+        for k in [h.len().saturating_sub(1), h.len()] {
+            if k >= MIN_CONVERSATION_PREFIX_IDS {
+                by_prefix.insert(&h[..k], i);
+            }
+        }
+    }
+    convs
+}
+
+/// The `sessions` conversations of the trace with the most turns (ties: the earlier first),
+/// each a job of its turns sent one after the other, starting at its first turn's time.
+pub fn mooncake_sessions(path: &std::path::Path, o: &TraceOptions, sessions: usize) -> anyhow::Result<Vec<Scheduled>> {
+    let reqs = read_trace(path, o, usize::MAX)?;
+    let ids: Vec<&[u64]> = reqs.iter().map(|r| r.hash_ids.as_slice()).collect();
+    let mut convs = conversations(&ids);
+    convs.sort_by_key(|c| (std::cmp::Reverse(c.len()), c[0]));
+    convs.truncate(sessions);
+    convs.sort_by_key(|c| c[0]);
+    // Cap the total at --max-requests, cutting the last conversations short.
+    let mut left = o.max_requests;
+    let t0 = reqs[0].timestamp_ms;
+    let mut out = Vec::with_capacity(convs.len());
+    for c in convs {
+        let take = c.len().min(left);
+        if take == 0 {
+            break;
+        }
+        left -= take;
+        let at = o.at(reqs[c[0]].timestamp_ms - t0);
+        let requests = c[..take].iter().map(|&i| reqs[i].spec.clone()).collect();
+        out.push(Scheduled { at, job: Job::Turns(Turns { id: c[0] as u64, requests }) });
+    }
+    Ok(out)
+}
+
+/// The trace's first `max_requests` requests.
+fn read_trace(path: &std::path::Path, o: &TraceOptions, max_requests: usize) -> anyhow::Result<Vec<TraceRequest>> {
     let f = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("--trace {}: {e}", path.display()))?;
     let mut out = Vec::new();
-    let mut t0 = None;
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        if out.len() >= o.max_requests.min(MAX_TRACE_REQUESTS) {
+        if out.len() >= max_requests.min(MAX_TRACE_REQUESTS) {
             break;
         }
         let line = line?;
@@ -161,11 +250,8 @@ pub fn mooncake(path: &std::path::Path, o: &TraceOptions) -> anyhow::Result<Vec<
         if let Some(m) = o.max_output_tokens {
             max_tokens = max_tokens.min(m);
         }
-        let t0 = *t0.get_or_insert(r.timestamp);
-        let at = o
-            .timestamps
-            .then(|| Duration::from_secs_f64(((r.timestamp - t0).max(0.0) * o.time_scale / 1000.0).max(0.0)));
-        out.push(Scheduled { at, job: Job::Single(RequestSpec { prompt: Prompt::Tokens(segments), max_tokens }) });
+        let spec = RequestSpec { prompt: Prompt::Tokens(segments), max_tokens };
+        out.push(TraceRequest { timestamp_ms: r.timestamp, hash_ids: r.hash_ids, spec });
     }
     anyhow::ensure!(!out.is_empty(), "--trace {}: no requests", path.display());
     Ok(out)
@@ -360,6 +446,14 @@ mod tests {
         let mut c = Vec::new();
         block_tokens(8, 512, space, |t| c.push(t));
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn conversations_follow_extended_prefixes() {
+        // 0: [0,1,2]; 1 extends 0 (its partial last block 2 became 5); 2 shares only the common
+        // first id (a new conversation); 3 extends 1 whole; 4 extends 2.
+        let reqs: [&[u64]; 5] = [&[0, 1, 2], &[0, 1, 5, 6], &[0, 7], &[0, 1, 5, 6, 8], &[0, 7, 9]];
+        assert_eq!(conversations(&reqs), vec![vec![0, 1, 3], vec![2, 4]]);
     }
 
     #[test]
