@@ -83,6 +83,11 @@ pub struct FrontendArgs {
     /// Wait for this many workers before serving.
     #[arg(long, default_value_t = 0)]
     pub router_min_initial_workers: usize,
+    /// Router replica sync (Dynamo's flag): publish each routing decision to the other
+    /// frontends of the namespace over NATS and count theirs until the workers' KV events
+    /// arrive. On by default; `--router-replica-sync false` turns it off.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub router_replica_sync: bool,
 }
 
 /// `kvgate worker`.

@@ -9,6 +9,7 @@
 //!   one error → status mapping ([`data::error`]).
 //! - [`index_state`]: each worker's index state (exact, recovering, approximate, blind).
 //! - [`dashboard`]: the live routing page (`/dashboard`) and its SSE snapshots.
+//! - [`replica`]: router replica sync: routing decisions shared with the other frontends.
 //! - [`pipeline`]: one request on its shard: prepare (parse, template, tokenize) → dispatch
 //!   (route, plan the legs, send) → generation (detokenize, stop strings, migration).
 //!
@@ -20,6 +21,7 @@ pub mod dashboard;
 pub mod data;
 pub mod index_state;
 pub mod pipeline;
+pub mod replica;
 pub mod state;
 
 pub use index_state::{IndexState, KvTracking};

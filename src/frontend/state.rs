@@ -271,6 +271,8 @@ pub struct Frontend<P> {
     pub approx: ApproxConfig,
     /// The live routing page's viewers ([`crate::frontend::dashboard`]).
     pub dashboard: crate::frontend::dashboard::Board,
+    /// `--router-replica-sync`: routing decisions shared with the other frontends ([`crate::frontend::replica`]).
+    pub replica: Option<Arc<crate::frontend::replica::ReplicaSync>>,
     /// `--decision-log`: one JSON line per routing decision (off by default).
     pub decision_log: Option<Arc<crate::router::quality::DecisionLog>>,
     predictions: tokio::sync::mpsc::Sender<Prediction>,
@@ -284,6 +286,7 @@ impl<P> Frontend<P> {
         Self {
             approx: ApproxConfig::default(),
             dashboard: crate::frontend::dashboard::Board::new(shards),
+            replica: None,
             decision_log: None,
             admission: Default::default(),
             predictions,
@@ -321,6 +324,12 @@ impl<P> Frontend<P> {
     /// The routing decision log (default: none).
     pub fn with_decision_log(mut self, log: Option<Arc<crate::router::quality::DecisionLog>>) -> Self {
         self.decision_log = log;
+        self
+    }
+
+    /// Shares routing decisions with the other frontends (default: off; set before any model).
+    pub fn with_replica_sync(mut self, replica: Option<Arc<crate::frontend::replica::ReplicaSync>>) -> Self {
+        self.replica = replica;
         self
     }
 
@@ -365,7 +374,8 @@ impl<P> Frontend<P> {
             name: name.to_string(),
             preprocessor,
             hasher: BlockHasher::new(page_size as usize),
-            router: Router::new(config.clone(), self.index.clone()),
+            router: Router::new(config.clone(), self.index.clone())
+                .with_replica(self.replica.as_ref().map(|r| r.index())),
             decode_router: Router::new(RouterConfig { overlap_weight: 0.0, ..config }, self.index.clone()),
             workers: ArcSwap::from_pointee(WorkerGroup::default()),
             recent: self.dashboard.recent(),
@@ -443,6 +453,9 @@ impl<P> Frontend<P> {
         let token_cache = self.token_cache.as_ref().map(|c| c.stats()).unwrap_or_default();
         let mut out = self.metrics.render(&gauges, self.index.num_entries() as u64, &token_cache);
         crate::frontend::control::load::render(self, &mut out);
+        if let Some(r) = &self.replica {
+            crate::frontend::replica::render(r, &mut out);
+        }
         crate::frontend::index_state::render_frontend(self, &mut out);
         out
     }

@@ -158,6 +158,19 @@ impl PredictedBlocks {
         steps
     }
 
+    /// Drops the blocks of `seq` that are predicted (their queue entries turn stale), pushing
+    /// them to `removed`: their real events arrived ([`crate::kv::replica`]).
+    pub fn remove(&mut self, seq: impl IntoIterator<Item = SeqHash>, removed: &mut Vec<SeqHash>) {
+        for s in seq {
+            if self.stamps.remove(&s).is_some() {
+                removed.push(s);
+            }
+        }
+        if self.order.len() > 2 * self.stamps.len() + COMPACT_SLACK {
+            self.compact();
+        }
+    }
+
     /// Removes and returns the least recent live entry, dropping stale ones on the way.
     fn pop_live(&mut self) -> Option<Touch> {
         while let Some(t) = self.order.pop_front() {
@@ -241,6 +254,28 @@ impl Predictions {
             }
         }
         changed
+    }
+
+    /// Drops the blocks of `seq` from `worker`'s prediction, here and in the index. Returns
+    /// how many were predicted.
+    pub fn remove_blocks(
+        &mut self,
+        writer: &mut KvIndexWriter,
+        worker: WorkerId,
+        seq: impl IntoIterator<Item = SeqHash>,
+    ) -> u64 {
+        let Some(p) = self.workers.get_mut(&worker) else { return 0 };
+        self.removed.clear();
+        p.remove(seq, &mut self.removed);
+        if !self.removed.is_empty() {
+            writer.apply_predicted(worker, &[], &self.removed);
+        }
+        self.removed.len() as u64
+    }
+
+    /// Whether no worker has a prediction.
+    pub fn is_empty(&self) -> bool {
+        self.workers.values().all(PredictedBlocks::is_empty)
     }
 
     /// Drops `worker`'s prediction from here and from the index (it turned exact).

@@ -6,9 +6,12 @@
 //! - [`index`]: sequence hash → workers holding it; one writer, lock-free readers.
 //! - [`approx`]: approximate mode: the predicted caches of workers without KV events, kept in the
 //!   index by its writer.
+//! - [`replica`]: router replica sync: other frontends' routing decisions, held beside the
+//!   index until the workers' events confirm them.
 
 pub mod approx;
 pub mod hash;
 pub mod index;
+pub mod replica;
 
 pub use hash::{BlockHasher, LocalHash, SeqHash};

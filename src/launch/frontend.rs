@@ -18,12 +18,14 @@ use tokio::sync::watch;
 
 use crate::config::{ConfigError, FrontendArgs};
 use crate::frontend::data::shards;
+use crate::frontend::replica::{self, ReplicaSync};
 use crate::frontend::{control, Frontend, HttpLimits};
 use crate::kv::index::KvIndex;
 use crate::planes::discovery::etcd::{EtcdDiscovery, EtcdError};
 use crate::planes::discovery::{WorkerInfo, WorkerSnapshot};
 use crate::planes::events::nats::{self, NatsError, NatsSubscriber};
 use crate::planes::load::NatsLoadSubscriber;
+use crate::planes::replica::{NatsDecisionPublisher, NatsDecisionSubscriber};
 use crate::planes::request::tcp::TcpRequestPlane;
 use crate::preprocess::{ModelSource, Preprocessor};
 use crate::router::RouterConfig;
@@ -148,16 +150,23 @@ pub fn start(args: &FrontendArgs) -> Result<FrontendServer, FrontendLaunchError>
             .with_approx(args.router.approx())
             .with_admission(args.router.admission.config(shards))
             .with_parsers(args.http.parsers.flags())
+            .with_replica_sync(args.router_replica_sync.then(ReplicaSync::new))
             .with_token_cache(args.http.token_cache())
             .with_decision_log(args.router.decision_log.open().map_err(FrontendLaunchError::DecisionLog)?),
     );
 
     let cluster = args.cluster.clone();
+    let replica = fe.replica.clone();
     let (events, loads, mut raw) = control_rt.block_on(async {
         let client = nats::connect(&cluster.nats_server, "kvgate-frontend").await?;
         // Subscribe before reading discovery: every event after a registration is seen.
         let events = NatsSubscriber::subscribe(&client, &cluster.namespace, None).await?;
         let loads = NatsLoadSubscriber::subscribe(&client, &cluster.namespace).await?;
+        if let Some(sync) = &replica {
+            let decisions = NatsDecisionSubscriber::subscribe(&client, &cluster.namespace).await?;
+            tokio::spawn(replica::publish(sync.clone(), NatsDecisionPublisher::new(client.clone(), &cluster.namespace)));
+            tokio::spawn(replica::receive(sync.clone(), decisions));
+        }
         let etcd = EtcdDiscovery::connect(&cluster.etcd_endpoints, &cluster.namespace).await?;
         let raw = etcd.watch(None).await?;
         Ok::<_, FrontendLaunchError>((events, loads, raw))

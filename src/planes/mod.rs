@@ -4,6 +4,8 @@
 //! - [`discovery`]: which workers exist (etcd leases; in-process snapshots).
 //! - [`events`]: the KV event plane (NATS; in-process channel).
 //! - [`load`]: workers' load reports (NATS; in-process channel), superseding each other.
+//! - [`replica`]: frontends' routing decisions to each other (router replica sync; NATS;
+//!   in-process channel).
 //! - [`request`]: the request plane to workers (TCP frames; in-process channels).
 //! - [`transfer`]: kvgate's own KV transfer plane for disaggregated mocker workers (TCP;
 //!   in-process memory copy). Real engines move KV by their own backends.
@@ -11,5 +13,6 @@
 pub mod discovery;
 pub mod events;
 pub mod load;
+pub mod replica;
 pub mod request;
 pub mod transfer;

@@ -115,6 +115,9 @@ pub struct RouteDecision {
 pub struct Router {
     config: RouterConfig,
     index: Arc<KvIndex>,
+    /// Router replica sync: other frontends' recent decisions ([`crate::kv::replica`]),
+    /// merged into the overlaps when it holds any.
+    replica: Option<Arc<KvIndex>>,
     next: AtomicUsize,
 }
 
@@ -124,7 +127,13 @@ impl Router {
         if let Err(e) = config.validate() {
             panic!("router config not validated at start-up: {e}");
         }
-        Self { config, index, next: AtomicUsize::new(0) }
+        Self { config, index, replica: None, next: AtomicUsize::new(0) }
+    }
+
+    /// Counts the predictions of `replica` (router replica sync) in the overlaps.
+    pub fn with_replica(mut self, replica: Option<Arc<KvIndex>>) -> Self {
+        self.replica = replica;
+        self
     }
 
     pub fn config(&self) -> &RouterConfig {
@@ -164,14 +173,24 @@ impl Router {
     fn score(&self, req: &RouteRequest<'_>) -> Vec<WorkerScore> {
         let RouterConfig { overlap_weight: w, block_size: b, .. } = self.config;
         let use_index = w > 0.0;
-        let looked_up;
-        let overlaps = match req.overlaps {
+        let mut looked_up;
+        let mut overlaps = match req.overlaps {
             Some(o) if use_index => o,
             _ => {
                 looked_up = if use_index { self.index.find_matches(req.seq_hashes) } else { OverlapScores::default() };
                 &looked_up
             }
         };
+        // Another frontend's decision not yet confirmed by the worker's events (one more
+        // lookup, only while such predictions exist).
+        if let Some(replica) = self.replica.as_ref().filter(|r| use_index && r.num_entries() > 0) {
+            let predicted = replica.find_matches(req.seq_hashes);
+            if !predicted.scores.is_empty() {
+                looked_up = overlaps.clone();
+                crate::kv::replica::merge(&mut looked_up, &predicted, |w| self.index.cached_blocks(w));
+                overlaps = &looked_up;
+            }
+        }
         req.candidates
             .iter()
             .map(|c| {

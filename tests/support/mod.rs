@@ -177,6 +177,8 @@ pub struct Nats {
     dir: tempfile::TempDir,
     host: String,
     pub port: u16,
+    /// A configuration file (`-c`), e.g. users and their permissions.
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -190,7 +192,19 @@ impl Nats {
         let bin = require_binary("nats-server", "nats-server");
         let [port] = free_ports_on(host);
         let dir = tempfile::tempdir().unwrap();
-        let mut nats = Self { bin, dir, host: host.to_string(), port, child: None };
+        let mut nats = Self { bin, dir, host: host.to_string(), port, config: None, child: None };
+        nats.launch();
+        nats
+    }
+
+    /// Listens on 127.0.0.1 with `config` (nats-server's configuration syntax) as its file.
+    pub fn start_with_config(config: &str) -> Self {
+        let bin = require_binary("nats-server", "nats-server");
+        let [port] = free_ports_on("127.0.0.1");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nats.conf");
+        std::fs::write(&path, config).unwrap();
+        let mut nats = Self { bin, dir, host: "127.0.0.1".into(), port, config: Some(path), child: None };
         nats.launch();
         nats
     }
@@ -200,7 +214,10 @@ impl Nats {
     }
 
     fn launch(&mut self) {
-        let args = ["-a".to_string(), self.host.clone(), "-p".into(), self.port.to_string()];
+        let mut args = vec!["-a".to_string(), self.host.clone(), "-p".into(), self.port.to_string()];
+        if let Some(c) = &self.config {
+            args.extend(["-c".to_string(), c.display().to_string()]);
+        }
         let log = self.dir.path().join("nats.log");
         let mut child = spawn(&self.bin, &args, &log);
         let (host, port) = (self.host.clone(), self.port);

@@ -25,6 +25,12 @@
 //! (logged once at info) before the event is applied; with `--no-kv-events` every event is
 //! ignored instead.
 //!
+//! Router replica sync ([`crate::frontend::replica`]): the loop also owns the
+//! [`ReplicaPredictions`] of other frontends' decisions on exact workers. Each applied event
+//! confirms (drops) the predicted blocks it stores; they expire every
+//! [`REPLICA_EXPIRY_INTERVAL`]; a decision for a worker routed approximately becomes its
+//! predicted blocks like this frontend's own.
+//!
 //! Index states ([`crate::frontend::index_state`]): the loop is the only writer of each worker's
 //! state. A gap or a join makes it `recovering` until the recovery answers (`exact`) or fails
 //! (`blind`); every [`CHECK_INTERVAL`] a worker busy and silent for [`SILENT_BOUND`] turns
@@ -49,6 +55,8 @@ use crate::frontend::index_state::{Silence, CHECK_INTERVAL, SILENT_BOUND};
 use crate::frontend::{Frontend, IndexState, KvTracking, Prediction};
 use crate::kv::approx::{Changed, Predictions};
 use crate::kv::index::KvIndexWriter;
+use crate::kv::replica::ReplicaPredictions;
+use crate::planes::replica::DecisionBatch;
 use crate::planes::discovery::WorkerSnapshot;
 use crate::planes::events::EventSubscriber;
 use crate::router::WorkerLoad;
@@ -70,6 +78,9 @@ const RECOVERY_BACKOFF: Duration = Duration::from_secs(1);
 /// this (small against Dynamo's 120 s default), and each pass is bounded
 /// ([`crate::kv::approx::MAX_EXPIRED_PER_TICK`]).
 const APPROX_EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often other frontends' unconfirmed decisions past [`crate::kv::replica::REPLICA_TTL`]
+/// are dropped: a tenth of it.
+const REPLICA_EXPIRY_INTERVAL: Duration = Duration::from_millis(500);
 const _: () = assert!(APPROX_EXPIRY_INTERVAL.as_millis() == CHECK_INTERVAL.as_millis(), "one tick serves both");
 
 /// A worker as approximate mode and the index states see it: its state cell (shared with the
@@ -102,6 +113,8 @@ struct State<'a, P, R> {
     tracked: HashMap<WorkerId, Tracked>,
     /// `--no-kv-events` and an event was seen (logged once).
     ignoring_logged: bool,
+    /// Router replica sync: other frontends' decisions on exact workers.
+    replica: Option<ReplicaPredictions>,
 }
 
 /// Runs until both the discovery watch and the event plane are closed.
@@ -123,7 +136,17 @@ pub async fn run<P: Send + Sync + 'static, R: RecoverySource>(
         predictions,
         tracked: HashMap::new(),
         ignoring_logged: false,
+        replica: None,
     };
+    let mut decisions = match frontend.replica.as_ref().and_then(|r| r.take_control()) {
+        Some(c) => {
+            st.replica = Some(c.predictions);
+            Some(c.incoming)
+        }
+        None => None,
+    };
+    let mut replica_expiry = tokio::time::interval(REPLICA_EXPIRY_INTERVAL);
+    replica_expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // `None` only if a second control loop runs for this frontend: it then takes no predictions.
     let mut predicted = frontend.take_predictions();
     let mut expiry = tokio::time::interval(APPROX_EXPIRY_INTERVAL);
@@ -152,6 +175,8 @@ pub async fn run<P: Send + Sync + 'static, R: RecoverySource>(
             }
             Some((worker, result)) = results_rx.recv() => st.on_recovered(worker, result),
             Some(p) = async { predicted.as_mut()?.recv().await }, if predicted.is_some() => st.on_prediction(p),
+            Some(b) = async { decisions.as_mut()?.recv().await }, if decisions.is_some() => st.on_decisions(b),
+            _ = replica_expiry.tick(), if decisions.is_some() => st.expire_replica(Instant::now()),
             _ = expiry.tick() => {
                 let changed = st.predictions.expire(&mut st.writer, Instant::now());
                 st.count(changed);
@@ -175,6 +200,9 @@ impl<P, R: RecoverySource> State<'_, P, R> {
             self.writer.remove_worker(*gone);
             self.streams.remove(gone);
             self.predictions.remove(*gone);
+            if let Some(r) = self.replica.as_mut() {
+                r.remove_worker(*gone);
+            }
         }
         let joined: Vec<WorkerId> = now.difference(known).copied().collect();
         for new in &joined {
@@ -271,6 +299,44 @@ impl<P, R: RecoverySource> State<'_, P, R> {
         self.count(changed);
     }
 
+    /// Other frontends' decisions: predictions on exact workers until their events confirm
+    /// them; a worker routed approximately gets them as predicted blocks. Workers not known
+    /// here (not yet discovered, or of a model this frontend does not serve) are skipped.
+    fn on_decisions(&mut self, batch: DecisionBatch) {
+        let Some(sync) = self.frontend.replica.clone() else { return };
+        let now = Instant::now();
+        for d in &batch.decisions {
+            let Some(t) = self.tracked.get(&d.worker) else {
+                sync.stats.ignored.fetch_add(1, Relaxed);
+                continue;
+            };
+            let capacity = t.capacity_blocks;
+            if t.kv.is_approximate() {
+                let changed = self.predictions.store(&mut self.writer, d.worker, capacity, &d.blocks, now);
+                self.count(changed);
+            } else if let Some(r) = self.replica.as_mut() {
+                r.apply(&self.frontend.index, d.worker, capacity, &d.blocks, now);
+            }
+            sync.stats.applied.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Router replica sync: `event` is applied, so the blocks it stores are no longer predicted.
+    fn confirm(&mut self, event: &KvEvent) {
+        if let (Some(r), Some(sync)) = (self.replica.as_mut(), self.frontend.replica.as_ref()) {
+            let n = r.confirm(event);
+            if n > 0 {
+                sync.stats.blocks_confirmed.fetch_add(n, Relaxed);
+            }
+        }
+    }
+
+    fn expire_replica(&mut self, now: Instant) {
+        if let (Some(r), Some(sync)) = (self.replica.as_mut(), self.frontend.replica.as_ref()) {
+            sync.stats.blocks_expired.fetch_add(r.expire(now).expired, Relaxed);
+        }
+    }
+
     fn count(&self, c: Changed) {
         let m = &self.frontend.metrics.control;
         for (counter, n) in [
@@ -305,9 +371,13 @@ impl<P, R: RecoverySource> State<'_, P, R> {
     }
 
     fn apply(&mut self, event: &KvEvent) {
-        let m = &self.frontend.metrics.control;
+        let frontend = self.frontend;
+        let m = &frontend.metrics.control;
         match self.writer.apply(event) {
-            Ok(()) => m.kv_events_applied.fetch_add(1, Relaxed),
+            Ok(()) => {
+                self.confirm(event);
+                m.kv_events_applied.fetch_add(1, Relaxed)
+            }
             Err(e) => {
                 tracing::debug!(worker = %event.worker, error = %e, "kv event not applied");
                 m.kv_event_errors.fetch_add(1, Relaxed)
@@ -396,11 +466,13 @@ impl<P, R: RecoverySource> State<'_, P, R> {
                 if let Err(e) = self.writer.apply_replay(worker, &events) {
                     tracing::warn!(worker = %worker, error = %e, "replay did not apply cleanly");
                 }
+                events.iter().for_each(|e| self.confirm(e));
             }
             Ok(Recovery::Dump { events, last_event_id }) => {
                 tracing::info!(worker = %worker, events = events.len(), last_event_id, "recovered from a cache dump");
                 self.frontend.metrics.control.kv_recoveries_dump.fetch_add(1, Relaxed);
                 self.writer.apply_dump(worker, &events, last_event_id);
+                events.iter().for_each(|e| self.confirm(e));
             }
             Err(e) => {
                 tracing::warn!(worker = %worker, error = %e, "recovery failed; applying its events as they come");

@@ -309,6 +309,19 @@ impl<P: RequestPlane> Dispatch<P> {
         }
     }
 
+    /// Router replica sync: tells the other frontends that `workers` were sent `prompt`
+    /// (hashed again here: the plan's hashes live in the shard's scratch, reused across awaits).
+    fn sync(&self, workers: &[WorkerId], prompt: &[TokenId]) {
+        let Some(r) = &self.fe.replica else { return };
+        let mut seq = self.shard.seq_scratch.borrow_mut();
+        self.model.hasher.seq_hashes_into(prompt, &mut seq);
+        if !seq.is_empty() {
+            for &w in workers {
+                r.decided(crate::planes::replica::Decision::of(w, &self.model.name, &seq));
+            }
+        }
+    }
+
     /// A worker could not be reached: never again for this request, and out of routing for now.
     fn unreachable(&self, worker: WorkerId, left: &mut u32, e: impl std::fmt::Display) -> bool {
         *left -= 1;
@@ -334,6 +347,7 @@ impl<P: RequestPlane> Dispatch<P> {
                             if let Some(p) = predicted {
                                 self.fe.predict(self.shard.id, p);
                             }
+                            self.sync(&[worker], prompt);
                             if local {
                                 m.disagg_local.fetch_add(1, Relaxed);
                             }
@@ -401,6 +415,7 @@ impl<P: RequestPlane> Dispatch<P> {
                     for p in predicted {
                         self.fe.predict(self.shard.id, p);
                     }
+                    self.sync(&[p, d], prompt);
                     // The decode worker computes no prompt: only its decode blocks stay booked.
                     let mut guard = decode.guard;
                     guard.prefill_done();

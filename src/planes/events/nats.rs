@@ -99,9 +99,17 @@ pub fn kv_events_subject(namespace: &str, model: Option<&str>) -> String {
     format!("{}.kv_events.{model}", sanitize_token(namespace))
 }
 
-/// Connects with kvgate's bounds and reconnect policy; connection changes are logged.
+/// Connects with kvgate's bounds and reconnect policy; connection changes are logged. A user
+/// and password in the URL (`nats://user:password@host:4222`) authenticate the connection.
 pub async fn connect(server: &str, name: &str) -> Result<Client, NatsError> {
-    ConnectOptions::new()
+    let mut options = ConnectOptions::new();
+    let first = server.split(',').next().unwrap_or(server).trim();
+    if let Ok(addr) = first.parse::<async_nats::ServerAddr>() {
+        if let (Some(user), Some(password)) = (addr.username(), addr.password()) {
+            options = options.user_and_password(user.to_string(), password.to_string());
+        }
+    }
+    options
         .name(name)
         .connection_timeout(CONNECT_TIMEOUT)
         .client_capacity(PUBLISH_QUEUE_DEPTH)
