@@ -85,12 +85,18 @@ async fn a_decision_through_a_routes_the_same_prefix_on_b_before_b_sees_the_even
     let mut chosen = Vec::new();
     for i in 0..PROMPTS {
         // A long, distinct prefix (several blocks that only this prompt has).
-        let prompt = format!("{} {}", common::rail_system_prompt(&format!("sync {i}")), "Timetable section 4.".repeat(20));
+        let prompt =
+            format!("{} {}", common::rail_system_prompt(&format!("sync {i}")), "Timetable section 4.".repeat(20));
         let by_a = route(&c, &a.base, &prompt).await;
         // B has applied A's decision (a condition, not a delay).
         let deadline = Instant::now() + APPLIED_TIMEOUT;
         while scalar(&metrics(&c, &b.base).await, "kvgate_router_sync_decisions_applied_total") < (i + 1) as i64 {
-            assert!(Instant::now() < deadline, "B never applied A's decision {i}:\nA:\n{}\nB:\n{}", metrics(&c, &a.base).await, metrics(&c, &b.base).await);
+            assert!(
+                Instant::now() < deadline,
+                "B never applied A's decision {i}:\nA:\n{}\nB:\n{}",
+                metrics(&c, &a.base).await,
+                metrics(&c, &b.base).await
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let by_b = route(&c, &b.base, &prompt).await;
@@ -100,7 +106,9 @@ async fn a_decision_through_a_routes_the_same_prefix_on_b_before_b_sees_the_even
     let (ma, mb) = (metrics(&c, &a.base).await, metrics(&c, &b.base).await);
     // B knew nothing from events: it applied none, live or replayed, so its choices came from
     // A's decisions.
-    for name in ["kvgate_kv_events_applied_total", "kvgate_kv_recoveries_replay_total", "kvgate_kv_recoveries_dump_total"] {
+    for name in
+        ["kvgate_kv_events_applied_total", "kvgate_kv_recoveries_replay_total", "kvgate_kv_recoveries_dump_total"]
+    {
         assert_eq!(scalar(&mb, name), 0, "B applied KV events after all ({name}):\n{mb}");
     }
     assert!(scalar(&ma, "kvgate_kv_events_applied_total") > 0, "A's index is built from the events");

@@ -142,13 +142,37 @@ pub async fn receive(sync: Arc<ReplicaSync>, mut subscriber: impl DecisionSubscr
 pub fn render(sync: &ReplicaSync, out: &mut String) {
     let s = &sync.stats;
     let counters: [(&str, &str, &AtomicU64); 8] = [
-        ("kvgate_router_sync_decisions_published_total", "Routing decisions this frontend published to the others (router replica sync).", &s.published),
+        (
+            "kvgate_router_sync_decisions_published_total",
+            "Routing decisions this frontend published to the others (router replica sync).",
+            &s.published,
+        ),
         ("kvgate_router_sync_batches_published_total", "Messages those decisions went in.", &s.batches_published),
-        ("kvgate_router_sync_decisions_received_total", "Routing decisions received from other frontends.", &s.received),
-        ("kvgate_router_sync_decisions_applied_total", "Received decisions applied as predictions (the others were for workers this frontend does not know).", &s.applied),
-        ("kvgate_router_sync_decisions_ignored_total", "Received decisions for workers this frontend does not know.", &s.ignored),
-        ("kvgate_router_sync_decisions_dropped_total", "Decisions dropped because a queue was full (outgoing or incoming).", &s.dropped_outgoing),
-        ("kvgate_router_sync_blocks_confirmed_total", "Predicted blocks dropped because the worker's KV events stored them.", &s.blocks_confirmed),
+        (
+            "kvgate_router_sync_decisions_received_total",
+            "Routing decisions received from other frontends.",
+            &s.received,
+        ),
+        (
+            "kvgate_router_sync_decisions_applied_total",
+            "Received decisions applied as predictions (the others were for workers this frontend does not know).",
+            &s.applied,
+        ),
+        (
+            "kvgate_router_sync_decisions_ignored_total",
+            "Received decisions for workers this frontend does not know.",
+            &s.ignored,
+        ),
+        (
+            "kvgate_router_sync_decisions_dropped_total",
+            "Decisions dropped because a queue was full (outgoing or incoming).",
+            &s.dropped_outgoing,
+        ),
+        (
+            "kvgate_router_sync_blocks_confirmed_total",
+            "Predicted blocks dropped because the worker's KV events stored them.",
+            &s.blocks_confirmed,
+        ),
         ("kvgate_router_sync_blocks_expired_total", "Predicted blocks that expired unconfirmed.", &s.blocks_expired),
     ];
     for (name, help, c) in counters {

@@ -60,7 +60,14 @@ impl ReplicaPredictions {
 
     /// Another frontend sent a prompt of blocks `seq` to `worker` (of `capacity_blocks`).
     /// `exact`: the exact index; blocks it already holds for `worker` are not predicted.
-    pub fn apply(&mut self, exact: &KvIndex, worker: WorkerId, capacity_blocks: u64, seq: &[SeqHash], now: Instant) -> Changed {
+    pub fn apply(
+        &mut self,
+        exact: &KvIndex,
+        worker: WorkerId,
+        capacity_blocks: u64,
+        seq: &[SeqHash],
+        now: Instant,
+    ) -> Changed {
         let held = exact.find_matches(seq).overlap(worker) as usize;
         if held >= seq.len() {
             return Changed::default();
@@ -179,8 +186,10 @@ mod tests {
     #[test]
     fn merge_keeps_workers_sorted_with_their_cached_counts() {
         let mut exact = OverlapScores { scores: vec![(WorkerId(2), 3)], cached_blocks: vec![30] };
-        let predicted =
-            OverlapScores { scores: vec![(WorkerId(1), 5), (WorkerId(2), 1), (WorkerId(4), 2)], cached_blocks: vec![0; 3] };
+        let predicted = OverlapScores {
+            scores: vec![(WorkerId(1), 5), (WorkerId(2), 1), (WorkerId(4), 2)],
+            cached_blocks: vec![0; 3],
+        };
         merge(&mut exact, &predicted, |w| w.0 * 10);
         assert_eq!(exact.scores, vec![(WorkerId(1), 5), (WorkerId(2), 3), (WorkerId(4), 2)]);
         assert_eq!(exact.cached_blocks, vec![10, 30, 40]);

@@ -238,7 +238,10 @@ mod tests {
 
     fn batch(decisions: usize, blocks: usize) -> DecisionBatch {
         let seq: Vec<SeqHash> = (0..blocks as u64).map(SeqHash).collect();
-        DecisionBatch { frontend: 7, decisions: (0..decisions).map(|i| Decision::of(WorkerId(i as u64), "m", &seq)).collect() }
+        DecisionBatch {
+            frontend: 7,
+            decisions: (0..decisions).map(|i| Decision::of(WorkerId(i as u64), "m", &seq)).collect(),
+        }
     }
 
     #[test]
