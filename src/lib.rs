@@ -12,6 +12,7 @@
 //! | [`frontend`] | shared state ([`frontend::state`]), the control plane ([`frontend::control`]), the data plane ([`frontend::data`]: shards, HTTP, error → status) and the request pipeline ([`frontend::pipeline`]) |
 //! | [`worker`] | the engine-neutral worker runtime, the [`worker::Engine`] trait, and the engines (mocker, SGLang, vLLM, llama.cpp, any OpenAI-API server taking token ids) |
 //! | [`config`] | typed configuration: CLI flags, env vars, validation |
+//! | [`telemetry`] | request tracing: W3C `traceparent` in, the frontend's and workers' spans out over OTLP/HTTP (only with `--otlp-endpoint`) |
 //! | [`serve`], [`launch`] | the commands: `kvgate serve` (everything in one process), `kvgate frontend`, `kvgate worker` |
 //!
 //! ## One request, end to end
@@ -56,4 +57,5 @@ pub mod planes;
 pub mod preprocess;
 pub mod router;
 pub mod serve;
+pub mod telemetry;
 pub mod worker;

@@ -42,6 +42,14 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(colours)
         .init();
+    // Request spans over OTLP, only with --otlp-endpoint; dropping it flushes the last ones.
+    let _spans = match start_tracing(&cli.command) {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            eprintln!("kvgate: {e}");
+            std::process::exit(2);
+        }
+    };
     match cli.command {
         Command::Serve(args) => {
             let mut server = match kvgate::serve::start(&args) {
@@ -86,6 +94,17 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Tracing export for this command (issue #18), named after the process's role.
+fn start_tracing(command: &Command) -> Result<Option<kvgate::telemetry::Exporter>, kvgate::telemetry::TelemetryError> {
+    use opentelemetry::KeyValue;
+    let (args, service, resource) = match command {
+        Command::Serve(a) => (&a.otlp, "kvgate", vec![KeyValue::new("kvgate.engine", a.engine.as_str())]),
+        Command::Frontend(a) => (&a.otlp, "kvgate-frontend", vec![]),
+        Command::Worker(a) => (&a.otlp, "kvgate-worker", vec![KeyValue::new("kvgate.engine", a.engine.as_str())]),
+    };
+    kvgate::telemetry::init(args, service, resource)
 }
 
 async fn signal() -> std::io::Result<()> {

@@ -127,6 +127,7 @@ async fn run_case(
             sampling: SamplingParams { max_tokens: 20, ignore_eos: true, ..SamplingParams::default() },
             eos_token_ids: vec![],
             disagg: None,
+            trace: None,
         };
         prompts.push(p);
         r += 1;
@@ -165,6 +166,7 @@ async fn run_case(
             sampling: SamplingParams { max_tokens: 2, ignore_eos: true, ..SamplingParams::default() },
             eos_token_ids: vec![],
             disagg: None,
+            trace: None,
         };
         let mut rx = plane.generate(Target::in_process(id), req).await.unwrap();
         while rx.recv().await.is_some() {}

@@ -65,7 +65,7 @@ fn plane_for(_workers: &[(WorkerId, SocketAddr)]) -> TcpRequestPlane {
 fn request(i: u64, max_tokens: u32) -> GenerateRequest {
     let sampling = SamplingParams { max_tokens, ignore_eos: true, seed: Some(i), ..SamplingParams::default() };
     let token_ids = (0..64).map(|t| (i as u32) * 1000 + t).collect();
-    GenerateRequest { request_id: i, token_ids, sampling, eos_token_ids: vec![], disagg: None }
+    GenerateRequest { request_id: i, token_ids, sampling, eos_token_ids: vec![], disagg: None, trace: None }
 }
 
 /// Every output of a stream, up to and including its last.

@@ -17,8 +17,10 @@ use crate::worker::engines::mocker::MockerArgs;
 
 mod admission;
 mod engine;
+mod otlp;
 pub use admission::AdmissionArgs;
 pub use engine::{EngineArgs, EngineUrl};
+pub use otlp::OtlpArgs;
 
 /// Bodies above this are refused with 413 before they are read: a chat request of a
 /// million-token context is ~10 MiB of JSON, so 32 MiB leaves room without inviting abuse.
@@ -83,6 +85,8 @@ pub struct FrontendArgs {
     /// Wait for this many workers before serving.
     #[arg(long, default_value_t = 0)]
     pub router_min_initial_workers: usize,
+    #[command(flatten)]
+    pub otlp: OtlpArgs,
     /// Router replica sync (Dynamo's flag): publish each routing decision to the other
     /// frontends of the namespace over NATS and count theirs until the workers' KV events
     /// arrive. On by default; `--router-replica-sync false` turns it off.
@@ -125,6 +129,8 @@ pub struct WorkerArgs {
     /// (approximate mode), as they do for engines without events.
     #[arg(long)]
     pub no_kv_events: bool,
+    #[command(flatten)]
+    pub otlp: OtlpArgs,
 }
 
 /// `--disaggregation-mode`.
@@ -364,6 +370,8 @@ pub struct ServeArgs {
     pub real_engine: EngineArgs,
     #[command(flatten)]
     pub mocker: MockerArgs,
+    #[command(flatten)]
+    pub otlp: OtlpArgs,
 }
 
 /// A configuration the user must change; the message says what to change.

@@ -12,7 +12,10 @@
 //!   ignore_eos flag, n×u32 prompt ids, n×u32 eos ids, disagg u8 (0 none | 1 prefill: room u64,
 //!   peer u64, skip_blocks u32, optional string bootstrap | 2 decode: room u64, peer u64,
 //!   skip_blocks u32, optional string bootstrap, optional string handoff); an optional string is
-//!   a flag, then (when set) a u32 length and UTF-8.
+//!   a flag, then (when set) a u32 length and UTF-8. Then, only when the request carries a trace
+//!   context: trace id 16 bytes, span id 8 bytes, flags u8, optional string tracestate. A frame
+//!   that ends before it has none, so an untraced request is the same bytes as before tracing
+//!   existed, and a traced one reaches a worker built before it only if the frontend traces.
 //! - `Output`: tag u8, then 0 `Started` cached_tokens u32, computed_tokens u32 | 1 `Tokens`
 //!   n×u32 | 2 `Finished` reason u8 (0 eos, 1 length, 2 cancelled) | 3 `Error` fault u8 (low 7
 //!   bits: 0 client, 1 worker, 2 transport; top bit: retry), UTF-8 message to the end | 4
@@ -44,7 +47,7 @@ use thiserror::Error;
 use crate::contract::codec;
 use crate::contract::events::{KvEvent, KvEventKind};
 use crate::contract::{
-    DisaggLeg, Fault, FinishReason, GenerateRequest, SamplingParams, WorkerError, WorkerId, WorkerOutput,
+    DisaggLeg, Fault, FinishReason, GenerateRequest, SamplingParams, TraceContext, WorkerError, WorkerId, WorkerOutput,
 };
 
 /// The largest frame, length field included: an 8M-token prompt or a 1M-block replay event fits
@@ -299,7 +302,7 @@ fn put_flag_u64(out: &mut BytesMut, v: Option<u64>) {
 }
 
 fn put_request(out: &mut BytesMut, r: &GenerateRequest) {
-    let GenerateRequest { request_id, token_ids, sampling, eos_token_ids, disagg } = r;
+    let GenerateRequest { request_id, token_ids, sampling, eos_token_ids, disagg, trace } = r;
     let SamplingParams { max_tokens, temperature, top_p, seed, ignore_eos } = sampling;
     out.put_u64_le(*request_id);
     out.put_u32_le(*max_tokens);
@@ -326,6 +329,12 @@ fn put_request(out: &mut BytesMut, r: &GenerateRequest) {
             put_opt_str(out, bootstrap.as_deref());
             put_opt_str(out, handoff.as_deref());
         }
+    }
+    if let Some(TraceContext { trace_id, span_id, flags, state }) = trace {
+        out.put_slice(trace_id);
+        out.put_slice(span_id);
+        out.put_u8(*flags);
+        put_opt_str(out, state.as_deref());
     }
 }
 
@@ -492,8 +501,18 @@ impl<'a> Cursor<'a> {
             }),
             _ => return Err(self.bad("unknown disaggregation leg")),
         };
+        let trace = if self.b.is_empty() {
+            None
+        } else {
+            Some(TraceContext {
+                trace_id: self.array()?,
+                span_id: self.array()?,
+                flags: self.u8()?,
+                state: self.opt_str()?,
+            })
+        };
         let sampling = SamplingParams { max_tokens, temperature, top_p, seed, ignore_eos };
-        Ok(GenerateRequest { request_id, token_ids, sampling, eos_token_ids, disagg })
+        Ok(GenerateRequest { request_id, token_ids, sampling, eos_token_ids, disagg, trace })
     }
 
     fn output(&mut self) -> Result<WorkerOutput, FrameError> {

@@ -12,8 +12,14 @@ fn event(kind: KvEventKind) -> KvEvent {
 fn samples() -> Vec<Frame> {
     let s = StreamId(0x0102_0304_0506_0708);
     let sampling = SamplingParams { max_tokens: 5, temperature: 0.5, top_p: 0.9, seed: Some(3), ignore_eos: true };
-    let request =
-        GenerateRequest { request_id: 42, token_ids: vec![1, 2, 3], sampling, eos_token_ids: vec![0], disagg: None };
+    let request = GenerateRequest {
+        request_id: 42,
+        token_ids: vec![1, 2, 3],
+        sampling,
+        eos_token_ids: vec![0],
+        disagg: None,
+        trace: None,
+    };
     let stored = KvEventKind::Stored {
         parent: Some(SeqHash(5)),
         blocks: vec![StoredBlock { seq_hash: SeqHash(6), engine_hash: EngineHash(7) }],
@@ -80,12 +86,33 @@ fn samples() -> Vec<Frame> {
                     bootstrap: None,
                     handoff: None,
                 }),
-                ..request
+                ..request.clone()
             },
         },
         Frame::Output { stream: s, output: WorkerOutput::Transferred { blocks: 3, bytes: 5_505_024, micros: 917 } },
         Frame::Output { stream: s, output: WorkerOutput::Handoff(r#"{"remote_host":"10.0.0.3"}"#.into()) },
+        Frame::Request {
+            stream: s,
+            request: GenerateRequest { trace: Some(trace(Some("k=v,x=y"))), ..request.clone() },
+        },
+        Frame::Request { stream: s, request: GenerateRequest { trace: Some(trace(None)), ..request } },
     ]
+}
+
+fn trace(state: Option<&str>) -> TraceContext {
+    TraceContext { trace_id: [0xab; 16], span_id: [7; 8], flags: 1, state: state.map(str::to_owned) }
+}
+
+/// A traced request's frame cut exactly where its trace context begins is a valid untraced
+/// request (the section is optional); its length, for frames that have one.
+fn untraced_len(f: &Frame) -> Option<usize> {
+    match f {
+        Frame::Request { stream, request } if request.trace.is_some() => {
+            let request = GenerateRequest { trace: None, ..request.clone() };
+            Some(bytes_of(&Frame::Request { stream: *stream, request }).len())
+        }
+        _ => None,
+    }
 }
 
 fn dbg(f: &Frame) -> String {
@@ -130,7 +157,7 @@ fn every_truncated_payload_is_an_error_not_a_panic() {
             let mut cut = b[..k].to_vec();
             cut[..4].copy_from_slice(&((k - 4) as u32).to_le_bytes());
             let got = decode(&cut);
-            if !ends_with_message(&f) {
+            if !ends_with_message(&f) && untraced_len(&f) != Some(k) {
                 assert!(got.is_err(), "{f:?} cut at {k} decoded as {got:?}");
             }
         }
@@ -216,4 +243,18 @@ fn malformed_payloads_are_typed_errors() {
     let mut e = bytes_of(&Frame::Error { stream: StreamId(1), message: "ab".into() });
     e[HEADER_LEN] = 0xff;
     assert!(matches!(decode(&e), Err(FrameError::Utf8 { .. })));
+}
+
+#[test]
+fn an_untraced_request_has_no_trace_bytes_and_a_traced_one_decodes_its_context() {
+    let s = samples();
+    let (plain, traced) = (&s[0], &s[s.len() - 2]);
+    // 16 + 8 + 1 bytes, then the optional tracestate: flag, u32 length, "k=v,x=y".
+    assert_eq!(bytes_of(traced).len(), bytes_of(plain).len() + 25 + 1 + 4 + 7);
+    let (back, _) = decode(&bytes_of(traced)).unwrap().unwrap();
+    let Frame::Request { request, .. } = back else { panic!("{back:?}") };
+    assert_eq!(request.trace, Some(trace(Some("k=v,x=y"))));
+    let (back, _) = decode(&bytes_of(plain)).unwrap().unwrap();
+    let Frame::Request { request, .. } = back else { panic!("{back:?}") };
+    assert_eq!(request.trace, None);
 }

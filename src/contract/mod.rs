@@ -10,6 +10,7 @@
 //! - [`control`]: recovering a consumer that missed events ("replay since N" or "dump") and
 //!   resetting a worker's cache; [`control::RecoverySource`] is the frontend's seam for it.
 //! - [`frame`]: the request plane's frames (TCP between frontend and worker).
+//! - [`trace`]: the W3C trace context a request carries to its workers and their engines.
 //!
 //! Invariant: this module depends on nothing else of kvgate; every other layer depends on it.
 //! Concurrency: plain values and bounded channels only.
@@ -19,7 +20,9 @@ pub mod control;
 pub mod events;
 pub mod frame;
 pub mod messages;
+pub mod trace;
 pub mod worker;
 
 pub use messages::*;
+pub use trace::TraceContext;
 pub use worker::{Target, WorkerInfo};

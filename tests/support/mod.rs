@@ -299,6 +299,8 @@ pub fn hermetic_env(cmd: &mut Command) {
         "KVGATE_HTTP_PORT",
         "KVGATE_LOG",
         "RUST_LOG",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_SERVICE_NAME",
     ] {
         cmd.env_remove(var);
     }

@@ -27,6 +27,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use rand::Rng;
 
@@ -40,6 +41,7 @@ use crate::frontend::{dashboard, Frontend, ModelState, Prediction, WorkerGroup};
 use crate::kv::index::OverlapScores;
 use crate::kv::SeqHash;
 use crate::planes::request::ResponseStream;
+use crate::telemetry::request::{RequestTrace, Routed};
 
 /// Outputs a finished sequential prefill leg reports (`Started`, `Transferred`, `Finished`).
 const PREFILL_REPORT_DEPTH: usize = 4;
@@ -151,6 +153,8 @@ pub struct Dispatch<P> {
     pub request_id: u64,
     /// Workers that failed this request; never chosen again for it.
     pub failed: RefCell<Vec<WorkerId>>,
+    /// The request's spans, when traced: a route span per leg routed, a dispatch span per send.
+    pub trace: Option<Rc<RequestTrace>>,
 }
 
 impl<P: RequestPlane> Dispatch<P> {
@@ -269,6 +273,31 @@ impl<P: RequestPlane> Dispatch<P> {
             sampling: SamplingParams { max_tokens, ..self.sampling.clone() },
             eos_token_ids: self.model.preprocessor.eos_token_ids().to_vec(),
             disagg,
+            trace: self.trace.as_ref().and_then(|t| t.dispatch_context()),
+        }
+    }
+
+    /// Records where `plan` (made since `started`) sends the request: its route spans, and a
+    /// new dispatch span whose context the legs carry.
+    fn trace_plan(&self, t: &RequestTrace, started: SystemTime, plan: &Plan) {
+        let group = self.model.workers.load();
+        let routed = |leg, decision: &RouteDecision, router: &Router, pool: &[Candidate]| {
+            let candidates = if decision.scores.is_empty() { pool.len() } else { decision.scores.len() };
+            let (mode, approx) = (router.config().mode, group.is_approximate(decision.worker));
+            t.routed(Routed { leg, decision, candidates, mode, approx, started });
+        };
+        match plan {
+            Plan::Whole { decision, local, .. } => {
+                let (leg, pool) = if *local { ("local", &group.decode) } else { ("whole", &group.candidates) };
+                let router = if *local { &self.model.decode_router } else { &self.model.router };
+                routed(leg, decision, router, pool);
+                t.dispatching(&[("kvgate.worker", decision.worker)]);
+            }
+            Plan::Split { prefill, decode, .. } => {
+                routed("decode", decode, &self.model.decode_router, &group.decode);
+                routed("prefill", prefill, &self.model.router, &group.prefill);
+                t.dispatching(&[("kvgate.prefill_worker", prefill.worker), ("kvgate.decode_worker", decode.worker)]);
+            }
         }
     }
 
@@ -339,7 +368,12 @@ impl<P: RequestPlane> Dispatch<P> {
         let mut left = attempts.max(1);
         let m = self.fe.metrics.shard(self.shard.id);
         loop {
-            match self.plan(prompt)? {
+            let started = self.trace.as_ref().map(|_| SystemTime::now());
+            let plan = self.plan(prompt)?;
+            if let (Some(t), Some(started)) = (&self.trace, started) {
+                self.trace_plan(t, started, &plan);
+            }
+            match plan {
                 Plan::Whole { decision, local, to, predicted } => {
                     let worker = decision.worker;
                     match self.fe.plane.generate(to, self.request(prompt, max_tokens, None)).await {

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use opentelemetry::KeyValue;
 
 use super::stream::{GenEvent, Generation, Legs, SseBody};
 use crate::contract::TokenId;
@@ -28,6 +29,7 @@ use crate::openai::{
 };
 use crate::planes::request::RequestPlane;
 use crate::preprocess::template::ChatExtras;
+use crate::telemetry::request::RequestTrace;
 
 /// The header naming the worker that served a response (its decode worker when disaggregated).
 pub const WORKER_HEADER: &str = "x-kvgate-worker";
@@ -207,12 +209,27 @@ pub(crate) fn check_ids(ids: Vec<TokenId>, vocab: usize, param: &'static str) ->
     }
 }
 
-/// Handles one generate request end to end.
+/// Handles one generate request end to end; traced when tracing is on ([`crate::telemetry`]).
 pub async fn handle<P: RequestPlane>(
     fe: &Arc<Frontend<P>>,
     shard: &Rc<ShardCtx>,
     kind: ResponseKind,
     req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let trace = RequestTrace::start(req.headers(), req.method().as_str(), req.uri().path());
+    let result = Box::pin(serve(fe, shard, kind, req, &trace)).await;
+    if let (Err(e), Some(t)) = (&result, &trace) {
+        t.failed(e);
+    }
+    result
+}
+
+async fn serve<P: RequestPlane>(
+    fe: &Arc<Frontend<P>>,
+    shard: &Rc<ShardCtx>,
+    kind: ResponseKind,
+    req: Request<Incoming>,
+    trace: &Option<Rc<RequestTrace>>,
 ) -> Result<Response<Body>, ApiError> {
     let arrived = Instant::now();
     let inflight = InflightGuard::new(shard);
@@ -227,9 +244,19 @@ pub async fn handle<P: RequestPlane>(
         .run(small, move || prepare(&shared, kind, &body.into_bytes()))
         .await
         .map_err(ApiError::Offload)??;
+    if let Some(t) = trace {
+        t.next_phase("preprocess", preprocess_attrs(&p, small));
+    }
     // Every worker busy: wait in the shard's queue, or 503 ([`super::admission`]).
     let waited = super::admission::admit(fe, shard.id, &p.model, p.validated.priority).await?;
     let request_id = shard.next_request_id();
+    if let Some(t) = trace {
+        t.next_phase("admission", vec![KeyValue::new("kvgate.admission.wait_ms", waited.as_secs_f64() * 1e3)]);
+        t.set(vec![
+            KeyValue::new("kvgate.request_id", format!("{request_id:x}")),
+            KeyValue::new("gen_ai.request.model", p.validated.model.clone()),
+        ]);
+    }
     let prompt_tokens = p.prompt.len() as u32;
     let migration_limit = fe.limits.migration_limit;
     let dispatch = Rc::new(Dispatch {
@@ -240,6 +267,7 @@ pub async fn handle<P: RequestPlane>(
         sampling: p.validated.sampling.clone(),
         request_id,
         failed: RefCell::new(Vec::new()),
+        trace: trace.clone(),
     });
     let sent = dispatch.send(&dispatch.prompt.clone(), dispatch.sampling.max_tokens, migration_limit + 1).await?;
     m.routing_overhead.observe(arrived.elapsed().saturating_sub(waited));
@@ -254,6 +282,7 @@ pub async fn handle<P: RequestPlane>(
     if let Some(parser) = p.parser.take() {
         gen.set_parser(parser);
     }
+    gen.set_trace(trace.clone());
     let writer = ChunkWriter::new(kind, request_id, &p.validated.model);
     let mut resp = if p.validated.stream {
         // The status is decided by the worker's first answer: a request that fails before its
@@ -299,6 +328,17 @@ pub async fn handle<P: RequestPlane>(
         }
     }
     Ok(resp)
+}
+
+/// What the preprocess span says: the model, the prompt's tokens, where it was prepared.
+fn preprocess_attrs(p: &Prepared, small: bool) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("gen_ai.request.model", p.validated.model.clone()),
+        KeyValue::new("gen_ai.usage.input_tokens", p.prompt.len() as i64),
+        KeyValue::new("gen_ai.request.max_tokens", i64::from(p.validated.sampling.max_tokens)),
+        KeyValue::new("kvgate.stream", p.validated.stream),
+        KeyValue::new("kvgate.offloaded", !small),
+    ]
 }
 
 /// The response headers naming the workers of a request.

@@ -124,6 +124,8 @@ pub struct Generation {
     parser: Option<Box<OutputParser>>,
     /// Parsed events not yet yielded.
     parsed: Vec<ParseEvent>,
+    /// The request's spans, when traced: first token, completion, failure.
+    trace: Option<Rc<crate::telemetry::request::RequestTrace>>,
 }
 
 impl Generation {
@@ -162,7 +164,13 @@ impl Generation {
             started: false,
             parser: None,
             parsed: Vec::new(),
+            trace: None,
         }
+    }
+
+    /// Records the first token, the completion or the failure in the request's trace.
+    pub fn set_trace(&mut self, trace: Option<Rc<crate::telemetry::request::RequestTrace>>) {
+        self.trace = trace;
     }
 
     /// Parses the output: the generation then yields [`GenEvent::Parsed`] instead of text.
@@ -223,6 +231,9 @@ impl Generation {
         let counter =
             if error.status().is_server_error() { &m.requests_server_error } else { &m.requests_client_error };
         counter.fetch_add(1, Relaxed);
+        if let Some(t) = &self.trace {
+            t.failed(&error);
+        }
         GenEvent::Failed(error)
     }
 
@@ -275,6 +286,9 @@ impl Generation {
         }
         if let Some(m) = self.migration.as_mut() {
             m.generated.extend_from_slice(ids);
+        }
+        if let (None, Some(t)) = (self.last_token, &self.trace) {
+            t.first_token();
         }
         let m = self.shard_metrics();
         match self.last_token {
@@ -382,6 +396,9 @@ impl Generation {
                 }
                 self.pending_finish = None;
                 self.account_finished();
+                if let Some(t) = &self.trace {
+                    t.finished(&self.usage, reason);
+                }
                 return Poll::Ready(GenEvent::Finished(reason));
             }
             if self.ended {

@@ -195,6 +195,18 @@ pub async fn send_call(
     Ok(resp)
 }
 
+/// `call` with the request's W3C trace context (`traceparent`, and `tracestate` when it has
+/// one), so an engine that traces nests its spans under the worker's; unchanged when the
+/// request is not traced.
+pub fn with_trace(call: reqwest::RequestBuilder, r: &GenerateRequest) -> reqwest::RequestBuilder {
+    let Some(t) = &r.trace else { return call };
+    let call = call.header("traceparent", t.traceparent());
+    match &t.state {
+        Some(state) => call.header("tracestate", state.as_str()),
+        None => call,
+    }
+}
+
 /// The host part of `http://host:port`.
 pub fn url_host(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
@@ -503,6 +515,19 @@ pub fn reachable_endpoint(endpoint: &str, engine_host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_traced_request_carries_its_context_to_the_engine() {
+        let client = reqwest::Client::new();
+        let mut r = crate::worker::engines::mocker::test_util::request(1, vec![1, 2], 4);
+        let untraced = with_trace(client.post("http://e/generate"), &r).build().unwrap();
+        assert!(untraced.headers().get("traceparent").is_none());
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        r.trace = crate::contract::TraceContext::parse(tp, Some("k=v"));
+        let traced = with_trace(client.post("http://e/generate"), &r).build().unwrap();
+        assert_eq!(traced.headers()["traceparent"], tp);
+        assert_eq!(traced.headers()["tracestate"], "k=v");
+    }
 
     #[test]
     fn sse_events_split_on_blank_lines_of_either_ending() {

@@ -41,8 +41,8 @@ use crate::preprocess::Preprocessor;
 use crate::worker::engine::EngineCard;
 
 use super::http::{
-    client, get_json, run_call, send_call, wait_ready, AdapterOptions, Dialect, EngineStartError, EosHold, HttpAdapter,
-    SseReader,
+    client, get_json, run_call, send_call, wait_ready, with_trace, AdapterOptions, Dialect, EngineStartError, EosHold,
+    HttpAdapter, SseReader,
 };
 
 const ENGINE: &str = "llama.cpp";
@@ -279,6 +279,7 @@ impl LlamaCpp {
         // a pooled connection would be reused dead, so the stream asks for the close itself.
         let call =
             client.post(format!("{}/completion", self.url)).header(CONNECTION, "close").json(&completion_body(r));
+        let call = with_trace(call, r);
         let resp = send_call(call, false, self.timeout, ENGINE, &self.url).await.map_err(Some)?;
         let send = |o| async { reply.send(o).await.map_err(|_| None) };
         let prompt_len = r.token_ids.len() as u32;
@@ -412,6 +413,7 @@ mod tests {
             },
             eos_token_ids: vec![151645],
             disagg: None,
+            trace: None,
         }
     }
 

@@ -37,8 +37,8 @@ use crate::preprocess::Preprocessor;
 use crate::worker::engine::EngineCard;
 
 use super::http::{
-    client, error_message, get_json, openai_finish, openai_usage, run_call, send_call, wait_ready, AdapterOptions,
-    Dialect, EngineStartError, EosHold, HttpAdapter, SseReader,
+    client, error_message, get_json, openai_finish, openai_usage, run_call, send_call, wait_ready, with_trace,
+    AdapterOptions, Dialect, EngineStartError, EosHold, HttpAdapter, SseReader,
 };
 
 const ENGINE: &str = "openai";
@@ -279,7 +279,7 @@ impl OpenAi {
         if self.close_streams {
             call = call.header(reqwest::header::CONNECTION, "close");
         }
-        let call = call.json(&completion_body(r, &self.model, self.ids));
+        let call = with_trace(call.json(&completion_body(r, &self.model, self.ids)), r);
         let resp = send_call(call, false, self.timeout, ENGINE, &self.url).await.map_err(Some)?;
         let send = |o| async { reply.send(o).await.map_err(|_| None) };
         let mut sse = SseReader::new(resp, self.timeout);
@@ -353,6 +353,7 @@ mod tests {
             sampling: SamplingParams { max_tokens: 5, seed: Some(u64::MAX), ..SamplingParams::default() },
             eos_token_ids: vec![151645],
             disagg: None,
+            trace: None,
         }
     }
 

@@ -24,8 +24,8 @@ use crate::contract::{
 use crate::worker::engine::EngineCard;
 
 use super::http::{
-    client, get_json, reachable_endpoint, run_call, send_call, url_host, wait_ready, AdapterOptions, Dialect,
-    EngineStartError, EventSource, HttpAdapter, SseReader,
+    client, get_json, reachable_endpoint, run_call, send_call, url_host, wait_ready, with_trace, AdapterOptions,
+    Dialect, EngineStartError, EventSource, HttpAdapter, SseReader,
 };
 
 const ENGINE: &str = "sglang";
@@ -337,7 +337,7 @@ impl Sglang {
         prefill_leg: bool,
         reply: &mpsc::Sender<WorkerOutput>,
     ) -> Result<(), Option<WorkerError>> {
-        let call = client.post(format!("{}/generate", self.url)).json(&body);
+        let call = with_trace(client.post(format!("{}/generate", self.url)).json(&body), request);
         let resp = send_call(call, prefill_leg, self.timeout, ENGINE, &self.url).await.map_err(Some)?;
         let send = |o| async { reply.send(o).await.map_err(|_| None) };
         let prompt_len = request.token_ids.len() as u32;
@@ -408,6 +408,7 @@ mod tests {
             sampling: SamplingParams { max_tokens: 9, temperature: 0.5, top_p: 0.9, seed: Some(4), ignore_eos: false },
             eos_token_ids: vec![151645],
             disagg,
+            trace: None,
         }
     }
 

@@ -25,7 +25,7 @@ use crate::worker::engine::EngineCard;
 
 use super::http::{
     client, get_json, openai_finish, openai_usage, reachable_endpoint, run_call, send_call, url_host, wait_ready,
-    AdapterOptions, Dialect, EngineStartError, EventSource, HttpAdapter, SseReader,
+    with_trace, AdapterOptions, Dialect, EngineStartError, EventSource, HttpAdapter, SseReader,
 };
 
 const ENGINE: &str = "vllm";
@@ -233,6 +233,7 @@ impl Vllm {
         let body = generate_body(r, rid).map_err(Some)?;
         let prefill_leg = matches!(r.disagg, Some(DisaggLeg::Prefill { .. }));
         let call = client.post(format!("{}/inference/v1/generate", self.url)).header("X-Request-Id", rid).json(&body);
+        let call = with_trace(call, r);
         let resp = send_call(call, prefill_leg, self.timeout, ENGINE, &self.url).await.map_err(Some)?;
         let send = |o| async { reply.send(o).await.map_err(|_| None) };
         let prompt_len = r.token_ids.len() as u32;
@@ -327,6 +328,7 @@ mod tests {
             sampling: SamplingParams { max_tokens: 5, ..SamplingParams::default() },
             eos_token_ids: vec![151645],
             disagg,
+            trace: None,
         }
     }
 

@@ -30,6 +30,7 @@ use crate::contract::control::WorkerControl;
 use crate::contract::frame::{Frame, StreamId};
 use crate::contract::{FinishReason, GenerateRequest, WorkerOutput};
 use crate::planes::request::{WorkItem, RESPONSE_STREAM_DEPTH};
+use crate::telemetry::worker::LegTrace;
 
 /// Connections one worker serves at once: frontends × shards, plus recoveries. Beyond it the
 /// worker stops accepting until one closes.
@@ -192,7 +193,11 @@ impl Conn {
         let (worker, tx) = (self.worker.clone(), self.tx.clone());
         self.tasks.spawn(async move {
             match job {
-                Job::Generate(request) => run_stream(stream, request, &worker.inbox, tx, credit, cancelled).await,
+                Job::Generate(mut request) => {
+                    // Traced when tracing is on and the frontend sent a trace context.
+                    let trace = LegTrace::start(worker.control.worker(), &mut request);
+                    run_stream(stream, request, &worker.inbox, tx, credit, cancelled, trace).await
+                }
                 Job::Recover { since_event_id } => {
                     run_recover(stream, since_event_id, &worker.control, tx, cancelled).await
                 }
@@ -219,9 +224,11 @@ async fn run_stream(
     tx: mpsc::Sender<Frame>,
     credit: Arc<Semaphore>,
     mut cancelled: oneshot::Receiver<()>,
+    mut trace: Option<LegTrace>,
 ) {
     let (reply, mut outputs) = mpsc::channel(RESPONSE_STREAM_DEPTH);
-    let end = forward(stream, WorkItem { request, reply }, inbox, &mut outputs, &tx, &credit, &mut cancelled).await;
+    let item = WorkItem { request, reply };
+    let end = forward(stream, item, inbox, &mut outputs, (&tx, &credit), &mut cancelled, &mut trace).await;
     // The engine sees the closed channel and frees the request before the frontend hears back.
     drop(outputs);
     let last = match end {
@@ -237,14 +244,17 @@ async fn forward(
     item: WorkItem,
     inbox: &mpsc::Sender<WorkItem>,
     outputs: &mut mpsc::Receiver<WorkerOutput>,
-    tx: &mpsc::Sender<Frame>,
-    credit: &Semaphore,
+    (tx, credit): (&mpsc::Sender<Frame>, &Semaphore),
     cancelled: &mut oneshot::Receiver<()>,
+    trace: &mut Option<LegTrace>,
 ) -> End {
     tokio::select! {
         biased;
         _ = &mut *cancelled => return End::Cancelled,
         sent = inbox.send(item) => if sent.is_err() { return End::Failed("worker is not accepting requests") },
+    }
+    if let Some(t) = trace.as_mut() {
+        t.taken();
     }
     loop {
         let output = tokio::select! {
@@ -264,6 +274,9 @@ async fn forward(
             },
         }
         let last = is_last(&output);
+        if let Some(t) = trace.as_mut() {
+            t.output(&output);
+        }
         if tx.send(Frame::Output { stream, output }).await.is_err() || last {
             return End::Done;
         }

@@ -69,5 +69,6 @@ pub fn request(id: u64, prompt: Vec<TokenId>, max_tokens: u32) -> GenerateReques
         sampling: SamplingParams { max_tokens, seed: Some(id), ignore_eos: true, ..Default::default() },
         eos_token_ids: vec![2],
         disagg: None,
+        trace: None,
     }
 }
