@@ -113,6 +113,18 @@ async fn frontends_share_load_and_index_and_a_late_one_catches_up() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     println!("A booked {} blocks; B counts {} from reports of {} (drift on B: {:?})", seen.0, seen.1, seen.2, seen.3);
+    // B's /health shows each worker's last report (and its age) beside B's own bookings (none).
+    let health: Value = c.get(format!("{}/health", b.base)).send().await.unwrap().json().await.unwrap();
+    let workers = health["models"][0]["workers"].as_array().unwrap().clone();
+    assert_eq!(workers.len(), WORKERS, "{health}");
+    for w in &workers {
+        let load = &w["load"];
+        assert_eq!(load["booked"]["decode_blocks"], 0, "{health}");
+        // A worker that has not reported since B started (its 1 s heartbeat) shows `null`.
+        assert!(load["reported"].is_null() || load["reported"]["age_s"].as_f64().is_some_and(|a| a < 3.0), "{health}");
+    }
+    let reported: u64 = workers.iter().filter_map(|w| w["load"]["reported"]["decode_blocks"].as_u64()).sum();
+    assert!(reported > 0, "A's load reported by the workers: {health}");
     for r in inflight {
         r.await.unwrap();
     }

@@ -190,6 +190,23 @@ impl WorkerLoad {
         (self.reported.seq.load(Relaxed) != 0 && b != UNKNOWN).then_some(b)
     }
 
+    /// The worker's last report (`None` before the first): each quantity the engine reports,
+    /// and how long ago it arrived (`/health`).
+    pub fn last_report(&self) -> Option<LastReport> {
+        let r = &self.reported;
+        let at = r.at_ms.load(Relaxed);
+        if r.seq.load(Relaxed) == 0 || at == 0 {
+            return None;
+        }
+        let known = |v: u64| (v != UNKNOWN).then_some(v);
+        Some(LastReport {
+            decode_blocks: known(r.blocks.load(Relaxed)),
+            prefill_tokens: known(r.prefill_tokens.load(Relaxed)),
+            requests: known(r.requests.load(Relaxed)),
+            age: Duration::from_millis(now_ms().saturating_sub(at)),
+        })
+    }
+
     /// Decode blocks this frontend had booked minus the active blocks the worker reported, at
     /// the last report (0 without one). Large and positive: bookings the worker does not see
     /// (or prompts sharing blocks); negative: other frontends' load, or requests not booked.
@@ -215,6 +232,16 @@ impl WorkerLoad {
     pub fn active_requests(&self) -> u64 {
         self.sum(|s| &s.requests)
     }
+}
+
+/// A worker's last load report as received (`None`: the engine does not report that quantity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastReport {
+    pub decode_blocks: Option<u64>,
+    pub prefill_tokens: Option<u64>,
+    pub requests: Option<u64>,
+    /// Since it arrived.
+    pub age: Duration,
 }
 
 /// What one request books on its worker.
@@ -250,6 +277,7 @@ impl LoadGuard {
         if !self.prefill_released {
             self.prefill_released = true;
             self.load.slots[self.shard].prefill_tokens.fetch_sub(self.booking.prefill_tokens, Relaxed);
+            super::release::released();
         }
     }
 
@@ -268,6 +296,7 @@ impl Drop for LoadGuard {
         let slot = &self.load.slots[self.shard];
         slot.decode_blocks.fetch_sub(self.booking.decode_blocks, Relaxed);
         slot.requests.fetch_sub(1, Relaxed);
+        super::release::released();
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! - [`cost`]: the KV cost function and min / softmax selection (pure).
 //! - [`load`]: per-worker load cells (one padded slot per shard) and the [`LoadGuard`].
+//! - [`release`]: wakes the shards' admission queues when a guard releases load.
 //! - [`quality`]: each decision's overlap regret (best candidate's overlap − chosen's), its
 //!   metric and the optional decision log.
 //!
@@ -16,6 +17,7 @@
 pub mod cost;
 pub mod load;
 pub mod quality;
+pub mod release;
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;

@@ -123,7 +123,8 @@ fn health<P>(fe: &Frontend<P>, draining: bool) -> Response<Body> {
                     let kv = g.entries.get(&w.id).map(|e| &e.kv);
                     let event_age_s = kv.and_then(|k| k.since_event()).map(|d| (d.as_secs_f64() * 10.0).round() / 10.0);
                     let state_for_s = kv.map(|k| (k.in_state_for().as_secs_f64() * 10.0).round() / 10.0);
-                    json!({"id": w.id.to_string(), "role": w.role, "page_size": w.page_size, "kv_capacity_blocks": w.kv_capacity_blocks, "kv_state": g.kv_state(w.id), "kv_state_for_s": state_for_s, "kv_event_age_s": event_age_s})
+                    let load = g.entries.get(&w.id).map(|e| worker_load(&e.load));
+                    json!({"id": w.id.to_string(), "role": w.role, "page_size": w.page_size, "kv_capacity_blocks": w.kv_capacity_blocks, "kv_state": g.kv_state(w.id), "kv_state_for_s": state_for_s, "kv_event_age_s": event_age_s, "load": load})
                 })
                 .collect();
             json!({"model": m.name, "disaggregated": g.disaggregated(), "workers": workers})
@@ -140,6 +141,19 @@ fn health<P>(fe: &Frontend<P>, draining: bool) -> Response<Body> {
         *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     }
     r
+}
+
+/// A worker's load in `/health`: what this frontend booked, the worker's last report (its
+/// quantities, `null` where the engine does not say, and its age), and what the router counts
+/// (the report plus the bookings it does not cover yet, [`crate::router::load`]).
+fn worker_load(load: &crate::router::WorkerLoad) -> serde_json::Value {
+    let booked = json!({"requests": load.active_requests(), "decode_blocks": load.active_decode_blocks(), "prefill_tokens": load.active_prefill_tokens()});
+    let reported = load.last_report().map(|r| {
+        json!({"requests": r.requests, "decode_blocks": r.decode_blocks, "prefill_tokens": r.prefill_tokens, "age_s": (r.age.as_secs_f64() * 1000.0).round() / 1000.0})
+    });
+    let v = load.view();
+    let counted = json!({"requests": v.requests, "decode_blocks": v.decode_blocks, "prefill_tokens": v.prefill_tokens, "from_report": v.reported});
+    json!({"booked": booked, "reported": reported, "counted": counted})
 }
 
 /// The live routing page ([`crate::frontend::dashboard`]).

@@ -16,13 +16,16 @@
 //! itself; when it leaves it wakes the next, so order holds within a shard.
 //!
 //! Concurrency: one queue per shard thread (thread-local, no lock shared between cores), touched
-//! only by that shard's tasks. The head re-checks the workers' load every [`RECHECK`] (bounded
-//! work: one pass over its model's candidates), which picks up bookings released on any shard and
-//! engine-reported load alike. Shards queue independently: the order is per shard, not global.
+//! only by that shard's tasks. The head re-checks the workers' load when a booking is released
+//! on any shard ([`crate::router::release`]: the [`LoadGuard`](crate::router::LoadGuard)'s drop
+//! or prefill end wakes every shard with waiters) and at least every [`RECHECK`] (bounded work:
+//! one pass over its model's candidates), the fallback that picks up engine-reported load.
+//! Shards queue independently: the order is per shard, not global.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::future::poll_fn;
+use std::pin::pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -30,10 +33,12 @@ use std::time::{Duration, Instant};
 use crate::frontend::data::error::ApiError;
 use crate::frontend::{Frontend, ModelState, WorkerEntry, WorkerGroup};
 use crate::metrics::Metrics;
+use crate::router::release;
 
-/// How often a model's head waiter re-reads its workers' load: short against a token's time, and
-/// one pass over the candidates per tick per model per shard.
-pub const RECHECK: Duration = Duration::from_millis(2);
+/// How often a model's head waiter re-reads its workers' load when no booking was released: the
+/// fallback for load reported by the engines, which arrives at most every 50 ms
+/// (`crate::worker::load`); one pass over the candidates per tick per model per shard.
+pub const RECHECK: Duration = Duration::from_millis(10);
 
 /// The largest `--max-queued-requests`: a waiter costs its prepared prompt plus ~100 bytes of
 /// queue, so 64 Ki per shard bounds the queue well inside the memory of the prompts themselves.
@@ -133,6 +138,7 @@ impl<'a> Ticket<'a> {
             q.waiters.insert(key, Slot::default());
             key
         });
+        release::set_waiting(shard, true);
         metrics.shard(shard).queue_depth.fetch_add(1, Relaxed);
         Self { key, metrics, shard }
     }
@@ -165,6 +171,9 @@ impl Drop for Ticket<'_> {
         let waker = QUEUE.with_borrow_mut(|q| {
             let was_head = q.head(self.key.0) == Some(self.key);
             q.waiters.remove(&self.key);
+            if q.waiters.is_empty() {
+                release::set_waiting(self.shard, false);
+            }
             let next = if was_head { q.head(self.key.0) } else { None };
             next.and_then(|k| q.waiters.get_mut(&k)).and_then(|s| {
                 s.notified = true;
@@ -221,8 +230,13 @@ pub async fn admit<P>(fe: &Frontend<P>, shard: usize, model: &ModelState, priori
             m.queue_rejected_timeout.fetch_add(1, Relaxed);
             return Err(ApiError::QueueTimeout { waited: cfg.queue_timeout });
         }
-        let nap = if head { RECHECK.min(deadline - now) } else { deadline - now };
-        let _ = monoio::time::timeout(nap, ticket.notified()).await;
+        if head {
+            // A booking released anywhere, the waiter ahead leaving, or the periodic re-check.
+            let (ahead, released) = (pin!(ticket.notified()), pin!(release::next_release(shard)));
+            let _ = monoio::time::timeout(RECHECK.min(deadline - now), futures::future::select(ahead, released)).await;
+        } else {
+            let _ = monoio::time::timeout(deadline - now, ticket.notified()).await;
+        }
     }
 }
 
