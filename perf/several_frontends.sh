@@ -3,6 +3,8 @@
 # over a real etcd + NATS; kvgate-bench sends each workload once through frontend A alone, then
 # alternating requests between A and B (`--url A,B`). Prints hit rate and TTFT of each run.
 #   KVGATE=target/debug/kvgate BENCH=target/release/kvgate-bench perf/several_frontends.sh
+# TAGS chooses the runs: `one` (A alone), `two` (A and B, router replica sync on, the default),
+# `two-nosync` (A and B with `--router-replica-sync false`). WORKLOADS: `sessions bursty`.
 set -euo pipefail
 KVGATE=${KVGATE:-target/release/kvgate}
 BENCH=${BENCH:-target/release/kvgate-bench}
@@ -15,7 +17,7 @@ pids=()
 down() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
 trap down EXIT
 # A fresh fleet per run: every run starts from cold caches.
-up() {
+up() { # frontend flags...
   rm -rf "$OUT"/etcd
   local EP PP NP FA FB i p
   EP=$(port); PP=$(port); NP=$(port)
@@ -28,8 +30,8 @@ up() {
     "$KVGATE" worker --advertise-host 127.0.0.1 --speedup-ratio "$SPEEDUP" >"$OUT/worker$i.log" 2>&1 & pids+=($!)
   done
   FA=$(port); FB=$(port)
-  "$KVGATE" frontend --http-host 127.0.0.1 --http-port "$FA" --router-min-initial-workers "$WORKERS" >"$OUT/fa.log" 2>&1 & pids+=($!)
-  "$KVGATE" frontend --http-host 127.0.0.1 --http-port "$FB" --router-min-initial-workers "$WORKERS" >"$OUT/fb.log" 2>&1 & pids+=($!)
+  "$KVGATE" frontend --http-host 127.0.0.1 --http-port "$FA" --router-min-initial-workers "$WORKERS" "$@" >"$OUT/fa.log" 2>&1 & pids+=($!)
+  "$KVGATE" frontend --http-host 127.0.0.1 --http-port "$FB" --router-min-initial-workers "$WORKERS" "$@" >"$OUT/fb.log" 2>&1 & pids+=($!)
   for p in "$FA" "$FB"; do
     until curl -sf "http://127.0.0.1:$p/health" >/dev/null; do sleep 0.2; done
   done
@@ -47,11 +49,20 @@ print(f"{sys.argv[2]:14} hit {s['kv_hit_rate']:.4f}  TTFT p50 {t['p50']:.1f} p90
 PY
 }
 SEED=${SEED:-42}
-for tag in one two; do
-  up; urls=$A; [ "$tag" = two ] && urls="$A,$B"
-  run "sessions-$tag" "$urls" --seed "$SEED" --request-rate 4 sessions --sessions 60 --turns 5 --system-words 300 --user-words 50 --completions
-  down
-  up; urls=$A; [ "$tag" = two ] && urls="$A,$B"
-  run "bursty-$tag" "$urls" --seed "$SEED" --request-rate 40 shared-prefix --requests 600 --groups 16 --prefix-tokens 1024 --suffix-tokens 128 --output-tokens 32
-  down
+TAGS=${TAGS:-one two-nosync two}
+WORKLOADS=${WORKLOADS:-sessions bursty}
+for tag in $TAGS; do
+  flags=(); [ "$tag" = two-nosync ] && flags=(--router-replica-sync false)
+  for w in $WORKLOADS; do
+    up "${flags[@]}"; urls=$A; [ "$tag" != one ] && urls="$A,$B"
+    case $w in
+      sessions) run "sessions-$tag" "$urls" --seed "$SEED" --request-rate 4 sessions --sessions 60 --turns 5 --system-words 300 --user-words 50 --completions ;;
+      bursty) run "bursty-$tag" "$urls" --seed "$SEED" --request-rate 40 shared-prefix --requests 600 --groups 16 --prefix-tokens 1024 --suffix-tokens 128 --output-tokens 32 ;;
+    esac
+    if [ "$tag" = two ]; then # what replica sync did on B
+      curl -sf "$B/metrics" | grep -E '^kvgate_router_sync_(decisions_(published|applied|dropped)|blocks_(confirmed|expired))_total' |
+        sed 's/^kvgate_router_sync_//; s/_total / /' | tr '\n' ' ' | sed 's/^/  B: /; s/$/\n/'
+    fi
+    down
+  done
 done
