@@ -330,7 +330,7 @@ fn put_request(out: &mut BytesMut, r: &GenerateRequest) {
             put_opt_str(out, handoff.as_deref());
         }
     }
-    if let Some(TraceContext { trace_id, span_id, flags, state }) = trace {
+    if let Some(TraceContext { trace_id, span_id, flags, state }) = trace.as_deref() {
         out.put_slice(trace_id);
         out.put_slice(span_id);
         out.put_u8(*flags);
@@ -504,12 +504,12 @@ impl<'a> Cursor<'a> {
         let trace = if self.b.is_empty() {
             None
         } else {
-            Some(TraceContext {
+            Some(Box::new(TraceContext {
                 trace_id: self.array()?,
                 span_id: self.array()?,
                 flags: self.u8()?,
                 state: self.opt_str()?,
-            })
+            }))
         };
         let sampling = SamplingParams { max_tokens, temperature, top_p, seed, ignore_eos };
         Ok(GenerateRequest { request_id, token_ids, sampling, eos_token_ids, disagg, trace })

@@ -93,9 +93,9 @@ fn samples() -> Vec<Frame> {
         Frame::Output { stream: s, output: WorkerOutput::Handoff(r#"{"remote_host":"10.0.0.3"}"#.into()) },
         Frame::Request {
             stream: s,
-            request: GenerateRequest { trace: Some(trace(Some("k=v,x=y"))), ..request.clone() },
+            request: GenerateRequest { trace: Some(Box::new(trace(Some("k=v,x=y")))), ..request.clone() },
         },
-        Frame::Request { stream: s, request: GenerateRequest { trace: Some(trace(None)), ..request } },
+        Frame::Request { stream: s, request: GenerateRequest { trace: Some(Box::new(trace(None))), ..request } },
     ]
 }
 
@@ -253,7 +253,7 @@ fn an_untraced_request_has_no_trace_bytes_and_a_traced_one_decodes_its_context()
     assert_eq!(bytes_of(traced).len(), bytes_of(plain).len() + 25 + 1 + 4 + 7);
     let (back, _) = decode(&bytes_of(traced)).unwrap().unwrap();
     let Frame::Request { request, .. } = back else { panic!("{back:?}") };
-    assert_eq!(request.trace, Some(trace(Some("k=v,x=y"))));
+    assert_eq!(request.trace.as_deref(), Some(&trace(Some("k=v,x=y"))));
     let (back, _) = decode(&bytes_of(plain)).unwrap().unwrap();
     let Frame::Request { request, .. } = back else { panic!("{back:?}") };
     assert_eq!(request.trace, None);

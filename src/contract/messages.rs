@@ -79,9 +79,10 @@ pub struct GenerateRequest {
     /// This request's leg of a disaggregated request; `None` for a whole (aggregated) request.
     pub disagg: Option<DisaggLeg>,
     /// The trace this request is part of, its span id the parent of the worker's span (and the
-    /// worker's span's, of the engine's): `None` when the frontend does not trace.
+    /// worker's span's, of the engine's): `None` when the frontend does not trace. Boxed: an
+    /// untraced request carries one null pointer.
     #[serde(default)]
-    pub trace: Option<crate::contract::TraceContext>,
+    pub trace: Option<Box<crate::contract::TraceContext>>,
 }
 
 /// One leg of a disaggregated request, paired with the other by a bootstrap `room` id unique

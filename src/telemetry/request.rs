@@ -123,8 +123,8 @@ impl RequestTrace {
     }
 
     /// The context the legs of the current dispatch carry (the dispatch span as their parent).
-    pub fn dispatch_context(&self) -> Option<TraceContext> {
-        self.dispatch_cx.borrow().clone()
+    pub fn dispatch_context(&self) -> Option<Box<TraceContext>> {
+        self.dispatch_cx.borrow().clone().map(Box::new)
     }
 
     /// Attributes of the whole request.

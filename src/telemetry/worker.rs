@@ -58,7 +58,7 @@ impl LegTrace {
             ])
             .start_with_context(tracer, &cx);
         let own = super::trace_context(span.span_context());
-        request.trace = Some(own);
+        request.trace = Some(Box::new(own));
         let parent = Context::new().with_remote_span_context(span.span_context().clone());
         Some(Self {
             tracer,

@@ -523,7 +523,7 @@ mod tests {
         let untraced = with_trace(client.post("http://e/generate"), &r).build().unwrap();
         assert!(untraced.headers().get("traceparent").is_none());
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        r.trace = crate::contract::TraceContext::parse(tp, Some("k=v"));
+        r.trace = crate::contract::TraceContext::parse(tp, Some("k=v")).map(Box::new);
         let traced = with_trace(client.post("http://e/generate"), &r).build().unwrap();
         assert_eq!(traced.headers()["traceparent"], tp);
         assert_eq!(traced.headers()["tracestate"], "k=v");
