@@ -3,7 +3,9 @@
 //! (nats-server killed; requests still go over TCP) is shown blind within a bound, keeps being
 //! routed, and after nats-server is back it is resynced (recovering) and exact again, and stays
 //! exact under load; a frontend with `--no-kv-events` shows its workers approximate, never blind.
-//! Bounds are generous: nothing here measures time.
+//! And at the control plane, with recoveries answered by hand: `recovering` while a replay is
+//! pending, `blind` when it fails, back to `exact` through a resync. Bounds are generous:
+//! nothing here measures time.
 
 mod common;
 mod support;
@@ -14,6 +16,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::{kvgate_command, Etcd, FrontendProc, KvgateProc, Nats, WorkerProc};
+
+use kvgate::contract::control::{Recovery, RecoveryError, RecoverySource};
+use kvgate::contract::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
+use kvgate::contract::{Target, WorkerId, WorkerRole};
+use kvgate::frontend::{control, Frontend, HttpLimits, IndexState, Prediction};
+use kvgate::kv::hash::SeqHash;
+use kvgate::kv::index::KvIndex;
+use kvgate::planes::discovery::{InProcessDiscovery, WorkerInfo};
+use kvgate::planes::events::{self, EventPublisher};
+use kvgate::planes::request::InProcessRequestPlane;
+use kvgate::preprocess::{ModelSource, Preprocessor};
+use kvgate::router::{RouterConfig, RouterMode};
 
 /// Blind must show within this of the events stopping: 5 s of silence plus a 1 s check, with a
 /// large margin for a loaded machine.
@@ -192,4 +206,118 @@ async fn workers_without_events_are_approximate_and_never_blind() {
     for t in tasks {
         t.await.unwrap();
     }
+}
+
+/// A recovery source the test answers by hand: each call sends its `since` and waits for the
+/// answer the test gives.
+struct Scripted {
+    calls: tokio::sync::mpsc::Sender<Asked>,
+}
+
+impl RecoverySource for Scripted {
+    async fn recover(&self, to: Target, since: u64) -> Result<Recovery, RecoveryError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.calls.send((since, tx)).await.map_err(|_| RecoveryError::Unknown(to.worker))?;
+        rx.await.map_err(|_| RecoveryError::Unknown(to.worker))?
+    }
+}
+
+fn stored(worker: WorkerId, event_id: u64, seq: u64) -> KvEvent {
+    let blocks = vec![StoredBlock { seq_hash: SeqHash(seq), engine_hash: EngineHash(seq) }];
+    KvEvent { worker, event_id, timestamp_us: 0, kind: KvEventKind::Stored { parent: None, blocks } }
+}
+
+/// The control plane's transitions, one by one: recovering while a join's sync and a gap's
+/// replay are pending (the test holds the answer), exact after; blind when a recovery fails;
+/// back through a resync from event 0 (here a dump) when its next event arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovering_while_the_replay_is_pending_blind_when_it_fails() {
+    let (index, writer) = KvIndex::new();
+    let discovery = InProcessDiscovery::new();
+    let (publisher, subscriber) = events::in_process();
+    let cfg = RouterConfig { mode: RouterMode::Kv, overlap_weight: 1.0, temperature: 0.0, block_size: 16 };
+    let limits = HttpLimits { max_body_bytes: 1 << 20, migration_limit: 0, disagg: Default::default() };
+    let fe = Arc::new(Frontend::new(InProcessRequestPlane::new(), index.clone(), cfg, limits, 1));
+    let model = fe.add_model("m", Arc::new(Preprocessor::load(&ModelSource::parse(None)).unwrap()), 16);
+    let (calls, mut asked) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(control::run(fe.clone(), writer, discovery.subscribe(), subscriber, Arc::new(Scripted { calls })));
+    let id = WorkerId(7);
+    let _reg = discovery.register(WorkerInfo {
+        id,
+        model: "m".into(),
+        model_path: None,
+        role: WorkerRole::Aggregated,
+        page_size: 16,
+        kv_capacity_blocks: 1000,
+        max_num_seqs: 256,
+        max_num_batched_tokens: 8192,
+        address: None,
+        engine: Default::default(),
+        disagg: Default::default(),
+        bootstrap: None,
+        kv_events: true,
+    });
+    let state = || model.workers.load().kv_state(id);
+
+    // Joined: recovering until its sync answers.
+    let (since, answer) = next(&mut asked).await;
+    assert_eq!((since, state()), (0, "recovering"));
+    answer.send(Ok(Recovery::Replay(vec![]))).unwrap();
+    eventually("exact after the join's sync", || state() == "exact").await;
+
+    // Event 1 applies; event 4 shows a gap: recovering for as long as the replay is pending.
+    publisher.publish(vec![stored(id, 1, 1)]).await;
+    publisher.publish(vec![stored(id, 4, 4)]).await;
+    let (since, answer) = next(&mut asked).await;
+    assert_eq!(since, 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(state(), "recovering");
+    answer.send(Ok(Recovery::Replay(vec![stored(id, 2, 2), stored(id, 3, 3)]))).unwrap();
+    eventually("exact after the replay", || state() == "exact").await;
+    eventually("every block applied", || index.cached_blocks(id) == 4).await;
+
+    // The next gap's recovery fails: blind, routed approximately, blocks kept.
+    publisher.publish(vec![stored(id, 9, 9)]).await;
+    let (_, answer) = next(&mut asked).await;
+    answer.send(Err(RecoveryError::Unknown(id))).unwrap();
+    eventually("blind after a failed recovery", || state() == "blind").await;
+    assert!(model.workers.load().is_approximate(id));
+    assert_eq!(index.cached_blocks(id), 4, "what was known stays");
+    fe.predict(0, Prediction::of(id, &[SeqHash(100), SeqHash(101)]));
+    eventually("a blind worker's prediction is recorded", || index.cached_blocks(id) == 6).await;
+
+    // Its next event (after the back-off) resyncs it from event 0: a dump replaces everything.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    publisher.publish(vec![stored(id, 10, 10)]).await;
+    let (since, answer) = next(&mut asked).await;
+    assert_eq!((since, state()), (0, "recovering"));
+    let dump = vec![stored(id, 10, 1), stored(id, 10, 10)];
+    answer.send(Ok(Recovery::Dump { events: dump, last_event_id: 10 })).unwrap();
+    eventually("exact after the resync", || state() == "exact").await;
+    assert_eq!(index.cached_blocks(id), 2, "predictions and stale blocks dropped, the dump applied");
+    let e = model.workers.load().entries[&id].kv.clone();
+    assert_eq!(e.transitions(IndexState::Blind), 1);
+    // The join, the two gaps, the resync.
+    assert_eq!(e.transitions(IndexState::Recovering), 4);
+    assert!(fe
+        .render_metrics()
+        .contains(&format!("kvgate_worker_index_state{{model=\"m\",worker=\"{id}\",state=\"exact\"}} 1")));
+}
+
+/// One recovery the control plane asked for: its `since`, and where to answer.
+type Asked = (u64, tokio::sync::oneshot::Sender<Result<Recovery, RecoveryError>>);
+
+async fn next(asked: &mut tokio::sync::mpsc::Receiver<Asked>) -> Asked {
+    let r = tokio::time::timeout(Duration::from_secs(10), asked.recv()).await;
+    r.expect("a recovery is asked for").expect("open")
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never: {what}");
 }
