@@ -312,7 +312,9 @@ async fn browsers_get_the_page_and_keys_guard_it_like_health() {
     let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
     let snap: Value = serde_json::from_str(data).unwrap();
     assert_eq!(snap["models"][0]["name"], "kvgate-mock");
-    assert_eq!(snap["models"][0]["workers"][0]["state"], "exact");
+    // Exact once its join's sync has answered (at once, in process).
+    let state = &snap["models"][0]["workers"][0]["state"];
+    assert!(state == "exact" || state == "recovering", "{snap}");
     assert_eq!(snap["viewers"], 1);
     drop(events);
 
