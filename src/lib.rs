@@ -9,7 +9,7 @@
 //! | [`planes`] | the seams between processes: [`planes::discovery`] (etcd), [`planes::events`] (NATS), [`planes::load`] (workers' load reports, NATS), [`planes::request`] (TCP), [`planes::transfer`] (KV bytes); each with an in-process implementation |
 //! | [`router`] | routing policies, the KV cost function, load booking guards |
 //! | [`preprocess`], [`openai`], [`metrics`] | model loading, tokenizer and the token cache of prompt segments already tokenized, chat template, detokenizer, stop strings; OpenAI types and the reasoning / tool-call output parsers ([`openai::parse`]); per-shard counters merged on scrape |
-//! | [`frontend`] | shared state ([`frontend::state`]), the control plane ([`frontend::control`]), the data plane ([`frontend::data`]: shards, HTTP, error → status) and the request pipeline ([`frontend::pipeline`]) |
+//! | [`frontend`] | shared state ([`frontend::state`]), the control plane ([`frontend::control`]), the data plane ([`frontend::data`]: shards, HTTP, error → status), the request pipeline ([`frontend::pipeline`]), each worker's index state ([`frontend::index_state`]: exact, recovering, approximate, blind) and the live routing page ([`frontend::dashboard`]) |
 //! | [`worker`] | the engine-neutral worker runtime, the [`worker::Engine`] trait, and the engines (mocker, SGLang, vLLM, llama.cpp, any OpenAI-API server taking token ids) |
 //! | [`config`] | typed configuration: CLI flags, env vars, validation |
 //! | [`telemetry`] | request tracing: W3C `traceparent` in, the frontend's and workers' spans out over OTLP/HTTP (only with `--otlp-endpoint`) |
