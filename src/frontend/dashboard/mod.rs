@@ -130,7 +130,7 @@ impl Recent {
         for ring in self.rings.iter() {
             all.extend(ring.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned());
         }
-        all.sort_by(|a, b| (b.at_ms, b.request_id).cmp(&(a.at_ms, a.request_id)));
+        all.sort_by_key(|d| std::cmp::Reverse((d.at_ms, d.request_id)));
         all.truncate(n);
         all
     }
