@@ -328,3 +328,45 @@ async fn browsers_get_the_page_and_keys_guard_it_like_health() {
     let keyed = c.get(format!("{base}/dashboard/events")).bearer_auth("sk-test").send().await.unwrap();
     assert_eq!(keyed.status(), 200);
 }
+
+/// The first snapshot of a new page stream.
+async fn first_snapshot(c: &reqwest::Client, base: &str) -> (reqwest::Response, Value) {
+    let mut r = c.get(format!("{base}/dashboard/events")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut text = String::new();
+    while !text.contains("\n\ndata: ") || !text.ends_with("\n\n") {
+        text.push_str(&String::from_utf8_lossy(&r.chunk().await.unwrap().unwrap()));
+    }
+    let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+    (r, serde_json::from_str(data).unwrap())
+}
+
+/// At most 16 pages stream at once (the 17th is a 503 in OpenAI's shape); a closed page frees
+/// its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_streams_are_bounded_and_a_closed_page_frees_its_place() {
+    let (_server, base) = serve(&["--workers", "1", "--speedup-ratio", "100"]);
+    let c = reqwest::Client::new();
+    let mut open = Vec::new();
+    for i in 1..=16 {
+        let (r, snap) = first_snapshot(&c, &base).await;
+        assert_eq!(snap["viewers"], i);
+        open.push(r);
+    }
+    let refused = c.get(format!("{base}/dashboard/events")).send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    let body: Value = refused.json().await.unwrap();
+    common::assert_openai_error(&body);
+    assert!(body["error"]["message"].as_str().unwrap().contains("dashboard"), "{body}");
+    // Closing pages frees their places once the frontend's next write to them fails.
+    open.truncate(1);
+    let t0 = Instant::now();
+    loop {
+        let (_r, snap) = first_snapshot(&c, &base).await;
+        if snap["viewers"] == 2 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "closed pages still counted: {}", snap["viewers"]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
