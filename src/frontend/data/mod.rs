@@ -2,7 +2,8 @@
 //!
 //! - [`shards`]: thread-per-core monoio shards on io_uring, SO_REUSEPORT listeners, shutdown.
 //! - [`server`]: per-shard accept loop (bounded connections); hyper HTTP/1.1 over monoio-compat.
-//! - [`routes`]: path dispatch and the small routes (`/health`, `/live`, `/v1/models`, `/metrics`);
+//! - [`routes`]: path dispatch and the small routes (`/health`, `/live`, `/v1/models`, `/metrics`,
+//!   the page of [`crate::frontend::dashboard`]);
 //!   generation, `/tokenize` and `/detokenize` go to [`crate::frontend::pipeline`].
 //! - [`body`]: response bodies (full, or SSE).
 //! - [`error`]: [`error::ApiError`], the one mapping from failure to HTTP status.
