@@ -3,8 +3,10 @@
 # over a real etcd + NATS; kvgate-bench sends each workload once through frontend A alone, then
 # alternating requests between A and B (`--url A,B`). Prints hit rate and TTFT of each run.
 #   KVGATE=target/debug/kvgate BENCH=target/release/kvgate-bench perf/several_frontends.sh
-# TAGS chooses the runs: `one` (A alone), `two` (A and B, router replica sync on, the default),
-# `two-nosync` (A and B with `--router-replica-sync false`). WORKLOADS: `sessions bursty`.
+# TAGS chooses the runs: `one` (A alone), `two` (A and B), `two-sync` (A and B with
+# `--router-replica-sync`). WORKLOADS: `sessions bursty`. Each run prints every frontend's
+# routing regret counters (chosen vs best prefix overlap, issue #16).
+# FRONTEND_ARGS: more flags for every frontend (e.g. `--router-cost overlap`).
 set -euo pipefail
 KVGATE=${KVGATE:-target/release/kvgate}
 BENCH=${BENCH:-target/release/kvgate-bench}
@@ -49,17 +51,21 @@ print(f"{sys.argv[2]:14} hit {s['kv_hit_rate']:.4f}  TTFT p50 {t['p50']:.1f} p90
 PY
 }
 SEED=${SEED:-42}
-TAGS=${TAGS:-one two-nosync two}
+TAGS=${TAGS:-one two two-sync}
 WORKLOADS=${WORKLOADS:-sessions bursty}
 for tag in $TAGS; do
-  flags=(); [ "$tag" = two-nosync ] && flags=(--router-replica-sync false)
+  read -r -a flags <<<"${FRONTEND_ARGS:-}"; [ "$tag" = two-sync ] && flags+=(--router-replica-sync)
   for w in $WORKLOADS; do
     up "${flags[@]}"; urls=$A; [ "$tag" != one ] && urls="$A,$B"
     case $w in
       sessions) run "sessions-$tag" "$urls" --seed "$SEED" --request-rate 4 sessions --sessions 60 --turns 5 --system-words 300 --user-words 50 --completions ;;
       bursty) run "bursty-$tag" "$urls" --seed "$SEED" --request-rate 40 shared-prefix --requests 600 --groups 16 --prefix-tokens 1024 --suffix-tokens 128 --output-tokens 32 ;;
     esac
-    if [ "$tag" = two ]; then # what replica sync did on B
+    for u in $urls; do # routing regret: decisions that chose less overlap than the best candidate had
+      u=${u//,/ }; for x in $u; do curl -sf "$x/metrics" | grep -E '^kvgate_routing_(overlap_regret|best_overlap|chosen_overlap)_blocks_(count|total)' |
+        tr '\n' ' ' | sed "s|^|  regret $x: |; s/\$/\\n/"; done
+    done
+    if [ "$tag" = two-sync ]; then # what replica sync did on B
       curl -sf "$B/metrics" | grep -E '^kvgate_router_sync_(decisions_(published|applied|dropped)|blocks_(confirmed|expired))_total' |
         sed 's/^kvgate_router_sync_//; s/_total / /' | tr '\n' ' ' | sed 's/^/  B: /; s/$/\n/'
     fi

@@ -78,8 +78,8 @@ async fn a_decision_through_a_routes_the_same_prefix_on_b_before_b_sees_the_even
         .into_iter()
         .map(WorkerProc::ready)
         .collect();
-    let a = frontend(&etcd_url, &full, "frontend A", &[]);
-    let b = frontend(&etcd_url, &deaf, "frontend B (no KV events)", &[]);
+    let a = frontend(&etcd_url, &full, "frontend A", &["--router-replica-sync"]);
+    let b = frontend(&etcd_url, &deaf, "frontend B (no KV events)", &["--router-replica-sync", "true"]);
     let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
 
     let mut chosen = Vec::new();

@@ -89,8 +89,8 @@ pub struct FrontendArgs {
     pub otlp: OtlpArgs,
     /// Router replica sync (Dynamo's flag): publish each routing decision to the other
     /// frontends of the namespace over NATS and count theirs until the workers' KV events
-    /// arrive. On by default; `--router-replica-sync false` turns it off.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    /// arrive. Off by default (measured no better when events arrive in time; see README).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub router_replica_sync: bool,
 }
 
