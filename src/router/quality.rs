@@ -20,7 +20,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -164,13 +164,12 @@ impl DecisionLog {
 
     /// Queues `r`; `false` (and counted) when the queue was full and `r` was dropped.
     pub fn record(&self, r: DecisionRecord) -> bool {
-        match self.tx.as_ref().map(|tx| tx.try_send(r)) {
-            Some(Ok(())) => true,
-            Some(Err(TrySendError::Full(_) | TrySendError::Disconnected(_))) | None => {
-                self.counters.dropped.fetch_add(1, Relaxed);
-                false
-            }
+        // Full, or (only while dropping) disconnected: the record is dropped.
+        let queued = self.tx.as_ref().is_some_and(|tx| tx.try_send(r).is_ok());
+        if !queued {
+            self.counters.dropped.fetch_add(1, Relaxed);
         }
+        queued
     }
 
     /// Records written, dropped (queue full), lost to write errors.
