@@ -6,7 +6,7 @@
 //! frontend's root span is the caller's span's child, its phases (preprocess, admission, route,
 //! dispatch, first_token, completion) the root's children, with the routing decision as
 //! attributes; the worker's span is the dispatch span's child, its phases (queue, prefill,
-//! decode) its own. A request without `traceparent`, or with an invalid one, still gets one
+//! decode) its own. A caller's unsampled trace is recorded by neither. A request without `traceparent`, or with an invalid one, still gets one
 //! trace spanning both processes. A disaggregated request's prefill and decode legs are both
 //! children of its dispatch span.
 
@@ -297,6 +297,9 @@ async fn a_traceparent_is_continued_by_the_frontend_and_the_worker() {
     let worker = cluster.workers[0].id.clone();
     let tid = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller = "00f067aa0ba902b7";
+    // First an unsampled caller: served, and neither process records its trace.
+    let unsampled = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let _ = chat(&cluster.frontend.base, &[("traceparent", &format!("00-{unsampled}-{caller}-00"))], false).await;
     let tp = format!("00-{tid}-{caller}-01");
     let (headers, _) = chat(&cluster.frontend.base, &[("traceparent", &tp), ("tracestate", "k=v")], true).await;
     assert_eq!(headers["x-kvgate-worker"], worker.as_str());
@@ -306,6 +309,8 @@ async fn a_traceparent_is_continued_by_the_frontend_and_the_worker() {
     assert_eq!(root.parent, caller, "the root span is the caller's span's child");
     assert_eq!(root.attr("kvgate.traceparent_valid"), "true");
     check_aggregated_trace(&spans, tid, &worker);
+    // Both exporters sent the later trace: the earlier one would have gone first.
+    assert!(!spans.iter().any(|s| s.trace_id == unsampled), "an unsampled trace was recorded");
     drop(cluster);
 }
 

@@ -48,6 +48,10 @@ pub struct RequestTrace {
     sent_at: Cell<Option<SystemTime>>,
     first_token_at: Cell<Option<SystemTime>>,
     ended: Cell<bool>,
+    /// The sampler kept this trace. When it did not (the caller's `traceparent` says unsampled,
+    /// or `OTEL_TRACES_SAMPLER` drops it), nothing is built or recorded: the legs carry the
+    /// root's context, unsampled, so the workers record nothing either.
+    recording: bool,
 }
 
 /// What a route span says about one routing decision.
@@ -83,7 +87,9 @@ impl RequestTrace {
             ])
             .start_with_context(tracer, &cx);
         let parent = Context::new().with_remote_span_context(root.span_context().clone());
+        let recording = root.is_recording();
         Some(Rc::new(Self {
+            recording,
             tracer,
             root: RefCell::new(root),
             parent,
@@ -110,16 +116,27 @@ impl RequestTrace {
             .start_with_context(self.tracer, &self.parent)
     }
 
+    /// Whether the sampler kept this trace (else every call records nothing).
+    pub fn recording(&self) -> bool {
+        self.recording
+    }
+
     /// A phase that ran from `start` until now.
     pub fn phase(&self, name: &'static str, start: SystemTime, attrs: Vec<KeyValue>) {
+        if !self.recording {
+            return;
+        }
         let now = SystemTime::now();
         self.child(name, SpanKind::Internal, start, attrs).end_with_timestamp(now);
         self.mark.set(now);
     }
 
     /// The next phase: from the end of the last one (or the request's arrival) until now.
-    pub fn next_phase(&self, name: &'static str, attrs: Vec<KeyValue>) {
-        self.phase(name, self.mark.get(), attrs);
+    /// `attrs` are built only when the trace is recorded.
+    pub fn next_phase(&self, name: &'static str, attrs: impl FnOnce() -> Vec<KeyValue>) {
+        if self.recording {
+            self.phase(name, self.mark.get(), attrs());
+        }
     }
 
     /// The context the legs of the current dispatch carry (the dispatch span as their parent).
@@ -127,13 +144,18 @@ impl RequestTrace {
         self.dispatch_cx.borrow().clone().map(Box::new)
     }
 
-    /// Attributes of the whole request.
-    pub fn set(&self, attrs: Vec<KeyValue>) {
-        self.root.borrow_mut().set_attributes(attrs);
+    /// Attributes of the whole request (built only when the trace is recorded).
+    pub fn set(&self, attrs: impl FnOnce() -> Vec<KeyValue>) {
+        if self.recording {
+            self.root.borrow_mut().set_attributes(attrs());
+        }
     }
 
     /// One routing decision, made from `r.started` until now.
     pub fn routed(&self, r: Routed<'_>) {
+        if !self.recording {
+            return;
+        }
         let d = r.decision;
         let mut attrs = vec![
             KeyValue::new("kvgate.leg", r.leg),
@@ -162,6 +184,12 @@ impl RequestTrace {
     /// the request is sent again (a worker unreachable, or a migration);
     /// [`Self::dispatch_context`] then names it.
     pub fn dispatching(&self, workers: &[(&'static str, WorkerId)]) {
+        if !self.recording {
+            if self.dispatch_cx.borrow().is_none() {
+                *self.dispatch_cx.borrow_mut() = Some(super::trace_context(self.root.borrow().span_context()));
+            }
+            return;
+        }
         let now = SystemTime::now();
         let attrs = workers.iter().map(|(key, w)| KeyValue::new(*key, w.to_string())).collect();
         let span = self.child("dispatch", SpanKind::Client, now, attrs);
@@ -175,7 +203,7 @@ impl RequestTrace {
 
     /// The first token arrived (later ones are ignored).
     pub fn first_token(&self) {
-        if self.first_token_at.get().is_some() {
+        if !self.recording || self.first_token_at.get().is_some() {
             return;
         }
         let now = SystemTime::now();
@@ -187,6 +215,9 @@ impl RequestTrace {
 
     /// The request finished: the completion span, and the root with the usage.
     pub fn finished(&self, usage: &Usage, reason: &str) {
+        if !self.recording {
+            return self.end(None);
+        }
         let attrs = vec![
             KeyValue::new("gen_ai.usage.input_tokens", i64::from(usage.prompt_tokens)),
             KeyValue::new("gen_ai.usage.output_tokens", i64::from(usage.completion_tokens)),
@@ -195,7 +226,7 @@ impl RequestTrace {
         ];
         let start = self.first_token_at.get().or(self.sent_at.get()).unwrap_or_else(SystemTime::now);
         self.child("completion", SpanKind::Internal, start, attrs.clone()).end();
-        self.set(attrs);
+        self.root.borrow_mut().set_attributes(attrs);
         self.end(None);
     }
 

@@ -280,6 +280,10 @@ impl<P: RequestPlane> Dispatch<P> {
     /// Records where `plan` (made since `started`) sends the request: its route spans, and a
     /// new dispatch span whose context the legs carry.
     fn trace_plan(&self, t: &RequestTrace, started: SystemTime, plan: &Plan) {
+        if !t.recording() {
+            // Sampled out: the legs still carry the context (unsampled), nothing is recorded.
+            return t.dispatching(&[]);
+        }
         let group = self.model.workers.load();
         let routed = |leg, decision: &RouteDecision, router: &Router, pool: &[Candidate]| {
             let candidates = if decision.scores.is_empty() { pool.len() } else { decision.scores.len() };

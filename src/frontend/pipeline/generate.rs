@@ -245,17 +245,19 @@ async fn serve<P: RequestPlane>(
         .await
         .map_err(ApiError::Offload)??;
     if let Some(t) = trace {
-        t.next_phase("preprocess", preprocess_attrs(&p, small));
+        t.next_phase("preprocess", || preprocess_attrs(&p, small));
     }
     // Every worker busy: wait in the shard's queue, or 503 ([`super::admission`]).
     let waited = super::admission::admit(fe, shard.id, &p.model, p.validated.priority).await?;
     let request_id = shard.next_request_id();
     if let Some(t) = trace {
-        t.next_phase("admission", vec![KeyValue::new("kvgate.admission.wait_ms", waited.as_secs_f64() * 1e3)]);
-        t.set(vec![
-            KeyValue::new("kvgate.request_id", format!("{request_id:x}")),
-            KeyValue::new("gen_ai.request.model", p.validated.model.clone()),
-        ]);
+        t.next_phase("admission", || vec![KeyValue::new("kvgate.admission.wait_ms", waited.as_secs_f64() * 1e3)]);
+        t.set(|| {
+            vec![
+                KeyValue::new("kvgate.request_id", format!("{request_id:x}")),
+                KeyValue::new("gen_ai.request.model", p.validated.model.clone()),
+            ]
+        });
     }
     let prompt_tokens = p.prompt.len() as u32;
     let migration_limit = fe.limits.migration_limit;
