@@ -45,6 +45,9 @@
 //!    Workers also publish their load ([`planes::load`], at most every 50 ms); the router counts
 //!    a worker's last report plus this frontend's bookings it does not cover yet
 //!    ([`router::load`]), so several frontends on one fleet see each other's load.
+//!    With `--router-replica-sync`, frontends also tell each other where they routed
+//!    ([`frontend::replica`]); each holds the others' decisions beside its index until the
+//!    workers' events confirm them ([`kv::replica`]).
 
 pub mod config;
 pub mod contract;
