@@ -7,7 +7,7 @@ use kvgate::contract::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
 use kvgate::contract::WorkerId;
 use kvgate::kv::hash::SeqHash;
 use kvgate::kv::index::KvIndex;
-use kvgate::router::{Candidate, RouteRequest, Router, RouterConfig, RouterMode, WorkerLoad};
+use kvgate::router::{Candidate, RouteRequest, Router, RouterConfig, RouterCost, RouterMode, WorkerLoad};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
@@ -32,7 +32,13 @@ fn select(c: &mut Criterion) {
         }
         let candidates: Vec<Candidate> =
             (0..workers).map(|w| Candidate { id: WorkerId(w), load: WorkerLoad::new() }).collect();
-        let config = RouterConfig { mode: RouterMode::Kv, overlap_weight: 1.0, temperature: 0.0, block_size: BLOCK };
+        let config = RouterConfig {
+            mode: RouterMode::Kv,
+            cost: RouterCost::default(),
+            overlap_weight: 1.0,
+            temperature: 0.0,
+            block_size: BLOCK,
+        };
         let router = Router::new(config, index);
         let seq: Vec<SeqHash> = (0..PROMPT_BLOCKS).map(SeqHash).collect();
         let mut rng = SmallRng::seed_from_u64(1);

@@ -180,6 +180,7 @@ pub fn start_with<E: Engine>(
     let (load_publisher, load_subscriber) = crate::planes::load::in_process();
     let router_config = RouterConfig {
         mode: args.router.router_mode,
+        cost: args.router.router_cost,
         overlap_weight: args.router.kv_overlap_score_weight,
         temperature: args.router.router_temperature,
         block_size: page_size,

@@ -21,7 +21,7 @@ use kvgate::planes::discovery::{InProcessDiscovery, WorkerInfo};
 use kvgate::planes::events::{self, EventPublisher};
 use kvgate::planes::request::InProcessRequestPlane;
 use kvgate::preprocess::{ModelSource, Preprocessor};
-use kvgate::router::{RouterConfig, RouterMode};
+use kvgate::router::{RouterConfig, RouterCost, RouterMode};
 
 async fn chat(c: &reqwest::Client, base: &str, messages: &Value) -> (String, Value) {
     let body = json!({"model": "kvgate-mock", "messages": messages, "max_tokens": 24, "ignore_eos": true});
@@ -130,7 +130,13 @@ async fn events_switch_an_approximate_worker_to_exact() {
     let plane = InProcessRequestPlane::new();
     let discovery = InProcessDiscovery::new();
     let (publisher, subscriber) = events::in_process();
-    let cfg = RouterConfig { mode: RouterMode::Kv, overlap_weight: 1.0, temperature: 0.0, block_size: 16 };
+    let cfg = RouterConfig {
+        mode: RouterMode::Kv,
+        cost: RouterCost::default(),
+        overlap_weight: 1.0,
+        temperature: 0.0,
+        block_size: 16,
+    };
     let limits = HttpLimits { max_body_bytes: 1 << 20, migration_limit: 0, disagg: Default::default() };
     let fe = Arc::new(Frontend::new(plane, index.clone(), cfg, limits, 1).with_approx(ApproxConfig::default()));
     let model = fe.add_model("m", Arc::new(Preprocessor::load(&ModelSource::parse(None)).unwrap()), 16);

@@ -15,7 +15,7 @@ use kvgate::kv::index::{KvIndex, KvIndexWriter};
 use kvgate::planes::discovery::{InProcessDiscovery, WorkerInfo};
 use kvgate::planes::events::{self, EventSubscriber, InProcessSubscriber};
 use kvgate::planes::request::{InProcessRequestPlane, RequestPlane};
-use kvgate::router::{RouterConfig, RouterMode};
+use kvgate::router::{RouterConfig, RouterCost, RouterMode};
 use kvgate::worker::{spawn, Engine, EventRing, Mocker, MockerArgs, MockerConfig};
 
 #[path = "common/echo_engine.rs"]
@@ -68,7 +68,13 @@ async fn run_case(
     let plane = InProcessRequestPlane::new();
     let discovery = InProcessDiscovery::new();
     let (publisher, subscriber) = events::in_process();
-    let cfg = RouterConfig { mode: RouterMode::Kv, overlap_weight: 1.0, temperature: 0.0, block_size: page };
+    let cfg = RouterConfig {
+        mode: RouterMode::Kv,
+        cost: RouterCost::default(),
+        overlap_weight: 1.0,
+        temperature: 0.0,
+        block_size: page,
+    };
     let fe = Arc::new(Frontend::new(
         plane.clone(),
         index.clone(),

@@ -317,10 +317,16 @@ async fn without_migration_a_dying_worker_gives_a_clear_error() {
 async fn health_is_503_until_a_model_has_a_worker() {
     use kvgate::frontend::{Frontend, HttpLimits};
     use kvgate::preprocess::{ModelSource, Preprocessor};
-    use kvgate::router::{RouterConfig, RouterMode};
+    use kvgate::router::{RouterConfig, RouterCost, RouterMode};
 
     let (index, _writer) = kvgate::kv::index::KvIndex::new();
-    let cfg = RouterConfig { mode: RouterMode::Kv, overlap_weight: 1.0, temperature: 0.0, block_size: 16 };
+    let cfg = RouterConfig {
+        mode: RouterMode::Kv,
+        cost: RouterCost::default(),
+        overlap_weight: 1.0,
+        temperature: 0.0,
+        block_size: 16,
+    };
     let limits = HttpLimits { max_body_bytes: 1 << 20, migration_limit: 0, disagg: Default::default() };
     let plane = kvgate::planes::request::InProcessRequestPlane::new();
     let fe = std::sync::Arc::new(Frontend::new(plane, index, cfg, limits, 1));

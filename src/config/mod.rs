@@ -12,7 +12,7 @@ use crate::contract::{EngineKind, WorkerRole};
 use crate::kv::hash::MAX_BLOCK_SIZE;
 use crate::openai::parse::{ParserFlags, ReasoningFlag, ToolCallFlag};
 use crate::preprocess::token_cache::{TokenCache, DEFAULT_BUDGET_MB};
-use crate::router::{RouterMode, MAX_SHARDS};
+use crate::router::{RouterCost, RouterMode, MAX_SHARDS};
 use crate::worker::engines::mocker::MockerArgs;
 
 mod admission;
@@ -261,7 +261,13 @@ pub struct RouterArgs {
     /// Routing policy: `kv` (cache overlap weighed against load), `round-robin` or `random`.
     #[arg(long, value_enum, default_value_t = RouterMode::Kv)]
     pub router_mode: RouterMode,
-    /// Weight of the prefill cost (uncached prompt) against decode load; 0 ignores the KV index.
+    /// What `kv` mode minimizes: `ttft` (predicted time to first token from each worker's
+    /// learned prefill speed and queue) or `overlap` (overlap weighed against decode blocks, the
+    /// cost before issue #16).
+    #[arg(long, value_enum, default_value_t = RouterCost::default())]
+    pub router_cost: RouterCost,
+    /// Weight of the prefill cost (queued plus uncached prompt tokens) against load; 0 ignores
+    /// the KV index. With `--router-cost ttft`, 1 is the predicted time as learned.
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub kv_overlap_score_weight: f64,
     /// 0 picks the cheapest worker; above 0 samples softmax(-cost/temperature).

@@ -134,6 +134,7 @@ pub fn start(args: &FrontendArgs) -> Result<FrontendServer, FrontendLaunchError>
     let (index, writer) = KvIndex::new();
     let router_config = RouterConfig {
         mode: args.router.router_mode,
+        cost: args.router.router_cost,
         overlap_weight: args.router.kv_overlap_score_weight,
         temperature: args.router.router_temperature,
         block_size: args.page_size,

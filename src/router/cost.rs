@@ -1,13 +1,28 @@
-//! The KV routing cost and the selection among scored workers: pure functions, no shared state.
+//! The KV routing costs and the selection among scored workers: pure functions, no shared state.
 //!
-//! Cost (lower wins), block size `B`, weight `w`:
-//! `w × (active_prefill_tokens + prompt_tokens − overlap_blocks × B) / B + active_decode_blocks
-//! + new_blocks`, where `new_blocks = ceil(prompt_tokens / B) − overlap_blocks` (both
-//! subtractions saturate at 0). Selection at temperature 0 takes the minimum (ties: fewer cached
-//! blocks, then uniformly at random); at `T > 0` it samples `softmax(−(cost / max cost) / T)`.
+//! Two costs (lower wins), block size `B`, weight `w`, chosen once by `--router-cost`:
+//!
+//! - [`ttft_cost`] (the default): the worker's predicted time to first token in ms,
+//!   `a + w × s × (queued_prefill_tokens + uncached_tokens) + c × running_requests`, with the
+//!   worker's learned coefficients ([`super::ttft`]), plus two cache terms in the same unit:
+//!   *duplication*, `s × dup_tokens × fill`, where `dup_tokens` is the prefix another worker
+//!   holds and this one would compute again and `fill` the share of this worker's cache already
+//!   in use (a copy in a near-full cache evicts something that will be recomputed later; in an
+//!   empty one it costs nothing); and *pressure*, `s × B × excess_blocks`, the blocks by which
+//!   the request's new blocks overflow the worker's free cache (the engine preempts or waits,
+//!   and recomputes). `w` scales the prefill term only (1: the prediction as learned; 0: no
+//!   index lookup, load alone).
+//! - [`kv_cost`] (`--router-cost overlap`, the cost before issue #16):
+//!   `w × (active_prefill_tokens + prompt_tokens − overlap_blocks × B) / B + active_decode_blocks
+//!   + new_blocks`, where `new_blocks = ceil(prompt_tokens / B) − overlap_blocks` (both
+//!   subtractions saturate at 0).
+//!
+//! Selection at temperature 0 takes the minimum (ties: fewer cached blocks, then uniformly at
+//! random); at `T > 0` it samples `softmax(−(cost / max cost) / T)` (either cost).
 
 use rand::Rng;
 
+use super::ttft::{TtftCoefficients, TtftFeatures};
 use crate::contract::WorkerId;
 
 /// One candidate's score, as logged at debug level.
@@ -47,6 +62,49 @@ pub fn kv_cost(weight: f64, block_size: u32, x: CostInputs) -> f64 {
     let prefill = x.active_prefill_tokens + uncached_tokens(x.prompt_tokens, x.overlap_blocks, block_size);
     let new_blocks = prompt_blocks(x.prompt_tokens, block_size).saturating_sub(x.overlap_blocks as u64);
     weight * prefill as f64 / block_size as f64 + x.active_decode_blocks as f64 + new_blocks as f64
+}
+
+/// Everything the `ttft` cost of one worker depends on beyond [`CostInputs`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TtftInputs {
+    pub load: CostInputs,
+    /// Requests in flight on the worker.
+    pub running: u64,
+    /// The worker's learned model.
+    pub model: TtftCoefficients,
+    /// The longest overlap any candidate has with the prompt.
+    pub best_overlap_blocks: u32,
+    /// Blocks the worker holds (KV index).
+    pub cached_blocks: u64,
+    /// The worker's KV capacity in blocks; 0 when unknown (no cache terms).
+    pub total_blocks: u64,
+}
+
+impl TtftInputs {
+    /// The learning features of this choice (what the first token will be compared against).
+    pub fn features(&self, block_size: u32) -> TtftFeatures {
+        let x = &self.load;
+        let work_tokens = x.active_prefill_tokens + uncached_tokens(x.prompt_tokens, x.overlap_blocks, block_size);
+        TtftFeatures { work_tokens, running: self.running }
+    }
+}
+
+/// The `ttft` cost (see the module doc), in predicted milliseconds.
+#[inline]
+pub fn ttft_cost(weight: f64, block_size: u32, x: TtftInputs) -> f64 {
+    let m = &x.model;
+    let f = x.features(block_size);
+    let mut ms = m.base_ms + weight * m.ms_per_token * f.work_tokens as f64 + m.ms_per_running * f.running as f64;
+    if x.total_blocks > 0 {
+        let b = block_size as u64;
+        let new_blocks = prompt_blocks(x.load.prompt_tokens, block_size).saturating_sub(x.load.overlap_blocks as u64);
+        let dup_tokens = x.best_overlap_blocks.saturating_sub(x.load.overlap_blocks) as u64 * b;
+        let fill = (x.cached_blocks as f64 / x.total_blocks as f64).min(1.0);
+        let free_blocks = x.total_blocks.saturating_sub(x.load.active_decode_blocks);
+        let excess_blocks = new_blocks.saturating_sub(free_blocks);
+        ms += m.ms_per_token * (dup_tokens as f64 * fill + (excess_blocks * b) as f64);
+    }
+    ms
 }
 
 /// Index of the cheapest score; ties go to fewer cached blocks, then uniformly at random.

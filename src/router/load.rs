@@ -25,6 +25,10 @@
 //! The report fields are written by the control plane only (one writer), as separate relaxed
 //! stores: a shard reading during an update may combine a new report with the old baseline for
 //! one selection, an error of one report's change.
+//!
+//! Learned TTFT ([`WorkerLoad::ttft`]): a guard booked with [`LoadGuard::expect_first_token`]
+//! feeds the worker's [`LearnedTtft`] once, at [`LoadGuard::prefill_done`] (the first token);
+//! a guard dropped before its first token (error, cancel) teaches nothing.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -32,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 
+use super::ttft::{LearnedTtft, TtftFeatures};
 use crate::contract::{LoadReport, WorkerId};
 
 /// The most data-plane shards a frontend runs (one slot each per worker): 64 cores per process
@@ -52,6 +57,9 @@ struct Slot {
 /// messages do not matter.
 pub const REPORT_FRESH_FOR: Duration = Duration::from_secs(3);
 
+/// One debug line per this many first tokens of a worker shows its learned TTFT model.
+const TTFT_LOG_EVERY: u64 = 64;
+
 /// Marks a quantity the engine does not report.
 const UNKNOWN: u64 = u64::MAX;
 
@@ -69,6 +77,8 @@ struct Reported {
     base_requests: AtomicU64,
     /// Booked decode blocks minus reported active blocks, at the last report.
     drift_blocks: AtomicI64,
+    /// The worker's KV capacity in blocks (0: not reported).
+    total_blocks: AtomicU64,
 }
 
 impl Default for Reported {
@@ -83,6 +93,7 @@ impl Default for Reported {
             base_prefill_tokens: AtomicU64::new(0),
             base_requests: AtomicU64::new(0),
             drift_blocks: AtomicI64::new(0),
+            total_blocks: AtomicU64::new(0),
         }
     }
 }
@@ -101,6 +112,7 @@ pub struct LoadView {
 pub struct WorkerLoad {
     slots: [CachePadded<Slot>; MAX_SHARDS],
     reported: CachePadded<Reported>,
+    ttft: CachePadded<LearnedTtft>,
 }
 
 /// The process's time origin for report arrival stamps.
@@ -128,6 +140,7 @@ impl WorkerLoad {
         Arc::new(Self {
             slots: std::array::from_fn(|_| CachePadded::new(Slot::default())),
             reported: CachePadded::new(Reported::default()),
+            ttft: CachePadded::new(LearnedTtft::default()),
         })
     }
 
@@ -152,6 +165,7 @@ impl WorkerLoad {
             0
         };
         r.drift_blocks.store(drift, Relaxed);
+        r.total_blocks.store(if report.blocks_known { report.total_blocks } else { 0 }, Relaxed);
         r.at_ms.store(now_ms(), Relaxed);
         r.seq.store(seq, Relaxed);
         true
@@ -207,6 +221,16 @@ impl WorkerLoad {
         })
     }
 
+    /// The worker's KV capacity in blocks as last reported; 0 when unknown.
+    pub fn total_blocks(&self) -> u64 {
+        self.reported.total_blocks.load(Relaxed)
+    }
+
+    /// The worker's learned time to first token.
+    pub fn ttft(&self) -> &LearnedTtft {
+        &self.ttft
+    }
+
     /// Decode blocks this frontend had booked minus the active blocks the worker reported, at
     /// the last report (0 without one). Large and positive: bookings the worker does not see
     /// (or prompts sharing blocks); negative: other frontends' load, or requests not booked.
@@ -259,6 +283,8 @@ pub struct LoadGuard {
     shard: usize,
     booking: Booking,
     prefill_released: bool,
+    /// What to teach the worker's [`LearnedTtft`] at the first token.
+    first_token: Option<(TtftFeatures, Instant)>,
 }
 
 impl LoadGuard {
@@ -269,11 +295,39 @@ impl LoadGuard {
         slot.prefill_tokens.fetch_add(booking.prefill_tokens, Relaxed);
         slot.decode_blocks.fetch_add(booking.decode_blocks, Relaxed);
         slot.requests.fetch_add(1, Relaxed);
-        Self { load, worker, shard, booking, prefill_released: false }
+        Self { load, worker, shard, booking, prefill_released: false, first_token: None }
     }
 
-    /// Releases the prefill tokens once the first token arrived; idempotent.
+    /// Times this request's first token from now, to teach the worker's [`LearnedTtft`] that
+    /// with `features` it took that long (at [`Self::prefill_done`]).
+    pub fn expect_first_token(&mut self, features: TtftFeatures) {
+        if !self.prefill_released {
+            self.first_token = Some((features, Instant::now()));
+        }
+    }
+
+    /// Releases the prefill tokens once the first token arrived (and, the first time, records
+    /// its TTFT if [`Self::expect_first_token`] asked to); idempotent.
     pub fn prefill_done(&mut self) {
+        if let Some((features, at)) = self.first_token.take() {
+            let ttft = &self.load.ttft;
+            ttft.observe(features, at.elapsed());
+            if ttft.samples() % TTFT_LOG_EVERY == 1 {
+                let c = ttft.coefficients();
+                tracing::debug!(
+                    worker = %self.worker,
+                    samples = ttft.samples(),
+                    base_ms = format_args!("{:.3}", c.base_ms),
+                    ms_per_token = format_args!("{:.6}", c.ms_per_token),
+                    ms_per_running = format_args!("{:.4}", c.ms_per_running),
+                    "learned ttft"
+                );
+            }
+        }
+        self.release_prefill();
+    }
+
+    fn release_prefill(&mut self) {
         if !self.prefill_released {
             self.prefill_released = true;
             self.load.slots[self.shard].prefill_tokens.fetch_sub(self.booking.prefill_tokens, Relaxed);
@@ -292,7 +346,7 @@ impl LoadGuard {
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {
-        self.prefill_done();
+        self.release_prefill();
         let slot = &self.load.slots[self.shard];
         slot.decode_blocks.fetch_sub(self.booking.decode_blocks, Relaxed);
         slot.requests.fetch_sub(1, Relaxed);

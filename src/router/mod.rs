@@ -1,6 +1,7 @@
 //! Routing: which worker serves a request, and the load booked on it.
 //!
-//! - [`cost`]: the KV cost function and min / softmax selection (pure).
+//! - [`cost`]: the KV cost functions (`ttft`, `overlap`) and min / softmax selection (pure).
+//! - [`ttft`]: each worker's time to first token, learned online from the first tokens it sends.
 //! - [`load`]: per-worker load cells (one padded slot per shard) and the [`LoadGuard`].
 //! - [`release`]: wakes the shards' admission queues when a guard releases load.
 //! - [`quality`]: each decision's overlap regret (best candidate's overlap − chosen's), its
@@ -18,6 +19,7 @@ pub mod cost;
 pub mod load;
 pub mod quality;
 pub mod release;
+pub mod ttft;
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -30,8 +32,9 @@ use crate::kv::hash::SeqHash;
 use crate::kv::index::{KvIndex, OverlapScores};
 
 pub use cost::WorkerScore;
-use cost::{kv_cost, pick_min, prompt_blocks, sample_softmax, uncached_tokens, CostInputs};
+use cost::{kv_cost, pick_min, prompt_blocks, sample_softmax, ttft_cost, uncached_tokens, CostInputs, TtftInputs};
 pub use load::{Booking, LoadGuard, LoadView, WorkerLoad, MAX_SHARDS, REPORT_FRESH_FOR};
+use ttft::TtftFeatures;
 
 /// The routing policy, chosen once from config.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -44,11 +47,24 @@ pub enum RouterMode {
     Random,
 }
 
+/// What `kv` mode minimizes, chosen once from config (`--router-cost`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum RouterCost {
+    /// Predicted time to first token from each worker's learned prefill speed, plus the cost of
+    /// duplicating a prefix into a full cache ([`cost::ttft_cost`]).
+    #[default]
+    Ttft,
+    /// Overlap weighed against decode blocks, as before issue #16 ([`cost::kv_cost`]).
+    Overlap,
+}
+
 /// How a model's router picks workers. Validated by the config layer ([`RouterConfig::validate`]
 /// restates the ranges).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RouterConfig {
     pub mode: RouterMode,
+    /// The cost `kv` mode minimizes.
+    pub cost: RouterCost,
     /// Weight of the prefill term; 0 skips the KV index lookup (pure load). Finite, `>= 0`.
     pub overlap_weight: f64,
     /// 0 takes the cheapest worker; above 0 samples a softmax. Finite, `>= 0`.
@@ -148,14 +164,16 @@ impl Router {
         if n == 0 {
             return Err(RouteError::NoWorkers);
         }
+        let mut learn = None;
         let (chosen, overlap_blocks, scores) = match self.config.mode {
             RouterMode::Kv => {
-                let scores = self.score(&req);
+                let (scores, features) = self.score(&req);
                 let i = if self.config.temperature > 0.0 {
                     sample_softmax(&scores, self.config.temperature, rng)
                 } else {
                     pick_min(&scores, rng)
                 };
+                learn = features.map(|f| f[i]);
                 (i, scores[i].overlap_blocks, scores)
             }
             RouterMode::RoundRobin => (self.next.fetch_add(1, Relaxed) % n, 0, Vec::new()),
@@ -167,13 +185,18 @@ impl Router {
             prefill_tokens: uncached_tokens(req.prompt_tokens, overlap_blocks, b),
             decode_blocks: prompt_blocks(req.prompt_tokens, b),
         };
-        let guard = LoadGuard::book(c.load.clone(), c.id, req.shard, booking);
+        let mut guard = LoadGuard::book(c.load.clone(), c.id, req.shard, booking);
+        if let Some(f) = learn {
+            guard.expect_first_token(f);
+        }
         Ok(RouteDecision { worker: c.id, overlap_blocks, scores, guard })
     }
 
-    /// Every candidate's KV cost, in candidate order.
-    fn score(&self, req: &RouteRequest<'_>) -> Vec<WorkerScore> {
-        let RouterConfig { overlap_weight: w, block_size: b, .. } = self.config;
+    /// Every candidate's KV cost, in candidate order; with the `ttft` cost and the index in use,
+    /// also what each choice would teach the chosen worker's learned TTFT (a weight of 0, as on
+    /// a disaggregated decode leg, predicts no prefill, so it teaches nothing).
+    fn score(&self, req: &RouteRequest<'_>) -> (Vec<WorkerScore>, Option<Vec<TtftFeatures>>) {
+        let RouterConfig { overlap_weight: w, block_size: b, cost, .. } = self.config;
         let use_index = w > 0.0;
         let mut looked_up;
         let mut overlaps = match req.overlaps {
@@ -193,7 +216,10 @@ impl Router {
                 overlaps = &looked_up;
             }
         }
-        req.candidates
+        let best_overlap_blocks = req.candidates.iter().map(|c| overlaps.overlap(c.id)).max().unwrap_or(0);
+        let mut features = (cost == RouterCost::Ttft && use_index).then(|| Vec::with_capacity(req.candidates.len()));
+        let scores = req
+            .candidates
             .iter()
             .map(|c| {
                 let overlap_blocks = overlaps.overlap(c.id);
@@ -210,9 +236,27 @@ impl Router {
                     prompt_tokens: req.prompt_tokens,
                     overlap_blocks,
                 };
-                WorkerScore { worker: c.id, overlap_blocks, cost: kv_cost(w, b, x), cached_blocks }
+                let cost = match cost {
+                    RouterCost::Overlap => kv_cost(w, b, x),
+                    RouterCost::Ttft => {
+                        let t = TtftInputs {
+                            load: x,
+                            running: load.requests,
+                            model: c.load.ttft().coefficients(),
+                            best_overlap_blocks,
+                            cached_blocks,
+                            total_blocks: c.load.total_blocks(),
+                        };
+                        if let Some(f) = features.as_mut() {
+                            f.push(t.features(b));
+                        }
+                        ttft_cost(w, b, t)
+                    }
+                };
+                WorkerScore { worker: c.id, overlap_blocks, cost, cached_blocks }
             })
-            .collect()
+            .collect();
+        (scores, features)
     }
 }
 
