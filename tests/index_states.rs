@@ -20,14 +20,15 @@ use support::{kvgate_command, Etcd, FrontendProc, KvgateProc, Nats, WorkerProc};
 use kvgate::contract::control::{Recovery, RecoveryError, RecoverySource};
 use kvgate::contract::events::{EngineHash, KvEvent, KvEventKind, StoredBlock};
 use kvgate::contract::{Target, WorkerId, WorkerRole};
-use kvgate::frontend::{control, Frontend, HttpLimits, IndexState, Prediction};
+use kvgate::frontend::index_state::SILENT_BOUND;
+use kvgate::frontend::{control, Frontend, HttpLimits, IndexState, ModelState, Prediction};
 use kvgate::kv::hash::SeqHash;
 use kvgate::kv::index::KvIndex;
 use kvgate::planes::discovery::{InProcessDiscovery, WorkerInfo};
 use kvgate::planes::events::{self, EventPublisher};
 use kvgate::planes::request::InProcessRequestPlane;
 use kvgate::preprocess::{ModelSource, Preprocessor};
-use kvgate::router::{RouterConfig, RouterMode};
+use kvgate::router::{Booking, LoadGuard, RouterConfig, RouterMode};
 
 /// Blind must show within this of the events stopping: 5 s of silence plus a 1 s check, with a
 /// large margin for a loaded machine.
@@ -302,6 +303,88 @@ async fn recovering_while_the_replay_is_pending_blind_when_it_fails() {
     assert!(fe
         .render_metrics()
         .contains(&format!("kvgate_worker_index_state{{model=\"m\",worker=\"{id}\",state=\"exact\"}} 1")));
+}
+
+/// The silence rule at the control plane: a worker with a request in flight and no event for
+/// 5 s is asked for what it published since; nothing means it was only quiet (still exact, asked
+/// again after another 5 s of silence); events it published that never arrived make it blind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_silent_worker_is_probed_and_blind_only_if_events_were_lost() {
+    let (fe, model, publisher, mut asked, id) = control_plane(WorkerId(8)).await;
+    let state = || model.workers.load().kv_state(id);
+    publisher.publish(vec![stored(id, 1, 1)]).await;
+    eventually("the event applies", || fe.index.cached_blocks(id) == 1).await;
+    let load = model.workers.load().entries[&id].load.clone();
+    let _busy = LoadGuard::book(load, id, 0, Booking { prefill_tokens: 16, decode_blocks: 1 });
+
+    let t0 = Instant::now();
+    let (since, answer) = next_within(&mut asked, Duration::from_secs(30)).await;
+    let first = t0.elapsed();
+    assert!(first >= SILENT_BOUND - Duration::from_millis(1100), "probed after {first:?}");
+    assert_eq!((since, state()), (1, "exact"));
+    answer.send(Ok(Recovery::Replay(vec![]))).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(state(), "exact", "quiet, nothing lost");
+
+    // Asked again once silent for another 5 s, it names an event that never arrived: blind.
+    // (The periodic sync may ask in between and gets the same kind of answer, which it applies
+    // without judging the stream.)
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while state() != "blind" {
+        let (since, answer) = next_within(&mut asked, deadline.saturating_duration_since(Instant::now())).await;
+        answer.send(Ok(Recovery::Replay(vec![stored(id, since + 1, since + 1)]))).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(t0.elapsed() >= first + SILENT_BOUND - Duration::from_millis(1100), "the silence was not timed anew");
+    assert!(fe.index.cached_blocks(id) >= 2, "the probe's replay applied");
+}
+
+/// A frontend serving model `m` with its control plane, and worker `id` (with KV events)
+/// registered and past its join's sync: the frontend, the model, the event publisher, the
+/// recoveries asked for, and `id`.
+async fn control_plane(
+    id: WorkerId,
+) -> (
+    Arc<Frontend<InProcessRequestPlane>>,
+    Arc<ModelState>,
+    events::InProcessPublisher,
+    tokio::sync::mpsc::Receiver<Asked>,
+    WorkerId,
+) {
+    let (index, writer) = KvIndex::new();
+    let discovery = InProcessDiscovery::new();
+    let (publisher, subscriber) = events::in_process();
+    let cfg = RouterConfig { mode: RouterMode::Kv, overlap_weight: 1.0, temperature: 0.0, block_size: 16 };
+    let limits = HttpLimits { max_body_bytes: 1 << 20, migration_limit: 0, disagg: Default::default() };
+    let fe = Arc::new(Frontend::new(InProcessRequestPlane::new(), index, cfg, limits, 1));
+    let model = fe.add_model("m", Arc::new(Preprocessor::load(&ModelSource::parse(None)).unwrap()), 16);
+    let (calls, mut asked) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(control::run(fe.clone(), writer, discovery.subscribe(), subscriber, Arc::new(Scripted { calls })));
+    let reg = discovery.register(WorkerInfo {
+        id,
+        model: "m".into(),
+        model_path: None,
+        role: WorkerRole::Aggregated,
+        page_size: 16,
+        kv_capacity_blocks: 1000,
+        max_num_seqs: 256,
+        max_num_batched_tokens: 8192,
+        address: None,
+        engine: Default::default(),
+        disagg: Default::default(),
+        bootstrap: None,
+        kv_events: true,
+    });
+    std::mem::forget(reg);
+    let (_, answer) = next(&mut asked).await;
+    answer.send(Ok(Recovery::Replay(vec![]))).unwrap();
+    eventually("exact after the join's sync", || model.workers.load().kv_state(id) == "exact").await;
+    (fe, model, publisher, asked, id)
+}
+
+async fn next_within(asked: &mut tokio::sync::mpsc::Receiver<Asked>, within: Duration) -> Asked {
+    let r = tokio::time::timeout(within, asked.recv()).await;
+    r.expect("a recovery is asked for").expect("open")
 }
 
 /// One recovery the control plane asked for: its `since`, and where to answer.

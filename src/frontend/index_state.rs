@@ -5,15 +5,18 @@
 //! | `exact` | its KV events arrive contiguously; the index is what the worker holds | on its blocks |
 //! | `recovering` | a gap (or a join) is being repaired by a replay or a dump | on its blocks |
 //! | `approximate` | it publishes no events (`--no-kv-events`, or registered without) | on predictions |
-//! | `blind` | its event stream broke while it is alive: no KV event for [`SILENT_BOUND`] while it had requests in flight, or a recovery failed | on predictions |
+//! | `blind` | its event stream broke while it is alive: busy and silent for [`SILENT_BOUND`] and events it published never arrived, or a recovery failed | on predictions |
 //!
 //! The rule for `blind`, exactly: workers send no heartbeat on the event plane (an idle
 //! worker is silent, and that is normal), so silence alone says nothing. The control plane looks
 //! at each worker every [`CHECK_INTERVAL`]: a worker that has had requests in flight the whole
 //! time (its load as the router counts it: its last fresh load report plus this frontend's
-//! bookings) and no KV event for [`SILENT_BOUND`] is blind; a busy engine writes KV blocks and so
-//! publishes events at every step. A recovery that fails (the worker cannot say what it holds) also
-//! makes it blind. A blind worker is routed as an approximate one: its known blocks stay, and
+//! bookings) and no KV event for [`SILENT_BOUND`] is asked, over the request plane, for the events
+//! after the last one applied (a busy engine writes KV blocks, so publishes, at every step; but a
+//! worker serving prompts it holds whole may write none). No event: it was just quiet, it stays
+//! exact and its silence is timed anew. Events (applied at once) or a dump: its stream is losing
+//! them, so it is blind. A recovery that fails (the worker cannot say what it holds) also makes
+//! it blind. A blind worker is routed as an approximate one: its known blocks stay, and
 //! what is routed to it is added as predicted blocks. It leaves `blind` through a full resync
 //! (its blocks and predictions dropped, then a replay from event 0 or a dump): `recovering`,
 //! then `exact`. Started by its next event, or by the periodic sync when it stays silent.

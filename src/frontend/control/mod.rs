@@ -33,8 +33,9 @@
 //!
 //! Index states ([`crate::frontend::index_state`]): the loop is the only writer of each worker's
 //! state. A gap or a join makes it `recovering` until the recovery answers (`exact`) or fails
-//! (`blind`); every [`CHECK_INTERVAL`] a worker busy and silent for [`SILENT_BOUND`] turns
-//! `blind` (logged once, at warn); a blind worker is routed on predictions until a full resync
+//! (`blind`); every [`CHECK_INTERVAL`] a worker busy and silent for [`SILENT_BOUND`] is probed
+//! (a replay since its last applied event): events it published that never arrived, or no
+//! answer, turn it `blind` (logged once, at warn); a blind worker is routed on predictions until a full resync
 //! (its next event, or the periodic sync) brings it back through `recovering` to `exact`.
 
 pub mod load;
@@ -98,6 +99,8 @@ struct Tracked {
 #[derive(Default)]
 struct Stream {
     recovering: bool,
+    /// The recovery in flight is a probe of a busy, silent worker ([`State::check_silence`]).
+    probe: bool,
     held: Vec<KvEvent>,
     overflowed: bool,
     no_recovery_until: Option<Instant>,
@@ -275,8 +278,22 @@ impl<P, R: RecoverySource> State<'_, P, R> {
             }
         }
         for w in silent {
-            self.turn_blind(w, "no KV event while it had requests in flight");
+            self.probe(w);
         }
+    }
+
+    /// Asks a busy, silent worker for the events after the last one applied: none means it is
+    /// just quiet (it stays exact, and the silence is timed anew); some, or no answer, means its
+    /// event stream is losing them: blind ([`Self::on_recovered`]).
+    fn probe(&mut self, w: WorkerId) {
+        let stream = self.streams.entry(w).or_default();
+        if stream.recovering || stream.no_recovery_until.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        stream.probe = true;
+        let since = self.writer.last_event_id(w).unwrap_or(0);
+        tracing::debug!(worker = %w, since, "busy and silent: asking the worker what it published");
+        self.start_recovery(w, since);
     }
 
     /// Brings a blind worker back: drops its predictions and blocks (they may mix guesses with
@@ -457,7 +474,13 @@ impl<P, R: RecoverySource> State<'_, P, R> {
         stream.recovering = false;
         let held = std::mem::take(&mut stream.held);
         let overflowed = std::mem::replace(&mut stream.overflowed, false);
+        let probe = std::mem::take(&mut stream.probe);
         let answered = result.is_ok();
+        let lost = match &result {
+            Ok(Recovery::Replay(events)) => events.len(),
+            Ok(Recovery::Dump { events, .. }) => events.len().max(1),
+            Err(_) => 0,
+        };
         match result {
             Ok(Recovery::Replay(events)) if events.is_empty() => {}
             Ok(Recovery::Replay(events)) => {
@@ -485,6 +508,14 @@ impl<P, R: RecoverySource> State<'_, P, R> {
         }
         if !answered {
             self.turn_blind(worker, "its recovery failed");
+        } else if probe && lost > 0 {
+            let why = format!("busy, no KV event for {}s, and {lost} were never received", SILENT_BOUND.as_secs());
+            self.turn_blind(worker, &why);
+        } else if probe {
+            // Quiet, nothing lost: time the silence anew.
+            if let Some(t) = self.tracked.get_mut(&worker) {
+                t.silence = Silence::default();
+            }
         } else if self.set_state(worker, IndexState::Exact) {
             tracing::debug!(worker = %worker, "index exact");
         }
