@@ -24,7 +24,7 @@ use kvgate::frontend::index_state::SILENT_BOUND;
 use kvgate::frontend::{control, Frontend, HttpLimits, IndexState, ModelState, Prediction};
 use kvgate::kv::hash::SeqHash;
 use kvgate::kv::index::KvIndex;
-use kvgate::planes::discovery::{InProcessDiscovery, WorkerInfo};
+use kvgate::planes::discovery::{InProcessDiscovery, Registration, WorkerInfo};
 use kvgate::planes::events::{self, EventPublisher};
 use kvgate::planes::request::InProcessRequestPlane;
 use kvgate::preprocess::{ModelSource, Preprocessor};
@@ -310,7 +310,7 @@ async fn recovering_while_the_replay_is_pending_blind_when_it_fails() {
 /// again after another 5 s of silence); events it published that never arrived make it blind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_silent_worker_is_probed_and_blind_only_if_events_were_lost() {
-    let (fe, model, publisher, mut asked, id) = control_plane(WorkerId(8)).await;
+    let (fe, model, publisher, mut asked, id, _reg) = control_plane(WorkerId(8)).await;
     let state = || model.workers.load().kv_state(id);
     publisher.publish(vec![stored(id, 1, 1)]).await;
     eventually("the event applies", || fe.index.cached_blocks(id) == 1).await;
@@ -341,7 +341,7 @@ async fn a_busy_silent_worker_is_probed_and_blind_only_if_events_were_lost() {
 
 /// A frontend serving model `m` with its control plane, and worker `id` (with KV events)
 /// registered and past its join's sync: the frontend, the model, the event publisher, the
-/// recoveries asked for, and `id`.
+/// recoveries asked for, `id`, and its registration (it leaves when that drops).
 async fn control_plane(
     id: WorkerId,
 ) -> (
@@ -350,6 +350,7 @@ async fn control_plane(
     events::InProcessPublisher,
     tokio::sync::mpsc::Receiver<Asked>,
     WorkerId,
+    Registration,
 ) {
     let (index, writer) = KvIndex::new();
     let discovery = InProcessDiscovery::new();
@@ -375,11 +376,10 @@ async fn control_plane(
         bootstrap: None,
         kv_events: true,
     });
-    std::mem::forget(reg);
     let (_, answer) = next(&mut asked).await;
     answer.send(Ok(Recovery::Replay(vec![]))).unwrap();
     eventually("exact after the join's sync", || model.workers.load().kv_state(id) == "exact").await;
-    (fe, model, publisher, asked, id)
+    (fe, model, publisher, asked, id, reg)
 }
 
 async fn next_within(asked: &mut tokio::sync::mpsc::Receiver<Asked>, within: Duration) -> Asked {
