@@ -13,9 +13,9 @@
 //!   and recomputes). `w` scales the prefill term only (1: the prediction as learned; 0: no
 //!   index lookup, load alone).
 //! - [`kv_cost`] (`--router-cost overlap`, the cost before issue #16):
-//!   `w × (active_prefill_tokens + prompt_tokens − overlap_blocks × B) / B + active_decode_blocks
-//!   + new_blocks`, where `new_blocks = ceil(prompt_tokens / B) − overlap_blocks` (both
-//!   subtractions saturate at 0).
+//!   `w × (active_prefill_tokens + prompt_tokens − overlap_blocks × B) / B +
+//!   active_decode_blocks + new_blocks`, where `new_blocks = ceil(prompt_tokens / B) −
+//!   overlap_blocks` (both subtractions saturate at 0).
 //!
 //! Selection at temperature 0 takes the minimum (ties: fewer cached blocks, then uniformly at
 //! random); at `T > 0` it samples `softmax(−(cost / max cost) / T)` (either cost).

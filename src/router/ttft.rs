@@ -172,15 +172,17 @@ impl TtftFit {
 fn solve3(mut m: [[f64; 3]; 3], mut v: [f64; 3]) -> Option<[f64; 3]> {
     for col in 0..3 {
         let pivot = (col..3).max_by(|&a, &b| m[a][col].abs().total_cmp(&m[b][col].abs()))?;
-        if !(m[pivot][col].abs() > 1e-12) {
+        // Also catches NaN (a comparison with NaN is false).
+        if m[pivot][col].abs().partial_cmp(&1e-12) != Some(std::cmp::Ordering::Greater) {
             return None;
         }
         m.swap(col, pivot);
         v.swap(col, pivot);
         for row in col + 1..3 {
             let k = m[row][col] / m[col][col];
-            for j in col..3 {
-                m[row][j] -= k * m[col][j];
+            let pivot_row = m[col];
+            for (x, p) in m[row].iter_mut().zip(pivot_row).skip(col) {
+                *x -= k * p;
             }
             v[row] -= k * v[col];
         }
