@@ -8,8 +8,12 @@
 //! attributes; the worker's span is the dispatch span's child, its phases (queue, prefill,
 //! decode) its own. A caller's unsampled trace is recorded by neither. A request without `traceparent`, or with an invalid one, still gets one
 //! trace spanning both processes. A disaggregated request's prefill and decode legs are both
-//! children of its dispatch span.
+//! children of its dispatch span. A real engine's HTTP call (the fake SGLang server of
+//! `tests/fake_engine`) carries a `traceparent` whose parent is the worker's span.
 
+mod common;
+#[path = "common/fake_engine.rs"]
+mod fake_engine;
 mod support;
 
 use std::collections::HashMap;
@@ -189,8 +193,24 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// One worker per entry of `modes` (`None`: aggregated; else its `--disaggregation-mode`).
+    /// One mocker worker per entry of `modes` (`None`: aggregated; else its
+    /// `--disaggregation-mode`).
     fn start(collector: &Collector, modes: &[Option<&str>]) -> Self {
+        let workers = modes
+            .iter()
+            .map(|mode| {
+                let mut args = vec!["--speedup-ratio", "100"];
+                if let Some(m) = mode {
+                    args.extend(["--disaggregation-mode", m, "--disaggregation-transfer-backend", "tcp"]);
+                }
+                args.into_iter().map(String::from).collect()
+            })
+            .collect();
+        Self::start_with(collector, workers)
+    }
+
+    /// One worker per entry of `workers`, each with those arguments.
+    fn start_with(collector: &Collector, workers: Vec<Vec<String>>) -> Self {
         let etcd = Etcd::start();
         let nats = Nats::start();
         let (etcd_url, nats_url) = (etcd.endpoint(), nats.url());
@@ -198,20 +218,18 @@ impl Cluster {
             cmd.env("OTEL_BSP_SCHEDULE_DELAY", "100");
             cmd
         };
-        let procs: Vec<KvgateProc> = modes
+        let procs: Vec<KvgateProc> = workers
             .iter()
             .enumerate()
-            .map(|(i, mode)| {
+            .map(|(i, extra)| {
                 let mut args = vec!["worker", "--etcd-endpoints", &etcd_url, "--nats-server", &nats_url];
-                args.extend(["--advertise-host", "127.0.0.1", "--lease-ttl", "2", "--speedup-ratio", "100"]);
+                args.extend(["--advertise-host", "127.0.0.1", "--lease-ttl", "2"]);
                 args.extend(["--otlp-endpoint", &collector.url]);
-                if let Some(m) = mode {
-                    args.extend(["--disaggregation-mode", m, "--disaggregation-transfer-backend", "tcp"]);
-                }
+                args.extend(extra.iter().map(String::as_str));
                 KvgateProc::spawn(format!("worker {i}"), traced(kvgate_command(&args)))
             })
             .collect();
-        let n = modes.len().to_string();
+        let n = workers.len().to_string();
         let mut args = vec!["frontend", "--http-host", "127.0.0.1", "--http-port", "0"];
         args.extend(["--etcd-endpoints", &etcd_url, "--nats-server", &nats_url]);
         args.extend(["--router-min-initial-workers", &n]);
@@ -219,9 +237,9 @@ impl Cluster {
         let mut cmd = traced(kvgate_command(&args));
         cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.url);
         let frontend = KvgateProc::spawn("frontend", cmd);
-        let workers = procs.into_iter().map(WorkerProc::ready).collect();
+        let workers: Vec<WorkerProc> = procs.into_iter().map(WorkerProc::ready).collect();
         let frontend = FrontendProc::ready(frontend);
-        frontend.wait_workers(modes.len(), READY_TIMEOUT);
+        frontend.wait_workers(workers.len(), READY_TIMEOUT);
         Self { frontend, workers, _nats: nats, _etcd: etcd }
     }
 }
@@ -350,7 +368,10 @@ async fn a_disaggregated_requests_prefill_and_decode_legs_are_both_children_of_i
     let (p, d) =
         (headers["x-kvgate-prefill-worker"].to_str().unwrap(), headers["x-kvgate-decode-worker"].to_str().unwrap());
     let spans = collector
-        .wait("both legs' spans", |s| s.iter().filter(|g| g.trace_id == tid && g.name == "worker.request").count() == 2)
+        .wait("both legs' spans and the frontend's root (it ends last)", |s| {
+            let of = |name: &str| s.iter().filter(|g| g.trace_id == tid && g.name == name).count();
+            of("worker.request") == 2 && of("POST /v1/chat/completions") == 1
+        })
         .await;
     let spans: Vec<Got> = spans.into_iter().filter(|s| s.trace_id == tid).collect();
     let dispatch = one(&spans, "kvgate-frontend", "dispatch");
@@ -367,5 +388,42 @@ async fn a_disaggregated_requests_prefill_and_decode_legs_are_both_children_of_i
         spans.iter().filter(|g| g.name == "route").map(|g| g.attr("kvgate.leg")).collect::<Vec<_>>();
     assert_eq!(routes.len(), 2, "{routes:?}");
     assert!(routes.contains(&"prefill") && routes.contains(&"decode"), "{routes:?}");
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_engines_http_call_carries_the_workers_span_as_its_parent() {
+    let collector = Collector::start().await;
+    let engine = fake_engine::FakeEngine::start(&["--engine", "sglang", "--skip-tokenizer-init"]);
+    let dir = common::qwen_dir().to_str().unwrap().to_string();
+    let model = "Qwen/Qwen3-0.6B";
+    let args = ["--engine", "sglang", "--engine-url", &engine.url, "--model-path", &dir, "--served-model-name", model];
+    let cluster = Cluster::start_with(&collector, vec![args.iter().map(|a| a.to_string()).collect()]);
+    let tid = "1bf92f3577b34da6a3ce929d0e0e4731";
+    let tp = format!("00-{tid}-00f067aa0ba902b7-01");
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let body = json!({"model": model, "prompt": "Which platform for the 7:42?", "max_tokens": 4});
+    let r = c
+        .post(format!("{}/v1/completions", cluster.frontend.base))
+        .header("traceparent", &tp)
+        .header("tracestate", "rail=7")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let spans = collector
+        .wait("the worker's span", |s| s.iter().any(|g| g.trace_id == tid && g.name == "worker.request"))
+        .await;
+    let w = spans.iter().find(|g| g.trace_id == tid && g.name == "worker.request").unwrap();
+    let stats = engine.get("/fake/stats").await;
+    let calls: Vec<&serde_json::Value> =
+        stats["last_requests"].as_array().unwrap().iter().filter(|r| r["path"] == "/generate").collect();
+    assert_eq!(calls.len(), 1, "{stats}");
+    let headers = &calls[0]["headers"];
+    let sent = headers["traceparent"].as_str().or_else(|| headers["Traceparent"].as_str()).unwrap_or_default();
+    assert_eq!(sent, format!("00-{tid}-{}-01", w.span_id), "the engine's parent is the worker's span: {headers}");
+    let state = headers["tracestate"].as_str().or_else(|| headers["Tracestate"].as_str());
+    assert_eq!(state, Some("rail=7"), "{headers}");
     drop(cluster);
 }

@@ -1389,7 +1389,7 @@ class SGLangAPI:
         eng = self.eng
         body, raw = await read_json(request)
         eng.last_requests.append({"path": request.path, "ts": time.time(), "body": body if body is not ValueError else raw.decode("utf-8", "replace"),
-                                  "headers": {k: v for k, v in request.headers.items() if k.lower().startswith("x-")}})
+                                  "headers": recorded_headers(request)})
         if body is ValueError:
             return sgl_error_response("1 validation error: JSON decode error")
         if not isinstance(body, dict):
@@ -1835,7 +1835,7 @@ class VLLMAPI:
         self.eng.last_requests.append({
             "path": request.path, "ts": time.time(),
             "body": body if body is not ValueError else raw.decode("utf-8", "replace"),
-            "headers": {k: v for k, v in request.headers.items() if k.lower().startswith("x-")}})
+            "headers": recorded_headers(request)})
 
     def start_req(self, request, ext_id: str, ids, sp, stream, body) -> Req:
         eng = self.eng
@@ -2237,7 +2237,7 @@ class LlamaAPI:
         body, raw = await read_json(request)
         eng.last_requests.append({"path": request.path, "ts": time.time(),
                                   "body": body if body is not ValueError else raw.decode("utf-8", "replace"),
-                                  "headers": {}})
+                                  "headers": recorded_headers(request)})
         if body is ValueError or not isinstance(body, dict):
             return llama_error("Invalid JSON")
         prompt = body.get("prompt")
@@ -2458,6 +2458,12 @@ def fake_routes(app: web.Application, eng: Engine) -> None:
     app.router.add_get("/fake/cache", cache)
     app.router.add_get("/fake/stats", stats)
     app.router.add_post("/fake/reset_stats", reset_stats)
+
+
+def recorded_headers(request) -> dict:
+    """The headers /fake/stats shows with a request: x-* and W3C trace context."""
+    return {k: v for k, v in request.headers.items()
+            if k.lower().startswith("x-") or k.lower() in ("traceparent", "tracestate")}
 
 
 def hang_middleware(eng: Engine):
