@@ -2,9 +2,11 @@
 //!
 //! Two costs (lower wins), block size `B`, weight `w`, chosen once by `--router-cost`:
 //!
-//! - [`ttft_cost`] (the default): the worker's predicted time to first token in ms,
-//!   `a + w × s × (queued_prefill_tokens + uncached_tokens) + c × running_requests`, with the
-//!   worker's learned coefficients ([`super::ttft`]), plus two cache terms in the same unit:
+//! - [`ttft_cost`] (the default): the part of the worker's predicted time to first token that
+//!   routing changes, in ms, `w × s × (queued_prefill_tokens + uncached_tokens) + c ×
+//!   running_requests`, with the worker's learned coefficients ([`super::ttft`]); the learned
+//!   fixed latency `a` is left out (alike on alike workers, and its noise alone would herd
+//!   requests onto whichever worker looked faster); plus two cache terms in the same unit:
 //!   *duplication*, `s × dup_tokens × fill`, where `dup_tokens` is the prefix another worker
 //!   holds and this one would compute again and `fill` the share of this worker's cache already
 //!   in use (a copy in a near-full cache evicts something that will be recomputed later; in an
@@ -94,7 +96,7 @@ impl TtftInputs {
 pub fn ttft_cost(weight: f64, block_size: u32, x: TtftInputs) -> f64 {
     let m = &x.model;
     let f = x.features(block_size);
-    let mut ms = m.base_ms + weight * m.ms_per_token * f.work_tokens as f64 + m.ms_per_running * f.running as f64;
+    let mut ms = weight * m.ms_per_token * f.work_tokens as f64 + m.ms_per_running * f.running as f64;
     if x.total_blocks > 0 {
         let b = block_size as u64;
         let new_blocks = prompt_blocks(x.load.prompt_tokens, block_size).saturating_sub(x.load.overlap_blocks as u64);

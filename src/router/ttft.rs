@@ -59,14 +59,17 @@ pub struct TtftCoefficients {
 
 impl TtftCoefficients {
     /// Before any observation: a mid-sized GPU prefilling 20k tokens/s (0.05 ms/token), 20 ms
-    /// of fixed latency, and 1 ms per running request (about one decode token in each of a
-    /// few steps). Only ratios matter between identical workers; the fit corrects the scale.
-    pub const PRIOR: Self = Self { base_ms: 20.0, ms_per_token: 0.05, ms_per_running: 1.0 };
+    /// of fixed latency, and a running request worth 256 prompt tokens (the lower bound
+    /// below). Only ratios matter between identical workers; the fit corrects the scale.
+    pub const PRIOR: Self = Self { base_ms: 20.0, ms_per_token: 0.05, ms_per_running: 12.8 };
     /// Lower bounds: prefill is never free (1 ms per million tokens), and every running request
-    /// weighs at least as much as 16 prompt tokens, so an idle cluster without sharing spreads
-    /// requests by their number instead of piling them on one worker.
-    const MIN_MS_PER_TOKEN: f64 = 1e-6;
-    const MIN_RUNNING_IN_TOKENS: f64 = 16.0;
+    /// weighs at least as much as 256 prompt tokens (its decode shares every step and its
+    /// blocks the cache, which a TTFT fit does not see: on the mocker, TTFT barely depends on
+    /// the running requests), so requests spread by their number where prefill does not
+    /// decide, and a 10 % error in a worker's learned speed on a 2,048-token prompt cannot
+    /// outweigh one running request.
+    pub const MIN_MS_PER_TOKEN: f64 = 1e-6;
+    pub const MIN_RUNNING_IN_TOKENS: f64 = 256.0;
     /// Upper bounds, far above any real engine: a fit on garbage stays finite.
     const MAX_MS_PER_TOKEN: f64 = 100.0;
     const MAX_MS: f64 = 600_000.0;
@@ -261,14 +264,14 @@ mod tests {
         assert_eq!(TtftFit::default().coefficients(), TtftCoefficients::PRIOR);
         let l = LearnedTtft::default();
         assert_eq!(l.coefficients(), TtftCoefficients::PRIOR);
-        // 20 + 0.05 × 1000 + 1 × 3
-        assert!((TtftCoefficients::PRIOR.predict_ms(f(1000, 3)) - 73.0).abs() < 1e-9);
+        // 20 + 0.05 × 1000 + 12.8 × 3
+        assert!((TtftCoefficients::PRIOR.predict_ms(f(1000, 3)) - 108.4).abs() < 1e-9);
     }
 
     #[test]
     fn learns_a_worker_ten_times_faster_than_the_prior() {
-        // The truth: 5 ms + 0.005 ms/token + 0.2 ms per running request, varied inputs.
-        let truth = |x: TtftFeatures| 5.0 + 0.005 * x.work_tokens as f64 + 0.2 * x.running as f64;
+        // The truth: 5 ms + 0.005 ms/token + 2 ms per running request, varied inputs.
+        let truth = |x: TtftFeatures| 5.0 + 0.005 * x.work_tokens as f64 + 2.0 * x.running as f64;
         let mut fit = TtftFit::default();
         for i in 0..400u64 {
             let x = f((i * 7919) % 9000, (i * 31) % 12);
