@@ -314,6 +314,9 @@ def workloads(a):
         "mooncake": tok + ["--request-rate", str(a.mooncake_rate), "mooncake", "--trace", a.trace,
                            "--max-requests", str(a.mooncake_requests), "--max-input-tokens", "8192",
                            "--max-output-tokens", "64"],
+        # Issue #16: the conversation trace's 20 busiest conversations replayed turn by turn, 8 at once
+        # (perf/routing_quality.py's `sessions`): hit rate and TTFT of each system's KV router.
+        "msessions": tok + ["--concurrency", "8", "mooncake", "--trace", a.trace, "--sessions", "20"],
     }
 
 
@@ -448,7 +451,7 @@ def version(python, module):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--systems", default="kvgate,dynamo,sglang", help=f"comma-separated, of {','.join(SYSTEMS)}")
-    p.add_argument("--runs", default="saturation,rate", help="comma-separated, of saturation,rate,longctx,mooncake")
+    p.add_argument("--runs", default="saturation,rate", help="comma-separated, of saturation,rate,longctx,mooncake,msessions")
     p.add_argument("--kvgate", default=os.path.join(ROOT, "target/release/kvgate"))
     p.add_argument("--bench", default=os.path.join(ROOT, "target/release/kvgate-bench"))
     p.add_argument("--dynamo-python", default="/work/anchors-venv/bin/python")
