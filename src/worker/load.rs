@@ -1,5 +1,6 @@
 //! Publishes a worker's [`LoadReport`] on the load plane ([`crate::planes::load`]) at a bounded
-//! rate: when it changes, at most once per [`LOAD_PUBLISH_MIN_INTERVAL`]; and, changed or not, at
+//! rate: when it changes, at most once per [`LOAD_PUBLISH_MIN_INTERVAL`] (once per
+//! [`FINISH_PUBLISH_MIN_INTERVAL`] when a request ended); and, changed or not, at
 //! least once per [`LOAD_HEARTBEAT`], so a frontend started late (or one that lost a message)
 //! knows an idle worker's load within a heartbeat.
 //!
@@ -27,6 +28,19 @@ pub const LOAD_HEARTBEAT: Duration = Duration::from_secs(1);
 
 const _: () = assert!(LOAD_PUBLISH_MIN_INTERVAL.as_millis() < LOAD_HEARTBEAT.as_millis());
 
+/// A request that ended is published after this, not [`LOAD_PUBLISH_MIN_INTERVAL`]: a
+/// session's next turn follows its previous one within milliseconds, often through another
+/// frontend, which must not see the worker still busy with the turn that just ended (it would
+/// route the turn away from the worker holding its prefix). Bounds the rate at 200 per second.
+pub const FINISH_PUBLISH_MIN_INTERVAL: Duration = Duration::from_millis(5);
+
+const _: () = assert!(FINISH_PUBLISH_MIN_INTERVAL.as_millis() < LOAD_PUBLISH_MIN_INTERVAL.as_millis());
+
+/// Whether `now` has fewer requests than `published` (one ended).
+fn ended(published: &LoadReport, now: &LoadReport) -> bool {
+    now.running_requests + now.waiting_requests < published.running_requests + published.waiting_requests
+}
+
 /// Publishes `worker`'s load from `load` until its sender is dropped.
 pub async fn publish_load(worker: WorkerId, mut load: watch::Receiver<LoadReport>, publisher: impl LoadPublisher) {
     let mut seq = 0u64;
@@ -34,7 +48,26 @@ pub async fn publish_load(worker: WorkerId, mut load: watch::Receiver<LoadReport
         let report = *load.borrow_and_update();
         seq += 1;
         publisher.publish(LoadMessage { worker, seq, issued_at_us: now_us(), report }).await;
-        tokio::time::sleep(LOAD_PUBLISH_MIN_INTERVAL).await;
+        let at = tokio::time::Instant::now();
+        // Within the interval, changes wait for its end, except a request that ended, which goes
+        // out after the shorter interval.
+        let mut changed = false;
+        loop {
+            match tokio::time::timeout_at(at + LOAD_PUBLISH_MIN_INTERVAL, load.changed()).await {
+                Err(_) => break,
+                Ok(Err(_)) => return,
+                Ok(Ok(())) => {
+                    changed = true;
+                    if ended(&report, &load.borrow()) {
+                        tokio::time::sleep_until(at + FINISH_PUBLISH_MIN_INTERVAL).await;
+                        break;
+                    }
+                }
+            }
+        }
+        if changed {
+            continue;
+        }
         // A change or the heartbeat: publish again; the sender gone: the engine has ended.
         if let Ok(Err(_)) = tokio::time::timeout(LOAD_HEARTBEAT - LOAD_PUBLISH_MIN_INTERVAL, load.changed()).await {
             break;
@@ -70,6 +103,28 @@ mod tests {
         let start = tokio::time::Instant::now();
         assert_eq!(s.next_report().await.unwrap().seq, 3);
         assert!(start.elapsed() >= LOAD_HEARTBEAT - LOAD_PUBLISH_MIN_INTERVAL);
+        drop(tx);
+        tokio::time::timeout(LOAD_HEARTBEAT * 2, task).await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_ended_is_published_within_the_short_interval() {
+        let busy = LoadReport { running_requests: 2, ..LoadReport::default() };
+        let (tx, rx) = watch::channel(busy);
+        let (p, mut s) = in_process();
+        let task = tokio::spawn(publish_load(WorkerId(3), rx, p));
+        let start = tokio::time::Instant::now();
+        assert_eq!(s.next_report().await.unwrap().report.running_requests, 2);
+        tx.send_replace(LoadReport { running_requests: 1, ..LoadReport::default() });
+        let m = s.next_report().await.unwrap();
+        assert_eq!((m.seq, m.report.running_requests), (2, 1));
+        let took = start.elapsed();
+        assert!(took >= FINISH_PUBLISH_MIN_INTERVAL && took < LOAD_PUBLISH_MIN_INTERVAL, "{took:?}");
+        // A new request right after: the long interval again.
+        let start = tokio::time::Instant::now();
+        tx.send_replace(busy);
+        assert_eq!(s.next_report().await.unwrap().seq, 3);
+        assert!(start.elapsed() >= LOAD_PUBLISH_MIN_INTERVAL - FINISH_PUBLISH_MIN_INTERVAL);
         drop(tx);
         tokio::time::timeout(LOAD_HEARTBEAT * 2, task).await.unwrap().unwrap();
     }
