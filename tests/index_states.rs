@@ -236,7 +236,13 @@ async fn recovering_while_the_replay_is_pending_blind_when_it_fails() {
     let (index, writer) = KvIndex::new();
     let discovery = InProcessDiscovery::new();
     let (publisher, subscriber) = events::in_process();
-    let cfg = RouterConfig { mode: RouterMode::Kv, overlap_weight: 1.0, temperature: 0.0, block_size: 16 };
+    let cfg = RouterConfig {
+        mode: RouterMode::Kv,
+        cost: kvgate::router::RouterCost::default(),
+        overlap_weight: 1.0,
+        temperature: 0.0,
+        block_size: 16,
+    };
     let limits = HttpLimits { max_body_bytes: 1 << 20, migration_limit: 0, disagg: Default::default() };
     let fe = Arc::new(Frontend::new(InProcessRequestPlane::new(), index.clone(), cfg, limits, 1));
     let model = fe.add_model("m", Arc::new(Preprocessor::load(&ModelSource::parse(None)).unwrap()), 16);
@@ -355,7 +361,13 @@ async fn control_plane(
     let (index, writer) = KvIndex::new();
     let discovery = InProcessDiscovery::new();
     let (publisher, subscriber) = events::in_process();
-    let cfg = RouterConfig { mode: RouterMode::Kv, overlap_weight: 1.0, temperature: 0.0, block_size: 16 };
+    let cfg = RouterConfig {
+        mode: RouterMode::Kv,
+        cost: kvgate::router::RouterCost::default(),
+        overlap_weight: 1.0,
+        temperature: 0.0,
+        block_size: 16,
+    };
     let limits = HttpLimits { max_body_bytes: 1 << 20, migration_limit: 0, disagg: Default::default() };
     let fe = Arc::new(Frontend::new(InProcessRequestPlane::new(), index, cfg, limits, 1));
     let model = fe.add_model("m", Arc::new(Preprocessor::load(&ModelSource::parse(None)).unwrap()), 16);

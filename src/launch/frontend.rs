@@ -165,7 +165,10 @@ pub fn start(args: &FrontendArgs) -> Result<FrontendServer, FrontendLaunchError>
         let loads = NatsLoadSubscriber::subscribe(&client, &cluster.namespace).await?;
         if let Some(sync) = &replica {
             let decisions = NatsDecisionSubscriber::subscribe(&client, &cluster.namespace).await?;
-            tokio::spawn(replica::publish(sync.clone(), NatsDecisionPublisher::new(client.clone(), &cluster.namespace)));
+            tokio::spawn(replica::publish(
+                sync.clone(),
+                NatsDecisionPublisher::new(client.clone(), &cluster.namespace),
+            ));
             tokio::spawn(replica::receive(sync.clone(), decisions));
         }
         let etcd = EtcdDiscovery::connect(&cluster.etcd_endpoints, &cluster.namespace).await?;

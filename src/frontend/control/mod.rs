@@ -57,9 +57,9 @@ use crate::frontend::{Frontend, IndexState, KvTracking, Prediction};
 use crate::kv::approx::{Changed, Predictions};
 use crate::kv::index::KvIndexWriter;
 use crate::kv::replica::ReplicaPredictions;
-use crate::planes::replica::DecisionBatch;
 use crate::planes::discovery::WorkerSnapshot;
 use crate::planes::events::EventSubscriber;
+use crate::planes::replica::DecisionBatch;
 use crate::router::WorkerLoad;
 
 /// Events held per worker while its recovery is in flight (a recovery takes one round trip; a
