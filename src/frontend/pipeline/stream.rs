@@ -28,6 +28,10 @@ use crate::planes::request::ResponseStream;
 use crate::preprocess::{IncrementalDecoder, StopMatcher};
 use crate::router::LoadGuard;
 
+/// How long a finished response waits for its prefill leg's last reports (see
+/// `Generation::awaiting_prefill_report`).
+const PREFILL_REPORT_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// What a generation yields to its writer.
 #[derive(Debug)]
 pub enum GenEvent {
@@ -106,6 +110,9 @@ pub struct Generation {
     remote: bool,
     /// Its prefill leg's `Started` (the cached tokens for the usage) has been read.
     prefill_reported: bool,
+    /// Set once the decode stream has ended while the prefill leg still runs: how long its
+    /// last reports (`Transferred`, `Finished`) are still waited for.
+    prefill_grace: Option<Pin<Box<monoio::time::Sleep>>>,
     /// The request migrated after tokens were streamed: `usage.cached_tokens` is final.
     cached_frozen: bool,
     decoder: IncrementalDecoder,
@@ -149,6 +156,7 @@ impl Generation {
             prefill,
             remote,
             prefill_reported: false,
+            prefill_grace: None,
             cached_frozen: false,
             decoder,
             stop: StopMatcher::new(stops),
@@ -258,14 +266,28 @@ impl Generation {
         }
     }
 
-    /// The prefill leg's report (cached tokens) is still owed. It was sent before the KV moved,
-    /// so the decode stream cannot end long before it arrives; a leg that fails or ends is no
-    /// longer waited for.
+    /// The prefill leg's reports are still owed: `Started` (cached tokens, for the usage) is
+    /// always waited for: it was sent before the KV moved, so the decode stream cannot end long
+    /// before it arrives. The rest (`Transferred`, for the transfer metrics, then `Finished`)
+    /// travels on the prefill worker's connection and may arrive after the decode worker's last
+    /// token; it is waited for at most [`PREFILL_REPORT_GRACE`], so a prefill leg that never
+    /// ends cannot hold a finished response. A leg that fails or ends is no longer waited for.
     fn awaiting_prefill_report(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.prefill.is_some() && !self.prefill_reported {
+        if self.prefill.is_some() {
             let _ = self.poll_prefill(cx);
         }
-        self.prefill.is_some() && !self.prefill_reported
+        if self.prefill.is_none() {
+            return false;
+        }
+        if !self.prefill_reported {
+            return true;
+        }
+        let grace = self.prefill_grace.get_or_insert_with(|| Box::pin(monoio::time::sleep(PREFILL_REPORT_GRACE)));
+        if grace.as_mut().poll(cx).is_ready() {
+            tracing::debug!("the prefill leg did not end within the grace after the decode stream; not waiting");
+            return false;
+        }
+        true
     }
 
     fn account_finished(&mut self) {
