@@ -137,19 +137,24 @@ async fn kill_under_load(victim_is_prefill: bool) {
     let c = http();
     let mut tasks = Vec::new();
     for i in 0..24 {
-        let (c, base) = (c.clone(), base.clone());
+        let (client, url) = (c.clone(), base.clone());
         tasks.push(tokio::spawn(async move {
             let prompt =
                 format!("{} Request {i}: summarise the timetable rules.", common::rail_system_prompt(&i.to_string()));
             let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 48, "ignore_eos": true, "stream": true});
             let started = Instant::now();
-            let r = c.post(format!("{base}/v1/completions")).json(&body).send().await.map_err(|e| e.to_string())?;
+            let r = client.post(format!("{url}/v1/completions")).json(&body).send().await.map_err(|e| e.to_string())?;
             let status = r.status().as_u16();
             let text = r.text().await.map_err(|e| format!("body cut: {e}"))?;
             Ok::<_, String>((status, text, started.elapsed()))
         }));
         if i == 8 {
-            let victim = if victim_is_prefill { &mut cluster.prefill[0] } else { &mut cluster.decode[0] };
+            // The worker of the role with requests in flight now (the frontend's bookings in
+            // /health), so that the kill lands on work, not between two short prefill legs.
+            let role = if victim_is_prefill { "prefill" } else { "decode" };
+            let id = busy_worker(&c, &base, role).await;
+            let workers = if victim_is_prefill { &mut cluster.prefill } else { &mut cluster.decode };
+            let victim = workers.iter_mut().find(|w| w.id == id).unwrap_or_else(|| panic!("no {role} worker {id}"));
             victim.proc.kill();
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -177,6 +182,28 @@ async fn kill_under_load(victim_is_prefill: bool) {
     let migrations = common::metric(&c, &base, "kvgate_migrations_total").await;
     let log = cluster.frontend.proc.output();
     assert!(migrations > 0.0 || log.contains("unreachable"), "the killed worker never mattered:\n{log}");
+}
+
+/// The id of the `role` worker with the most requests booked by the frontend, once one has any
+/// (the first of the role if none has within 5 s).
+async fn busy_worker(c: &reqwest::Client, base: &str, role: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let health: Value = c.get(format!("{base}/health")).send().await.unwrap().json().await.unwrap();
+        let workers: Vec<(String, u64)> = health["models"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|m| m["workers"].as_array().cloned().unwrap_or_default())
+            .filter(|w| w["role"] == role)
+            .map(|w| (w["id"].as_str().unwrap().to_string(), w["load"]["booked"]["requests"].as_u64().unwrap_or(0)))
+            .collect();
+        let busiest = workers.iter().max_by_key(|(_, n)| *n).cloned();
+        match busiest {
+            Some((id, n)) if n > 0 || Instant::now() > deadline => return id,
+            _ => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
