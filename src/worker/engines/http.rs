@@ -10,7 +10,7 @@
 //!
 //! Concurrency: the adapter's task owns the request tasks (a `JoinSet`, at most
 //! [`MAX_INFLIGHT_REQUESTS`] at once: beyond it intake waits, which pushes back on the
-//! transport's bounded inbox), the event subscriber's handle and the load poller. Every HTTP
+//! transport's bounded inbox), the event subscriber's handle and the load poller (its own task, so a poll waiting on a hung engine never holds the intake). Every HTTP
 //! call has a timeout ([`CONNECT_TIMEOUT`], [`CALL_TIMEOUT`], and `--engine-timeout-s` for an
 //! answer to begin and between a stream's chunks), so an engine that stops answering fails its
 //! requests with a clear, retryable error instead of hanging them.
@@ -254,8 +254,22 @@ async fn run_adapter<D: Dialect>(adapter: HttpAdapter<D>, io: EngineIo) {
     }
     let permits = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS));
     let mut tasks = JoinSet::new();
-    let mut poll = tokio::time::interval(LOAD_POLL_INTERVAL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The load poll runs on its own: an engine that stops answering holds each poll up to its
+    // timeout, which must not hold the intake (a request migrated here from another hung
+    // engine waited for it).
+    let poller = {
+        let (d, c) = (dialect.clone(), client.clone());
+        tokio::spawn(async move {
+            let mut poll = tokio::time::interval(LOAD_POLL_INTERVAL);
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                poll.tick().await;
+                if let Some(report) = d.load(&c).await {
+                    load.send_if_modified(|cur| std::mem::replace(cur, report) != report);
+                }
+            }
+        })
+    };
     let mut events_open = subscriber.is_some();
     loop {
         tokio::select! {
@@ -284,11 +298,6 @@ async fn run_adapter<D: Dialect>(adapter: HttpAdapter<D>, io: EngineIo) {
                 dialect.reset(&client).await;
                 sink.ack(reply).await;
             }
-            _ = poll.tick() => {
-                if let Some(report) = dialect.load(&client).await {
-                    load.send_if_modified(|cur| std::mem::replace(cur, report) != report);
-                }
-            }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
         if !intake.is_open() && tasks.is_empty() {
@@ -296,6 +305,7 @@ async fn run_adapter<D: Dialect>(adapter: HttpAdapter<D>, io: EngineIo) {
         }
         events_open &= !events_rx.is_closed() || !events_rx.is_empty();
     }
+    poller.abort();
     if let Some(s) = subscriber {
         s.stop().await;
     }
