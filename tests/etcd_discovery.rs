@@ -94,7 +94,7 @@ async fn a_killed_worker_disappears_when_its_lease_expires() {
     let d = EtcdDiscovery::connect(&[etcd.endpoint()], NS).await.unwrap();
     let mut rx = d.watch(None).await.unwrap();
     // 4 s, refreshed every 1.3 s: when abandoned the lease has >= 2.6 s left, far more than the
-    // 0.5 s check below even when a busy machine delays a refresh (with 2 s it expired in CI).
+    // 0.5 s check below even when a busy machine delays a refresh.
     let ttl = Duration::from_secs(4);
     let reg = d.register(worker(7, "m", WorkerRole::Aggregated), ttl).await.unwrap();
     wait_for(&mut rx, WAIT, "registered", |s| ids(s) == [7]).await;

@@ -56,9 +56,14 @@ impl EtcdRegistration {
     /// Stops keeping the lease alive without revoking it, as a killed worker would: the key
     /// disappears when the lease expires. For fault tests.
     pub fn abandon(mut self) {
-        self.stop = None;
         if let Some(task) = self.task.take() {
             task.abort();
+        }
+        // Not dropped: a dropped sender wakes the keep-alive task as a stop, and a task still
+        // running on another thread when the abort came would then revoke (seen in CI). The
+        // channel is a few bytes, leaked once per abandoned registration (fault tests only).
+        if let Some(stop) = self.stop.take() {
+            std::mem::forget(stop);
         }
     }
 }
