@@ -218,6 +218,12 @@ impl Router {
         }
         let best_overlap_blocks = req.candidates.iter().map(|c| overlaps.overlap(c.id)).max().unwrap_or(0);
         let mut features = (cost == RouterCost::Ttft && use_index).then(|| Vec::with_capacity(req.candidates.len()));
+        // Workers are ranked on the fleet's model unless their own is trusted and distinct.
+        let fleet = if cost == RouterCost::Ttft {
+            ttft::fleet_model(req.candidates.iter().map(|c| (c.load.ttft().coefficients(), c.load.ttft().samples())))
+        } else {
+            None
+        };
         let scores = req
             .candidates
             .iter()
@@ -242,7 +248,7 @@ impl Router {
                         let t = TtftInputs {
                             load: x,
                             running: load.requests,
-                            model: c.load.ttft().coefficients(),
+                            model: ttft::rank_model(c.load.ttft().coefficients(), c.load.ttft().samples(), fleet),
                             best_overlap_blocks,
                             cached_blocks,
                             total_blocks: c.load.total_blocks(),

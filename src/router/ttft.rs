@@ -12,7 +12,10 @@
 //! same-sized requests (which cannot tell `a` from `s`) from a singular solve. Invariants: the
 //! published coefficients are finite and within [`TtftCoefficients::clamp`]'s ranges; memory
 //! fades with weight [`DECAY`] per sample (about 64 samples), so the fit follows a worker whose
-//! speed changes.
+//! speed changes. Workers are ranked on the fleet's model ([`fleet_model`], [`rank_model`])
+//! unless one has [`TRUSTED_SAMPLES`] observations and a prefill speed more than
+//! [`OWN_MODEL_DEVIATION`] from the fleet's: idle workers are not held at the prior while busy
+//! ones learn, and identical workers are not told apart by noise.
 //!
 //! Concurrency ([`LearnedTtft`], one per worker, inside its `WorkerLoad`): any shard observes
 //! a first token by `try_lock` on the fit (a contended sample is dropped, never waited for: the
@@ -91,6 +94,50 @@ impl TtftCoefficients {
             ms_per_token,
             ms_per_running: fix(self.ms_per_running, min_running, Self::MAX_MS, p.ms_per_running).max(min_running),
         }
+    }
+}
+
+/// Observations a worker needs before its own fit ranks it; until then it borrows the fleet's
+/// ([`fleet_model`]). Without this an idle worker keeps the prior while the busy ones learn
+/// their real speed: where the prior is slower than the truth (the mocker, any GPU faster than
+/// the prior's), idle workers look slow, are never chosen and never learn (measured: 2 of 4
+/// workers idle on a low-rate workload).
+pub const TRUSTED_SAMPLES: u64 = 16;
+
+/// The mean model of the workers with at least [`TRUSTED_SAMPLES`] observations, if any: what a
+/// worker with fewer is assumed to be (identical hardware until its own data say otherwise).
+pub fn fleet_model(models: impl IntoIterator<Item = (TtftCoefficients, u64)>) -> Option<TtftCoefficients> {
+    let (mut sum, mut n) = ([0.0f64; 3], 0u32);
+    for (c, samples) in models {
+        if samples >= TRUSTED_SAMPLES {
+            sum[0] += c.base_ms;
+            sum[1] += c.ms_per_token;
+            sum[2] += c.ms_per_running;
+            n += 1;
+        }
+    }
+    (n > 0).then(|| {
+        let k = f64::from(n);
+        TtftCoefficients { base_ms: sum[0] / k, ms_per_token: sum[1] / k, ms_per_running: sum[2] / k }.clamp()
+    })
+}
+
+/// How far (as a fraction) a worker's learned prefill speed must be from the fleet's before the
+/// router ranks it on its own model: identical workers' fits differ by noise, and ranking on
+/// noise sends every new prefix to whichever worker happens to look fastest (measured: 3 of 4
+/// workers served a low-rate shared-prefix workload, the busiest 2.2x the mean); a slower
+/// device (2x and more) is still seen as such.
+pub const OWN_MODEL_DEVIATION: f64 = 0.25;
+
+/// The model a worker is ranked on: its own fit when it has [`TRUSTED_SAMPLES`] observations
+/// and its prefill speed is more than [`OWN_MODEL_DEVIATION`] away from the fleet's, else the
+/// fleet's (when there is one).
+#[inline]
+pub fn rank_model(own: TtftCoefficients, samples: u64, fleet: Option<TtftCoefficients>) -> TtftCoefficients {
+    match fleet {
+        Some(f) if samples < TRUSTED_SAMPLES => f,
+        Some(f) if (own.ms_per_token / f.ms_per_token - 1.0).abs() <= OWN_MODEL_DEVIATION => f,
+        _ => own,
     }
 }
 
@@ -257,6 +304,24 @@ mod tests {
 
     fn f(work_tokens: u64, running: u64) -> TtftFeatures {
         TtftFeatures { work_tokens, running }
+    }
+
+    #[test]
+    fn a_worker_without_enough_data_borrows_the_fleets_model() {
+        let fast = TtftCoefficients { base_ms: 2.0, ms_per_token: 0.004, ms_per_running: 1.5 };
+        let slow = TtftCoefficients { base_ms: 4.0, ms_per_token: 0.006, ms_per_running: 2.5 };
+        let p = TtftCoefficients::PRIOR;
+        // Only trusted workers count; none trusted: no fleet model (each keeps its own).
+        assert_eq!(fleet_model([(fast, 3), (p, 0)]), None);
+        let m = fleet_model([(fast, TRUSTED_SAMPLES), (slow, 100), (p, 0)]).unwrap();
+        assert!((m.ms_per_token - 0.005).abs() < 1e-12 && (m.base_ms - 3.0).abs() < 1e-12, "{m:?}");
+        assert_eq!(m, m.clamp());
+        // Ranked on: the fleet's until trusted, and while within the deviation; its own beyond.
+        assert_eq!(rank_model(slow, 3, Some(m)), m);
+        assert_eq!(rank_model(slow, 100, Some(m)), m);
+        let twice = TtftCoefficients { ms_per_token: 0.01, ..slow };
+        assert_eq!(rank_model(twice, 100, Some(m)), twice);
+        assert_eq!(rank_model(twice, 3, None), twice);
     }
 
     #[test]
