@@ -59,12 +59,9 @@ impl EtcdRegistration {
         if let Some(task) = self.task.take() {
             task.abort();
         }
-        // Not dropped: a dropped sender wakes the keep-alive task as a stop, and a task still
-        // running on another thread when the abort came would then revoke (seen in CI). The
-        // channel is a few bytes, leaked once per abandoned registration (fault tests only).
-        if let Some(stop) = self.stop.take() {
-            std::mem::forget(stop);
-        }
+        // Dropped without a send: the keep-alive task, if it runs once more before the abort
+        // lands (on another thread), ends without revoking (a send means revoke).
+        self.stop = None;
     }
 }
 
@@ -107,13 +104,17 @@ impl Lease {
         Ok(())
     }
 
-    /// Keeps the lease alive until `stop` fires (then revokes) or the task is aborted.
+    /// Keeps the lease alive until `stop` fires (then revokes), its sender is dropped unsent
+    /// (abandoned: the lease expires) or the task is aborted.
     async fn keep_alive(mut self, mut stop: oneshot::Receiver<()>) -> Result<(), EtcdError> {
         let mut backoff = Backoff::new();
         let mut failing = false;
         loop {
             let end = tokio::select! {
-                _ = &mut stop => None,
+                revoke = &mut stop => match revoke {
+                    Ok(()) => None,
+                    Err(_) => return Ok(()), // abandoned: let the lease expire
+                },
                 end = self.session(&mut backoff, &mut failing) => Some(end),
             };
             failing = true;
@@ -131,7 +132,10 @@ impl Lease {
             // A broken session waits once; a lost lease is granted again until that succeeds.
             loop {
                 let stopped = tokio::select! {
-                    _ = &mut stop => true,
+                    revoke = &mut stop => match revoke {
+                        Ok(()) => true,
+                        Err(_) => return Ok(()), // abandoned: let the lease expire
+                    },
                     // Never wait past a refresh period, so the lease outlives an etcd restart.
                     _ = tokio::time::sleep(backoff.delay().min(self.period())) => false,
                 };
